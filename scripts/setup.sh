@@ -16,4 +16,4 @@ fi
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import torch" # fail loudly if torch did not install
 .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import mimo, numpy; assert numpy.__version__ < '2', numpy.__version__"
+.venv/bin/python -I -c "import mimo, builders, client, numpy; assert numpy.__version__ < '2', numpy.__version__"
