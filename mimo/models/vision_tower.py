@@ -1,0 +1,351 @@
+"""MiMo-V2.5 vision tower (checkpoint prefix `visual.`; ref §2.4, §5).
+
+A Qwen2.5-VL-style ViT: Conv3d patch embedding applied as a linear, 2-D RoPE, pre-norm blocks whose attention
+is either full or a 1-D local window with per-head sinks (tokens walked row-major or column-major by merge
+unit), and a 2x2 patch merger into the language model's hidden size.
+
+Inputs come from the processor as one row per 16x16x2 patch, ordered (C, T, kh, kw) inside the row and
+2x2-merge-unit-major across rows (the four patches of a merge unit are consecutive).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimo.config import ConfigError
+from mimo.models.attention import attention_with_sinks
+from mimo.models.layers import RMSNorm, apply_rotary, rotary_cos_sin
+
+# Queries are attended in chunks of this many rows so the float32 score matrix stays bounded
+# (a 4096-token image has 16384 patches per segment).
+DEFAULT_QUERY_CHUNK = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class VisionConfig:
+    """Hub `vision_config`. Defaults are sglang's `MiMoVLVisionConfig`; V2.5 values in comments (ref §5.1)."""
+
+    depth: int = 28
+    hidden_size: int = 1280
+    intermediate_size: int = 4608
+    num_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 64  # hub `qk_channels` (must equal `kv_channels`)
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 2048  # V2.5: 4096 (= LM hidden)
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)  # V2.5: (0, 9, 18, 27)
+    # Per block: 1 = walk merge units column-major, 0 / -1 = row-major. Absent in the hub dict: all row-major.
+    vit_window_attn_types: tuple[int, ...] = (-1,) * 28
+    visual_token_window_size: int = 64  # windowed blocks: |i - j| <= this many tokens
+    use_sink: bool = False  # V2.5: True
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6  # not a hub key: sglang hard-codes 1e-6 for every ViT norm
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
+        default = cls()  # slots=True: field defaults live on an instance, not on the class
+        hidden_act = d.get("hidden_act", "silu")
+        if hidden_act != "silu":
+            raise ConfigError(f"vision_config.hidden_act={hidden_act!r} is not supported; accepted: ('silu',)")
+        num_heads = d.get("num_heads", default.num_heads)
+        hidden_size = d.get("hidden_size", default.hidden_size)
+        qk_channels = d.get("qk_channels", default.head_dim)
+        head_dim = hidden_size // num_heads if qk_channels is None else qk_channels
+        kv_channels = d.get("kv_channels", head_dim)
+        if kv_channels not in (None, head_dim):
+            raise ConfigError(
+                f"vision_config.kv_channels={kv_channels!r} differs from qk_channels={head_dim}; "
+                "the MiMo ViT uses one head dim for q, k and v"
+            )
+        depth = d.get("depth", default.depth)
+        window_types = d.get("vit_window_attn_types")
+        num_kv_heads = d.get("num_key_value_heads", default.num_key_value_heads)  # explicit null: MHA
+        return cls(
+            depth=depth,
+            hidden_size=hidden_size,
+            intermediate_size=d.get("intermediate_size", default.intermediate_size),
+            num_heads=num_heads,
+            num_key_value_heads=num_heads if num_kv_heads is None else num_kv_heads,
+            head_dim=head_dim,
+            in_channels=d.get("in_channels", d.get("in_chans", default.in_channels)),
+            patch_size=d.get("patch_size", default.patch_size),
+            temporal_patch_size=d.get("temporal_patch_size", default.temporal_patch_size),
+            spatial_merge_size=d.get("spatial_merge_size", default.spatial_merge_size),
+            out_hidden_size=d.get("out_hidden_size", default.out_hidden_size),
+            fullatt_block_indexes=tuple(d.get("fullatt_block_indexes", default.fullatt_block_indexes)),
+            vit_window_attn_types=(-1,) * depth if window_types is None else tuple(window_types),
+            visual_token_window_size=d.get("visual_token_window_size", default.visual_token_window_size),
+            use_sink=bool(d.get("use_sink", False)),
+        )
+
+    def __post_init__(self) -> None:
+        for key in ("depth", "hidden_size", "intermediate_size", "num_heads", "num_key_value_heads", "head_dim",
+                    "in_channels", "patch_size", "temporal_patch_size", "spatial_merge_size", "out_hidden_size",
+                    "visual_token_window_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"vision_config.{key}={value!r}: expected a positive int")
+        if self.num_heads % self.num_key_value_heads != 0:
+            raise ConfigError(
+                f"vision_config.num_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 4 != 0:
+            raise ConfigError(f"vision_config head dim {self.head_dim}: 2-D RoPE needs a multiple of 4")
+        if len(self.vit_window_attn_types) != self.depth or any(t not in (-1, 0, 1) for t in self.vit_window_attn_types):
+            raise ConfigError(
+                f"vision_config.vit_window_attn_types={list(self.vit_window_attn_types)}: "
+                f"expected {self.depth} values in (-1, 0, 1)"
+            )
+
+    @property
+    def patch_dim(self) -> int:
+        """Width of one pixel row: C * T * p * p (1536 for V2.5)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches merged into one LM token (4)."""
+        return self.spatial_merge_size**2
+
+    def block_window(self, block_idx: int) -> int | None:
+        """Local attention window of a block, or None for full attention.
+
+        sglang gives non-full blocks a (w, w) window only together with sinks; without `use_sink` they attend
+        fully (ref §5.2 note).
+        """
+        if block_idx in self.fullatt_block_indexes or not self.use_sink:
+            return None
+        return self.visual_token_window_size
+
+
+class VisionPatchEmbed(nn.Module):
+    """Conv3d(kernel = stride = (T, p, p), no bias) applied to pre-cut patches as one matmul."""
+
+    def __init__(self, in_channels: int, temporal_patch_size: int, patch_size: int, embed_dim: int):
+        super().__init__()
+        kernel = (temporal_patch_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight.flatten(1)  # [dim, C*T*p*p], (C, T, kh, kw) order = the pixel rows' order
+        return F.linear(pixel_values.to(weight.dtype), weight)  # [N, dim]
+
+
+class VisionAttention(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        window: int | None,
+        query_chunk: int,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.window = window
+        self.query_chunk = query_chunk
+        self.scale = head_dim**-0.5
+        # rows ordered [Q; K; V] as in the checkpoint
+        self.qkv = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias=True)
+        self.proj = nn.Linear(num_heads * head_dim, hidden_size, bias=True)
+        # sinks exist only on windowed blocks (sglang creates them for non-full blocks when use_sink)
+        self.sinks = nn.Parameter(torch.zeros(num_heads)) if window is not None else None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv(x).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1,
+        )
+        # RoPE in float32 like Qwen2.5-VL's vision rotary
+        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim).float(), cos, sin).to(x.dtype)
+        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim).float(), cos, sin).to(x.dtype)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = torch.cat([self._attend_segment(q[s:e], k[s:e], v[s:e]) for s, e in segments])  # [N, Hq, D]
+        return self.proj(out.flatten(1))  # [N, hidden]
+
+    def _attend_segment(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Non-causal attention inside one temporal slice, queries in chunks; a windowed chunk reads only
+        the keys its window can reach."""
+        length = q.shape[0]
+        positions = torch.arange(length, device=q.device)
+        outputs = []
+        for start in range(0, length, self.query_chunk):
+            end = min(start + self.query_chunk, length)
+            k_start, k_end = (0, length) if self.window is None else (
+                max(0, start - self.window), min(length, end + self.window)
+            )
+            outputs.append(
+                attention_with_sinks(
+                    q[start:end], k[k_start:k_end], v[k_start:k_end],
+                    q_pos=positions[start:end], k_pos=positions[k_start:k_end],
+                    scale=self.scale, sliding_window=self.window, sinks=self.sinks, causal=False,
+                )
+            )
+        return torch.cat(outputs)  # [L, Hq, D]
+
+
+class VisionMLP(nn.Module):
+    """SwiGLU with biases (Qwen2.5-VL vision MLP)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=True)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=True)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, config: VisionConfig, block_idx: int, query_chunk: int):
+        super().__init__()
+        self.norm1 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = VisionAttention(
+            config.hidden_size, config.num_heads, config.num_key_value_heads, config.head_dim,
+            window=config.block_window(block_idx), query_chunk=query_chunk,
+        )
+        self.norm2 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = VisionMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionPatchMerger(nn.Module):
+    """RMSNorm per patch, concatenate the 4 patches of a merge unit, MLP to the LM width."""
+
+    def __init__(self, hidden_size: int, merge_unit: int, out_hidden_size: int, eps: float):
+        super().__init__()
+        merged = hidden_size * merge_unit
+        self.ln_q = RMSNorm(hidden_size, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, out_hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        merged = self.ln_q(x).view(-1, self.mlp[0].in_features)  # [N / 4, 4 * hidden]
+        return self.mlp(merged)  # [N / 4, out_hidden]
+
+
+class MiMoVisionTransformer(nn.Module):
+    def __init__(self, config: VisionConfig, query_chunk: int = DEFAULT_QUERY_CHUNK):
+        super().__init__()
+        self.config = config
+        self.patch_embed = VisionPatchEmbed(
+            config.in_channels, config.temporal_patch_size, config.patch_size, config.hidden_size
+        )
+        self.blocks = nn.ModuleList(VisionBlock(config, i, query_chunk) for i in range(config.depth))
+        self.merger = VisionPatchMerger(
+            config.hidden_size, config.merge_unit, config.out_hidden_size, config.rms_norm_eps
+        )
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Encode a batch of images or videos.
+
+        Args:
+            pixel_values: [N, C*T*p*p] patch rows of all items, merge-unit-major (see module docstring).
+            grid_thw: [n, 3] (t, h, w) patch grid per item; sum(t*h*w) == N.
+        Returns:
+            [N / 4, out_hidden_size], items in order, each item's tokens row-major over its merged grid.
+        """
+        grids = self.check_inputs(pixel_values, grid_thw)
+        x = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.device))  # [N, hidden]
+        device = x.device
+
+        row_cos, row_sin = self._rotary_tables(grids, device)  # [N, head_dim / 2] each
+        to_columns = self._column_order(grids, device)  # [N] token permutation
+        to_rows = torch.argsort(to_columns)
+        col_cos, col_sin = row_cos[to_columns], row_sin[to_columns]
+        # one attention segment per temporal slice; both walks keep the slices contiguous and in place
+        segments = []
+        start = 0
+        for t, h, w in grids:
+            for _ in range(t):
+                segments.append((start, start + h * w))
+                start += h * w
+
+        in_columns = False
+        for block, window_type in zip(self.blocks, self.config.vit_window_attn_types):
+            # permute when entering / leaving a run of column-major blocks (sglang `run_blocks`)
+            if (window_type == 1) != in_columns:
+                x = x[to_rows] if in_columns else x[to_columns]
+                in_columns = not in_columns
+            cos, sin = (col_cos, col_sin) if in_columns else (row_cos, row_sin)
+            x = block(x, cos, sin, segments)
+        if in_columns:
+            # sglang would hand a trailing column-major run straight to the merger; the LM expects each item's
+            # tokens row-major, so restore that order (V2.5's pattern ends with a full row-major block anyway).
+            x = x[to_rows]
+        return self.merger(x)
+
+    def check_inputs(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
+        """Validate shapes; returns grid_thw as host ints."""
+        config = self.config
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != config.patch_dim:
+            raise ValueError(
+                f"pixel_values must be [num_patches, {config.patch_dim}], found {tuple(pixel_values.shape)}"
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point, found {pixel_values.dtype}")
+        if grid_thw.dim() != 2 or grid_thw.shape[1] != 3 or grid_thw.is_floating_point():
+            raise ValueError(f"grid_thw must be an integer [n, 3] tensor, found {grid_thw.dtype} {tuple(grid_thw.shape)}")
+        grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        merge = config.spatial_merge_size
+        for i, (t, h, w) in enumerate(grids):
+            if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
+                raise ValueError(
+                    f"grid_thw[{i}] = {(t, h, w)}: t, h, w must be positive and h, w multiples of "
+                    f"spatial_merge_size={merge}"
+                )
+        num_patches = sum(t * h * w for t, h, w in grids)
+        if num_patches != pixel_values.shape[0]:
+            raise ValueError(
+                f"grid_thw describes {num_patches} patches but pixel_values has {pixel_values.shape[0]} rows"
+            )
+        return grids
+
+    def _rotary_tables(self, grids: list[tuple[int, int, int]], device: torch.device):
+        """cos/sin [N, head_dim / 2]: first half rotates by the patch row, second half by the patch column."""
+        merge = self.config.spatial_merge_size
+        positions = []
+        for t, h, w in grids:
+            rows = torch.arange(h, device=device)[:, None].expand(h, w)
+            cols = torch.arange(w, device=device)[None, :].expand(h, w)
+            # (h, w) -> merge-unit-major order: [h/m, m, w/m, m] -> [h/m, w/m, m, m]
+            hw = torch.stack([rows, cols], dim=-1).view(h // merge, merge, w // merge, merge, 2)
+            positions.append(hw.permute(0, 2, 1, 3, 4).reshape(-1, 2).repeat(t, 1))  # [t*h*w, 2]
+        positions = torch.cat(positions)  # [N, 2]
+        axis_dim = self.config.head_dim // 2  # each axis rotates head_dim / 4 frequency pairs
+        row_cos, row_sin = rotary_cos_sin(positions[:, 0], axis_dim, self.config.rope_theta)
+        col_cos, col_sin = rotary_cos_sin(positions[:, 1], axis_dim, self.config.rope_theta)
+        return torch.cat([row_cos, col_cos], dim=-1), torch.cat([row_sin, col_sin], dim=-1)
+
+    def _column_order(self, grids: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
+        """Token permutation walking each temporal slice's merge units column-major (whole units move)."""
+        merge = self.config.spatial_merge_size
+        unit_orders = []
+        offset = 0
+        for t, h, w in grids:
+            units = torch.arange(t * (h // merge) * (w // merge), device=device).view(t, h // merge, w // merge)
+            unit_orders.append(units.transpose(1, 2).reshape(-1) + offset)
+            offset += units.numel()
+        unit_order = torch.cat(unit_orders)  # [N / 4]
+        unit = self.config.merge_unit
+        return (unit_order[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)  # [N]
