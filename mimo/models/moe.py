@@ -1,0 +1,110 @@
+"""MiMo-V2 routed-expert MLP: sigmoid `noaux_tc` router + SwiGLU experts, no shared experts (ref §4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimo.models.layers import SwiGLUMLP
+
+
+class TopKRouter(nn.Module):
+    """Sigmoid scores; `e_score_correction_bias` only steers selection; grouped top-k then top-k."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        n_group: int,
+        topk_group: int,
+        norm_topk_prob: bool,
+        routed_scaling_factor: float,
+    ):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (float32 weights [T, K], expert ids [T, K])."""
+        # fp32 router: bf16 logits flip near-tied expert choices.
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            num_tokens = x.shape[0]
+            grouped = choice.view(num_tokens, self.n_group, -1)  # [T, G, E / G]
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)  # [T, G]
+            kept_groups = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(num_tokens, -1)
+        expert_ids = choice.topk(self.top_k, dim=-1).indices  # [T, K]
+        weights = scores.gather(1, expert_ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, expert_ids
+
+
+class MiMoV2MoE(nn.Module):
+    """Router `gate` + experts `experts.{e}.{gate,up,down}_proj` (hub names).
+
+    `local_experts` is the global id range this module holds (expert parallelism); tokens routed elsewhere
+    contribute nothing here and the caller sums the partial outputs across ranks.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        n_group: int,
+        topk_group: int,
+        norm_topk_prob: bool,
+        routed_scaling_factor: float,
+        local_experts: range | None = None,
+    ):
+        super().__init__()
+        self.gate = TopKRouter(
+            hidden_size, num_experts, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor
+        )
+        self.local_experts = range(num_experts) if local_experts is None else local_experts
+        # A dict keyed by global expert id keeps the hub names `experts.{e}.*` under expert parallelism.
+        self.experts = nn.ModuleDict(
+            {str(e): SwiGLUMLP(hidden_size, moe_intermediate_size) for e in self.local_experts}
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, expert_ids = self.gate(x)  # [T, K], [T, K]
+        return self.expert_forward(x, weights, expert_ids)
+
+    def expert_forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the chosen experts' outputs: x [T, H] -> [T, H].
+
+        Token slots are sorted by expert (the permuted layout a grouped-GEMM kernel consumes) and each local
+        expert with tokens runs one dense GEMM. The per-expert counts are read on the host, so this path is
+        not CUDA-graph capturable; a grouped-GEMM kernel replaces this method.
+        """
+        num_tokens, top_k = expert_ids.shape
+        flat_ids = expert_ids.flatten()  # [T * K]
+        slot_order = flat_ids.argsort(stable=True)
+        token_of_slot = slot_order // top_k  # [T * K], grouped by expert
+        weight_of_slot = weights.flatten()[slot_order]
+        counts = torch.bincount(flat_ids, minlength=self.gate.num_experts).tolist()
+
+        # Accumulate the K expert outputs in fp32 so bf16 models do not round after every expert.
+        out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)  # [T, H]
+        start = 0
+        for expert_id, count in enumerate(counts):
+            if count and expert_id in self.local_experts:
+                tokens = token_of_slot[start : start + count]
+                y = self.experts[str(expert_id)](x[tokens])  # [count, H]
+                out.index_add_(0, tokens, y.float() * weight_of_slot[start : start + count, None])
+            start += count
+        return out.to(x.dtype)
