@@ -4,7 +4,6 @@ import torch
 from mimo.weights.fp8 import dequantize_blockwise, quantize_blockwise, scale_grid_shape
 from mimo.weights.fused_qkv import (
     QKVGeometry,
-    checkpoint_tp_size,
     dequantize_interleaved,
     fuse_interleaved,
     fused_rows,
@@ -114,12 +113,3 @@ def test_fp8_per_shard_quantize_dequantize():
 
     with pytest.raises(ValueError, match=r"qkv_proj.weight_scale_inv has shape \(5, 2\), expected \(8, 2\)"):
         dequantize_interleaved(w_fp8, scale_inv[:5], geometry, 4, torch.float32)
-
-
-def test_checkpoint_tp_size():
-    assert checkpoint_tp_size(None, 4) is None
-    assert checkpoint_tp_size("fused_qkv", 4) == 4
-    with pytest.raises(ValueError, match="unsupported attention_projection_layout='qkv_packed'"):
-        checkpoint_tp_size("qkv_packed", 4)
-    with pytest.raises(ValueError, match="num_key_value_heads is missing"):
-        checkpoint_tp_size("fused_qkv", None)

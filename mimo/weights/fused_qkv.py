@@ -17,9 +17,6 @@ import torch
 
 from mimo.weights.fp8 import dequantize_blockwise, quantize_blockwise, scale_grid_shape
 
-FUSED_QKV_LAYOUT = "fused_qkv"
-
-
 @dataclass(frozen=True, slots=True)
 class QKVGeometry:
     """Attention projection geometry of one layer (full-attention or sliding-window numbers)."""
@@ -44,20 +41,6 @@ class QKVGeometry:
 
     def canonical_rows(self) -> tuple[int, int, int]:
         return self.rows_per_rank(1)
-
-
-def checkpoint_tp_size(attention_projection_layout: str | None, num_key_value_heads: int | None) -> int | None:
-    """The TP size a hub checkpoint's fused qkv_proj is interleaved for; None for split q/k/v (ref §3)."""
-    if attention_projection_layout is None:
-        return None
-    if attention_projection_layout != FUSED_QKV_LAYOUT:
-        raise ValueError(
-            f"unsupported attention_projection_layout={attention_projection_layout!r}; "
-            f"expected {FUSED_QKV_LAYOUT!r} or unset"
-        )
-    if num_key_value_heads is None:
-        raise ValueError("num_key_value_heads is missing; it is required to derive the fused qkv_proj TP size")
-    return num_key_value_heads
 
 
 def _check_canonical(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: QKVGeometry) -> None:
