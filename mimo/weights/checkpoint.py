@@ -96,10 +96,10 @@ class HubCheckpoint:
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
         shard_of = {name: self.path / file for name, file in weight_map.items()}
-        for shard in sorted(set(shard_of.values())):
+        for name, shard in shard_of.items():
             if not shard.is_file():
-                first = next(n for n, s in shard_of.items() if s == shard)
-                raise CheckpointError(f"{index_path} maps {first!r} to shard {shard.name}, which does not exist")
+                raise CheckpointError(f"{index_path} maps {name!r} to shard {shard.name}, which does not exist")
+        for shard in sorted(set(shard_of.values())):
             listed = {n for n, s in shard_of.items() if s == shard}
             stored = set(self._open(shard).keys())
             if listed != stored:

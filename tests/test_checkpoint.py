@@ -1,0 +1,253 @@
+"""Strict hub-checkpoint reading on a small hand-made checkpoint (no model code involved)."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mimo.weights.checkpoint import (
+    INDEX_FILE,
+    CheckpointError,
+    FusedQKVLayout,
+    HubCheckpoint,
+    Role,
+    read_state_dict,
+    tensor_role,
+    write_sharded,
+)
+from mimo.weights.fp8 import quantize_blockwise
+from mimo.weights.fused_qkv import QKVGeometry, fuse_interleaved, quantize_interleaved
+
+HIDDEN = 64
+FULL = QKVGeometry(num_heads=8, num_kv_heads=4, head_dim=24, v_head_dim=16)  # 88 rows per shard
+SLIDING = QKVGeometry(num_heads=8, num_kv_heads=8, head_dim=24, v_head_dim=16)  # 128 rows per shard
+CKPT_TP = 4
+
+
+def geometry_of(name: str) -> QKVGeometry:
+    return FULL if name.startswith("model.layers.0.") else SLIDING
+
+
+FUSED = FusedQKVLayout(CKPT_TP, geometry_of)
+SPLIT = FusedQKVLayout(None, geometry_of)
+
+
+def canonical_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    state = {"model.embed_tokens.weight": torch.randn(32, HIDDEN, generator=g), "lm_head.weight": torch.randn(32, HIDDEN, generator=g)}
+    for prefix, geometry in (("model.layers.0.", FULL), ("model.layers.1.", SLIDING), ("model.mtp.layers.0.", SLIDING)):
+        for proj, rows in zip("qkv", geometry.canonical_rows()):
+            state[f"{prefix}self_attn.{proj}_proj.weight"] = torch.randn(rows, HIDDEN, generator=g) * 0.02
+        state[f"{prefix}mlp.gate_proj.weight"] = torch.randn(200, HIDDEN, generator=g) * 0.02
+    return state
+
+
+def hub_tensors(fp8: bool, fused: bool = True) -> dict[str, torch.Tensor]:
+    """The hub form of `canonical_state` plus one vision and one audio tensor."""
+    state = canonical_state()
+    hub = {"visual.patch_embed.proj.weight": torch.randn(8, 12), "audio_encoder.speech_embeddings.0.weight": torch.randn(8, 4)}
+    for name, tensor in state.items():
+        if fused and name.endswith("self_attn.q_proj.weight"):
+            prefix = name.removesuffix("q_proj.weight")
+            geometry = geometry_of(name)
+            qkv = fuse_interleaved(tensor, state[prefix + "k_proj.weight"], state[prefix + "v_proj.weight"], geometry, CKPT_TP)
+            if fp8:
+                hub[prefix + "qkv_proj.weight"], hub[prefix + "qkv_proj.weight_scale_inv"] = quantize_interleaved(qkv, geometry, CKPT_TP)
+            else:
+                hub[prefix + "qkv_proj.weight"] = qkv
+        elif fused and name.endswith(("k_proj.weight", "v_proj.weight")):
+            continue
+        elif fp8 and (name.endswith("proj.weight")):
+            hub[name], hub[name + "_scale_inv"] = quantize_blockwise(tensor)
+        else:
+            hub[name] = tensor
+    return hub
+
+
+def expected_meta(with_mtp: bool = True) -> dict[str, torch.Tensor]:
+    return {n: torch.empty(t.shape, device="meta") for n, t in canonical_state().items() if with_mtp or ".mtp." not in n}
+
+
+def language_names(ckpt: HubCheckpoint) -> list[str]:
+    return ckpt.names(Role.LANGUAGE, Role.MTP)
+
+
+def write(tmp_path, hub, max_shard_bytes=20_000):
+    out = tmp_path / "ckpt"
+    write_sharded(out, hub, max_shard_bytes)
+    return out
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_fused_checkpoint_reads_back_canonical(tmp_path, fp8):
+    ckpt = HubCheckpoint(write(tmp_path, hub_tensors(fp8)))
+    state = read_state_dict(ckpt, language_names(ckpt), expected_meta(), device="cpu", qkv_layout=FUSED)
+    reference = canonical_state()
+    assert state.keys() == reference.keys()
+    for name, tensor in state.items():
+        tolerance = reference[name].abs().max() * 2.0**-4 if fp8 and "proj" in name else 0.0
+        assert (tensor - reference[name]).abs().max() <= tolerance, name
+    assert not any(n.startswith(("visual.", "audio_")) for n in ckpt.accessed)
+
+
+def test_split_checkpoint_and_dtype_follow_the_module(tmp_path):
+    ckpt = HubCheckpoint(write(tmp_path, hub_tensors(fp8=False, fused=False)))
+    expected = {n: torch.empty(t.shape, device="meta", dtype=torch.bfloat16) for n, t in expected_meta().items()}
+    state = read_state_dict(ckpt, language_names(ckpt), expected, device="cpu", qkv_layout=SPLIT)
+    assert all(t.dtype == torch.bfloat16 for t in state.values())
+
+
+def test_encoder_role_reads_no_language_tensor(tmp_path):
+    ckpt = HubCheckpoint(write(tmp_path, hub_tensors(fp8=True)))
+    state = read_state_dict(
+        ckpt, ckpt.names(Role.VISION), {"patch_embed.proj.weight": torch.empty(8, 12, device="meta")},
+        device="cpu", to_module_name=lambda n: n.removeprefix("visual."),
+    )
+    assert list(state) == ["patch_embed.proj.weight"]
+    assert ckpt.accessed == {"visual.patch_embed.proj.weight"}
+
+
+def test_tensor_roles():
+    assert tensor_role("model.layers.0.mlp.gate.weight") is Role.LANGUAGE
+    assert tensor_role("lm_head.weight") is Role.LANGUAGE
+    assert tensor_role("model.mtp.layers.2.eh_proj.weight") is Role.MTP
+    assert tensor_role("visual.blocks.0.attn.qkv.weight") is Role.VISION
+    assert tensor_role("vision_model.merger.ln_q.weight") is Role.VISION
+    assert tensor_role("audio_encoder.projection.mlp.0.weight") is Role.AUDIO
+    assert tensor_role("speech_embeddings.3.weight") is Role.AUDIO
+    with pytest.raises(CheckpointError, match="tensor 'encoder.conv1.weight' belongs to no role"):
+        tensor_role("encoder.conv1.weight")
+
+
+def read_language(tmp_path, hub, layout=FUSED, with_mtp=True):
+    ckpt = HubCheckpoint(write(tmp_path, hub))
+    return read_state_dict(ckpt, language_names(ckpt), expected_meta(with_mtp), device="cpu", qkv_layout=layout)
+
+
+def test_missing_tensor(tmp_path):
+    hub = hub_tensors(fp8=False)
+    del hub["model.layers.1.mlp.gate_proj.weight"]
+    with pytest.raises(CheckpointError, match=re.escape("missing tensors ['model.layers.1.mlp.gate_proj.weight'], unexpected tensors []")):
+        read_language(tmp_path, hub)
+
+
+def test_unexpected_tensor(tmp_path):
+    hub = hub_tensors(fp8=False)
+    hub["model.layers.1.mlp.bias"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=re.escape("missing tensors [], unexpected tensors ['model.layers.1.mlp.bias']")):
+        read_language(tmp_path, hub)
+
+
+def test_tolerated_extras_are_skipped(tmp_path):
+    hub = hub_tensors(fp8=False)
+    hub["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    assert len(read_language(tmp_path, hub)) == len(expected_meta())
+
+
+def test_misshaped_tensor(tmp_path):
+    hub = hub_tensors(fp8=False)
+    hub["model.embed_tokens.weight"] = torch.zeros(31, HIDDEN)
+    with pytest.raises(CheckpointError, match=r"'model.embed_tokens.weight' has shape \(31, 64\) .* expects \(32, 64\)"):
+        read_language(tmp_path, hub)
+
+
+def test_fused_rows_of_wrong_geometry(tmp_path):
+    hub = hub_tensors(fp8=False)
+    q, k, v = (torch.zeros(r, HIDDEN) for r in FULL.canonical_rows())
+    hub["model.layers.1.self_attn.qkv_proj.weight"] = fuse_interleaved(q, k, v, FULL, CKPT_TP)  # full rows in a sliding layer
+    with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.qkv_proj.weight has shape \(352, 64\), expected \(512, hidden\)"):
+        read_language(tmp_path, hub)
+
+
+def test_contiguous_scale_grid_on_fused_qkv(tmp_path):
+    hub = hub_tensors(fp8=True)
+    name = "model.layers.0.self_attn.qkv_proj.weight"
+    _, contiguous = quantize_blockwise(hub[name].float())  # 3 rows over 352; per-shard grids need 4 x 1
+    hub[name + "_scale_inv"] = contiguous
+    with pytest.raises(CheckpointError, match=r"qkv_proj.weight_scale_inv has shape \(3, 1\), expected \(4, 1\): one 128x128 grid per each of the 4"):
+        read_language(tmp_path, hub)
+
+
+def test_wrong_plain_scale_grid(tmp_path):
+    hub = hub_tensors(fp8=True)
+    hub["model.layers.0.mlp.gate_proj.weight_scale_inv"] = torch.ones(1, 1)
+    with pytest.raises(CheckpointError, match=r"gate_proj.weight_scale_inv has shape \(1, 1\), expected \(2, 1\)"):
+        read_language(tmp_path, hub)
+
+
+def test_fp8_weight_without_scale(tmp_path):
+    hub = hub_tensors(fp8=True)
+    del hub["model.layers.0.mlp.gate_proj.weight_scale_inv"]
+    with pytest.raises(CheckpointError, match="FP8 tensor 'model.layers.0.mlp.gate_proj.weight' has no 'model.layers.0.mlp.gate_proj.weight_scale_inv'"):
+        read_language(tmp_path, hub)
+
+
+def test_scale_without_fp8_weight(tmp_path):
+    hub = hub_tensors(fp8=False)
+    hub["lm_head.weight_scale_inv"] = torch.ones(1, 1)
+    with pytest.raises(CheckpointError, match="lm_head.weight_scale_inv belongs to 'lm_head.weight', which is not FP8"):
+        read_language(tmp_path, hub)
+
+
+def test_layout_must_match_config(tmp_path):
+    with pytest.raises(CheckpointError, match="'model.layers.0.self_attn.qkv_proj.weight' is a fused qkv_proj, but the config has no"):
+        read_language(tmp_path / "a", hub_tensors(fp8=False), layout=SPLIT)
+    with pytest.raises(CheckpointError, match="'model.layers.0.self_attn.k_proj.weight' is a split projection, but the config declares"):
+        read_language(tmp_path / "b", hub_tensors(fp8=False, fused=False), layout=FUSED)
+
+
+def test_index_points_to_missing_shard(tmp_path):
+    out = write(tmp_path, hub_tensors(fp8=False))
+    index = json.loads((out / INDEX_FILE).read_text())
+    index["weight_map"]["lm_head.weight"] = "model-00099-of-00099.safetensors"
+    (out / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="maps 'lm_head.weight' to shard model-00099-of-00099.safetensors, which does not exist"):
+        HubCheckpoint(out)
+
+
+def test_truncated_shard(tmp_path):
+    out = write(tmp_path, hub_tensors(fp8=False))
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"shard {shard.name} is not a readable safetensors file: .*incomplete metadata"):
+        HubCheckpoint(out)
+
+
+def test_index_and_shard_disagree(tmp_path):
+    out = write(tmp_path, hub_tensors(fp8=False))
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    save_file({"model.stray.weight": torch.zeros(2)}, shard)
+    with pytest.raises(CheckpointError, match=rf"shard {shard.name} does not match {INDEX_FILE}: listed but not stored \[.+\], stored but not listed \['model.stray.weight'\]"):
+        HubCheckpoint(out)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="has neither model.safetensors.index.json nor model.safetensors"):
+        HubCheckpoint(tmp_path)
+
+
+def test_write_sharded_layout_and_atomic_replace(tmp_path):
+    hub = hub_tensors(fp8=True)
+    out = tmp_path / "ckpt"
+    index = write_sharded(out, hub, max_shard_bytes=20_000, metadata={"producer": "test"})
+    files = {p.name for p in out.iterdir()}
+    n = len(files) - 1
+    assert n > 2 and files == {INDEX_FILE} | {f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)}
+    assert index == json.loads((out / INDEX_FILE).read_text())
+    assert index["metadata"] == {"total_size": sum(t.numel() * t.element_size() for t in hub.values()), "producer": "test"}
+    assert set(index["weight_map"]) == set(hub)
+    ckpt = HubCheckpoint(out)
+    assert torch.equal(ckpt.tensor("lm_head.weight"), hub["lm_head.weight"])
+
+    write_sharded(out, {"lm_head.weight": torch.zeros(2, 2)}, max_shard_bytes=20_000)  # replaces the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp directories left behind
+    assert HubCheckpoint(out).names() == ["lm_head.weight"]
+
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not a checkpoint directory"):
+        write_sharded(unrelated, hub, max_shard_bytes=20_000)
+    assert (unrelated / "todo.txt").read_text() == "keep me"
