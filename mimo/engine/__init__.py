@@ -1,0 +1,6 @@
+"""Continuous-batching engine over paged KV (no Triton import)."""
+
+from mimo.engine.engine import EngineConfig, LLMEngine, RequestOutput, generate
+from mimo.engine.sampling import InvalidRequestError, SamplingParams
+
+__all__ = ["EngineConfig", "InvalidRequestError", "LLMEngine", "RequestOutput", "SamplingParams", "generate"]

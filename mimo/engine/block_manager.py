@@ -1,0 +1,69 @@
+"""KV block accounting: one free list per layer kind, block tables on the sequences."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from mimo.engine.kv_cache import LayerKind, blocks_for
+from mimo.engine.sequence import Sequence
+
+
+class BlockPool:
+    """Free list of the block ids of one layer kind."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"allocating {n} KV blocks with {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+class BlockManager:
+    """Gives each sequence the blocks its KV needs in every pool, never more than the pools hold.
+
+    Full-attention pool: `ceil(tokens / block_size)` blocks, growing with the sequence.
+    Sliding pool: a fixed ring per sequence. A step writes its new tokens before attending, so the ring must hold
+    the `window` keys before a chunk plus the chunk itself: `window + max_chunk` tokens, or the whole sequence if that
+    is shorter. Token at position p lives in ring block `(p // block_size) % ring_blocks`.
+    """
+
+    def __init__(self, block_size: int, num_blocks: dict[LayerKind, int], sliding_window: int | None,
+                 max_chunk: int):
+        self.block_size = block_size
+        self.pools = {kind: BlockPool(n) for kind, n in num_blocks.items()}
+        self.ring_tokens = None if sliding_window is None else sliding_window + max_chunk
+
+    def blocks_needed(self, kind: LayerKind, seq: Sequence, num_tokens: int) -> int:
+        """Blocks of `kind` that `seq` must hold to store KV for its first `num_tokens` tokens."""
+        if kind is LayerKind.FULL:
+            return blocks_for(num_tokens, self.block_size)
+        return blocks_for(min(self.ring_tokens, seq.max_num_tokens), self.block_size)
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        return all(self.blocks_needed(kind, seq, num_tokens) - len(seq.block_tables[kind]) <= pool.num_free
+                   for kind, pool in self.pools.items())
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Grows `seq`'s block tables to cover its first `num_tokens` tokens (check `can_allocate` first)."""
+        for kind, pool in self.pools.items():
+            table = seq.block_tables[kind]
+            table += pool.allocate(max(0, self.blocks_needed(kind, seq, num_tokens) - len(table)))
+
+    def free(self, seq: Sequence) -> None:
+        for kind, pool in self.pools.items():
+            pool.free(seq.block_tables[kind])
+            seq.block_tables[kind] = []
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {kind.value: {"free_blocks": pool.num_free, "total_blocks": pool.num_blocks}
+                for kind, pool in self.pools.items()}

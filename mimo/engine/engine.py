@@ -1,0 +1,278 @@
+"""The continuous-batching engine: requests in, one `step()` at a time, token deltas out."""
+
+from __future__ import annotations
+
+import logging
+import operator
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from mimo.engine.block_manager import BlockManager
+from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind, block_bytes, blocks_for, kv_layer_specs, layer_kinds
+from mimo.engine.model_runner import ModelRunner
+from mimo.engine.sampling import InvalidRequestError, Sampler, SamplingParams
+from mimo.engine.scheduler import Scheduler
+from mimo.engine.sequence import FinishReason, Sequence
+from mimo.models.language_model import MiMoV2ForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Engine limits and KV sizing.
+
+    KV pools: give `num_full_blocks`, or `kv_cache_memory_bytes` to split between the pools (the sliding pool first
+    gets one ring per sequence slot, the full pool the rest). `num_sliding_blocks` defaults to one ring per slot.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_prefill_chunk: int | None = None  # most tokens one sequence computes per step; sizes the sliding rings
+    block_size: int = 16
+    max_model_len: int = 8192
+    num_full_blocks: int | None = None
+    num_sliding_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    device: torch.device | str | None = None  # None = the model's; otherwise must be the model's
+    dtype: torch.dtype | None = None  # None = the model's; otherwise must be the model's
+    seed: int | None = None  # stream of unseeded sampling requests; None = nondeterministic
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
+            _check_positive(name, getattr(self, name))
+        for name in ("max_prefill_chunk", "num_full_blocks", "num_sliding_blocks", "kv_cache_memory_bytes"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        if (self.num_full_blocks is None) == (self.kv_cache_memory_bytes is None):
+            raise ValueError("EngineConfig: give exactly one of num_full_blocks and kv_cache_memory_bytes, got "
+                             f"{self.num_full_blocks} and {self.kv_cache_memory_bytes}")
+        if self.max_prefill_chunk is None:
+            self.max_prefill_chunk = self.max_num_batched_tokens
+        if self.max_prefill_chunk > self.max_num_batched_tokens:
+            raise ValueError(f"EngineConfig.max_prefill_chunk={self.max_prefill_chunk} exceeds "
+                             f"max_num_batched_tokens={self.max_num_batched_tokens}")
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"EngineConfig.{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What one step produced for one request: new tokens, and the finish reason once it is done."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "cancelled" | "error" when finished
+    error: str | None = None  # the failure, when finish_reason is "error"
+
+
+class LLMEngine:
+    """Continuous batching over paged KV: requests join and leave the running batch at every step.
+
+    Thread-safety: `add_request`, `abort`, `has_unfinished`, `wait_for_work` and `kv_stats` may be called from any
+    thread while one loop thread calls `step()`. The step holds the engine lock only while it schedules and while it
+    applies the results, not during the forward: an abort then frees the request's blocks at once, and the forward
+    still in flight writes only into blocks that no other sequence can receive before the next `schedule()`.
+    """
+
+    def __init__(self, model: MiMoV2ForCausalLM, config: EngineConfig):
+        self.config = config
+        model_config = model.config
+        self.vocab_size = model_config.vocab_size
+        self.hidden_size = model_config.hidden_size
+        self.device, dtype = _model_device_dtype(model, config)
+        specs = kv_layer_specs(model_config)
+        sliding_window = (model_config.sliding_attention.sliding_window
+                          if LayerKind.SLIDING in layer_kinds(specs) else None)
+        num_blocks = _pool_sizes(config, specs, sliding_window, dtype)
+        self.block_manager = BlockManager(config.block_size, num_blocks, sliding_window, config.max_prefill_chunk)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_prefill_chunk)
+        generator = torch.Generator(device=self.device)
+        if config.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(config.seed)
+        kv_cache = KVCache(specs, num_blocks, config.block_size, dtype, self.device)
+        self.runner = ModelRunner(model, kv_cache, Sampler(generator), sliding_window, self.device)
+        self._sequences: dict[str, Sequence] = {}  # unfinished requests by id
+        self._pending_outputs: list[RequestOutput] = []  # aborts, reported by the next step
+        self._lock = threading.Lock()
+        self._work_added = threading.Condition(self._lock)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                    prompt_table: torch.Tensor | None = None) -> None:
+        """Queues a request; raises `InvalidRequestError` (a ValueError) naming the problem, allocating nothing.
+
+        Args:
+            prompt_ids: token ids; ids >= vocab_size select row `id - vocab_size` of `prompt_table`.
+            prompt_table: `[P, hidden_size]` multimodal embeddings of this request (TensorRT-LLM prompt table).
+        """
+        prompt_ids = self._validate(request_id, prompt_ids, sampling, prompt_table)
+        if prompt_table is not None:
+            prompt_table = prompt_table.to(self.device)
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        seq = Sequence(request_id, prompt_ids, sampling, prompt_table, generator)
+        with self._lock:
+            if request_id in self._sequences:
+                raise InvalidRequestError(f"request_id {request_id!r} is already in use by an unfinished request")
+            self._sequences[request_id] = seq
+            self.scheduler.add(seq)
+            self._work_added.notify_all()
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request and frees its KV now; the next `step()` reports it as "cancelled". False if unknown."""
+        with self._lock:
+            seq = self._sequences.pop(request_id, None)
+            if seq is None:
+                return False
+            self.scheduler.finish(seq, FinishReason.CANCELLED)
+            self._pending_outputs.append(RequestOutput(request_id, [], True, FinishReason.CANCELLED.value))
+            self._work_added.notify_all()
+            return True
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one batch (decodes and prefill chunks) and returns what each request got from it."""
+        with self._lock:
+            outputs, self._pending_outputs = self._pending_outputs, []
+            chunks = self.scheduler.schedule()
+            if not chunks:
+                return outputs
+            inputs = self.runner.prepare(chunks)
+        try:
+            sampled = self.runner.execute(inputs)
+        except Exception as exc:  # noqa: BLE001 - the batch's requests fail, the engine and later requests go on
+            logger.exception("engine step failed; finishing its %d requests with an error", len(chunks))
+            with self._lock:
+                for seq in {id(c.seq): c.seq for c in chunks}.values():
+                    if not seq.is_finished:
+                        self.scheduler.finish(seq, FinishReason.ERROR)
+                        del self._sequences[seq.request_id]
+                        outputs.append(RequestOutput(seq.request_id, [], True, FinishReason.ERROR.value,
+                                                     f"{type(exc).__name__}: {exc}"))
+            return outputs
+        with self._lock:
+            for seq, new_token_ids in self.scheduler.postprocess(chunks, sampled):
+                reason = seq.finish_reason.value if seq.is_finished else None
+                outputs.append(RequestOutput(seq.request_id, new_token_ids, seq.is_finished, reason))
+                if seq.is_finished:
+                    del self._sequences[seq.request_id]
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return self._has_work()
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Blocks until there is something for `step()` to do or `timeout` seconds pass; True if there is."""
+        with self._work_added:
+            return self._work_added.wait_for(self._has_work, timeout)
+
+    def kv_stats(self) -> dict[str, dict[str, int]]:
+        """`{"full" | "sliding": {"free_blocks": n, "total_blocks": n}}` for the pools this model has."""
+        with self._lock:
+            return self.block_manager.stats()
+
+    def _has_work(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending_outputs)
+
+    def _validate(self, request_id: str, prompt_ids, sampling: SamplingParams,
+                  prompt_table: torch.Tensor | None) -> list[int]:
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError(f"request_id must be a non-empty str, got {request_id!r}")
+        if not isinstance(sampling, SamplingParams):
+            raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        try:
+            ids = [operator.index(t) for t in prompt_ids]
+        except TypeError:
+            raise InvalidRequestError("prompt_ids must be a sequence of ints") from None
+        if not ids:
+            raise InvalidRequestError(f"request {request_id!r}: prompt_ids is empty")
+        total = len(ids) + sampling.max_tokens
+        if total > self.config.max_model_len:
+            raise InvalidRequestError(
+                f"request {request_id!r}: prompt length {len(ids)} + max_tokens {sampling.max_tokens} = {total} "
+                f"exceeds max_model_len {self.config.max_model_len}")
+        lowest, highest = min(ids), max(ids)
+        if lowest < 0:
+            raise InvalidRequestError(f"request {request_id!r}: prompt id {lowest} is negative")
+        if prompt_table is not None:
+            if prompt_table.dim() != 2 or prompt_table.shape[1] != self.hidden_size:
+                raise InvalidRequestError(f"request {request_id!r}: prompt_table must be [P, {self.hidden_size}] "
+                                          f"(hidden_size), got {tuple(prompt_table.shape)}")
+        num_rows = 0 if prompt_table is None else prompt_table.shape[0]
+        if highest >= self.vocab_size + num_rows:
+            raise InvalidRequestError(
+                f"request {request_id!r}: prompt id {highest} >= vocab_size {self.vocab_size} needs prompt_table row "
+                f"{highest - self.vocab_size}, but the request has " +
+                ("no prompt_table" if prompt_table is None else f"a prompt_table of {num_rows} rows"))
+        if sampling.end_id is not None and sampling.end_id >= self.vocab_size:
+            raise InvalidRequestError(f"request {request_id!r}: end_id {sampling.end_id} >= vocab_size "
+                                      f"{self.vocab_size}")
+        if any(max(stop) >= self.vocab_size for stop in sampling.stop_token_sequences):
+            raise InvalidRequestError(f"request {request_id!r}: stop_token_sequences hold ids >= vocab_size "
+                                      f"{self.vocab_size}")
+        return ids
+
+
+def _model_device_dtype(model: MiMoV2ForCausalLM, config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    weight = model.model.embed_tokens.weight
+    if config.device is not None and torch.device(config.device) != weight.device:
+        raise ValueError(f"EngineConfig.device={config.device} but the model is on {weight.device}")
+    if config.dtype is not None and config.dtype != weight.dtype:
+        raise ValueError(f"EngineConfig.dtype={config.dtype} but the model is {weight.dtype}")
+    return weight.device, weight.dtype
+
+
+def _pool_sizes(config: EngineConfig, specs: list[KVLayerSpec], sliding_window: int | None,
+                dtype: torch.dtype) -> dict[LayerKind, int]:
+    """Blocks per pool; each pool must hold at least one sequence of `max_model_len` tokens."""
+    kinds = layer_kinds(specs)
+    num_blocks = {}
+    if LayerKind.SLIDING in kinds:
+        ring_blocks = blocks_for(min(sliding_window + config.max_prefill_chunk, config.max_model_len),
+                                 config.block_size)
+        num_blocks[LayerKind.SLIDING] = config.num_sliding_blocks or config.max_num_seqs * ring_blocks
+        if num_blocks[LayerKind.SLIDING] < ring_blocks:
+            raise ValueError(f"EngineConfig.num_sliding_blocks={num_blocks[LayerKind.SLIDING]} is below one "
+                             f"sequence's ring of {ring_blocks} blocks")
+    if LayerKind.FULL in kinds:
+        if config.num_full_blocks is not None:
+            num_blocks[LayerKind.FULL] = config.num_full_blocks
+        else:
+            sliding_bytes = num_blocks.get(LayerKind.SLIDING, 0) * block_bytes(
+                specs, LayerKind.SLIDING, config.block_size, dtype)
+            num_blocks[LayerKind.FULL] = max(0, config.kv_cache_memory_bytes - sliding_bytes) // block_bytes(
+                specs, LayerKind.FULL, config.block_size, dtype)
+        needed = blocks_for(config.max_model_len, config.block_size)
+        if num_blocks[LayerKind.FULL] < needed:
+            raise ValueError(f"KV budget gives {num_blocks[LayerKind.FULL]} full-attention blocks, below the "
+                             f"{needed} one max_model_len={config.max_model_len} sequence needs")
+    return num_blocks
+
+
+def generate(engine: LLMEngine, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams],
+             prompt_tables: list[torch.Tensor | None] | None = None) -> list[list[int]]:
+    """Runs `prompts` to completion on an otherwise idle engine; returns each one's generated ids (offline use)."""
+    if engine.has_unfinished():
+        raise RuntimeError("generate() needs an idle engine")
+    params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+    tables = prompt_tables or [None] * len(prompts)
+    if not len(params) == len(tables) == len(prompts):
+        raise ValueError(f"{len(prompts)} prompts, {len(params)} sampling params, {len(tables)} prompt tables")
+    request_ids = [f"generate-{i}" for i in range(len(prompts))]
+    for request_id, prompt, p, table in zip(request_ids, prompts, params, tables):
+        engine.add_request(request_id, prompt, p, table)
+    generated: dict[str, list[int]] = {request_id: [] for request_id in request_ids}
+    while engine.has_unfinished():
+        for output in engine.step():
+            generated[output.request_id] += output.new_token_ids
+    return [generated[request_id] for request_id in request_ids]

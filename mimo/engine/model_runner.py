@@ -1,0 +1,92 @@
+"""Turns a scheduled step into model inputs, runs the model and samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mimo.engine.kv_cache import KVCache
+from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata
+from mimo.engine.sampling import Sampler, SamplingParams
+from mimo.engine.scheduler import ScheduledChunk
+from mimo.models.language_model import MiMoV2ForCausalLM
+
+
+@dataclass(frozen=True, slots=True)
+class TableSegment:
+    """Flat token range `[start, end)` of a prompt chunk whose ids may index `prompt_table` `[P, H]`."""
+
+    start: int
+    end: int
+    prompt_table: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInputs:
+    """Everything one step needs, detached from the sequences so the forward can run without the engine lock."""
+
+    input_ids: torch.Tensor  # [T] sequences' chunks concatenated
+    table_segments: list[TableSegment]
+    attention: PagedAttentionMetadata
+    logits_indices: torch.Tensor  # [N] flat index of the last token of each chunk that samples
+    sampling: list[SamplingParams]  # [N]
+    generators: list[torch.Generator | None]  # [N]
+
+
+class ModelRunner:
+    def __init__(self, model: MiMoV2ForCausalLM, kv_cache: KVCache, sampler: Sampler, sliding_window: int | None,
+                 device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sampler = sampler
+        self.sliding_window = sliding_window
+        self.device = device
+
+    def prepare(self, chunks: list[ScheduledChunk]) -> ModelInputs:
+        input_ids: list[int] = []
+        table_segments = []
+        logits_indices = []
+        sampling_chunks = []
+        for chunk in chunks:
+            seq = chunk.seq
+            if seq.prompt_table is not None and chunk.start < seq.num_prompt_tokens:
+                table_segments.append(TableSegment(len(input_ids), len(input_ids) + chunk.num_tokens,
+                                                   seq.prompt_table))
+            input_ids += seq.token_ids[chunk.start:chunk.end]
+            if chunk.samples:
+                logits_indices.append(len(input_ids) - 1)
+                sampling_chunks.append(chunk)
+        attention = PagedAttentionMetadata.build(
+            starts=[c.start for c in chunks],
+            counts=[c.num_tokens for c in chunks],
+            block_tables={kind: [c.seq.block_tables[kind] for c in chunks] for kind in self.kv_cache.kinds},
+            block_size=self.kv_cache.block_size,
+            sliding_window=self.sliding_window,
+            device=self.device,
+        )
+        return ModelInputs(
+            input_ids=torch.tensor(input_ids, device=self.device),
+            table_segments=table_segments,
+            attention=attention,
+            logits_indices=torch.tensor(logits_indices, device=self.device),
+            sampling=[c.seq.sampling for c in sampling_chunks],
+            generators=[c.seq.generator for c in sampling_chunks],
+        )
+
+    @torch.inference_mode()
+    def execute(self, inputs: ModelInputs) -> list[int]:
+        """Runs the step; returns the sampled token of each sampling chunk, in order."""
+        model = self.model
+        input_ids = inputs.input_ids
+        text_ids = input_ids.masked_fill(input_ids >= model.config.vocab_size, 0)
+        input_embeds = model.embed(text_ids)  # [T, H]
+        for segment in inputs.table_segments:
+            input_embeds[segment.start:segment.end] = model.embed(input_ids[segment.start:segment.end],
+                                                                  segment.prompt_table)
+        hidden = model(inputs.attention.query_positions, PagedAttention(self.kv_cache, inputs.attention),
+                       input_embeds)  # [T, H]
+        if not inputs.sampling:
+            return []
+        logits = model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # [N, V] float32
+        return self.sampler(logits, inputs.sampling, inputs.generators).tolist()

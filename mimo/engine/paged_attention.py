@@ -1,0 +1,116 @@
+"""Attention over the paged KV pools: the engine's `AttentionBackend`.
+
+Per step the model runner builds one `PagedAttentionMetadata` (all index tensors on the device, from a few host
+lists, with no device->host sync); every layer then writes its new k/v at the step's slots and attends each
+sequence's queries over that sequence's cached keys. The per-sequence gather + `attention_with_sinks` loop is the
+CPU reference path; a varlen GPU kernel with sinks replaces `PagedAttention._attend_cached` later, reading the same
+slots (or the block tables they come from) without touching the scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mimo.engine.kv_cache import KVCache, LayerKind
+from mimo.models.attention import attention_with_sinks
+
+
+@dataclass(frozen=True, slots=True)
+class PoolMetadata:
+    """Where one layer kind's KV of this step goes and which cached keys each sequence attends."""
+
+    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
+    key_slots: torch.Tensor  # [K] flat cache slots of every attended key, sequences concatenated
+    key_positions: torch.Tensor  # [K] their token positions
+    key_counts: list[int]  # keys per sequence (host)
+
+
+@dataclass(frozen=True, slots=True)
+class PagedAttentionMetadata:
+    query_positions: torch.Tensor  # [T] positions of the step's tokens, sequences concatenated
+    query_counts: list[int]  # tokens per sequence (host)
+    pools: dict[LayerKind, PoolMetadata]
+    sliding_window: int | None
+
+    @classmethod
+    def build(cls, starts: list[int], counts: list[int], block_tables: dict[LayerKind, list[list[int]]],
+              block_size: int, sliding_window: int | None, device: torch.device) -> PagedAttentionMetadata:
+        """Index tensors for sequences that compute tokens `[starts[i], starts[i] + counts[i])` this step.
+
+        A block table maps logical block `b` of a sequence to physical block `table[b % len(table)]`: the identity
+        for full-attention tables, the ring for sliding ones (their positions outside the window are never read).
+        """
+        ends = [s + n for s, n in zip(starts, counts)]
+        query_seq, query_positions = _flat_ranges(starts, counts, device)
+        pools = {}
+        for kind, tables in block_tables.items():
+            key_starts = [0] * len(starts) if kind is LayerKind.FULL else [max(0, s - sliding_window) for s in starts]
+            key_counts = [e - s for s, e in zip(key_starts, ends)]
+            key_seq, key_positions = _flat_ranges(key_starts, key_counts, device)
+            table, table_lens = _padded(tables, device)
+            pools[kind] = PoolMetadata(
+                slot_mapping=_slots(table, table_lens, query_seq, query_positions, block_size),
+                key_slots=_slots(table, table_lens, key_seq, key_positions, block_size),
+                key_positions=key_positions,
+                key_counts=key_counts,
+            )
+        return cls(query_positions, counts, pools, sliding_window)
+
+
+def _flat_ranges(starts: list[int], counts: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated `range(starts[i], starts[i] + counts[i])`: (sequence index, position), both `[sum(counts)]`."""
+    total = sum(counts)
+    starts_t = torch.tensor(starts, device=device)
+    counts_t = torch.tensor(counts, device=device)
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_t, output_size=total)
+    offsets = torch.cumsum(counts_t, 0) - counts_t  # [B] first flat index of each sequence
+    return seq, torch.arange(total, device=device) - offsets[seq] + starts_t[seq]
+
+
+def _padded(tables: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block tables `[B, max_len]` (padded with 0) and their lengths `[B]`."""
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+    return table, torch.tensor([len(t) for t in tables], device=device)
+
+
+def _slots(table: torch.Tensor, table_lens: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor,
+           block_size: int) -> torch.Tensor:
+    """Flat cache slot of each (sequence, position): `table[seq, (pos // bs) % len] * bs + pos % bs`."""
+    block = table[seq, torch.remainder(positions // block_size, table_lens[seq])]
+    return block * block_size + positions % block_size
+
+
+class PagedAttention:
+    """`AttentionBackend` over a `KVCache` for one step described by a `PagedAttentionMetadata`."""
+
+    def __init__(self, kv_cache: KVCache, metadata: PagedAttentionMetadata):
+        self.kv_cache = kv_cache
+        self.metadata = metadata
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               sliding_window: int | None, sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """q `[T, Hq, D]`, k `[T, Hk, D]`, v `[T, Hk, Dv]` of the step's new tokens -> `[T, Hq, Dv]`."""
+        kind = self.kv_cache.kind(layer_idx)
+        expected_window = self.metadata.sliding_window if kind is LayerKind.SLIDING else None
+        if sliding_window != expected_window:
+            raise ValueError(f"layer {layer_idx} ({kind.value} attention) called with sliding_window={sliding_window}, "
+                             f"the KV cache was laid out for {expected_window}")
+        pool = self.metadata.pools[kind]
+        self.kv_cache.write(layer_idx, pool.slot_mapping, k, v)
+        return self._attend_cached(layer_idx, q, pool, sliding_window=sliding_window, sinks=sinks, scale=scale)
+
+    def _attend_cached(self, layer_idx: int, q: torch.Tensor, pool: PoolMetadata, *, sliding_window: int | None,
+                       sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
+        keys, values = self.kv_cache.gather(layer_idx, pool.key_slots)  # [K, Hk, D], [K, Hk, Dv]
+        outputs = [
+            attention_with_sinks(q_seq, k_seq, v_seq, q_pos=q_pos, k_pos=k_pos, scale=scale,
+                                 sliding_window=sliding_window, sinks=sinks)
+            for q_seq, q_pos, k_seq, v_seq, k_pos in zip(
+                q.split(self.metadata.query_counts), self.metadata.query_positions.split(self.metadata.query_counts),
+                keys.split(pool.key_counts), values.split(pool.key_counts),
+                pool.key_positions.split(pool.key_counts))
+        ]
+        return torch.cat(outputs)  # [T, Hq, Dv]
