@@ -282,14 +282,15 @@ def _parse_attention_specs(
         sliding_window=window,
         has_sinks=bool(d.get("add_swa_attention_sink_bias", False)),
     )
-    for kind, spec in (("full", full), ("sliding", sliding)):
+    for prefix, spec in (("", full), ("swa_", sliding)):
         if spec.num_heads % spec.num_kv_heads != 0:
             raise ConfigError(
-                f"{kind} attention: num_heads={spec.num_heads} is not a multiple of num_kv_heads={spec.num_kv_heads}"
+                f"{prefix}num_attention_heads={spec.num_heads} is not a multiple of "
+                f"{prefix}num_key_value_heads={spec.num_kv_heads}"
             )
         if spec.rotary_dim % 2 != 0:
             raise ConfigError(
-                f"{kind} attention: rotary dim int(head_dim * partial_rotary_factor) = {spec.rotary_dim} must be even"
+                f"int({prefix}head_dim * partial_rotary_factor) = {spec.rotary_dim}: the rotary dim must be even"
             )
     return full, sliding
 
