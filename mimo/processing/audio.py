@@ -1,0 +1,152 @@
+"""Audio -> log-mel features (ref §6): decode, resample to 24 kHz, average channels, log-mel [T, 128].
+
+Matches torchaudio's `Resample` (Hann-windowed sinc) and `MelSpectrogram(power=1, HTK, no norm)` without
+depending on torchaudio.
+"""
+
+import math
+
+import av
+import numpy as np
+import torch
+
+from mimo.models.audio_tower import audio_token_count
+from mimo.processing.config import ProcessorConfig
+from mimo.processing.container import ALLOWED_AUDIO_CODECS, check_codec, open_media
+from mimo.processing.errors import MediaDecodeError, MediaLimitError
+
+_LOG_MEL_FLOOR = 1e-7
+# torchaudio.functional.resample defaults
+_LOWPASS_WIDTH = 6
+_ROLLOFF = 0.99
+# Exact rational resampling builds a [new, 1, ~old] kernel of the reduced ratio; past this many elements
+# the rate pair is too odd (e.g. 23999 -> 24000 Hz) and the file should be re-encoded.
+_MAX_RESAMPLE_KERNEL = 1 << 24
+
+
+def decode_audio(data: bytes, *, max_seconds: float) -> tuple[torch.Tensor, int]:
+    """Encoded audio file -> (waveform float32 [channels, samples], sample_rate) of its first audio stream."""
+    with open_media(data, "audio") as container:
+        if not container.streams.audio:
+            raise MediaDecodeError("audio file has no audio stream")
+        return decode_audio_stream(container, container.streams.audio[0], max_seconds=max_seconds)
+
+
+def decode_audio_stream(
+    container: av.container.InputContainer, stream: av.audio.AudioStream, *, max_seconds: float
+) -> tuple[torch.Tensor, int]:
+    check_codec(stream, ALLOWED_AUDIO_CODECS)
+    # Planar float at the source rate and layout: every sample format becomes [-1, 1] floats per channel.
+    resampler = av.AudioResampler(format="fltp")
+    chunks: list[np.ndarray] = []
+    num_samples, sample_rate = 0, None
+    for frame in container.decode(stream):
+        sample_rate = sample_rate or frame.sample_rate
+        for converted in resampler.resample(frame):
+            chunks.append(converted.to_ndarray())
+            num_samples += converted.samples
+        if num_samples > max_seconds * sample_rate:
+            raise MediaLimitError(f"audio is longer than the {max_seconds:g} s limit")
+    if sample_rate is not None:
+        chunks.extend(converted.to_ndarray() for converted in resampler.resample(None))
+    if not chunks or sum(chunk.shape[1] for chunk in chunks) == 0:
+        raise MediaDecodeError("audio stream contains no samples (empty or zero-length audio)")
+    return torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32)), sample_rate
+
+
+def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
+    """[..., N] at orig_rate -> [..., ceil(N * new / orig)] at new_rate (torchaudio's sinc_interp_hann)."""
+    if orig_rate == new_rate:
+        return waveform
+    gcd = math.gcd(orig_rate, new_rate)
+    orig, new = orig_rate // gcd, new_rate // gcd
+    width = math.ceil(_LOWPASS_WIDTH * orig / (min(orig, new) * _ROLLOFF))
+    if new * (2 * width + orig) > _MAX_RESAMPLE_KERNEL:
+        raise MediaDecodeError(f"cannot resample {orig_rate} Hz to {new_rate} Hz; re-encode at a standard rate")
+    kernel = _sinc_resample_kernel(orig, new, width)
+    shape = waveform.shape
+    flat = waveform.reshape(-1, 1, shape[-1])
+    padded = torch.nn.functional.pad(flat, (width, width + orig))
+    out = torch.nn.functional.conv1d(padded, kernel, stride=orig)  # [B, new, frames]
+    out = out.transpose(1, 2).reshape(flat.shape[0], -1)
+    target_len = math.ceil(new * shape[-1] / orig)
+    return out[:, :target_len].reshape(*shape[:-1], -1)
+
+
+def _sinc_resample_kernel(orig: int, new: int, width: int) -> torch.Tensor:
+    """[new, 1, 2 * width + orig]: one Hann-windowed sinc low-pass filter per output phase."""
+    base_freq = min(orig, new) * _ROLLOFF
+    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
+    t = torch.arange(0, -new, -1, dtype=torch.float64)[:, None, None] / new + idx
+    t = (t * base_freq).clamp(-_LOWPASS_WIDTH, _LOWPASS_WIDTH)
+    window = torch.cos(t * math.pi / _LOWPASS_WIDTH / 2) ** 2
+    t = t * math.pi
+    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t)
+    return (sinc * window * (base_freq / orig)).float()
+
+
+def hz_to_mel_htk(freq: torch.Tensor) -> torch.Tensor:
+    return 2595.0 * torch.log10(1.0 + freq / 700.0)
+
+
+def mel_to_hz_htk(mel: torch.Tensor) -> torch.Tensor:
+    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+
+
+def mel_filter_bank(num_freqs: int, num_mels: int, sample_rate: int, f_min: float = 0.0,
+                    f_max: float | None = None) -> torch.Tensor:
+    """Triangular HTK-scale filters, no area normalisation: float64 [num_freqs, num_mels] (torchaudio melscale_fbanks)."""
+    f_max = sample_rate / 2 if f_max is None else f_max
+    all_freqs = torch.linspace(0, sample_rate // 2, num_freqs, dtype=torch.float64)
+    mel_points = torch.linspace(
+        hz_to_mel_htk(torch.tensor(f_min, dtype=torch.float64)),
+        hz_to_mel_htk(torch.tensor(f_max, dtype=torch.float64)),
+        num_mels + 2, dtype=torch.float64,
+    )
+    freq_points = mel_to_hz_htk(mel_points)
+    freq_gaps = freq_points[1:] - freq_points[:-1]
+    slopes = freq_points[None, :] - all_freqs[:, None]  # [num_freqs, num_mels + 2]
+    rising = -slopes[:, :-2] / freq_gaps[:-1]
+    falling = slopes[:, 2:] / freq_gaps[1:]
+    return torch.clamp(torch.minimum(rising, falling), min=0.0)
+
+
+def log_mel_spectrogram(waveform: torch.Tensor, config: ProcessorConfig) -> torch.Tensor:
+    """Mono float waveform [N] at the processor rate -> log-mel [1 + N // hop, n_mels] float32."""
+    n_fft, hop = config.audio_nfft, config.audio_hop_length
+    if waveform.numel() <= n_fft // 2:
+        raise MediaDecodeError(
+            f"audio is too short: {waveform.numel()} samples at {config.audio_sampling_rate} Hz, "
+            f"need more than {n_fft // 2}"
+        )
+    # float64 so near-silent bins (deep spectral nulls of clean tones) keep their log value to 1e-4.
+    window = torch.hann_window(config.audio_window_size, periodic=True, dtype=torch.float64)
+    spectrum = torch.stft(
+        waveform.double(), n_fft=n_fft, hop_length=hop, win_length=config.audio_window_size, window=window,
+        center=True, pad_mode="reflect", return_complex=True,
+    ).abs()  # [n_fft // 2 + 1, T]
+    filters = mel_filter_bank(n_fft // 2 + 1, config.audio_n_mels, config.audio_sampling_rate)
+    mel = filters.T @ spectrum  # [n_mels, T]
+    return torch.log(torch.clamp(mel, min=_LOG_MEL_FLOOR)).T.float().contiguous()
+
+
+def waveform_to_mel(waveform: torch.Tensor, sample_rate: int, config: ProcessorConfig) -> torch.Tensor:
+    """[channels, N] at sample_rate -> log-mel [T, n_mels]: each channel resampled, then channels averaged."""
+    if waveform.shape[-1] == 0:
+        raise MediaDecodeError("audio has zero length")
+    mono = resample(waveform, sample_rate, config.audio_sampling_rate).mean(dim=0)
+    return log_mel_spectrogram(mono, config)
+
+
+def preprocess_audio(data: bytes, config: ProcessorConfig) -> torch.Tensor:
+    """Encoded audio file -> log-mel [T, n_mels] float32."""
+    waveform, sample_rate = decode_audio(data, max_seconds=config.max_media_seconds)
+    return waveform_to_mel(waveform, sample_rate, config)
+
+
+def audio_tokens_for_mel(num_frames: int, config: ProcessorConfig) -> int:
+    """<|audio_pad|> tokens (= audio-encoder rows) for a log-mel of `num_frames` frames."""
+    return audio_token_count(
+        num_frames, segment_size=config.audio_segment_size, stride_size=config.audio_stride_size,
+        avg_pooler=config.audio_avg_pooler, group_size=config.audio_group_size,
+    )

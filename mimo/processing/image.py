@@ -1,0 +1,110 @@
+"""Images -> vision-tower inputs (ref §5.3): decode, smart_resize, normalise, patchify.
+
+The resize/normalise/patchify helpers are shared with video frames.
+"""
+
+import io
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mimo.processing.config import ProcessorConfig
+from mimo.processing.errors import MediaDecodeError, MediaLimitError
+
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+MAX_ASPECT_RATIO = 200
+
+
+def decode_image(data: bytes, *, max_source_pixels: int) -> torch.Tensor:
+    """Decode an encoded image to RGB uint8 [3, H, W]: first frame, EXIF orientation applied, alpha on white."""
+    if not data:
+        raise MediaDecodeError("image is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise MediaLimitError(f"image rejected as a decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise MediaDecodeError(f"not a supported image (accepted: {', '.join(IMAGE_FORMATS)})") from exc
+    # PIL itself refuses only above 2x Image.MAX_IMAGE_PIXELS; our cap applies before any pixel is decoded.
+    width, height = image.size
+    if width * height > max_source_pixels:
+        raise MediaLimitError(f"image is {width}x{height} = {width * height} pixels, over the {max_source_pixels} limit")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's ways of reporting truncated/corrupt data
+        raise MediaDecodeError(f"corrupt or truncated {image.format} image: {exc}") from exc
+    return torch.from_numpy(_to_rgb_array(image)).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if not has_alpha:
+        return np.array(image.convert("RGB"))
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
+
+
+def smart_resize(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Target (h, w), multiples of `factor`, area within [min_pixels, max_pixels], aspect ratio kept (ref §5.3)."""
+    if height <= 0 or width <= 0:
+        raise MediaDecodeError(f"image has no pixels ({width}x{height})")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise MediaLimitError(
+            f"aspect ratio {max(height, width) / min(height, width):.1f} of a {width}x{height} image is over {MAX_ASPECT_RATIO}"
+        )
+    if min(height, width) < factor:
+        scale = factor / min(height, width)
+        height, width = height * scale, width * scale
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resize_and_normalize(frames: torch.Tensor, size: tuple[int, int], config: ProcessorConfig) -> torch.Tensor:
+    """uint8 [T, 3, H, W] -> float32 [T, 3, h, w]: bilinear on 0..255 values, then (x - mean) / std."""
+    pixels = frames.float()
+    if tuple(pixels.shape[-2:]) != size:
+        pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
+    mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.image_std).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def patchify(frames: torch.Tensor, config: ProcessorConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, C, h, w] (T a multiple of temporal_patch_size) -> (pixel_values [t*gh*gw, C*tp*p*p], grid_thw [1, 3]).
+
+    Rows are ordered frame-group, then 2x2 merge block (row-major), then patch inside the block; each row
+    is (C, T, kh, kw), the Conv3d patch-embed layout (ref §5.2).
+    """
+    num_frames, channels, height, width = frames.shape
+    tp, p, m = config.temporal_patch_size, config.patch_size, config.merge_size
+    grid_t, grid_h, grid_w = num_frames // tp, height // p, width // p
+    patches = frames.reshape(grid_t, tp, channels, grid_h // m, m, p, grid_w // m, m, p)
+    # [gt, gh/m, gw/m, m, m, C, tp, p, p]
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    pixel_values = patches.reshape(grid_t * grid_h * grid_w, channels * tp * p * p).contiguous()
+    return pixel_values, torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.long)
+
+
+def preprocess_image(data: bytes, config: ProcessorConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded image -> (pixel_values [N, 1536] float32, grid_thw [1, 3]); the image is repeated to T=2."""
+    image = decode_image(data, max_source_pixels=config.max_source_pixels)
+    size = smart_resize(
+        image.shape[1], image.shape[2],
+        factor=config.image_factor, min_pixels=config.image_min_pixels, max_pixels=config.image_max_pixels,
+    )
+    frames = resize_and_normalize(image.unsqueeze(0), size, config)
+    return patchify(frames.expand(config.temporal_patch_size, -1, -1, -1), config)

@@ -1,0 +1,102 @@
+"""MiMoProcessor: chat messages with media -> input_ids with expanded placeholders + encoder inputs."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from mimo.processing.audio import audio_tokens_for_mel, preprocess_audio
+from mimo.processing.chat import MediaPart, render_chat, split_media
+from mimo.processing.config import ProcessorConfig
+from mimo.processing.errors import ProcessingError
+from mimo.processing.image import preprocess_image
+from mimo.processing.items import MediaItem, Modality
+from mimo.processing.placeholders import PromptTableIds, assign_prompt_table_ids, expand_placeholders
+from mimo.processing.video import preprocess_video
+
+
+@dataclass(slots=True)
+class ProcessedPrompt:
+    input_ids: list[int]  # placeholder runs expanded to their exact token counts
+    items: list[MediaItem]  # in prompt order
+
+
+class MiMoProcessor:
+    def __init__(self, tokenizer, config: ProcessorConfig, *, model_type: str, vocab_size: int):
+        if vocab_size < len(tokenizer):
+            raise ProcessingError(f"vocab_size {vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_type = model_type
+        self.vocab_size = vocab_size  # the LM's; prompt-table ids start here
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> "MiMoProcessor":
+        """Tokenizer files and config.json (`processor_config`, `vision_config`, `model_type`, `vocab_size`)."""
+        checkpoint_dir = Path(checkpoint_dir)
+        config_path = checkpoint_dir / "config.json"
+        if not config_path.is_file():
+            raise ProcessingError(f"{config_path} not found")
+        hf_config = json.loads(config_path.read_text())
+        for key in ("model_type", "vocab_size"):
+            if key not in hf_config:
+                raise ProcessingError(f"{config_path}: '{key}' must be set")
+        # The fast-tokenizer class reads tokenizer.json + tokenizer_config.json only; AutoTokenizer would also
+        # resolve config.json's model_type, which transformers does not know for MiMo-V2.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(checkpoint_dir), local_files_only=True)
+        return cls(
+            tokenizer, ProcessorConfig.from_hf_config(hf_config),
+            model_type=hf_config["model_type"], vocab_size=int(hf_config["vocab_size"]),
+        )
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def process(
+        self, messages: list[dict], *, enable_thinking: bool = True, add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> ProcessedPrompt:
+        rendered, parts = split_media(messages, max_media_items=self.config.max_media_items)
+        text = render_chat(
+            self.tokenizer, rendered, enable_thinking=enable_thinking, add_generation_prompt=add_generation_prompt,
+            tools=tools,
+        )
+        items = [self.preprocess_media(part) for part in parts]
+        input_ids = expand_placeholders(self.encode_text(text), items, self.config, self.encode_text)
+        return ProcessedPrompt(input_ids, items)
+
+    def preprocess_media(self, part: MediaPart) -> MediaItem:
+        config = self.config
+        tokens_per_frame_group = config.merge_size**2
+        if part.modality == Modality.IMAGE:
+            pixel_values, grid_thw = preprocess_image(part.data, config)
+            return MediaItem(Modality.IMAGE, int(grid_thw.prod()) // tokens_per_frame_group,
+                             pixel_values=pixel_values, grid_thw=grid_thw)
+        if part.modality == Modality.AUDIO:
+            mel = preprocess_audio(part.data, config)
+            num_tokens = audio_tokens_for_mel(mel.shape[0], config)
+            return MediaItem(Modality.AUDIO, num_tokens, mel=mel, audio_token_len=_scalar(num_tokens))
+        video = preprocess_video(part.data, config)
+        item = MediaItem(
+            Modality.VIDEO, int(video.video_grid_thw.prod()) // tokens_per_frame_group,
+            pixel_values_videos=video.pixel_values_videos, video_grid_thw=video.video_grid_thw,
+            video_timestamps=video.video_timestamps, second_per_grid_ts=_scalar(video.second_per_grid_ts),
+        )
+        if video.soundtrack is not None:
+            sound = video.soundtrack
+            item.mel = sound.mel
+            item.audio_token_len = _scalar(sound.audio_token_len)
+            item.segment_starts, item.segment_lens = sound.segment_starts, sound.segment_lens
+            item.num_tokens += int(sound.segment_lens.sum())
+        return item
+
+    def assign_prompt_table_ids(self, prompt: ProcessedPrompt) -> PromptTableIds:
+        """Pad tokens -> `vocab_size + row` (row order: `mimo.processing.placeholders`), plus the rows each
+        item must get from the encoders (check them with `placeholders.check_encoder_rows`)."""
+        return assign_prompt_table_ids(prompt.input_ids, prompt.items, self.config, self.vocab_size)
+
+
+def _scalar(value: int | float) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.float64 if isinstance(value, float) else torch.long)

@@ -1,0 +1,168 @@
+"""Videos -> vision-tower inputs plus, when there is a sound track, its log-mel and audio units (ref §7.2).
+
+Frames are sampled by Qwen's `smart_nframes` rule, resized to one size for the whole clip and grouped in
+pairs (temporal_patch_size); each group becomes one "unit" that owns the audio tokens of its time span.
+"""
+
+import math
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+
+from mimo.processing.audio import audio_tokens_for_mel, decode_audio_stream, waveform_to_mel
+from mimo.processing.config import ProcessorConfig
+from mimo.processing.container import ALLOWED_VIDEO_CODECS, check_codec, open_media, stream_seconds
+from mimo.processing.errors import MediaDecodeError, MediaLimitError, ProcessingError
+from mimo.processing.image import patchify, resize_and_normalize, smart_resize
+
+
+@dataclass(frozen=True, slots=True)
+class VideoSoundtrack:
+    mel: torch.Tensor  # [T_mel, n_mels]
+    audio_token_len: int  # rows the audio encoder produces for the whole track
+    segment_starts: torch.Tensor  # [grid_t] int64, first audio token of each unit
+    segment_lens: torch.Tensor  # [grid_t] int64, audio tokens each unit takes
+
+
+@dataclass(frozen=True, slots=True)
+class VideoInputs:
+    pixel_values_videos: torch.Tensor  # [grid_t * gh * gw, C * tp * p * p] float32
+    video_grid_thw: torch.Tensor  # [1, 3] int64
+    video_timestamps: torch.Tensor  # [grid_t] float64 seconds, first frame of each temporal group
+    second_per_grid_ts: float
+    soundtrack: VideoSoundtrack | None
+
+
+def sample_frame_indices(total_frames: int, video_fps: float, config: ProcessorConfig) -> list[int]:
+    """Indices of the frames to keep (Qwen `smart_nframes`): duration * fps clamped to [min_frames, max_frames]
+    and to the frame count, floored to a multiple of temporal_patch_size, spread evenly."""
+    factor = config.temporal_patch_size
+    if config.num_frames is not None:
+        if config.num_frames > config.max_frames:
+            raise MediaLimitError(f"processor_config.num_frames {config.num_frames} exceeds max_frames {config.max_frames}")
+        wanted = config.num_frames
+    else:
+        min_frames = math.ceil(config.min_frames / factor) * factor
+        max_frames = config.max_frames // factor * factor
+        wanted = min(max(total_frames / video_fps * config.fps, min_frames), max_frames)
+    num_frames = int(min(wanted, total_frames)) // factor * factor
+    # Clips shorter than one temporal group keep all their frames; the last one is repeated later.
+    num_frames = max(num_frames, min(total_frames, factor))
+    return sorted(set(np.linspace(0, total_frames - 1, num_frames).round().astype(int).tolist()))
+
+
+def _count_frames(container: av.container.InputContainer, stream: av.video.VideoStream) -> int:
+    return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def _decode_frames(
+    container: av.container.InputContainer, stream: av.video.VideoStream, indices: list[int],
+    num_frames_declared: int, config: ProcessorConfig,
+) -> torch.Tensor:
+    """Decode the frames at `indices`, resized to one size from the clip's pixel budget: float32 [n, 3, h, w]."""
+    budget = config.video_total_max_pixels * config.temporal_patch_size // max(len(indices), 1)
+    max_pixels = max(config.video_min_pixels, min(budget, config.video_max_pixels))
+    wanted = iter(indices)
+    next_index = next(wanted)
+    frames, size = [], None
+    stream.thread_type = "AUTO"
+    for ordinal, frame in enumerate(container.decode(stream)):
+        if ordinal != next_index:
+            continue
+        rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # [3, H, W] uint8
+        if size is None:
+            size = smart_resize(rgb.shape[1], rgb.shape[2], factor=config.image_factor,
+                                min_pixels=config.video_min_pixels, max_pixels=max_pixels)
+        frames.append(resize_and_normalize(rgb.unsqueeze(0), size, config))
+        next_index = next(wanted, None)
+        if next_index is None:
+            break
+    if next_index is not None:
+        raise MediaDecodeError(
+            f"corrupt or truncated video: {num_frames_declared} frames in the stream, frame {next_index} undecodable"
+        )
+    return torch.cat(frames)
+
+
+def build_audio_units(
+    timestamps: list[float], audio_token_len: int, config: ProcessorConfig
+) -> tuple[list[int], list[int]]:
+    """(start, length) in audio tokens of each temporal group's share of the sound track (ref §7.2).
+
+    Unit g spans [ts_g, ts_{g+1}); the last one ends at its timestamp + 1/fps. Token offsets are
+    int(seconds * tokens_per_second), clipped to the track's token count.
+    """
+    rate = config.audio_tokens_per_second
+    ends_s = timestamps[1:] + [timestamps[-1] + 1.0 / config.fps]
+    starts, lens = [], []
+    for start_s, end_s in zip(timestamps, ends_s):
+        start = int(start_s * rate)
+        length = min(int(end_s * rate), audio_token_len) - start
+        if length <= 0:
+            raise ProcessingError(
+                f"video sound track ({audio_token_len} audio tokens) ends before the frame group at {start_s:.2f} s"
+            )
+        starts.append(start)
+        lens.append(length)
+    return starts, lens
+
+
+def _probe_video(data: bytes, config: ProcessorConfig) -> tuple[int, float, bool]:
+    """(frame count, frames per second, has a sound track) without decoding any frame."""
+    with open_media(data, "video") as container:
+        if not container.streams.video:
+            raise MediaDecodeError("video has no video stream")
+        stream = container.streams.video[0]
+        check_codec(stream, ALLOWED_VIDEO_CODECS)
+        total_frames = _count_frames(container, stream)
+        if total_frames == 0:
+            raise MediaDecodeError("video stream contains no frames")
+        if stream.average_rate:
+            video_fps = float(stream.average_rate)
+        elif declared_s := stream_seconds(stream, container):
+            video_fps = total_frames / declared_s
+        else:
+            raise MediaDecodeError("video declares neither a frame rate nor a duration")
+        has_sound = bool(container.streams.audio)
+    if total_frames / video_fps > config.max_media_seconds:
+        raise MediaLimitError(f"video is longer than the {config.max_media_seconds:g} s limit")
+    return total_frames, video_fps, has_sound
+
+
+def _decode_soundtrack(data: bytes, timestamps: list[float], config: ProcessorConfig) -> VideoSoundtrack:
+    with open_media(data, "video") as container:
+        waveform, sample_rate = decode_audio_stream(
+            container, container.streams.audio[0], max_seconds=config.max_media_seconds
+        )
+    mel = waveform_to_mel(waveform, sample_rate, config)
+    audio_token_len = audio_tokens_for_mel(mel.shape[0], config)
+    starts, lens = build_audio_units(timestamps, audio_token_len, config)
+    return VideoSoundtrack(
+        mel=mel, audio_token_len=audio_token_len,
+        segment_starts=torch.tensor(starts, dtype=torch.long), segment_lens=torch.tensor(lens, dtype=torch.long),
+    )
+
+
+def preprocess_video(data: bytes, config: ProcessorConfig) -> VideoInputs:
+    """Encoded video -> frames patchified for the vision tower, timestamps, and the sound track if any."""
+    total_frames, video_fps, has_sound = _probe_video(data, config)
+    indices = sample_frame_indices(total_frames, video_fps, config)
+    with open_media(data, "video") as container:
+        frames = _decode_frames(container, container.streams.video[0], indices, total_frames, config)
+    sample_fps = len(indices) / total_frames * video_fps
+
+    tp = config.temporal_patch_size
+    padding = -len(indices) % tp
+    frames = torch.cat([frames, frames[-1:].expand(padding, -1, -1, -1)])
+    indices = indices + indices[-1:] * padding
+    pixel_values, grid_thw = patchify(frames, config)
+    timestamps = [index / video_fps for index in indices[::tp]]
+    return VideoInputs(
+        pixel_values_videos=pixel_values,
+        video_grid_thw=grid_thw,
+        video_timestamps=torch.tensor(timestamps, dtype=torch.float64),
+        second_per_grid_ts=tp / sample_fps,
+        soundtrack=_decode_soundtrack(data, timestamps, config) if has_sound else None,
+    )
