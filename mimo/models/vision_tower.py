@@ -26,64 +26,78 @@ from mimo.models.layers import RMSNorm, apply_rotary, rotary_cos_sin
 DEFAULT_QUERY_CHUNK = 1024
 
 
+# sglang `MiMoVLVisionConfig` defaults, keyed by hub `vision_config` name (ref §5.1 table).
+SGLANG_VISION_DEFAULTS: dict[str, Any] = {
+    "depth": 28,
+    "hidden_size": 1280,
+    "intermediate_size": 4608,
+    "hidden_act": "silu",
+    "num_heads": 32,
+    "num_key_value_heads": 8,
+    "qk_channels": 64,
+    "kv_channels": 64,
+    "in_channels": 3,
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "out_hidden_size": 2048,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "vit_window_attn_types": None,
+    "visual_token_window_size": 64,
+    "use_sink": False,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class VisionConfig:
-    """Hub `vision_config`. Defaults are sglang's `MiMoVLVisionConfig`; V2.5 values in comments (ref §5.1)."""
+    """Hub `vision_config` (V2.5 values in comments, ref §5.1)."""
 
-    depth: int = 28
-    hidden_size: int = 1280
-    intermediate_size: int = 4608
-    num_heads: int = 32
-    num_key_value_heads: int = 8
-    head_dim: int = 64  # hub `qk_channels` (must equal `kv_channels`)
-    in_channels: int = 3
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    out_hidden_size: int = 2048  # V2.5: 4096 (= LM hidden)
-    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)  # V2.5: (0, 9, 18, 27)
-    # Per block: 1 = walk merge units column-major, 0 / -1 = row-major. Absent in the hub dict: all row-major.
-    vit_window_attn_types: tuple[int, ...] = (-1,) * 28
-    visual_token_window_size: int = 64  # windowed blocks: |i - j| <= this many tokens
-    use_sink: bool = False  # V2.5: True
-    rope_theta: float = 10000.0
+    depth: int  # 28
+    hidden_size: int  # 1280
+    intermediate_size: int  # 4608
+    num_heads: int  # 32
+    num_key_value_heads: int  # 8
+    head_dim: int  # 64, hub `qk_channels` (= `kv_channels`)
+    in_channels: int  # 3 (hub `in_channels` or `in_chans`)
+    patch_size: int  # 16
+    temporal_patch_size: int  # 2
+    spatial_merge_size: int  # 2
+    out_hidden_size: int  # 4096 (= LM hidden)
+    fullatt_block_indexes: tuple[int, ...]  # (0, 9, 18, 27)
+    vit_window_attn_types: tuple[int, ...]  # per block: 1 = merge units walked column-major, 0 / -1 = row-major
+    visual_token_window_size: int  # 64: windowed blocks attend |i - j| <= this many tokens
+    use_sink: bool  # True
+    rope_theta: float = 10000.0  # not a hub key (Qwen2.5-VL vision rotary)
     rms_norm_eps: float = 1e-6  # not a hub key: sglang hard-codes 1e-6 for every ViT norm
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
-        default = cls()  # slots=True: field defaults live on an instance, not on the class
-        hidden_act = d.get("hidden_act", "silu")
-        if hidden_act != "silu":
-            raise ConfigError(f"vision_config.hidden_act={hidden_act!r} is not supported; accepted: ('silu',)")
-        num_heads = d.get("num_heads", default.num_heads)
-        hidden_size = d.get("hidden_size", default.hidden_size)
-        qk_channels = d.get("qk_channels", default.head_dim)
-        head_dim = hidden_size // num_heads if qk_channels is None else qk_channels
-        kv_channels = d.get("kv_channels", head_dim)
-        if kv_channels not in (None, head_dim):
+    def from_dict(cls, hub: dict[str, Any]) -> VisionConfig:
+        d = {**SGLANG_VISION_DEFAULTS, **hub}
+        if d["hidden_act"] != "silu":
+            raise ConfigError(f"vision_config.hidden_act={d['hidden_act']!r} is not supported; accepted: ('silu',)")
+        head_dim = d["hidden_size"] // d["num_heads"] if d["qk_channels"] is None else d["qk_channels"]
+        if d["kv_channels"] not in (None, head_dim):
             raise ConfigError(
-                f"vision_config.kv_channels={kv_channels!r} differs from qk_channels={head_dim}; "
+                f"vision_config.kv_channels={d['kv_channels']!r} differs from qk_channels={head_dim}; "
                 "the MiMo ViT uses one head dim for q, k and v"
             )
-        depth = d.get("depth", default.depth)
-        window_types = d.get("vit_window_attn_types")
-        num_kv_heads = d.get("num_key_value_heads", default.num_key_value_heads)  # explicit null: MHA
+        window_types = d["vit_window_attn_types"]
         return cls(
-            depth=depth,
-            hidden_size=hidden_size,
-            intermediate_size=d.get("intermediate_size", default.intermediate_size),
-            num_heads=num_heads,
-            num_key_value_heads=num_heads if num_kv_heads is None else num_kv_heads,
+            depth=d["depth"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_heads=d["num_heads"],
+            num_key_value_heads=d["num_heads"] if d["num_key_value_heads"] is None else d["num_key_value_heads"],
             head_dim=head_dim,
-            in_channels=d.get("in_channels", d.get("in_chans", default.in_channels)),
-            patch_size=d.get("patch_size", default.patch_size),
-            temporal_patch_size=d.get("temporal_patch_size", default.temporal_patch_size),
-            spatial_merge_size=d.get("spatial_merge_size", default.spatial_merge_size),
-            out_hidden_size=d.get("out_hidden_size", default.out_hidden_size),
-            fullatt_block_indexes=tuple(d.get("fullatt_block_indexes", default.fullatt_block_indexes)),
-            vit_window_attn_types=(-1,) * depth if window_types is None else tuple(window_types),
-            visual_token_window_size=d.get("visual_token_window_size", default.visual_token_window_size),
-            use_sink=bool(d.get("use_sink", False)),
+            in_channels=hub.get("in_channels", hub.get("in_chans", d["in_channels"])),
+            patch_size=d["patch_size"],
+            temporal_patch_size=d["temporal_patch_size"],
+            spatial_merge_size=d["spatial_merge_size"],
+            out_hidden_size=d["out_hidden_size"],
+            fullatt_block_indexes=tuple(d["fullatt_block_indexes"]),
+            vit_window_attn_types=(-1,) * d["depth"] if window_types is None else tuple(window_types),
+            visual_token_window_size=d["visual_token_window_size"],
+            use_sink=bool(d["use_sink"]),
         )
 
     def __post_init__(self) -> None:
