@@ -1,0 +1,277 @@
+"""`mimo_llm` without Triton: TensorRT-LLM-style request tensors -> engine requests, and the generation loop.
+
+Request tensors keep their batch dimension (`[1, ...]`), as Triton delivers them for `max_batch_size > 0`.
+Outputs follow `tensorrt_llm` with `exclude_input_in_output: true` and beam width 1 (shapes without the batch
+dimension): `output_ids [1, n]` (the new tokens of this response; every generated token when not streaming),
+`sequence_length [1]` (tokens generated so far), plus `preceding_ids [1, <= DETOKENIZATION_WINDOW]` for the
+stateless detokenizer and `finish_reason [1]` ("" until the last response, then "stop" or "length").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
+from mimo.serving.detokenize import DETOKENIZATION_WINDOW
+from mimo.serving.triton_config import model_parameter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    prompt_table: torch.Tensor | None  # [P, hidden] on the device it arrived on
+    streaming: bool
+
+
+@dataclass(frozen=True)
+class LLMResponse:
+    output_ids: list[int]
+    preceding_ids: list[int]
+    sequence_length: int
+    finish_reason: str  # "" until the last response
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        """Response tensors with their batch dimension: `[1, beam=1, n]` ids, `[1, 1]` length and reason."""
+        return {
+            "output_ids": np.array([[self.output_ids]], dtype=np.int32).reshape(1, 1, -1),
+            "preceding_ids": np.array([[self.preceding_ids]], dtype=np.int32).reshape(1, 1, -1),
+            "sequence_length": np.array([[self.sequence_length]], dtype=np.int32),
+            "finish_reason": np.array([[self.finish_reason.encode()]], dtype=np.object_),
+        }
+
+
+def _single(inputs: Mapping[str, torch.Tensor], name: str, default=None):
+    """The one value of a `[1, 1]` (or `[1]`) request tensor, as a Python number."""
+    tensor = inputs.get(name)
+    if tensor is None:
+        if default is None:
+            raise InvalidRequestError(f"missing required input '{name}'")
+        return default
+    if tensor.numel() != 1:
+        raise InvalidRequestError(f"input '{name}' must hold exactly one value, got shape {list(tensor.shape)}")
+    value = tensor.reshape(()).item()
+    if isinstance(value, float) and not np.isfinite(value):
+        raise InvalidRequestError(f"input '{name}' must be a finite number, got {value}")
+    return value
+
+
+def parse_stop_words(stop_words_list: torch.Tensor) -> tuple[tuple[int, ...], ...]:
+    """TensorRT-LLM `stop_words_list [1, 2, L]`: row 0 the concatenated ids, row 1 each word's end offset (-1 pad)."""
+    if stop_words_list.dim() != 3 or stop_words_list.shape[:2] != (1, 2):
+        raise InvalidRequestError(f"input 'stop_words_list' must be [1, 2, L], got {list(stop_words_list.shape)}")
+    ids, offsets = stop_words_list[0].tolist()
+    words, start = [], 0
+    for end in offsets:
+        if end < 0:
+            break
+        if not start < end <= len(ids):
+            raise InvalidRequestError(f"input 'stop_words_list' has end offset {end} outside ({start}, {len(ids)}]")
+        words.append(tuple(ids[start:end]))
+        start = end
+    return tuple(words)
+
+
+def convert_llm_request(inputs: Mapping[str, torch.Tensor]) -> LLMRequest:
+    """Triton request tensors (names of the `tensorrt_llm` model) -> `LLMRequest`; raises InvalidRequestError."""
+    input_ids = inputs.get("input_ids")
+    if input_ids is None:
+        raise InvalidRequestError("missing required input 'input_ids'")
+    prompt_ids = input_ids.reshape(-1).tolist()
+    if "input_lengths" in inputs:
+        length = _single(inputs, "input_lengths")
+        if not 0 < length <= len(prompt_ids):
+            raise InvalidRequestError(f"input_lengths {length} must be in [1, {len(prompt_ids)}] (the input_ids given)")
+        prompt_ids = prompt_ids[:length]
+    if "pad_id" in inputs and _single(inputs, "pad_id") < 0:
+        raise InvalidRequestError("pad_id must be >= 0")
+    stop_words = inputs.get("stop_words_list")
+    try:
+        sampling = SamplingParams(
+            max_tokens=_single(inputs, "request_output_len"),
+            temperature=_single(inputs, "temperature", 1.0),
+            top_k=_single(inputs, "runtime_top_k", 0),
+            top_p=_single(inputs, "runtime_top_p", 1.0),
+            seed=_single(inputs, "random_seed") if "random_seed" in inputs else None,
+            end_id=_single(inputs, "end_id") if "end_id" in inputs else None,
+            stop_token_sequences=parse_stop_words(stop_words) if stop_words is not None else (),
+        )
+    except InvalidRequestError as error:
+        # name the Triton input, not the engine field, in what the client reads
+        message = str(error)
+        for field_name, tensor_name in _SAMPLING_INPUT_NAMES.items():
+            message = message.replace(f"SamplingParams.{field_name} ", f"{tensor_name} ")
+        raise InvalidRequestError(message) from None
+    return LLMRequest(prompt_ids, sampling, _prompt_table(inputs), bool(_single(inputs, "streaming", False)))
+
+
+_SAMPLING_INPUT_NAMES = {
+    "max_tokens": "request_output_len", "temperature": "temperature", "top_k": "runtime_top_k",
+    "top_p": "runtime_top_p", "seed": "random_seed", "end_id": "end_id", "stop_token_sequences": "stop_words_list",
+}
+
+
+def _prompt_table(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    table = inputs.get("prompt_embedding_table")
+    if table is None:
+        if "prompt_vocab_size" in inputs and _single(inputs, "prompt_vocab_size") != 0:
+            raise InvalidRequestError("prompt_vocab_size > 0 needs a prompt_embedding_table")
+        return None
+    if table.dim() == 3 and table.shape[0] == 1:
+        table = table[0]
+    if table.dim() != 2:
+        raise InvalidRequestError(f"prompt_embedding_table must be [1, P, hidden], got {list(table.shape)}")
+    rows = _single(inputs, "prompt_vocab_size", table.shape[0])
+    if not 0 <= rows <= table.shape[0]:
+        raise InvalidRequestError(f"prompt_vocab_size {rows} must be in [0, {table.shape[0]}] (the table's rows)")
+    # the request's input buffers are released once execute() returns; the engine keeps the table until it finishes
+    return table[:rows].clone() if rows else None
+
+
+class ResponseSink(Protocol):
+    """Where one request's responses go (a Triton response sender in `mimo_llm`)."""
+
+    def send(self, response: LLMResponse, final: bool) -> None: ...
+
+    def send_error(self, message: str, cancelled: bool = False) -> None:
+        """Ends the request with an error response."""
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass
+class _Active:
+    sink: ResponseSink
+    streaming: bool
+    generated: list[int] = field(default_factory=list)
+    sent: int = 0  # generated tokens already sent (streaming)
+
+
+class GenerationLoop:
+    """One thread that steps the engine and routes each request's tokens to its sink.
+
+    Cancellation: every `cancellation_check_period_s` the loop asks each sink `is_cancelled()` and aborts those
+    requests, which frees their KV at once. A sink that fails to send is treated as cancelled.
+    """
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        cancellation_check_period_s: float = 0.1,
+        after_step: Callable[[], None] | None = None,
+    ):
+        self.engine = engine
+        self.cancellation_check_period_s = cancellation_check_period_s
+        self.after_step = after_step
+        self._active: dict[str, _Active] = {}
+        self._lock = threading.Lock()
+        self._running = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mimo-generation-loop", daemon=True)
+        self._next_request = 0
+        self._last_cancel_check = 0.0
+
+    def start(self) -> None:
+        self._running.set()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops stepping, aborts what is still running and ends those requests with an error."""
+        self._running.clear()
+        if self._thread.is_alive():
+            self._thread.join()
+        with self._lock:
+            active, self._active = self._active, {}
+        for request_id, request in active.items():
+            self.engine.abort(request_id)
+            request.sink.send_error("the model is shutting down")
+
+    def submit(self, request: LLMRequest, sink: ResponseSink) -> str:
+        """Queues a converted request; raises InvalidRequestError (nothing queued) if the engine refuses it."""
+        with self._lock:
+            request_id = f"req-{self._next_request}"
+            self._next_request += 1
+            self._active[request_id] = _Active(sink, request.streaming)
+        try:
+            self.engine.add_request(request_id, request.prompt_ids, request.sampling, request.prompt_table)
+        except Exception:
+            with self._lock:
+                del self._active[request_id]
+            raise
+        return request_id
+
+    def num_active(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def _run(self) -> None:
+        while self._running.is_set():
+            if not self.engine.wait_for_work(timeout=self.cancellation_check_period_s):
+                continue
+            self._abort_cancelled()
+            outputs = self.engine.step()
+            for output in outputs:
+                self._dispatch(output)
+            if self.after_step is not None:
+                self.after_step()
+
+    def _abort_cancelled(self) -> None:
+        now = time.monotonic()
+        if now - self._last_cancel_check < self.cancellation_check_period_s:
+            return
+        self._last_cancel_check = now
+        with self._lock:
+            active = list(self._active.items())
+        for request_id, request in active:
+            if request.sink.is_cancelled():
+                self.engine.abort(request_id)
+
+    def _dispatch(self, output) -> None:
+        with self._lock:
+            request = self._active.get(output.request_id)
+            if output.finished:
+                self._active.pop(output.request_id, None)
+        if request is None:
+            return
+        request.generated += output.new_token_ids
+        try:
+            if output.finish_reason == "error":
+                request.sink.send_error(f"generation failed: {output.error}")
+            elif output.finish_reason == "cancelled":
+                request.sink.send_error("request cancelled", cancelled=True)
+            elif output.finished or (request.streaming and output.new_token_ids):
+                self._send_tokens(request, output.finish_reason or "")
+        except Exception as error:  # noqa: BLE001 - the client went away; its request must not hold KV
+            logger.warning("sending to %s failed (%s); aborting it", output.request_id, error)
+            if not output.finished:
+                self.engine.abort(output.request_id)
+
+    @staticmethod
+    def _send_tokens(request: _Active, finish_reason: str) -> None:
+        start = request.sent if request.streaming else 0
+        response = LLMResponse(
+            output_ids=request.generated[start:],
+            preceding_ids=request.generated[max(0, start - DETOKENIZATION_WINDOW) : start],
+            sequence_length=len(request.generated),
+            finish_reason=finish_reason,
+        )
+        request.sent = len(request.generated)
+        request.sink.send(response, final=bool(finish_reason))
+
+
+ENGINE_PARAMETERS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "kv_cache_memory_bytes")
+
+
+def engine_config(model_config: Mapping, device: torch.device, dtype: torch.dtype) -> EngineConfig:
+    """EngineConfig from the `mimo_llm` config.pbtxt parameters (all required, rendered by builders.repository)."""
+    values = {name: model_parameter(model_config, name, int) for name in ENGINE_PARAMETERS}
+    return EngineConfig(**values, device=device, dtype=dtype)

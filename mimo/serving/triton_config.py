@@ -1,0 +1,64 @@
+"""config.pbtxt templates (`${name}` placeholders) and reading their `parameters` back inside a model."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+
+import torch
+
+
+def template_placeholders(text: str) -> set[str]:
+    names = set()
+    for match in string.Template.pattern.finditer(text):
+        name = match.group("named") or match.group("braced")
+        if name:
+            names.add(name)
+        elif match.group("invalid") is not None:
+            raise ValueError(f"malformed placeholder at offset {match.start('invalid')} in template")
+    return names
+
+
+def fill_template(text: str, values: Mapping[str, object]) -> str:
+    """Substitute every `${name}`; a placeholder without a value or a value without a placeholder is an error."""
+    placeholders = template_placeholders(text)
+    missing = placeholders - values.keys()
+    unused = values.keys() - placeholders
+    if missing or unused:
+        raise KeyError(f"template placeholders without a value: {sorted(missing)}; values without a placeholder: {sorted(unused)}")
+    return string.Template(text).substitute({k: str(v) for k, v in values.items()})
+
+
+def model_parameter(model_config: Mapping, name: str, cast: type = str):
+    """`parameters { key: name value { string_value: ... } }` of a parsed model config, converted by `cast`."""
+    try:
+        raw = model_config["parameters"][name]["string_value"]
+    except KeyError:
+        raise KeyError(f"model {model_config.get('name')!r} has no parameter {name!r} in its config.pbtxt") from None
+    if cast is bool:
+        if raw.lower() not in ("true", "false", "yes", "no", "1", "0"):
+            raise ValueError(f"parameter {name!r} must be a boolean, got {raw!r}")
+        return raw.lower() in ("true", "yes", "1")
+    try:
+        return cast(raw)
+    except ValueError:
+        raise ValueError(f"parameter {name!r} must be {cast.__name__}, got {raw!r}") from None
+
+
+def instance_device(args: Mapping[str, str]) -> torch.device:
+    """The device of a model instance from the `initialize` args (instance_group kind and device id)."""
+    if args["model_instance_kind"] == "GPU":
+        return torch.device("cuda", int(args["model_instance_device_id"]))
+    return torch.device("cpu")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def torch_inputs(request) -> dict[str, torch.Tensor]:
+    """A Triton request's numeric input tensors via DLPack, on the device Triton placed them (no copy)."""
+    return {tensor.name(): torch.from_dlpack(tensor) for tensor in request.inputs()}

@@ -1,0 +1,92 @@
+"""mimo_llm: the continuous-batching engine behind TensorRT-LLM's `tensorrt_llm` tensor names (decoupled)."""
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+from mimo.engine import LLMEngine
+from mimo.loading import load_language_model
+from mimo.serving.llm import GenerationLoop, LLMResponse, convert_llm_request, engine_config
+from mimo.serving.triton_config import instance_device, model_parameter, torch_dtype, torch_inputs
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonResponseSink:
+    def __init__(self, request):
+        self._request = request
+        self._sender = request.get_response_sender()
+
+    def send(self, response: LLMResponse, final: bool) -> None:
+        tensors = [pb_utils.Tensor(name, array) for name, array in response.as_arrays().items()]
+        self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
+
+    def send_error(self, message: str, cancelled: bool = False) -> None:
+        code = pb_utils.TritonError.CANCELLED if cancelled else pb_utils.TritonError.INTERNAL
+        self._sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+
+    def send_invalid(self, message: str) -> None:
+        error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+        self._sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+
+    def is_cancelled(self) -> bool:
+        return self._request.is_cancelled()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException("mimo_llm streams tokens: set model_transaction_policy { decoupled: true }")
+        device = instance_device(args)
+        dtype = torch_dtype(model_parameter(model_config, "dtype"))
+        model = load_language_model(model_parameter(model_config, "checkpoint_dir"), dtype, device)
+        self.engine = LLMEngine(model, engine_config(model_config, device, dtype))
+        self._init_metrics()
+        period_s = model_parameter(model_config, "cancellation_check_period_ms", int) / 1000
+        self.loop = GenerationLoop(self.engine, period_s, after_step=self._publish_kv_stats)
+        self.loop.start()
+        pb_utils.Logger.log_info(f"mimo_llm on {device} ({dtype}), KV pools {self.engine.kv_stats()}")
+
+    def _init_metrics(self):
+        kv = pb_utils.MetricFamily(
+            name="mimo_kv_blocks", description="KV-cache blocks of mimo_llm per pool", kind=pb_utils.MetricFamily.GAUGE
+        )
+        self.kv_gauges = {
+            (pool, state): kv.Metric(labels={"pool": pool, "state": state})
+            for pool in self.engine.kv_stats()
+            for state in ("free", "total")
+        }
+        self._publish_kv_stats()
+        # lets a GPU deployment check that prompt tables arrive on the GPU (no host round trip from the encoder)
+        self.table_family = pb_utils.MetricFamily(
+            name="mimo_prompt_tables", description="prompt_embedding_tables received, by device",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )  # fmt: skip
+        self.table_counters = {}
+
+    def _publish_kv_stats(self):
+        for pool, stats in self.engine.kv_stats().items():
+            self.kv_gauges[pool, "free"].set(stats["free_blocks"])
+            self.kv_gauges[pool, "total"].set(stats["total_blocks"])
+
+    def _count_prompt_table(self, table):
+        device = str(table.device)
+        if device not in self.table_counters:
+            self.table_counters[device] = self.table_family.Metric(labels={"device": device})
+        self.table_counters[device].increment(1)
+
+    def execute(self, requests):
+        for request in requests:
+            sink = TritonResponseSink(request)
+            try:
+                llm_request = convert_llm_request(torch_inputs(request))
+                if llm_request.prompt_table is not None:
+                    self._count_prompt_table(llm_request.prompt_table)
+                self.loop.submit(llm_request, sink)
+            except ValueError as error:  # InvalidRequestError and bad tensor contents: this request only
+                sink.send_invalid(str(error))
+        return None
+
+    def finalize(self):
+        self.loop.stop()

@@ -1,0 +1,181 @@
+"""mimo_llm's Triton-free core: request conversion and the generation loop over a real tiny engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from hf_reference import randomize_weights, tiny_hub_config
+from mimo.config import MiMoV2Config
+from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams, generate
+from mimo.models.language_model import MiMoV2ForCausalLM
+from mimo.serving.detokenize import DETOKENIZATION_WINDOW
+from mimo.serving.llm import GenerationLoop, LLMRequest, LLMResponse, convert_llm_request, parse_stop_words
+
+
+def tensors(**values) -> dict[str, torch.Tensor]:
+    """Request tensors as Triton delivers them: a leading batch dimension of 1."""
+    return {name: torch.tensor([value]) for name, value in values.items()}
+
+
+def test_converts_tensorrt_llm_inputs():
+    request = convert_llm_request(tensors(
+        input_ids=[5, 6, 7, 0], input_lengths=3, request_output_len=4, end_id=9, pad_id=0, runtime_top_k=3,
+        runtime_top_p=0.5, temperature=0.75, random_seed=11, streaming=True,
+        stop_words_list=[[1, 2, 3, -1], [2, 3, -1, -1]],
+    ))  # fmt: skip
+    assert request.prompt_ids == [5, 6, 7]
+    assert request.streaming and request.prompt_table is None
+    assert request.sampling == SamplingParams(
+        max_tokens=4, temperature=0.75, top_k=3, top_p=0.5, seed=11, end_id=9,
+        stop_token_sequences=((1, 2), (3,)),
+    )  # fmt: skip
+
+
+def test_defaults_and_prompt_table_rows():
+    table = torch.randn(1, 5, 8)
+    request = convert_llm_request({**tensors(input_ids=[1, 2], request_output_len=2, prompt_vocab_size=3),
+                                   "prompt_embedding_table": table})  # fmt: skip
+    assert request.sampling == SamplingParams(max_tokens=2) and not request.streaming
+    assert torch.equal(request.prompt_table, table[0, :3])
+    empty = convert_llm_request({**tensors(input_ids=[1], request_output_len=1, prompt_vocab_size=0),
+                                 "prompt_embedding_table": torch.zeros(1, 0, 8)})  # fmt: skip
+    assert empty.prompt_table is None
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (tensors(input_ids=[1]), "missing required input 'request_output_len'"),
+        (tensors(input_ids=[1], request_output_len=0), "request_output_len must be an int >= 1"),
+        (tensors(input_ids=[1], request_output_len=2, temperature=float("nan")), "'temperature' must be a finite"),
+        (tensors(input_ids=[1], request_output_len=2, runtime_top_p=0.0), "runtime_top_p must be a number in"),
+        (tensors(input_ids=[1, 2], input_lengths=3, request_output_len=2), "input_lengths 3 must be in [1, 2]"),
+        (tensors(input_ids=[1], request_output_len=2, prompt_vocab_size=2), "needs a prompt_embedding_table"),
+    ],
+)
+def test_bad_inputs_name_the_tensor(inputs, message):
+    with pytest.raises(InvalidRequestError) as error:
+        convert_llm_request(inputs)
+    assert message in str(error.value)
+
+
+def test_stop_words_offsets_must_be_increasing():
+    with pytest.raises(InvalidRequestError, match="end offset"):
+        parse_stop_words(torch.tensor([[[1, 2], [2, 1]]]))
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = MiMoV2ForCausalLM(MiMoV2Config.from_hf_config(tiny_hub_config())).eval()
+    randomize_weights(model, seed=0)
+    return model
+
+
+@pytest.fixture
+def engine(model):
+    return LLMEngine(model, EngineConfig(max_num_seqs=8, max_num_batched_tokens=32, block_size=4, max_model_len=64,
+                                         num_full_blocks=64))  # fmt: skip
+
+
+class ListSink:
+    def __init__(self, cancel_after: int | None = None, fail_sends: bool = False):
+        self.responses: list[LLMResponse] = []
+        self.errors: list[tuple[str, bool]] = []
+        self.done = threading.Event()
+        self.cancel_after = cancel_after
+        self.fail_sends = fail_sends
+
+    def send(self, response, final):
+        if self.fail_sends:
+            self.done.set()
+            raise ConnectionError("client gone")
+        self.responses.append(response)
+        if final:
+            self.done.set()
+
+    def send_error(self, message, cancelled=False):
+        self.errors.append((message, cancelled))
+        self.done.set()
+
+    def is_cancelled(self):
+        return self.cancel_after is not None and len(self.responses) >= self.cancel_after
+
+
+def wait_all_free(engine: LLMEngine, timeout_s: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = engine.kv_stats()
+        if all(pool["free_blocks"] == pool["total_blocks"] for pool in stats.values()):
+            return stats
+        time.sleep(0.01)
+    raise AssertionError(f"KV blocks still held: {engine.kv_stats()}")
+
+
+@pytest.fixture
+def loop(engine):
+    loop = GenerationLoop(engine, cancellation_check_period_s=0.0)
+    loop.start()
+    yield loop
+    loop.stop()
+
+
+PROMPTS = [[3, 17, 42, 8, 9], [11, 12], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
+
+
+def test_streamed_and_whole_responses_equal_offline_greedy(model, loop):
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    offline_engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_num_batched_tokens=32, block_size=4,
+                                                   max_model_len=64, num_full_blocks=64))  # fmt: skip
+    expected = generate(offline_engine, PROMPTS, greedy)
+    sinks = [ListSink() for _ in PROMPTS] + [ListSink() for _ in PROMPTS]
+    for i, sink in enumerate(sinks):
+        loop.submit(LLMRequest(PROMPTS[i % 3], greedy, None, streaming=i < 3), sink)
+    for sink in sinks:
+        assert sink.done.wait(60)
+    for i, sink in enumerate(sinks[:3]):
+        streamed = [t for r in sink.responses for t in r.output_ids]
+        assert streamed == expected[i]
+        assert len(sink.responses) > 1 and sink.responses[-1].finish_reason == "length"
+        assert all(r.finish_reason == "" for r in sink.responses[:-1])
+        for response in sink.responses:
+            done = response.sequence_length - len(response.output_ids)
+            assert response.preceding_ids == streamed[max(0, done - DETOKENIZATION_WINDOW) : done]
+    for i, sink in enumerate(sinks[3:]):
+        assert [r.output_ids for r in sink.responses] == [expected[i]]
+        assert sink.responses[0].preceding_ids == [] and sink.responses[0].sequence_length == 12
+    wait_all_free(loop.engine)
+
+
+def test_cancelled_request_frees_its_kv_at_once(loop):
+    sink = ListSink(cancel_after=1)
+    loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=40, temperature=0.0), None, True), sink)
+    assert sink.done.wait(60)
+    assert sink.errors == [("request cancelled", True)]
+    wait_all_free(loop.engine)
+    assert loop.num_active() == 0
+
+
+def test_client_gone_aborts_the_request(loop):
+    sink = ListSink(fail_sends=True)
+    loop.submit(LLMRequest(PROMPTS[1], SamplingParams(max_tokens=40, temperature=0.0), None, True), sink)
+    assert sink.done.wait(60)
+    wait_all_free(loop.engine)
+
+
+def test_refused_request_queues_nothing(loop):
+    with pytest.raises(InvalidRequestError, match="exceeds max_model_len 64"):
+        loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=100), None, True), ListSink())
+    assert loop.num_active() == 0
+
+
+def test_stop_ends_unfinished_requests_with_an_error(engine):
+    loop = GenerationLoop(engine)
+    sink = ListSink()
+    loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=40), None, True), sink)
+    loop.stop()  # never started: the request is still queued
+    assert sink.errors == [("the model is shutting down", False)]
+    wait_all_free(engine)
