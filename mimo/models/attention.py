@@ -98,7 +98,7 @@ class AttentionBackend(Protocol):
         ...
 
 
-class NoCacheAttention:
+class NoCacheAttention(AttentionBackend):
     """Whole sequences from position 0, recomputed every call (reference / parity backend, no KV cache)."""
 
     def __init__(self, seq_lens: list[int]):

@@ -24,7 +24,8 @@ class TopKRouter(nn.Module):
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        # Pinned to fp32 (as sglang keeps it): it decides near-ties between experts' sigmoid scores.
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.num_experts = num_experts
         self.top_k = top_k
         self.n_group = n_group
