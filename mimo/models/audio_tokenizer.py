@@ -304,6 +304,10 @@ class TokenizerEncoder(nn.Module):
 
     def forward(self, mels: torch.Tensor, mel_lens: torch.Tensor) -> torch.Tensor:
         """mels [B, L, n_mels] zero-padded segments, mel_lens [B] -> codes [sum(code_lens), num_quantizers]."""
+        return self.quantizer.vq.encode(self.features(mels, mel_lens))
+
+    def features(self, mels: torch.Tensor, mel_lens: torch.Tensor) -> torch.Tensor:
+        """Pre-quantizer features of the segments, packed: [sum(code_lens), d_model]."""
         config = self.config
         x = mels.transpose(1, 2).to(self.conv1.weight.dtype)  # [B, n_mels, L]
         # Zero the padding after conv1 so conv2 sees what a lone segment's zero padding gives.
@@ -333,7 +337,7 @@ class TokenizerEncoder(nn.Module):
             pooled = self.down_sample_layer(padded.transpose(1, 2)).transpose(1, 2)  # [B, L3, d]
             code_lens = config.code_length(mel_lens)
             hidden = self.down_sample_norm(pooled[_valid_mask(code_lens, pooled.shape[1])])  # [T3, d]
-        return self.quantizer.vq.encode(hidden)
+        return hidden
 
 
 class MiMoAudioTokenizer(nn.Module):
