@@ -7,7 +7,6 @@ shapes, scale grids, fused layout) lives in `mimo.weights.checkpoint.read_state_
 
 import dataclasses
 import functools
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,11 +24,9 @@ from mimo.weights.checkpoint import (
     Role,
     read_state_dict,
 )
-from mimo.weights.fused_qkv import QKVGeometry
+from mimo.weights.fused_qkv import layer_qkv_geometry
 
 CheckpointSource = str | Path | HubCheckpoint
-
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def load_language_model(
@@ -45,9 +42,9 @@ def load_language_model(
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
     elif config.num_nextn_predict_layers == 0:
         raise CheckpointError(f"with_mtp=True, but {ckpt.path}/config.json has num_nextn_predict_layers = 0")
-    model = _build_on_meta(lambda: MiMoV2ForCausalLM(config), dtype)
+    model = build_module(lambda: MiMoV2ForCausalLM(config), dtype)
     roles = (Role.LANGUAGE, Role.MTP) if with_mtp else (Role.LANGUAGE,)
-    layout = FusedQKVLayout(config.fused_qkv_tp, functools.partial(_qkv_geometry, config))
+    layout = FusedQKVLayout(config.fused_qkv_tp, functools.partial(layer_qkv_geometry, config))
     return _load(model, ckpt, ckpt.names(*roles), device, qkv_layout=layout)
 
 
@@ -57,7 +54,7 @@ def load_vision_tower(
     """The vision tower (`visual.*` or `vision_model.*`); no language or audio tensor is read."""
     ckpt = _open(checkpoint)
     config = VisionConfig.from_dict(_sub_config(ckpt, "vision_config"))
-    model = _build_on_meta(lambda: MiMoVisionTransformer(config), dtype)
+    model = build_module(lambda: MiMoVisionTransformer(config), dtype)
     return _load(model, ckpt, ckpt.names(Role.VISION), device, to_module_name=_strip_vision_prefix)
 
 
@@ -78,24 +75,12 @@ def _sub_config(ckpt: HubCheckpoint, key: str) -> dict:
     return sub
 
 
-def _qkv_geometry(config: MiMoV2Config, hub_name: str) -> QKVGeometry:
-    """Geometry of the layer a `qkv_proj` belongs to: its layer type, or sliding for MTP layers (ref §3)."""
-    match = _LAYER_RE.match(hub_name)
-    if match is not None:
-        layer = int(match.group(1))
-        if layer >= config.num_hidden_layers:
-            raise CheckpointError(f"{hub_name!r}: layer {layer} >= num_hidden_layers {config.num_hidden_layers}")
-        spec = config.attention_spec(config.layer_types[layer])
-    else:
-        spec = config.sliding_attention
-    return QKVGeometry(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim)
-
-
-def _build_on_meta(build: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
+def build_module(build: Callable[[], nn.Module], dtype: torch.dtype, device: torch.device | str = "meta") -> nn.Module:
+    """Run `build()` with `device` and `dtype` as defaults (tensors a module pins to a dtype keep it)."""
     default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # parameters a module does not pin to a dtype take the target dtype
+    torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta"):
+        with torch.device(device):
             return build()
     finally:
         torch.set_default_dtype(default_dtype)

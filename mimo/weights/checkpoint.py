@@ -257,7 +257,10 @@ def _plan_fused_qkv(
         raise CheckpointError(
             f"{name!r} is a fused qkv_proj, but the config has no attention_projection_layout='fused_qkv'"
         )
-    geometry = layout.geometry_of(name)
+    try:
+        geometry = layout.geometry_of(name)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     rows = fused_rows(geometry, layout.ckpt_tp)
     if len(shape) != 2 or shape[0] != rows:
         raise CheckpointError(
@@ -309,6 +312,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield tmp
+        _make_world_readable(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / target.name)
@@ -319,6 +323,13 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _make_world_readable(root: Path) -> None:
+    # mkdtemp creates 0700 and safetensors writes 0600; a server may run as another user.
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def write_shards(

@@ -11,10 +11,12 @@ Everything here is a pure function of canonical `q [n_heads*D, H]`, `k [n_kv*D, 
 Shape problems raise ValueError naming the tensor, expected and found shapes.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
 
+from mimo.config import MiMoV2Config
 from mimo.weights.fp8 import dequantize_blockwise, quantize_blockwise, scale_grid_shape
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,24 @@ class QKVGeometry:
 
     def canonical_rows(self) -> tuple[int, int, int]:
         return self.rows_per_rank(1)
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def layer_qkv_geometry(config: MiMoV2Config, hub_name: str) -> QKVGeometry:
+    """Geometry of the layer a hub attention tensor belongs to: its layer type, sliding for MTP layers (ref §3)."""
+    match = _LAYER_RE.match(hub_name)
+    if match is None:
+        if not hub_name.startswith("model.mtp.layers."):
+            raise ValueError(f"{hub_name!r} is neither in model.layers.N nor in model.mtp.layers.N")
+        spec = config.sliding_attention
+    else:
+        layer = int(match.group(1))
+        if layer >= config.num_hidden_layers:
+            raise ValueError(f"{hub_name!r}: layer {layer} >= num_hidden_layers {config.num_hidden_layers}")
+        spec = config.attention_spec(config.layer_types[layer])
+    return QKVGeometry(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim)
 
 
 def _check_canonical(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: QKVGeometry) -> None:

@@ -1,0 +1,141 @@
+"""Write a complete random-weight hub checkpoint (tiny, or real V2.5 widths with N layers).
+
+    python -m builders tiny --out DIR [--fp8] [--preset tiny|v2.5] [--layers N] [--seed S] [--layout fused|split]
+
+The directory is what a MiMo-V2.5 download looks like: config.json (hub schema), generation_config.json,
+tokenizer files, sharded safetensors + index (language, MTP, `visual.`, `audio_encoder.` tensors) and the
+`audio_tokenizer/` folder. `--layout fused` is the V2.5 format (TP-interleaved qkv_proj, per-shard FP8 grids
+under --fp8); `--layout split` is the Flash-style split q/k/v variant of the same weights.
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from builders.presets import PRESETS, Preset, hub_config
+from mimo.config import MiMoV2Config
+from mimo.loading import build_module
+from mimo.models.audio_tokenizer import AudioTokenizerConfig, MiMoAudioTokenizer
+from mimo.models.language_model import MiMoV2ForCausalLM
+from mimo.models.vision_tower import MiMoVisionTransformer, VisionConfig
+from mimo.processing.tokenizer_files import write_tiny_tokenizer
+from mimo.weights.checkpoint import atomic_directory, write_shards
+from mimo.weights.fp8 import quantize_blockwise
+from mimo.weights.fused_qkv import fuse_interleaved, layer_qkv_geometry, quantize_interleaved
+
+# Block-FP8 in the hub checkpoints: attention q/k/v (or fused qkv) and every MLP / expert projection. Norms,
+# embeddings, lm_head, router, o_proj, sinks and MTP eh_proj stay floating (ref §2.1, §2.2).
+FP8_SUFFIXES = (
+    ".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".qkv_proj.weight",
+    ".gate_proj.weight", ".up_proj.weight", ".down_proj.weight",
+)
+STORAGE_DTYPE = torch.bfloat16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to (re)create")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--layers", type=int, default=None, help="language-model layers (default: the preset's)")
+    parser.add_argument("--fp8", action="store_true", help="128x128 block FP8 e4m3 weights + quantization_config")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=("fused", "split"), default="fused")
+
+
+def run(args: argparse.Namespace) -> None:
+    out = build_checkpoint(
+        args.out, preset=args.preset, num_layers=args.layers, fp8=args.fp8, seed=args.seed, layout=args.layout
+    )
+    print(f"wrote {out}")
+
+
+def build_checkpoint(
+    out_dir: str | Path,
+    *,
+    preset: str = "tiny",
+    num_layers: int | None = None,
+    fp8: bool = False,
+    seed: int = 0,
+    layout: str = "fused",
+) -> Path:
+    """Write the checkpoint atomically into `out_dir`; the same seed gives the same weights in both layouts."""
+    if layout not in ("fused", "split"):
+        raise ValueError(f"layout={layout!r}: expected 'fused' or 'split'")
+    spec: Preset = PRESETS[preset]
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        token_ids = write_tiny_tokenizer(tmp)
+        config_dict = hub_config(
+            spec, num_layers=num_layers or spec.num_layers, token_ids=token_ids, fp8=fp8, fused_qkv=layout == "fused"
+        )
+        config = MiMoV2Config.from_hf_config(config_dict)
+        tensors = language_hub_tensors(config, random_language_state(config, seed), fp8=fp8)
+        torch.manual_seed(seed)
+        vision = build_module(lambda: MiMoVisionTransformer(VisionConfig.from_dict(config.vision_config)),
+                              STORAGE_DTYPE, "cpu")
+        tensors.update({f"visual.{n}": t for n, t in vision.state_dict().items()})
+        write_shards(tmp, tensors, spec.max_shard_bytes)
+
+        tokenizer_dir = tmp / "audio_tokenizer"
+        tokenizer_dir.mkdir()
+        audio_tokenizer = build_module(
+            lambda: MiMoAudioTokenizer(AudioTokenizerConfig.from_dict(spec.audio_tokenizer_config)), STORAGE_DTYPE, "cpu"
+        )
+        save_file(audio_tokenizer.state_dict(), tokenizer_dir / "model.safetensors", metadata={"format": "pt"})
+        _write_json(tokenizer_dir / "config.json", spec.audio_tokenizer_config)
+        _write_json(tmp / "config.json", config_dict)
+        _write_json(
+            tmp / "generation_config.json",
+            {"eos_token_id": token_ids["eos_token_id"], "pad_token_id": token_ids["pad_token_id"]},
+        )
+    return out_dir
+
+
+def random_language_state(config: MiMoV2Config, seed: int) -> dict[str, torch.Tensor]:
+    """Canonical (split q/k/v) random LM + MTP weights: O(1) activations and clearly non-uniform logits.
+
+    Matrices ~ N(0, 1/fan_in) (about 0.016 at hidden 4096), embeddings ~ N(0, 1), norms 1, non-zero sinks and
+    router correction bias (so expert selection differs from the plain sigmoid ranking).
+    """
+    names = build_module(lambda: MiMoV2ForCausalLM(config), torch.float32).state_dict()  # meta: names + shapes
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, meta in names.items():
+        noise = torch.randn(meta.shape, generator=generator)
+        if name.endswith("norm.weight"):
+            state[name] = torch.ones(meta.shape, dtype=STORAGE_DTYPE)
+        elif name.endswith("e_score_correction_bias"):
+            state[name] = 0.1 * noise  # float32, as sglang keeps it
+        elif meta.dim() == 2 and "embed_tokens" not in name:
+            state[name] = (noise / math.sqrt(meta.shape[1])).to(STORAGE_DTYPE)
+        else:  # embeddings, sink logits
+            state[name] = noise.to(STORAGE_DTYPE)
+    return state
+
+
+def language_hub_tensors(config: MiMoV2Config, state: dict[str, torch.Tensor], *, fp8: bool) -> dict[str, torch.Tensor]:
+    """Canonical LM state -> hub tensors: fused interleaved qkv_proj if the config says so, FP8 where released."""
+    hub = {}
+    for name, tensor in state.items():
+        if config.fused_qkv_tp is not None and name.endswith((".k_proj.weight", ".v_proj.weight")):
+            continue  # written inside qkv_proj
+        if config.fused_qkv_tp is not None and name.endswith(".q_proj.weight"):
+            prefix = name.removesuffix("q_proj.weight")
+            geometry = layer_qkv_geometry(config, name)
+            q, k, v = (state[f"{prefix}{p}_proj.weight"] for p in "qkv")
+            name, tensor = f"{prefix}qkv_proj.weight", fuse_interleaved(q, k, v, geometry, config.fused_qkv_tp)
+            if fp8:
+                hub[name], hub[name + "_scale_inv"] = quantize_interleaved(tensor, geometry, config.fused_qkv_tp)
+                continue
+        elif fp8 and name.endswith(FP8_SUFFIXES):
+            hub[name], hub[name + "_scale_inv"] = quantize_blockwise(tensor)
+            continue
+        hub[name] = tensor
+    return hub
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
