@@ -28,6 +28,8 @@ def decode_image(data: bytes, *, max_source_pixels: int) -> torch.Tensor:
         raise MediaLimitError(f"image rejected as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise MediaDecodeError(f"not a supported image (accepted: {', '.join(IMAGE_FORMATS)})") from exc
+    except Exception as exc:  # PIL's plugins raise many exception types on malformed headers
+        raise MediaDecodeError(f"corrupt or truncated image: {exc}") from exc
     # PIL itself refuses only above 2x Image.MAX_IMAGE_PIXELS; our cap applies before any pixel is decoded.
     width, height = image.size
     if width * height > max_source_pixels:
@@ -35,7 +37,7 @@ def decode_image(data: bytes, *, max_source_pixels: int) -> torch.Tensor:
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL's ways of reporting truncated/corrupt data
+    except Exception as exc:
         raise MediaDecodeError(f"corrupt or truncated {image.format} image: {exc}") from exc
     return torch.from_numpy(_to_rgb_array(image)).permute(2, 0, 1).contiguous()
 
