@@ -321,6 +321,8 @@ class MiMoVisionTransformer(nn.Module):
         if grid_thw.dim() != 2 or grid_thw.shape[1] != 3 or grid_thw.is_floating_point():
             raise ValueError(f"grid_thw must be an integer [n, 3] tensor, found {grid_thw.dtype} {tuple(grid_thw.shape)}")
         grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        if not grids:
+            raise ValueError("grid_thw must describe at least one image or video")
         merge = config.spatial_merge_size
         for i, (t, h, w) in enumerate(grids):
             if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
