@@ -197,8 +197,13 @@ def tiny_png_claiming(width: int, height: int) -> bytes:
     (encode_image(Image.fromarray(gradient_rgb(64, 64)), "JPEG")[:-10], MediaDecodeError, "corrupt or truncated JPEG"),
     (encode_image(Image.fromarray(gradient_rgb(64, 64)), "PNG")[:200], MediaDecodeError, "corrupt or truncated PNG"),
     (tiny_png_claiming(50_000, 50_000), MediaLimitError, "decompression bomb"),
-    (tiny_png_claiming(10_000, 9_000), MediaLimitError, "90000000 pixels, over the 89478485 limit"),
-])
+], ids=["empty", "garbage", "tiff", "truncated-header", "truncated-data", "png-data-cut", "pil-bomb"])
 def test_bad_images_raise_clear_errors(data, error, message):
     with pytest.raises(error, match=message):
         preprocess_image(data, CONFIG)
+
+
+def test_pixel_cap_applies_before_decoding():
+    config = ProcessorConfig(tokens=CONFIG.tokens, max_source_pixels=10_000)
+    with pytest.raises(MediaLimitError, match="200x100 = 20000 pixels, over the 10000 limit"):
+        preprocess_image(tiny_png_claiming(200, 100), config)
