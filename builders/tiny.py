@@ -18,12 +18,13 @@ from safetensors.torch import save_file
 
 from builders.presets import PRESETS, Preset, hub_config
 from mimo.config import MiMoV2Config
-from mimo.loading import build_module
+from mimo.loading import AUDIO_TOKENIZER_DIR, build_module
 from mimo.models.audio_tokenizer import AudioTokenizerConfig, MiMoAudioTokenizer
+from mimo.models.audio_tower import AudioConfig, MiMoAudioEncoder
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.models.vision_tower import MiMoVisionTransformer, VisionConfig
 from mimo.processing.tokenizer_files import write_tiny_tokenizer
-from mimo.weights.checkpoint import atomic_directory, write_shards
+from mimo.weights.checkpoint import AUDIO_MODULE_PREFIX, VISION_PREFIX, atomic_directory, write_shards
 from mimo.weights.fp8 import quantize_blockwise
 from mimo.weights.fused_qkv import fuse_interleaved, layer_qkv_geometry, quantize_interleaved
 
@@ -76,10 +77,12 @@ def build_checkpoint(
         torch.manual_seed(seed)
         vision = build_module(lambda: MiMoVisionTransformer(VisionConfig.from_dict(config.vision_config)),
                               STORAGE_DTYPE, "cpu")
-        tensors.update({f"visual.{n}": t for n, t in vision.state_dict().items()})
+        audio = build_module(lambda: MiMoAudioEncoder(AudioConfig.from_dict(config.audio_config)), STORAGE_DTYPE, "cpu")
+        tensors.update({f"{VISION_PREFIX}{n}": t for n, t in vision.state_dict().items()})
+        tensors.update({f"{AUDIO_MODULE_PREFIX}{n}": t for n, t in audio.state_dict().items()})
         write_shards(tmp, tensors, spec.max_shard_bytes)
 
-        tokenizer_dir = tmp / "audio_tokenizer"
+        tokenizer_dir = tmp / AUDIO_TOKENIZER_DIR
         tokenizer_dir.mkdir()
         audio_tokenizer = build_module(
             lambda: MiMoAudioTokenizer(AudioTokenizerConfig.from_dict(spec.audio_tokenizer_config)), STORAGE_DTYPE, "cpu"

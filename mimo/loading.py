@@ -7,6 +7,7 @@ shapes, scale grids, fused layout) lives in `mimo.weights.checkpoint.read_state_
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,9 +15,12 @@ import torch
 from torch import nn
 
 from mimo.config import MiMoV2Config
+from mimo.models.audio_tokenizer import AudioTokenizerConfig, MiMoAudioTokenizer
+from mimo.models.audio_tower import AudioConfig, MiMoAudioEncoder
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.models.vision_tower import MiMoVisionTransformer, VisionConfig
 from mimo.weights.checkpoint import (
+    AUDIO_MODULE_PREFIX,
     VISION_PREFIXES,
     CheckpointError,
     FusedQKVLayout,
@@ -27,6 +31,7 @@ from mimo.weights.checkpoint import (
 from mimo.weights.fused_qkv import layer_qkv_geometry
 
 CheckpointSource = str | Path | HubCheckpoint
+AUDIO_TOKENIZER_DIR = "audio_tokenizer"
 
 
 def load_language_model(
@@ -56,6 +61,30 @@ def load_vision_tower(
     config = VisionConfig.from_dict(_sub_config(ckpt, "vision_config"))
     model = build_module(lambda: MiMoVisionTransformer(config), dtype)
     return _load(model, ckpt, ckpt.names(Role.VISION), device, to_module_name=_strip_vision_prefix)
+
+
+def load_audio_encoder(checkpoint: CheckpointSource, dtype: torch.dtype, device: torch.device | str) -> MiMoAudioEncoder:
+    """The audio tower of the main checkpoint (`audio_encoder.*` / `*speech_embeddings*`); reads no other role."""
+    ckpt = _open(checkpoint)
+    config = AudioConfig.from_dict(_sub_config(ckpt, "audio_config"))
+    model = build_module(lambda: MiMoAudioEncoder(config), dtype)
+    return _load(
+        model, ckpt, ckpt.names(Role.AUDIO), device, to_module_name=lambda n: n.removeprefix(AUDIO_MODULE_PREFIX)
+    )
+
+
+def load_audio_tokenizer(
+    checkpoint_dir: str | Path, dtype: torch.dtype, device: torch.device | str
+) -> MiMoAudioTokenizer:
+    """The audio tokenizer from its own folder `audio_tokenizer/{config.json,model.safetensors}` (ref §2.5)."""
+    folder = Path(checkpoint_dir) / AUDIO_TOKENIZER_DIR
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} does not exist")
+    config = AudioTokenizerConfig.from_dict(json.loads(config_path.read_text()))
+    model = build_module(lambda: MiMoAudioTokenizer(config), dtype)
+    ckpt = HubCheckpoint(folder)
+    return _load(model, ckpt, ckpt.names(), device)
 
 
 def _strip_vision_prefix(name: str) -> str:

@@ -50,8 +50,10 @@ class Role(enum.Enum):
     AUDIO = "audio"  # audio_* or *speech_embeddings*
 
 
-VISION_PREFIXES = ("visual.", "vision_model.")
+VISION_PREFIX = "visual."  # what we write; sglang also accepts vision_model.
+VISION_PREFIXES = (VISION_PREFIX, "vision_model.")
 AUDIO_PREFIX = "audio_"
+AUDIO_MODULE_PREFIX = "audio_encoder."  # stripped for MiMoAudioEncoder names; bare speech_embeddings.* stay as is
 AUDIO_SUBSTRING = "speech_embeddings"
 MTP_PREFIX = "model.mtp."
 LANGUAGE_PREFIXES = ("model.", "lm_head.")
