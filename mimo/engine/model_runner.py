@@ -66,10 +66,10 @@ class ModelRunner:
             device=self.device,
         )
         return ModelInputs(
-            input_ids=torch.tensor(input_ids, device=self.device),
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
             table_segments=table_segments,
             attention=attention,
-            logits_indices=torch.tensor(logits_indices, device=self.device),
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=self.device),
             sampling=[c.seq.sampling for c in sampling_chunks],
             generators=[c.seq.generator for c in sampling_chunks],
         )
