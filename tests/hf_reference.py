@@ -103,7 +103,8 @@ def hf_config(config: MiMoV2Config) -> MiMoV2FlashConfig:
     if has_sliding:
         if not sliding.has_sinks:
             problems.append("HF always has sinks on sliding layers")
-        if (sliding.num_heads, sliding.head_dim, sliding.v_head_dim) != (full.num_heads, full.head_dim, full.v_head_dim):
+        geometry = ("num_heads", "head_dim", "v_head_dim")
+        if any(getattr(sliding, key) != getattr(full, key) for key in geometry):
             problems.append("HF sliding layers share num_heads / head_dim / v_head_dim with full layers")
         if sliding.num_kv_heads != 2 * full.num_kv_heads:
             problems.append("HF sliding layers have exactly twice the full layers' kv heads")

@@ -157,7 +157,8 @@ def test_swa_geometry_fallbacks():
     )
     # swa_v_head_dim falls back to swa_head_dim before head_dim (sglang), never to v_head_dim.
     c = MiMoV2Config.from_hf_config(flash_config(swa_head_dim=96, swa_v_head_dim=None))
-    assert (c.sliding_attention.head_dim, c.sliding_attention.v_head_dim, c.sliding_attention.rotary_dim) == (96, 96, 32)
+    sliding = c.sliding_attention
+    assert (sliding.head_dim, sliding.v_head_dim, sliding.rotary_dim) == (96, 96, 32)
     c = MiMoV2Config.from_hf_config(flash_config(v_head_dim=None))
     assert c.full_attention.v_head_dim == 192
 

@@ -166,9 +166,10 @@ def test_mtp_requires_mtp_layers_and_clamps_prompt_ids():
     model = _model(num_nextn_predict_layers=1)
     hidden = torch.randn(2, model.config.hidden_size)
     attn = NoCacheAttention([2])
+    vocab = model.config.vocab_size
     with torch.no_grad():
-        placeholder = model.forward_mtp(0, torch.arange(2), attn, torch.tensor([3, model.config.vocab_size + 5]), hidden)
-        last_token = model.forward_mtp(0, torch.arange(2), attn, torch.tensor([3, model.config.vocab_size - 1]), hidden)
+        placeholder = model.forward_mtp(0, torch.arange(2), attn, torch.tensor([3, vocab + 5]), hidden)
+        last_token = model.forward_mtp(0, torch.arange(2), attn, torch.tensor([3, vocab - 1]), hidden)
     torch.testing.assert_close(placeholder, last_token)
     with pytest.raises(ValueError, match="no MTP layers"):
         _model().forward_mtp(0, torch.arange(2), attn, torch.tensor([1, 2]), hidden)
