@@ -139,6 +139,10 @@ class MiMoV2Config:
                 f"(experts in the {topk_group} selected groups)"
             )
         routed_scaling_factor = d.get("routed_scaling_factor")
+        # Releases ship 3 MTP layers, but some hub configs omit the key; absent means "load no MTP layers".
+        num_mtp_layers = d.get("num_nextn_predict_layers") or 0
+        if not isinstance(num_mtp_layers, int) or isinstance(num_mtp_layers, bool) or num_mtp_layers < 0:
+            raise ConfigError(f"num_nextn_predict_layers={num_mtp_layers!r}: expected a non-negative int")
 
         layout = d.get("attention_projection_layout")
         if layout not in (None, "fused_qkv"):
@@ -174,8 +178,7 @@ class MiMoV2Config:
             attention_projection_layout=layout,
             fused_qkv_tp=_require(d, "num_key_value_heads", int) if layout == "fused_qkv" else None,
             quantization=_parse_quantization(d.get("quantization_config")),
-            # Releases ship 3 MTP layers, but some hub configs omit the key; absent means "load no MTP layers".
-            num_nextn_predict_layers=int(d.get("num_nextn_predict_layers") or 0),
+            num_nextn_predict_layers=num_mtp_layers,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             scale_emb=None if scale_emb is None else float(scale_emb),
             pad_token_id=d.get("pad_token_id"),

@@ -212,6 +212,7 @@ def _fp8(**overrides):
         ({"partial_rotary_factor": 0.01}, "rotary dim must be even"),
         ({"partial_rotary_factor": 0.0}, "partial_rotary_factor"),
         ({"n_group": 3}, "n_group=3"),
+        ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers=-1"),
         ({"num_experts_per_tok": 300}, "num_experts_per_tok=300"),
         (_fp8(quant_method="awq"), "quant_method='awq'"),
         (_fp8(fmt="e5m2"), "fmt='e5m2'"),
