@@ -15,6 +15,8 @@ Semantic differences between the two implementations, handled here:
   * HF names the sink logits `self_attn.sinks` and packs experts as `experts.gate_up_proj` [E, 2I, H]
     (gate rows first) and `experts.down_proj` [E, H, I]; our hub-named per-expert weights are repacked.
   * HF has no `scale_emb` and no MTP layers (`model.mtp.*` is not copied).
+  * HF's eager attention runs in the model dtype, ours in float32: identical in float32 (the parity dtype);
+    in bf16 the rounding differs and can flip near-tied MoE routing decisions.
 """
 
 from __future__ import annotations
