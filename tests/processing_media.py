@@ -76,11 +76,13 @@ def encode_audio(samples: np.ndarray, sample_rate: int, kind: str = "wav", codec
 
 
 def encode_video(seconds: float, fps: int, *, width: int = 96, height: int = 64, sound_rate: int | None = 48000,
-                 sound_seconds: float | None = None, tone_hz: float = 440.0) -> bytes:
-    """H.264 MP4 whose frame i is filled with gray level 8*i (mod 256); with an AAC stereo tone if sound_rate."""
+                 sound_seconds: float | None = None, tone_hz: float = 440.0, fmt: str = "mp4",
+                 codec: str = "h264") -> bytes:
+    """Video (H.264 MP4 by default) whose frame i is grey level 8*i (mod 256); with an AAC stereo tone if
+    sound_rate."""
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        video = container.add_stream("h264", rate=fps)
+    with av.open(buffer, "w", format=fmt) as container:
+        video = container.add_stream(codec, rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         audio = container.add_stream("aac", rate=sound_rate, layout="stereo") if sound_rate else None
         for i in range(int(round(seconds * fps))):

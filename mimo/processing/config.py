@@ -86,29 +86,43 @@ class ProcessorConfig:
         return self.audio_input_id_per_second / self.audio_group_size
 
     @classmethod
-    def from_hf_config(cls, hf_config: dict) -> "ProcessorConfig":
-        """Build from a hub config.json dict: `processor_config`, with patch geometry from `vision_config`."""
+    def from_hf_config(cls, hf_config: dict, audio_tokenizer_config: dict | None = None) -> "ProcessorConfig":
+        """Build from a hub config.json dict (and `audio_tokenizer/config.json` when the checkpoint has one).
+
+        Token counts must equal the encoders' rows, so the geometry the encoders run with (vision_config
+        patch sizes, audio_config group/segment sizes, the audio tokenizer's strides) is taken from their
+        configs; a processor_config value contradicting them is an error.
+        """
         processor = dict(hf_config.get("processor_config") or {})
         missing = [key for key in TOKEN_ID_KEYS if processor.get(key) is None]
         if missing:
             raise ProcessingError(f"processor_config.{missing[0]} must be set (missing: {', '.join(missing)})")
         tokens = SpecialTokenIds(*(int(processor.pop(key)) for key in TOKEN_ID_KEYS))
-        vision = hf_config.get("vision_config") or {}
-        geometry = {
-            field: vision[key]
-            for field, key in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
-                               ("merge_size", "spatial_merge_size"))
-            if key in vision
-        }
         if not processor.pop("use_video_timestamps", True):
             raise ProcessingError("processor_config.use_video_timestamps=false is not supported (MiMo-V2 uses timestamps)")
         known = {field.name for field in dataclasses.fields(cls)} - {"tokens"}
         # A null value means "use the default", as in sglang's `processor_config.get(key) or default`.
-        overrides = {key: value for key, value in processor.items() if key in known and value is not None}
+        values = {key: value for key, value in processor.items() if key in known and value is not None}
+        encoder_geometry = (
+            (hf_config.get("vision_config"), (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                                              ("merge_size", "spatial_merge_size"))),
+            (hf_config.get("audio_config"), (("audio_group_size", "group_size"),
+                                             ("audio_segment_size", "audio_segment_size"))),
+            (audio_tokenizer_config, (("audio_stride_size", "stride_size"), ("audio_avg_pooler", "avg_pooler"))),
+        )
+        for source, pairs in encoder_geometry:
+            for field, key in pairs:
+                if not source or source.get(key) is None:
+                    continue
+                if field in values and values[field] != source[key]:
+                    raise ProcessingError(
+                        f"processor_config.{field}={values[field]} contradicts the encoder's {key}={source[key]}"
+                    )
+                values[field] = source[key]
         for key in ("image_mean", "image_std"):
-            if key in overrides:
-                overrides[key] = tuple(float(v) for v in overrides[key])
-        config = cls(tokens=tokens, **geometry, **overrides)
+            if key in values:
+                values[key] = tuple(float(v) for v in values[key])
+        config = cls(tokens=tokens, **values)
         config._validate()
         return config
 

@@ -34,7 +34,8 @@ class MiMoProcessor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> "MiMoProcessor":
-        """Tokenizer files and config.json (`processor_config`, `vision_config`, `model_type`, `vocab_size`)."""
+        """Tokenizer files, config.json (`processor_config`, encoder configs, `model_type`, `vocab_size`) and,
+        if present, `audio_tokenizer/config.json`."""
         checkpoint_dir = Path(checkpoint_dir)
         config_path = checkpoint_dir / "config.json"
         if not config_path.is_file():
@@ -45,9 +46,11 @@ class MiMoProcessor:
                 raise ProcessingError(f"{config_path}: '{key}' must be set")
         # The fast-tokenizer class reads tokenizer.json + tokenizer_config.json only; AutoTokenizer would also
         # resolve config.json's model_type, which transformers does not know for MiMo-V2.
+        tokenizer_config_path = checkpoint_dir / "audio_tokenizer" / "config.json"
+        audio_tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else None
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(checkpoint_dir), local_files_only=True)
         return cls(
-            tokenizer, ProcessorConfig.from_hf_config(hf_config),
+            tokenizer, ProcessorConfig.from_hf_config(hf_config, audio_tokenizer_config),
             model_type=hf_config["model_type"], vocab_size=int(hf_config["vocab_size"]),
         )
 
