@@ -10,6 +10,7 @@ from mimo.engine.kv_cache import KVCache
 from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata
 from mimo.engine.sampling import Sampler, SamplingParams
 from mimo.engine.scheduler import ScheduledChunk
+from mimo.engine.transfer import to_device
 from mimo.models.language_model import MiMoV2ForCausalLM
 
 
@@ -66,10 +67,10 @@ class ModelRunner:
             device=self.device,
         )
         return ModelInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            input_ids=to_device(input_ids, self.device),
             table_segments=table_segments,
             attention=attention,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=self.device),
+            logits_indices=to_device(logits_indices, self.device),
             sampling=[c.seq.sampling for c in sampling_chunks],
             generators=[c.seq.generator for c in sampling_chunks],
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mimo.engine.kv_cache import KVCache, LayerKind
+from mimo.engine.transfer import to_device
 from mimo.models.attention import attention_with_sinks
 
 
@@ -62,8 +63,8 @@ class PagedAttentionMetadata:
 def _flat_ranges(starts: list[int], counts: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated `range(starts[i], starts[i] + counts[i])`: (sequence index, position), both `[sum(counts)]`."""
     total = sum(counts)
-    starts_t = torch.tensor(starts, device=device)
-    counts_t = torch.tensor(counts, device=device)
+    starts_t = to_device(starts, device)
+    counts_t = to_device(counts, device)
     seq = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_t, output_size=total)
     offsets = torch.cumsum(counts_t, 0) - counts_t  # [B] first flat index of each sequence
     return seq, torch.arange(total, device=device) - offsets[seq] + starts_t[seq]
@@ -72,8 +73,8 @@ def _flat_ranges(starts: list[int], counts: list[int], device: torch.device) -> 
 def _padded(tables: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Block tables `[B, max_len]` (padded with 0) and their lengths `[B]`."""
     width = max(len(t) for t in tables)
-    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
-    return table, torch.tensor([len(t) for t in tables], device=device)
+    table = to_device([t + [0] * (width - len(t)) for t in tables], device)
+    return table, to_device([len(t) for t in tables], device)
 
 
 def _slots(table: torch.Tensor, table_lens: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor,

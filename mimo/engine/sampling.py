@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mimo.engine.transfer import to_device
+
 
 class InvalidRequestError(ValueError):
     """A request the engine refuses; the message names the offending field or input."""
@@ -77,19 +79,19 @@ class Sampler:
         if not rows:
             return tokens
         device = logits.device
-        row_index = torch.tensor(rows, device=device)
-        temperature = torch.tensor([params[i].temperature for i in rows], device=device, dtype=logits.dtype)
+        row_index = to_device(rows, device)
+        temperature = to_device([params[i].temperature for i in rows], device, logits.dtype)
         scaled = logits.index_select(0, row_index) / temperature[:, None]  # [R, V]
         if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
-            top_k = torch.tensor([params[i].top_k or logits.shape[-1] for i in rows], device=device)
-            top_p = torch.tensor([params[i].top_p for i in rows], device=device, dtype=logits.dtype)
+            top_k = to_device([params[i].top_k or logits.shape[-1] for i in rows], device)
+            top_p = to_device([params[i].top_p for i in rows], device, logits.dtype)
             scaled = _mask_top_k_top_p(scaled, top_k, top_p)
         probs = scaled.softmax(dim=-1)
         noise = torch.empty_like(probs)
         unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
         if unseeded:
             noise_rows = torch.empty(len(unseeded), probs.shape[-1], device=device, dtype=probs.dtype)
-            noise[torch.tensor(unseeded, device=device)] = noise_rows.exponential_(generator=self.generator)
+            noise[to_device(unseeded, device)] = noise_rows.exponential_(generator=self.generator)
         for j, i in enumerate(rows):
             if generators[i] is not None:
                 noise[j].exponential_(generator=generators[i])
