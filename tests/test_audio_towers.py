@@ -5,24 +5,11 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2Model
 
+from builders.presets import V2_5
 from mimo.config import ConfigError
 from mimo.models.audio_tokenizer import AudioTokenizerConfig, MiMoAudioTokenizer, code_length
 from mimo.models.audio_tower import AudioConfig, MiMoAudioEncoder, audio_token_count
 
-# MiMo-V2.6 `audio_tokenizer/config.json` geometry (ref §6) and MiMo-V2.5 hub `audio_config`
-V26_TOKENIZER = {
-    "n_mels": 128, "d_model": 1024, "encoder_layers": 24, "encoder_attention_heads": 16, "encoder_ffn_dim": 4096,
-    "encoder_skip_layer_id": 3, "encoder_causal": True, "encoder_attn_window_size": [128, 0],
-    "hybrid_attention": True, "swa_per_block": 2, "stride_size": 2, "avg_pooler": 2, "num_quantizers": 20,
-    "codebook_size": [1024, 1024, 256] + [128] * 17, "sampling_rate": 24000, "hop_length": 240,
-}
-V25_AUDIO = {
-    "audio_channels": 20, "speech_vocab_size": "1280", "speech_zeroemb_idx": "1024", "group_size": 4,
-    "input_local_layers": 6, "input_local_dim": 1024, "input_local_attn_heads": 16, "input_local_head_dim": 64,
-    "input_local_intermediate_size": 4096, "input_full_attention": True, "rope_theta": 640000.0,
-    "partial_rotary_factor": 1.0, "projection_layers": 2, "add_post_norm": True, "out_hidden_size": 4096,
-    "audio_segment_size": 6000,
-}
 # Real strides (2, 2) and group size (4); segments of 40 frames so short inputs cross segment boundaries.
 TINY_TOKENIZER = {
     "n_mels": 16, "d_model": 32, "encoder_layers": 4, "encoder_attention_heads": 4, "encoder_ffn_dim": 64,
@@ -137,7 +124,7 @@ def test_tokenizer_batches_segments_like_lone_segments(tokenizer):
 
 
 def test_tokenizer_layer_windows_v26():
-    config = AudioTokenizerConfig.from_dict(V26_TOKENIZER)
+    config = AudioTokenizerConfig.from_dict(V2_5.audio_tokenizer_config)
     assert [config.layer_attention(i) for i in range(4)] == [(True, 128), (True, None)] * 2
     assert config.codebook_size == (1024, 1024, 256) + (128,) * 17
 
@@ -201,7 +188,7 @@ def test_tower_batch_equals_single(tower):
 
 def test_tower_state_dict_names_are_the_hub_names():
     with torch.device("meta"):
-        model = MiMoAudioEncoder(AudioConfig.from_dict(V25_AUDIO))
+        model = MiMoAudioEncoder(AudioConfig.from_dict(V2_5.audio_config))
     expected = {f"speech_embeddings.{c}.weight": (1280, 1024) for c in range(20)}
     expected |= {"input_local_transformer.norm.weight": (1024,), "projection.mlp.0.weight": (16384, 4096),
                  "projection.mlp.2.weight": (4096, 16384)}
@@ -215,7 +202,7 @@ def test_tower_state_dict_names_are_the_hub_names():
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(261e6, rel=0.01)  # ref §6
 
-    one_layer = AudioConfig.from_dict({**V25_AUDIO, "projection_layers": 1, "add_post_norm": False})
+    one_layer = AudioConfig.from_dict({**V2_5.audio_config, "projection_layers": 1, "add_post_norm": False})
     with torch.device("meta"):
         names = set(MiMoAudioEncoder(one_layer).state_dict())
     assert "projection.weight" in names and "input_local_transformer.norm.weight" not in names
@@ -223,7 +210,7 @@ def test_tower_state_dict_names_are_the_hub_names():
 
 def test_tokenizer_state_dict_names_are_the_hub_names():
     with torch.device("meta"):
-        model = MiMoAudioTokenizer(AudioTokenizerConfig.from_dict(V26_TOKENIZER))
+        model = MiMoAudioTokenizer(AudioTokenizerConfig.from_dict(V2_5.audio_tokenizer_config))
     names = set(model.state_dict())
     expected = {"encoder.conv1.weight", "encoder.conv1.bias", "encoder.conv2.weight", "encoder.conv2.bias",
                 "encoder.layer_norm.weight", "encoder.layer_norm.bias", "encoder.down_sample_layer.0.weight",

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from mimo.loading import build_module
 from mimo.models.audio_tokenizer import AudioTokenizerConfig, MiMoAudioTokenizer
 from mimo.models.audio_tower import AudioConfig, MiMoAudioEncoder, audio_token_count
 from mimo.models.multimodal_encoder import MiMoMultimodalEncoder
@@ -115,3 +116,24 @@ def test_bad_media_inputs_raise(encoder):
 def test_mismatched_towers_raise(audio, tokenizer, message):
     with pytest.raises(ValueError, match=message):
         build(audio=audio, tokenizer=tokenizer)
+
+
+def test_bfloat16_build_keeps_float32_codebooks_and_encodes():
+    torch.manual_seed(0)
+    encoder = build_module(
+        lambda: MiMoMultimodalEncoder(
+            MiMoVisionTransformer(VisionConfig.from_dict(VISION)),
+            MiMoAudioEncoder(AudioConfig.from_dict(AUDIO)),
+            MiMoAudioTokenizer(AudioTokenizerConfig.from_dict(TOKENIZER)),
+        ),
+        torch.bfloat16,
+        "cpu",
+    )
+    tokenizer = encoder.audio_tokenizer.encoder
+    assert tokenizer.conv1.weight.dtype == torch.bfloat16
+    assert tokenizer.quantizer.vq.layers[0]._codebook.embed.dtype == torch.float32
+
+    images = encoder.encode_images(torch.randn(24, 1536), torch.tensor([[1, 4, 6]]))
+    audios = encoder.encode_audios([torch.randn(40, 8)])
+    for rows in images + audios:
+        assert rows.dtype == torch.bfloat16 and torch.isfinite(rows).all()

@@ -4,30 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from builders.presets import V2_5
 from mimo.config import ConfigError
 from mimo.models.vision_tower import MiMoVisionTransformer, VisionAttention, VisionConfig
-
-# hub `vision_config` of MiMo-V2.5 (ref §5.1)
-V25_VISION = {
-    "depth": 28,
-    "hidden_size": 1280,
-    "intermediate_size": 4608,
-    "hidden_act": "silu",
-    "num_heads": 32,
-    "num_key_value_heads": 8,
-    "qk_channels": 64,
-    "kv_channels": 64,
-    "in_channels": 3,
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "spatial_merge_size": 2,
-    "out_hidden_size": 4096,
-    "fullatt_block_indexes": [0, 9, 18, 27],
-    "vit_window_attn_types": [-1, 0, 0, 0, 0, 1, 1, 1, 1] * 3 + [-1],
-    "visual_token_window_size": 64,
-    "use_sink": True,
-}
-V25_VISION["vit_window_attn_types"][9] = V25_VISION["vit_window_attn_types"][18] = -1
 
 # Real patch geometry (3 x 2 x 16 x 16 = 1536), tiny width. Blocks: full, row-window, two column-window
 # blocks (a run), row-window, column-window (the last block is column-major: the run ends at the merger).
@@ -190,7 +169,7 @@ def test_without_sinks_window_blocks_attend_fully():
 
 
 def test_state_dict_names_are_the_hub_names():
-    config = VisionConfig.from_dict(V25_VISION)
+    config = VisionConfig.from_dict(V2_5.vision_config)  # the release geometry (ref §5.1)
     with torch.device("meta"):
         model = MiMoVisionTransformer(config)
     expected = {"patch_embed.proj.weight": (1280, 3, 2, 16, 16), "merger.ln_q.weight": (1280,),

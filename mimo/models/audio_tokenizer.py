@@ -249,9 +249,10 @@ class EuclideanCodebook(nn.Module):
 
     def __init__(self, codebook_size: int, dim: int):
         super().__init__()
-        embed = nn.init.kaiming_uniform_(torch.empty(codebook_size, dim))
-        self.register_buffer("inited", torch.ones(1))
-        self.register_buffer("cluster_size", torch.zeros(codebook_size))
+        # pinned to float32 whatever the default dtype: the reference quantizes in float32
+        embed = nn.init.kaiming_uniform_(torch.empty(codebook_size, dim, dtype=torch.float32))
+        self.register_buffer("inited", torch.ones(1, dtype=torch.float32))
+        self.register_buffer("cluster_size", torch.zeros(codebook_size, dtype=torch.float32))
         self.register_buffer("embed", embed)
         self.register_buffer("embed_avg", embed.clone())
 
