@@ -97,13 +97,22 @@ def encode_video(seconds: float, fps: int, *, width: int = 96, height: int = 64,
 
 
 def write_tiny_checkpoint(directory, *, model_type: str = "mimo_v2", processor_overrides: dict | None = None,
-                          extra_vocab: int = 14) -> dict:
-    """Tokenizer files + a config.json carrying `processor_config` (LM vocab padded past the tokenizer)."""
+                          extra_vocab: int = 14, encoder_configs: dict | None = None) -> dict:
+    """Tokenizer files + a config.json carrying `processor_config` (LM vocab padded past the tokenizer).
+
+    `encoder_configs` may hold `vision_config` / `audio_config` (into config.json) and `audio_tokenizer`
+    (written to audio_tokenizer/config.json).
+    """
     info = write_tiny_tokenizer(directory)
     processor_config = {key: value for key, value in info.items() if key.endswith("_token_id")
                         and key not in ("eos_token_id", "pad_token_id")}
     processor_config.update(processor_overrides or {})
+    encoder_configs = dict(encoder_configs or {})
+    tokenizer_config = encoder_configs.pop("audio_tokenizer", None)
     hf_config = {"model_type": model_type, "vocab_size": info["vocab_size"] + extra_vocab,
-                 "processor_config": processor_config}
+                 "processor_config": processor_config, **encoder_configs}
     (directory / "config.json").write_text(json.dumps(hf_config))
+    if tokenizer_config is not None:
+        (directory / "audio_tokenizer").mkdir()
+        (directory / "audio_tokenizer" / "config.json").write_text(json.dumps(tokenizer_config))
     return info
