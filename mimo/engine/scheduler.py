@@ -11,20 +11,21 @@ from mimo.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 @dataclass(frozen=True, slots=True)
 class ScheduledChunk:
-    """`num_tokens` tokens of `seq` starting at `start` (= its `num_computed_tokens` when scheduled)."""
+    """The next `num_tokens` uncomputed tokens of `seq`, from position `start`."""
 
     seq: Sequence
     start: int
     num_tokens: int
+    samples: bool  # the chunk reaches the sequence's last token, so the step samples the next one
+
+    @classmethod
+    def next_of(cls, seq: Sequence, num_tokens: int) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        return cls(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the sequence's last token, so the step samples its next token."""
-        return self.end == self.seq.num_tokens
 
 
 class Scheduler:
@@ -58,10 +59,10 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted for an earlier sequence in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.max_chunk)
+            n = self._chunk_size(seq, budget)
             if self._make_room(seq, seq.num_computed_tokens + n):
                 self.block_manager.allocate(seq, seq.num_computed_tokens + n)
-                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+                chunks.append(ScheduledChunk.next_of(seq, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -71,10 +72,13 @@ class Scheduler:
             self.block_manager.allocate(seq, seq.num_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            n = min(seq.num_tokens, budget, self.max_chunk)
-            chunks.append(ScheduledChunk(seq, 0, n))
+            n = self._chunk_size(seq, budget)
+            chunks.append(ScheduledChunk.next_of(seq, n))
             budget -= n
         return chunks
+
+    def _chunk_size(self, seq: Sequence, budget: int) -> int:
+        return min(seq.num_tokens - seq.num_computed_tokens, budget, self.max_chunk)
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempts the newest running sequences until `seq` can hold `num_tokens`; False if `seq` was preempted."""
