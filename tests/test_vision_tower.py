@@ -128,7 +128,7 @@ def test_segment_attention_matches_brute_force(window, chunk):
         attn.sinks.data.normal_()
     q, k, v = torch.randn(13, 4, 4), torch.randn(13, 2, 4), torch.randn(13, 2, 4)
     expected = brute_force_attention(q, k, v, scale=0.5, window=window, sinks=attn.sinks)
-    torch.testing.assert_close(attn._attend_segment(q, k, v).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn.attend_segment(q, k, v).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("grid", [(1, 4, 6), (2, 6, 4)])

@@ -189,10 +189,10 @@ class VisionAttention(nn.Module):
         q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim).float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim).float(), cos, sin).to(x.dtype)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = torch.cat([self._attend_segment(q[s:e], k[s:e], v[s:e]) for s, e in segments])  # [N, Hq, D]
+        out = torch.cat([self.attend_segment(q[s:e], k[s:e], v[s:e]) for s, e in segments])  # [N, Hq, D]
         return self.proj(out.flatten(1))  # [N, hidden]
 
-    def _attend_segment(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend_segment(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Non-causal attention inside one temporal slice, queries in chunks; a windowed chunk reads only
         the keys its window can reach."""
         length = q.shape[0]
