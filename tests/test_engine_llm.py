@@ -13,6 +13,7 @@ from mimo.models.attention import NoCacheAttention
 from mimo.models.language_model import MiMoV2ForCausalLM
 
 VOCAB, HIDDEN = 96, 32
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 
 
@@ -30,7 +31,7 @@ def model() -> MiMoV2ForCausalLM:
     # sliding window 8 with block size 4 and chunks of at most 6: rings of 4 blocks, which long prompts wrap
     model = MiMoV2ForCausalLM(MiMoV2Config.from_hf_config(tiny_hub_config()))
     randomize_weights(model, seed=0)
-    return model.requires_grad_(False).eval()
+    return model.requires_grad_(False).eval().to(DEVICE)
 
 
 def make_engine(model, **overrides) -> LLMEngine:
@@ -162,8 +163,8 @@ def greedy_with_table(model, prompt_ids: list[int], table: torch.Tensor, n: int)
     """No-cache greedy over a prompt whose ids >= vocab_size index `table`."""
     ids = list(prompt_ids)
     for _ in range(n):
-        embeds = model.embed(torch.tensor(ids), table)
-        hidden = model(torch.arange(len(ids)), NoCacheAttention([len(ids)]), embeds)
+        embeds = model.embed(torch.tensor(ids, device=DEVICE), table.to(DEVICE))
+        hidden = model(torch.arange(len(ids), device=DEVICE), NoCacheAttention([len(ids)]), embeds)
         ids.append(int(model.compute_logits(hidden[-1:]).argmax()))
     return ids[len(prompt_ids):]
 

@@ -46,8 +46,8 @@ def layer_kinds(specs: list[KVLayerSpec]) -> list[LayerKind]:
 
 def block_bytes(specs: list[KVLayerSpec], kind: LayerKind, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block of `kind` takes across all layers of that kind (K and V)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return sum(block_size * s.num_kv_heads * (s.head_dim + s.v_head_dim) * itemsize for s in specs if s.kind is kind)
+    return sum(block_size * s.num_kv_heads * (s.head_dim + s.v_head_dim) * dtype.itemsize
+               for s in specs if s.kind is kind)
 
 
 class KVCache:
@@ -73,8 +73,8 @@ class KVCache:
 
     def write(self, layer_idx: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores k `[T, Hk, D]` / v `[T, Hk, Dv]` at flat slots `[T]` (slot = block * block_size + offset)."""
-        self.k[layer_idx].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-        self.v[layer_idx].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+        self.k[layer_idx].flatten(0, 1).index_copy_(0, slot_mapping, k)
+        self.v[layer_idx].flatten(0, 1).index_copy_(0, slot_mapping, v)
 
     def gather(self, layer_idx: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reads k `[K, Hk, D]` and v `[K, Hk, Dv]` at flat slots `[K]`."""
