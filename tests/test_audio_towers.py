@@ -272,5 +272,7 @@ def test_bad_audio_inputs_raise(tokenizer, tower):
         tower(torch.zeros(4, 4))
     with pytest.raises(ValueError, match="channel 2"):
         tower(torch.tensor([[0, 0, 8, 0]]))
+    with pytest.raises(ValueError, match="at least one"):
+        tower.encode_batch([])
     with pytest.raises(ValueError, match="n_q >= 4"):
         tower(torch.zeros(4, 3, dtype=torch.long))

@@ -238,6 +238,8 @@ class MiMoAudioEncoder(nn.Module):
 
     def encode_batch(self, codes: list[torch.Tensor]) -> list[torch.Tensor]:
         """Several code sequences in one forward; one [ceil(T_i / group_size), out_hidden_size] per sequence."""
+        if not codes:
+            raise ValueError("encode_batch needs at least one code sequence")
         grouped = [self.group_codes(c) for c in codes]
         return list(self.embed_groups(torch.cat(grouped)).split([g.shape[0] for g in grouped]))
 
