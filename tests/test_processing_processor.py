@@ -75,6 +75,11 @@ def all_media_messages(media) -> list[dict]:
                 {"type": "video", "video": media["silent_video"]}, text("."))
 
 
+@pytest.fixture(scope="module")
+def all_media_prompt(processor, media):
+    return processor.process(all_media_messages(media))
+
+
 def test_text_prompt_is_the_chat_template(processor):
     messages = [{"role": "user", "content": "Hello, MiMo! 你好"}]
     prompt = processor.process(messages)
@@ -89,8 +94,8 @@ def test_text_prompt_is_the_chat_template(processor):
     assert no_prompt.endswith("你好<|im_end|>")
 
 
-def test_media_items_come_in_prompt_order_with_expanded_runs(processor, media):
-    prompt = processor.process(all_media_messages(media))
+def test_media_items_come_in_prompt_order_with_expanded_runs(processor, all_media_prompt):
+    prompt = all_media_prompt
     assert [item.modality for item in prompt.items] == [Modality.IMAGE, Modality.AUDIO, Modality.VIDEO, Modality.VIDEO]
     tokens = processor.config.tokens
     image, audio, sound_video, silent_video = prompt.items
@@ -105,8 +110,8 @@ def test_media_items_come_in_prompt_order_with_expanded_runs(processor, media):
     assert "<|mimo_video_start|>00:00<|vision_start|>" in decoded and decoded.count("<|mimo_video_end|>") == 2
 
 
-def test_prompt_table_ids_follow_the_documented_row_order(processor, media):
-    prompt = processor.process(all_media_messages(media))
+def test_prompt_table_ids_follow_the_documented_row_order(processor, all_media_prompt):
+    prompt = all_media_prompt
     table = processor.assign_prompt_table_ids(prompt)
     vocab = processor.vocab_size
     assert table.rows_per_item == [item.num_tokens for item in prompt.items]
@@ -167,8 +172,8 @@ def test_token_counts_equal_the_encoder_rows_for_every_modality(processor, media
         check_encoder_rows(table.rows_per_item, [rows.shape[0] for rows in produced[:4]])
 
 
-def test_pack_unpack_round_trip(processor, media):
-    items = processor.process(all_media_messages(media)).items
+def test_pack_unpack_round_trip(all_media_prompt):
+    items = all_media_prompt.items
     packed = pack_items(items)
     assert all(isinstance(v, np.ndarray) and v.dtype != object for v in packed.values())
     assert packed["pixel_values"].shape == (24, 1536) and packed["pixel_values_rows"].tolist() == [24, -1, -1, -1]

@@ -108,7 +108,9 @@ class ProcessorConfig:
                                               ("merge_size", "spatial_merge_size"))),
             (hf_config.get("audio_config"), (("audio_group_size", "group_size"),
                                              ("audio_segment_size", "audio_segment_size"))),
-            (audio_tokenizer_config, (("audio_stride_size", "stride_size"), ("audio_avg_pooler", "avg_pooler"))),
+            (audio_tokenizer_config, (("audio_stride_size", "stride_size"), ("audio_avg_pooler", "avg_pooler"),
+                                      ("audio_n_mels", "n_mels"), ("audio_sampling_rate", "sampling_rate"),
+                                      ("audio_hop_length", "hop_length"))),
         )
         for source, pairs in encoder_geometry:
             for field, key in pairs:

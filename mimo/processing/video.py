@@ -62,7 +62,7 @@ def _decode_frames(
     num_frames_declared: int, config: ProcessorConfig,
 ) -> torch.Tensor:
     """Decode the frames at `indices`, resized to one size from the clip's pixel budget: float32 [n, 3, h, w]."""
-    budget = config.video_total_max_pixels * config.temporal_patch_size // max(len(indices), 1)
+    budget = config.video_total_max_pixels * config.temporal_patch_size // len(indices)
     max_pixels = max(config.video_min_pixels, min(budget, config.video_max_pixels))
     wanted = iter(indices)
     next_index = next(wanted)
