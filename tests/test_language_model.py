@@ -11,7 +11,7 @@ from hf_reference import (
 )
 
 from mimo.config import MiMoV2Config
-from mimo.models.attention import NoCacheAttention
+from mimo.models.attention import NoCacheAttention, attention_with_sinks
 from mimo.models.decoder_layer import MiMoV2DecoderLayer
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.models.layers import apply_rotary, rotary_cos_sin
@@ -75,6 +75,37 @@ def test_batched_sequences_match_single_sequences():
         logits = model.compute_logits(hidden)
     torch.testing.assert_close(logits[: len(first)], mimo_logits(model, first))
     torch.testing.assert_close(logits[len(first) :], mimo_logits(model, second))
+
+
+class _GrowingCache:
+    """One sequence's K/V per layer, appended each step: the contract a KV-cache backend relies on."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.positions = torch.empty(0, dtype=torch.long)  # of the step's new tokens
+
+    def attend(self, layer_idx, q, k, v, *, sliding_window, sinks, scale):
+        keys = self.keys[layer_idx] = torch.cat([self.keys.get(layer_idx, k[:0]), k])
+        values = self.values[layer_idx] = torch.cat([self.values.get(layer_idx, v[:0]), v])
+        return attention_with_sinks(
+            q, keys, values, q_pos=self.positions, k_pos=torch.arange(keys.shape[0]),
+            scale=scale, sliding_window=sliding_window, sinks=sinks,
+        )
+
+
+def test_incremental_decode_matches_full_recompute():
+    # Layers hand the backend only the new tokens, rotated at the given positions, v already scaled.
+    model = _model()
+    prompt = _prompt(model.config.vocab_size, 30)
+    cache = _GrowingCache()
+    steps = [(0, 20)] + [(i, i + 1) for i in range(20, 30)]  # prefill, then one token at a time
+    with torch.no_grad():
+        for start, end in steps:
+            cache.positions = torch.arange(start, end)
+            hidden = model(cache.positions, cache, model.embed(torch.tensor(prompt[start:end])))
+            logits = model.compute_logits(hidden)
+            torch.testing.assert_close(logits, mimo_logits(model, prompt[:end])[start:end], atol=1e-5, rtol=1e-5)
 
 
 def test_embed_prompt_table():
