@@ -95,7 +95,10 @@ def mel_to_hz_htk(mel: torch.Tensor) -> torch.Tensor:
 
 def mel_filter_bank(num_freqs: int, num_mels: int, sample_rate: int, f_min: float = 0.0,
                     f_max: float | None = None) -> torch.Tensor:
-    """Triangular HTK-scale filters, no area normalisation: float64 [num_freqs, num_mels] (torchaudio melscale_fbanks)."""
+    """Triangular HTK-scale filters without area normalisation (torchaudio `melscale_fbanks`).
+
+    Returns float64 [num_freqs, num_mels].
+    """
     f_max = sample_rate / 2 if f_max is None else f_max
     all_freqs = torch.linspace(0, sample_rate // 2, num_freqs, dtype=torch.float64)
     mel_points = torch.linspace(

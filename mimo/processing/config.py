@@ -99,13 +99,13 @@ class ProcessorConfig:
             raise ProcessingError(f"processor_config.{missing[0]} must be set (missing: {', '.join(missing)})")
         tokens = SpecialTokenIds(*(int(processor.pop(key)) for key in TOKEN_ID_KEYS))
         if not processor.pop("use_video_timestamps", True):
-            raise ProcessingError("processor_config.use_video_timestamps=false is not supported (MiMo-V2 uses timestamps)")
+            raise ProcessingError("processor_config.use_video_timestamps=false is not supported (MiMo-V2 needs them)")
         known = {field.name for field in dataclasses.fields(cls)} - {"tokens"}
         # A null value means "use the default", as in sglang's `processor_config.get(key) or default`.
         values = {key: value for key, value in processor.items() if key in known and value is not None}
         encoder_geometry = (
-            (hf_config.get("vision_config"), (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
-                                              ("merge_size", "spatial_merge_size"))),
+            (hf_config.get("vision_config"), (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
+                                              ("temporal_patch_size", "temporal_patch_size"))),
             (hf_config.get("audio_config"), (("audio_group_size", "group_size"),
                                              ("audio_segment_size", "audio_segment_size"))),
             (audio_tokenizer_config, (("audio_stride_size", "stride_size"), ("audio_avg_pooler", "avg_pooler"),

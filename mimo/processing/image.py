@@ -33,7 +33,9 @@ def decode_image(data: bytes, *, max_source_pixels: int) -> torch.Tensor:
     # PIL itself refuses only above 2x Image.MAX_IMAGE_PIXELS; our cap applies before any pixel is decoded.
     width, height = image.size
     if width * height > max_source_pixels:
-        raise MediaLimitError(f"image is {width}x{height} = {width * height} pixels, over the {max_source_pixels} limit")
+        raise MediaLimitError(
+            f"image is {width}x{height} = {width * height} pixels, over the {max_source_pixels} limit"
+        )
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
@@ -55,10 +57,9 @@ def smart_resize(height: int, width: int, *, factor: int, min_pixels: int, max_p
     """Target (h, w), multiples of `factor`, area within [min_pixels, max_pixels], aspect ratio kept (ref §5.3)."""
     if height <= 0 or width <= 0:
         raise MediaDecodeError(f"image has no pixels ({width}x{height})")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise MediaLimitError(
-            f"aspect ratio {max(height, width) / min(height, width):.1f} of a {width}x{height} image is over {MAX_ASPECT_RATIO}"
-        )
+    aspect_ratio = max(height, width) / min(height, width)
+    if aspect_ratio > MAX_ASPECT_RATIO:
+        raise MediaLimitError(f"aspect ratio {aspect_ratio:.1f} of a {width}x{height} image is over {MAX_ASPECT_RATIO}")
     if min(height, width) < factor:
         scale = factor / min(height, width)
         height, width = height * scale, width * scale

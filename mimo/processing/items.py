@@ -90,9 +90,9 @@ def unpack_items(packed: dict[str, np.ndarray]) -> list[MediaItem]:
         rows = packed.get(f"{name}_rows")
         if rows is None or len(rows) != len(items):
             raise ProcessingError(f"packed media items: '{name}_rows' must have one entry per item")
-        data = packed[name]
-        if int(rows[rows > 0].sum()) != data.shape[0]:
-            raise ProcessingError(f"packed media items: '{name}' has {data.shape[0]} rows, '{name}_rows' sums to another")
+        data, total = packed[name], int(rows[rows > 0].sum())
+        if total != data.shape[0]:
+            raise ProcessingError(f"packed media items: '{name}' has {data.shape[0]} rows, '{name}_rows' sums to {total}")
         offset = 0
         for item, count in zip(items, rows.tolist()):
             if count < 0:

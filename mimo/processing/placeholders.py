@@ -127,11 +127,11 @@ def _check_modalities(found: list[Modality], items: list[MediaItem]) -> None:
         if placeholders != data:
             name = modality.name.lower()
             raise PlaceholderMismatchError(
-                f"{name} placeholder/data mismatch: {placeholders} placeholder(s) in the prompt, {data} {name} item(s) given"
+                f"{name} placeholder/data mismatch: {placeholders} placeholder(s) in the prompt, "
+                f"{data} {name} item(s) given"
             )
-    raise PlaceholderMismatchError(
-        f"media order mismatch: prompt has {[m.name.lower() for m in found]}, items are {[m.name.lower() for m in given]}"
-    )
+    found_names, given_names = [m.name.lower() for m in found], [m.name.lower() for m in given]
+    raise PlaceholderMismatchError(f"media order mismatch: prompt has {found_names}, items are {given_names}")
 
 
 def expand_placeholders(
@@ -207,4 +207,6 @@ def check_encoder_rows(expected: list[int], produced: list[int]) -> None:
         raise PlaceholderMismatchError(f"encoder returned {len(produced)} items, the prompt has {len(expected)}")
     for index, (want, got) in enumerate(zip(expected, produced)):
         if want != got:
-            raise PlaceholderMismatchError(f"media item {index}: encoder produced {got} rows, the prompt has {want} pad tokens")
+            raise PlaceholderMismatchError(
+                f"media item {index}: encoder produced {got} rows, the prompt has {want} pad tokens"
+            )

@@ -44,10 +44,12 @@ class MiMoProcessor:
         for key in ("model_type", "vocab_size"):
             if key not in hf_config:
                 raise ProcessingError(f"{config_path}: '{key}' must be set")
+        tokenizer_config_path = checkpoint_dir / "audio_tokenizer" / "config.json"
+        audio_tokenizer_config = None
+        if tokenizer_config_path.is_file():
+            audio_tokenizer_config = json.loads(tokenizer_config_path.read_text())
         # The fast-tokenizer class reads tokenizer.json + tokenizer_config.json only; AutoTokenizer would also
         # resolve config.json's model_type, which transformers does not know for MiMo-V2.
-        tokenizer_config_path = checkpoint_dir / "audio_tokenizer" / "config.json"
-        audio_tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else None
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(checkpoint_dir), local_files_only=True)
         return cls(
             tokenizer, ProcessorConfig.from_hf_config(hf_config, audio_tokenizer_config),
@@ -72,28 +74,27 @@ class MiMoProcessor:
 
     def preprocess_media(self, part: MediaPart) -> MediaItem:
         config = self.config
-        tokens_per_frame_group = config.merge_size**2
+        patches_per_token = config.merge_size**2
         if part.modality == Modality.IMAGE:
             pixel_values, grid_thw = preprocess_image(part.data, config)
-            return MediaItem(Modality.IMAGE, int(grid_thw.prod()) // tokens_per_frame_group,
+            return MediaItem(Modality.IMAGE, int(grid_thw.prod()) // patches_per_token,
                              pixel_values=pixel_values, grid_thw=grid_thw)
         if part.modality == Modality.AUDIO:
             mel = preprocess_audio(part.data, config)
             num_tokens = audio_tokens_for_mel(mel.shape[0], config)
             return MediaItem(Modality.AUDIO, num_tokens, mel=mel, audio_token_len=_scalar(num_tokens))
         video = preprocess_video(part.data, config)
-        item = MediaItem(
-            Modality.VIDEO, int(video.video_grid_thw.prod()) // tokens_per_frame_group,
+        sound = video.soundtrack
+        video_tokens = int(video.video_grid_thw.prod()) // patches_per_token
+        return MediaItem(
+            Modality.VIDEO, video_tokens + (int(sound.segment_lens.sum()) if sound else 0),
             pixel_values_videos=video.pixel_values_videos, video_grid_thw=video.video_grid_thw,
             video_timestamps=video.video_timestamps, second_per_grid_ts=_scalar(video.second_per_grid_ts),
+            mel=sound.mel if sound else None,
+            audio_token_len=_scalar(sound.audio_token_len) if sound else None,
+            segment_starts=sound.segment_starts if sound else None,
+            segment_lens=sound.segment_lens if sound else None,
         )
-        if video.soundtrack is not None:
-            sound = video.soundtrack
-            item.mel = sound.mel
-            item.audio_token_len = _scalar(sound.audio_token_len)
-            item.segment_starts, item.segment_lens = sound.segment_starts, sound.segment_lens
-            item.num_tokens += int(sound.segment_lens.sum())
-        return item
 
     def assign_prompt_table_ids(self, prompt: ProcessedPrompt) -> PromptTableIds:
         """Pad tokens -> `vocab_size + row` (row order: `mimo.processing.placeholders`), plus the rows each

@@ -41,7 +41,9 @@ def sample_frame_indices(total_frames: int, video_fps: float, config: ProcessorC
     factor = config.temporal_patch_size
     if config.num_frames is not None:
         if config.num_frames > config.max_frames:
-            raise MediaLimitError(f"processor_config.num_frames {config.num_frames} exceeds max_frames {config.max_frames}")
+            raise MediaLimitError(
+                f"processor_config.num_frames {config.num_frames} exceeds max_frames {config.max_frames}"
+            )
         wanted = config.num_frames
     else:
         min_frames = math.ceil(config.min_frames / factor) * factor

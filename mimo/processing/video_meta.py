@@ -31,10 +31,10 @@ def video_meta(items: list[MediaItem], model_type: str) -> dict[str, torch.Tenso
     """
     videos = [item for item in items if item.modality == Modality.VIDEO]
     with_sound = [item for item in videos if item.has_sound]
-    empty_long = torch.zeros(0, dtype=torch.long)
+    empty_long, empty_float = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
     fields = {
-        "video_timestamps": torch.cat([v.video_timestamps for v in videos] or [torch.zeros(0, dtype=torch.float64)]),
-        "second_per_grid_ts": torch.cat([v.second_per_grid_ts for v in videos] or [torch.zeros(0, dtype=torch.float64)]),
+        "video_timestamps": torch.cat([v.video_timestamps for v in videos] or [empty_float]),
+        "second_per_grid_ts": torch.cat([v.second_per_grid_ts for v in videos] or [empty_float]),
         "video_audio_feature_lens": torch.cat([v.audio_token_len for v in with_sound] or [empty_long]),
         "video_audio_segment_lens_flat": torch.cat([v.segment_lens for v in with_sound] or [empty_long]),
         "video_audio_per_video_num_units": torch.tensor(
