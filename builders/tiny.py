@@ -84,9 +84,8 @@ def build_checkpoint(
 
         tokenizer_dir = tmp / AUDIO_TOKENIZER_DIR
         tokenizer_dir.mkdir()
-        audio_tokenizer = build_module(
-            lambda: MiMoAudioTokenizer(AudioTokenizerConfig.from_dict(spec.audio_tokenizer_config)), STORAGE_DTYPE, "cpu"
-        )
+        tokenizer_config = AudioTokenizerConfig.from_dict(spec.audio_tokenizer_config)
+        audio_tokenizer = build_module(lambda: MiMoAudioTokenizer(tokenizer_config), STORAGE_DTYPE, "cpu")
         save_file(audio_tokenizer.state_dict(), tokenizer_dir / "model.safetensors", metadata={"format": "pt"})
         _write_json(tokenizer_dir / "config.json", spec.audio_tokenizer_config)
         _write_json(tmp / "config.json", config_dict)

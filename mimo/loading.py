@@ -63,7 +63,9 @@ def load_vision_tower(
     return _load(model, ckpt, ckpt.names(Role.VISION), device, to_module_name=_strip_vision_prefix)
 
 
-def load_audio_encoder(checkpoint: CheckpointSource, dtype: torch.dtype, device: torch.device | str) -> MiMoAudioEncoder:
+def load_audio_encoder(
+    checkpoint: CheckpointSource, dtype: torch.dtype, device: torch.device | str
+) -> MiMoAudioEncoder:
     """The audio tower of the main checkpoint (`audio_encoder.*` / `*speech_embeddings*`); reads no other role."""
     ckpt = _open(checkpoint)
     config = AudioConfig.from_dict(_sub_config(ckpt, "audio_config"))

@@ -36,7 +36,10 @@ SPLIT = FusedQKVLayout(None, geometry_of)
 
 def canonical_state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    state = {"model.embed_tokens.weight": torch.randn(32, HIDDEN, generator=g), "lm_head.weight": torch.randn(32, HIDDEN, generator=g)}
+    state = {
+        "model.embed_tokens.weight": torch.randn(32, HIDDEN, generator=g),
+        "lm_head.weight": torch.randn(32, HIDDEN, generator=g),
+    }
     for prefix, geometry in (("model.layers.0.", FULL), ("model.layers.1.", SLIDING), ("model.mtp.layers.0.", SLIDING)):
         for proj, rows in zip("qkv", geometry.canonical_rows()):
             state[f"{prefix}self_attn.{proj}_proj.weight"] = torch.randn(rows, HIDDEN, generator=g) * 0.02
@@ -47,14 +50,21 @@ def canonical_state() -> dict[str, torch.Tensor]:
 def hub_tensors(fp8: bool, fused: bool = True) -> dict[str, torch.Tensor]:
     """The hub form of `canonical_state` plus one vision and one audio tensor."""
     state = canonical_state()
-    hub = {"visual.patch_embed.proj.weight": torch.randn(8, 12), "audio_encoder.speech_embeddings.0.weight": torch.randn(8, 4)}
+    hub = {
+        "visual.patch_embed.proj.weight": torch.randn(8, 12),
+        "audio_encoder.speech_embeddings.0.weight": torch.randn(8, 4),
+    }
     for name, tensor in state.items():
         if fused and name.endswith("self_attn.q_proj.weight"):
             prefix = name.removesuffix("q_proj.weight")
             geometry = geometry_of(name)
-            qkv = fuse_interleaved(tensor, state[prefix + "k_proj.weight"], state[prefix + "v_proj.weight"], geometry, CKPT_TP)
+            qkv = fuse_interleaved(
+                tensor, state[prefix + "k_proj.weight"], state[prefix + "v_proj.weight"], geometry, CKPT_TP
+            )
             if fp8:
-                hub[prefix + "qkv_proj.weight"], hub[prefix + "qkv_proj.weight_scale_inv"] = quantize_interleaved(qkv, geometry, CKPT_TP)
+                hub[prefix + "qkv_proj.weight"], hub[prefix + "qkv_proj.weight_scale_inv"] = quantize_interleaved(
+                    qkv, geometry, CKPT_TP
+                )
             else:
                 hub[prefix + "qkv_proj.weight"] = qkv
         elif fused and name.endswith(("k_proj.weight", "v_proj.weight")):
@@ -67,7 +77,9 @@ def hub_tensors(fp8: bool, fused: bool = True) -> dict[str, torch.Tensor]:
 
 
 def expected_meta(with_mtp: bool = True) -> dict[str, torch.Tensor]:
-    return {n: torch.empty(t.shape, device="meta") for n, t in canonical_state().items() if with_mtp or ".mtp." not in n}
+    return {
+        n: torch.empty(t.shape, device="meta") for n, t in canonical_state().items() if with_mtp or ".mtp." not in n
+    }
 
 
 def language_names(ckpt: HubCheckpoint) -> list[str]:
@@ -102,8 +114,11 @@ def test_split_checkpoint_and_dtype_follow_the_module(tmp_path):
 def test_encoder_role_reads_no_language_tensor(tmp_path):
     ckpt = HubCheckpoint(write(tmp_path, hub_tensors(fp8=True)))
     state = read_state_dict(
-        ckpt, ckpt.names(Role.VISION), {"patch_embed.proj.weight": torch.empty(8, 12, device="meta")},
-        device="cpu", to_module_name=lambda n: n.removeprefix("visual."),
+        ckpt,
+        ckpt.names(Role.VISION),
+        {"patch_embed.proj.weight": torch.empty(8, 12, device="meta")},
+        device="cpu",
+        to_module_name=lambda n: n.removeprefix("visual."),
     )
     assert list(state) == ["patch_embed.proj.weight"]
     assert ckpt.accessed == {"visual.patch_embed.proj.weight"}
@@ -129,14 +144,19 @@ def read_language(tmp_path, hub, layout=FUSED, with_mtp=True):
 def test_missing_tensor(tmp_path):
     hub = hub_tensors(fp8=False)
     del hub["model.layers.1.mlp.gate_proj.weight"]
-    with pytest.raises(CheckpointError, match=re.escape("missing tensors ['model.layers.1.mlp.gate_proj.weight'], unexpected tensors []")):
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape("missing tensors ['model.layers.1.mlp.gate_proj.weight'], unexpected tensors []"),
+    ):
         read_language(tmp_path, hub)
 
 
 def test_unexpected_tensor(tmp_path):
     hub = hub_tensors(fp8=False)
     hub["model.layers.1.mlp.bias"] = torch.zeros(3)
-    with pytest.raises(CheckpointError, match=re.escape("missing tensors [], unexpected tensors ['model.layers.1.mlp.bias']")):
+    with pytest.raises(
+        CheckpointError, match=re.escape("missing tensors [], unexpected tensors ['model.layers.1.mlp.bias']")
+    ):
         read_language(tmp_path, hub)
 
 
@@ -149,15 +169,22 @@ def test_tolerated_extras_are_skipped(tmp_path):
 def test_misshaped_tensor(tmp_path):
     hub = hub_tensors(fp8=False)
     hub["model.embed_tokens.weight"] = torch.zeros(31, HIDDEN)
-    with pytest.raises(CheckpointError, match=r"'model.embed_tokens.weight' has shape \(31, 64\) .* expects \(32, 64\)"):
+    with pytest.raises(
+        CheckpointError, match=r"'model.embed_tokens.weight' has shape \(31, 64\) .* expects \(32, 64\)"
+    ):
         read_language(tmp_path, hub)
 
 
 def test_fused_rows_of_wrong_geometry(tmp_path):
     hub = hub_tensors(fp8=False)
     q, k, v = (torch.zeros(r, HIDDEN) for r in FULL.canonical_rows())
-    hub["model.layers.1.self_attn.qkv_proj.weight"] = fuse_interleaved(q, k, v, FULL, CKPT_TP)  # full rows in a sliding layer
-    with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.qkv_proj.weight has shape \(352, 64\), expected \(512, hidden\)"):
+    hub["model.layers.1.self_attn.qkv_proj.weight"] = fuse_interleaved(
+        q, k, v, FULL, CKPT_TP
+    )  # full rows in a sliding layer
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.layers.1.self_attn.qkv_proj.weight has shape \(352, 64\), expected \(512, hidden\)",
+    ):
         read_language(tmp_path, hub)
 
 
@@ -166,7 +193,10 @@ def test_contiguous_scale_grid_on_fused_qkv(tmp_path):
     name = "model.layers.0.self_attn.qkv_proj.weight"
     _, contiguous = quantize_blockwise(hub[name].float())  # 3 rows over 352; per-shard grids need 4 x 1
     hub[name + "_scale_inv"] = contiguous
-    with pytest.raises(CheckpointError, match=r"qkv_proj.weight_scale_inv has shape \(3, 1\), expected \(4, 1\): one 128x128 grid per each of the 4"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"qkv_proj.weight_scale_inv has shape \(3, 1\), expected \(4, 1\): one 128x128 grid per each of the 4",
+    ):
         read_language(tmp_path, hub)
 
 
@@ -180,7 +210,10 @@ def test_wrong_plain_scale_grid(tmp_path):
 def test_fp8_weight_without_scale(tmp_path):
     hub = hub_tensors(fp8=True)
     del hub["model.layers.0.mlp.gate_proj.weight_scale_inv"]
-    with pytest.raises(CheckpointError, match="FP8 tensor 'model.layers.0.mlp.gate_proj.weight' has no 'model.layers.0.mlp.gate_proj.weight_scale_inv'"):
+    with pytest.raises(
+        CheckpointError,
+        match="FP8 tensor 'model.layers.0.mlp.gate_proj.weight' has no 'model.layers.0.mlp.gate_proj.weight_scale_inv'",
+    ):
         read_language(tmp_path, hub)
 
 
@@ -192,9 +225,13 @@ def test_scale_without_fp8_weight(tmp_path):
 
 
 def test_layout_must_match_config(tmp_path):
-    with pytest.raises(CheckpointError, match="'model.layers.0.self_attn.qkv_proj.weight' is a fused qkv_proj, but the config has no"):
+    with pytest.raises(
+        CheckpointError, match="'model.layers.0.self_attn.qkv_proj.weight' is a fused qkv_proj, but the config has no"
+    ):
         read_language(tmp_path / "a", hub_tensors(fp8=False), layout=SPLIT)
-    with pytest.raises(CheckpointError, match="'model.layers.0.self_attn.k_proj.weight' is a split projection, but the config declares"):
+    with pytest.raises(
+        CheckpointError, match="'model.layers.0.self_attn.k_proj.weight' is a split projection, but the config declares"
+    ):
         read_language(tmp_path / "b", hub_tensors(fp8=False, fused=False), layout=FUSED)
 
 
@@ -203,7 +240,9 @@ def test_index_points_to_missing_shard(tmp_path):
     index = json.loads((out / INDEX_FILE).read_text())
     index["weight_map"]["lm_head.weight"] = "model-00099-of-00099.safetensors"
     (out / INDEX_FILE).write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="maps 'lm_head.weight' to shard model-00099-of-00099.safetensors, which does not exist"):
+    with pytest.raises(
+        CheckpointError, match="maps 'lm_head.weight' to shard model-00099-of-00099.safetensors, which does not exist"
+    ):
         HubCheckpoint(out)
 
 
@@ -211,7 +250,9 @@ def test_truncated_shard(tmp_path):
     out = write(tmp_path, hub_tensors(fp8=False))
     shard = sorted(out.glob("model-*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match=f"shard {shard.name} is not a readable safetensors file: .*incomplete metadata"):
+    with pytest.raises(
+        CheckpointError, match=f"shard {shard.name} is not a readable safetensors file: .*incomplete metadata"
+    ):
         HubCheckpoint(out)
 
 
@@ -219,7 +260,11 @@ def test_index_and_shard_disagree(tmp_path):
     out = write(tmp_path, hub_tensors(fp8=False))
     shard = sorted(out.glob("model-*.safetensors"))[0]
     save_file({"model.stray.weight": torch.zeros(2)}, shard)
-    with pytest.raises(CheckpointError, match=rf"shard {shard.name} does not match {INDEX_FILE}: listed but not stored \[.+\], stored but not listed \['model.stray.weight'\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"shard {shard.name} does not match {INDEX_FILE}: listed but not stored \[.+\], "
+        r"stored but not listed \['model.stray.weight'\]",
+    ):
         HubCheckpoint(out)
 
 
@@ -236,7 +281,10 @@ def test_write_sharded_layout_and_atomic_replace(tmp_path):
     n = len(files) - 1
     assert n > 2 and files == {INDEX_FILE} | {f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)}
     assert index == json.loads((out / INDEX_FILE).read_text())
-    assert index["metadata"] == {"total_size": sum(t.numel() * t.element_size() for t in hub.values()), "producer": "test"}
+    assert index["metadata"] == {
+        "total_size": sum(t.numel() * t.element_size() for t in hub.values()),
+        "producer": "test",
+    }
     assert set(index["weight_map"]) == set(hub)
     ckpt = HubCheckpoint(out)
     assert torch.equal(ckpt.tensor("lm_head.weight"), hub["lm_head.weight"])

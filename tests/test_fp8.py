@@ -40,8 +40,10 @@ def test_batched_grids_equal_per_matrix_grids():
         one_fp8, one_scale = quantize_blockwise(w[i])
         assert torch.equal(one_scale, scale_inv[i])
         assert torch.equal(one_fp8.float(), w_fp8[i].float())
-    assert torch.equal(dequantize_blockwise(w_fp8, scale_inv, torch.bfloat16)[1],
-                       dequantize_blockwise(w_fp8[1], scale_inv[1], torch.bfloat16))
+    assert torch.equal(
+        dequantize_blockwise(w_fp8, scale_inv, torch.bfloat16)[1],
+        dequantize_blockwise(w_fp8[1], scale_inv[1], torch.bfloat16),
+    )
 
 
 def test_dequantize_rejects_wrong_grid():

@@ -26,9 +26,11 @@ TINY_REPLICATED = QKVGeometry(num_heads=8, num_kv_heads=2, head_dim=24, v_head_d
 
 def labelled_qkv(g: QKVGeometry, hidden: int = 4):
     """q/k/v whose every row holds (head index, kind) so misplaced rows are visible."""
+
     def rows(n_heads, dim, kind):
         head = torch.arange(n_heads).repeat_interleave(dim).float()
         return torch.stack([head, torch.full_like(head, kind)] + [torch.randn_like(head)] * (hidden - 2), 1)
+
     return rows(g.num_heads, g.head_dim, 0), rows(g.num_kv_heads, g.head_dim, 1), rows(g.num_kv_heads, g.v_head_dim, 2)
 
 
@@ -46,7 +48,9 @@ def test_v25_per_shard_scale_grid_shapes():
     assert fused_scale_grid_shape(PRO, 8, 6144) == (216, 48)
 
 
-@pytest.mark.parametrize("geometry", [TINY_FULL, TINY_SLIDING, TINY_REPLICATED], ids=["full", "sliding_mtp", "kv_replicated"])
+@pytest.mark.parametrize(
+    "geometry", [TINY_FULL, TINY_SLIDING, TINY_REPLICATED], ids=["full", "sliding_mtp", "kv_replicated"]
+)
 def test_fuse_split_round_trip(geometry):
     q, k, v = labelled_qkv(geometry)
     fused = fuse_interleaved(q, k, v, geometry, ckpt_tp=4)
@@ -89,7 +93,11 @@ def test_wrong_fused_rows_names_tensor_and_shapes():
     q, k, v = labelled_qkv(TINY_FULL)
     fused = fuse_interleaved(q, k, v, TINY_FULL, ckpt_tp=4)
     # a sliding-shaped layer read with full geometry
-    with pytest.raises(ValueError, match=r"model.layers.3.self_attn.qkv_proj.weight: .* shape \(352, 4\), expected \(512, hidden\) = 4 shards of \(48, 48, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.layers.3.self_attn.qkv_proj.weight: .* shape \(352, 4\), "
+        r"expected \(512, hidden\) = 4 shards of \(48, 48, 32\)",
+    ):
         split_interleaved(fused, TINY_SLIDING, 4, name="model.layers.3.self_attn.qkv_proj.weight")
     with pytest.raises(ValueError, match=r"q_proj.weight has shape \(96, 4\), expected \(192, 4\)"):
         fuse_interleaved(q[:96], k, v, TINY_FULL, 4)

@@ -22,21 +22,70 @@ from mimo.weights.fused_qkv import fused_rows, layer_qkv_geometry
 
 # ref §1.1 keys read by sglang (plus hub-only keys the release configs carry)
 HUB_KEYS = {
-    "architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "v_head_dim", "swa_num_attention_heads", "swa_num_key_value_heads",
-    "swa_head_dim", "swa_v_head_dim", "hybrid_layer_pattern", "sliding_window_size", "sliding_window",
-    "add_swa_attention_sink_bias", "add_full_attention_sink_bias", "attention_value_scale", "attention_bias",
-    "rope_theta", "swa_rope_theta", "partial_rotary_factor", "rope_scaling", "max_position_embeddings",
-    "moe_layer_freq", "intermediate_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok",
-    "n_group", "topk_group", "scoring_func", "topk_method", "norm_topk_prob", "hidden_act", "layernorm_epsilon",
-    "tie_word_embeddings", "pad_token_id", "eos_token_id", "rms_norm_eps", "vision_config", "audio_config",
-    "processor_config", "num_nextn_predict_layers", "n_shared_experts", "routed_scaling_factor",
-    "attention_chunk_size", "hybrid_block_size", "torch_dtype", "attention_projection_layout", "quantization_config",
-    "initializer_range", "bos_token_id",
+    "architectures",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "v_head_dim",
+    "swa_num_attention_heads",
+    "swa_num_key_value_heads",
+    "swa_head_dim",
+    "swa_v_head_dim",
+    "hybrid_layer_pattern",
+    "sliding_window_size",
+    "sliding_window",
+    "add_swa_attention_sink_bias",
+    "add_full_attention_sink_bias",
+    "attention_value_scale",
+    "attention_bias",
+    "rope_theta",
+    "swa_rope_theta",
+    "partial_rotary_factor",
+    "rope_scaling",
+    "max_position_embeddings",
+    "moe_layer_freq",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+    "scoring_func",
+    "topk_method",
+    "norm_topk_prob",
+    "hidden_act",
+    "layernorm_epsilon",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "eos_token_id",
+    "rms_norm_eps",
+    "vision_config",
+    "audio_config",
+    "processor_config",
+    "num_nextn_predict_layers",
+    "n_shared_experts",
+    "routed_scaling_factor",
+    "attention_chunk_size",
+    "hybrid_block_size",
+    "torch_dtype",
+    "attention_projection_layout",
+    "quantization_config",
+    "initializer_range",
+    "bos_token_id",
 }
 TINY_FILES = {
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    INDEX_FILE, "audio_tokenizer/config.json", "audio_tokenizer/model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    INDEX_FILE,
+    "audio_tokenizer/config.json",
+    "audio_tokenizer/model.safetensors",
 }
 
 
@@ -165,16 +214,34 @@ def test_unknown_layout_and_missing_shard_fail_loading(fused_fp8, tmp_path):
 def test_logits_subcommand(fused_fp8, tmp_path):
     ids = np.array([5, 17, 300, 42, 7] * 5, dtype=np.int64)  # 25 tokens: longer than the 16-token window
     np.save(tmp_path / "ids.npy", ids)
-    builders_main(["logits", "--checkpoint", str(fused_fp8), "--input-ids", str(tmp_path / "ids.npy"),
-                   "--out", str(tmp_path / "logits.npy")])
+    builders_main(
+        [
+            "logits",
+            "--checkpoint",
+            str(fused_fp8),
+            "--input-ids",
+            str(tmp_path / "ids.npy"),
+            "--out",
+            str(tmp_path / "logits.npy"),
+        ]
+    )
     logits = np.load(tmp_path / "logits.npy")
     assert logits.dtype == np.float32 and logits.shape == (25, read_config(fused_fp8)["vocab_size"])
     assert logits.std(axis=-1).min() > 0.1  # random weights still give clearly non-uniform predictions
     assert len(set(logits.argmax(-1).tolist())) > 5
     np.save(tmp_path / "bad.npy", ids.reshape(5, 5))
     with pytest.raises(ValueError, match=r"expected a non-empty 1-D integer array, found dtype int64 shape \(5, 5\)"):
-        builders_main(["logits", "--checkpoint", str(fused_fp8), "--input-ids", str(tmp_path / "bad.npy"),
-                       "--out", str(tmp_path / "x.npy")])
+        builders_main(
+            [
+                "logits",
+                "--checkpoint",
+                str(fused_fp8),
+                "--input-ids",
+                str(tmp_path / "bad.npy"),
+                "--out",
+                str(tmp_path / "x.npy"),
+            ]
+        )
 
 
 def test_v25_preset_has_real_widths():

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mimo.weights.fp8 import FP8_DTYPE, dequantize_blockwise, scale_grid_shape
+from mimo.weights.fp8 import dequantize_blockwise, scale_grid_shape
 from mimo.weights.fused_qkv import (
     QKVGeometry,
     dequantize_interleaved,
@@ -101,8 +102,10 @@ class HubCheckpoint:
         for name, shard in shard_of.items():
             if not shard.is_file():
                 raise CheckpointError(f"{index_path} maps {name!r} to shard {shard.name}, which does not exist")
-        for shard in sorted(set(shard_of.values())):
-            listed = {n for n, s in shard_of.items() if s == shard}
+        listed_in: dict[Path, set[str]] = defaultdict(set)
+        for name, shard in shard_of.items():
+            listed_in[shard].add(name)
+        for shard, listed in sorted(listed_in.items()):
             stored = set(self._open(shard).keys())
             if listed != stored:
                 raise CheckpointError(

@@ -19,6 +19,7 @@ import torch
 from mimo.config import MiMoV2Config
 from mimo.weights.fp8 import dequantize_blockwise, quantize_blockwise, scale_grid_shape
 
+
 @dataclass(frozen=True, slots=True)
 class QKVGeometry:
     """Attention projection geometry of one layer (full-attention or sliding-window numbers)."""
