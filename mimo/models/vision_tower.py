@@ -19,7 +19,7 @@ from torch import nn
 
 from mimo.config import ConfigError
 from mimo.models.attention import attention_with_sinks
-from mimo.models.layers import RMSNorm, apply_rotary, rotary_cos_sin
+from mimo.models.layers import RMSNorm, SwiGLUMLP, apply_rotary, rotary_cos_sin
 
 # Queries are attended in chunks of this many rows so the float32 score matrix stays bounded
 # (a 4096-token image has 16384 patches per segment).
@@ -213,19 +213,6 @@ class VisionAttention(nn.Module):
         return torch.cat(outputs)  # [L, Hq, D]
 
 
-class VisionMLP(nn.Module):
-    """SwiGLU with biases (Qwen2.5-VL vision MLP)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=True)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=True)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class VisionBlock(nn.Module):
     def __init__(self, config: VisionConfig, block_idx: int, query_chunk: int):
         super().__init__()
@@ -235,7 +222,7 @@ class VisionBlock(nn.Module):
             window=config.block_window(block_idx), query_chunk=query_chunk,
         )
         self.norm2 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = VisionMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=True)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int]]
