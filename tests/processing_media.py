@@ -77,16 +77,18 @@ def encode_audio(samples: np.ndarray, sample_rate: int, kind: str = "wav", codec
 
 def encode_video(seconds: float, fps: int, *, width: int = 96, height: int = 64, sound_rate: int | None = 48000,
                  sound_seconds: float | None = None, tone_hz: float = 440.0, fmt: str = "mp4",
-                 codec: str = "h264") -> bytes:
-    """Video (H.264 MP4 by default) whose frame i is grey level 8*i (mod 256); with an AAC stereo tone if
-    sound_rate."""
+                 codec: str = "h264", rotation: int = 0, frame_pixels: np.ndarray | None = None) -> bytes:
+    """Video (H.264 MP4 by default) whose frame i is grey level 8*i (mod 256), or `frame_pixels` [H, W, 3]
+    for every frame; with an AAC stereo tone if sound_rate; `rotation`: display matrix, CCW degrees."""
     buffer = io.BytesIO()
     with av.open(buffer, "w", format=fmt) as container:
         video = container.add_stream(codec, rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        if rotation:
+            video.set_display_rotation(rotation)
         audio = container.add_stream("aac", rate=sound_rate, layout="stereo") if sound_rate else None
         for i in range(int(round(seconds * fps))):
-            pixels = np.full((height, width, 3), (8 * i) % 256, dtype=np.uint8)
+            pixels = np.full((height, width, 3), (8 * i) % 256, dtype=np.uint8) if frame_pixels is None else frame_pixels
             for packet in video.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 container.mux(packet)
         for packet in video.encode(None):

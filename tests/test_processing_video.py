@@ -4,6 +4,7 @@ Videos are generated with PyAV: H.264 frames whose grey level encodes the frame 
 with an AAC 440 Hz stereo tone.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,6 +139,17 @@ def test_frame_sampling_rule():
 def test_single_frame_video_repeats_its_frame():
     video = preprocess_video(encode_video(0.1, 10, sound_rate=None), CONFIG)
     assert video.video_grid_thw.tolist() == [[1, 4, 6]] and video.video_timestamps.tolist() == [0.0]
+
+
+def test_display_rotation_is_applied():
+    pixels = np.zeros((64, 128, 3), dtype=np.uint8)
+    pixels[:, :64] = (255, 0, 0)  # left half red
+    data = encode_video(1.0, 4, width=128, height=64, sound_rate=None, rotation=90, frame_pixels=pixels)
+    video = preprocess_video(data, CONFIG)
+    assert video.video_grid_thw.tolist() == [[2, 8, 4]]  # displayed 64 wide, 128 tall
+    rows = video.pixel_values_videos.reshape(2, 4, 2, 2, 2, 3, 2, 16, 16)  # [t, bh, bw, mh, mw, C, T, kh, kw]
+    red = rows[0, :, :, :, :, 0, 0].mean(dim=(1, 3, 4, 5)) * CONFIG.image_std[0] + CONFIG.image_mean[0]  # [bh, mh]
+    assert red[0, 0] < 40 and red[-1, -1] > 215  # turned counter-clockwise: the red left half is now at the bottom
 
 
 def test_per_frame_pixel_budget_sets_one_size_for_all_frames(sound_video):

@@ -74,6 +74,8 @@ def _decode_frames(
         if ordinal != next_index:
             continue
         rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # [3, H, W] uint8
+        if frame.rotation:  # display matrix (phone videos): counter-clockwise degrees
+            rgb = torch.rot90(rgb, k=round(frame.rotation / 90) % 4, dims=(1, 2))
         if size is None:
             size = smart_resize(rgb.shape[1], rgb.shape[2], factor=config.image_factor,
                                 min_pixels=config.video_min_pixels, max_pixels=max_pixels)
