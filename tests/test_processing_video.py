@@ -216,6 +216,12 @@ def test_video_over_the_duration_limit_is_rejected(sound_video):
         preprocess_video(sound_video, ProcessorConfig(tokens=TOKENS, max_media_seconds=2.0))
 
 
+def test_frame_size_over_the_pixel_cap_is_rejected_before_decoding(sound_video):
+    config = ProcessorConfig(tokens=TOKENS, max_source_pixels=96 * 64 - 1)
+    with pytest.raises(MediaLimitError, match="video frames are 96x64 = 6144 pixels, over the 6143 limit"):
+        preprocess_video(sound_video, config)
+
+
 def test_unsupported_video_codec_is_rejected():
     data = encode_video(1.0, 4, width=32, height=32, sound_rate=None, fmt="avi", codec="ffv1")
     with pytest.raises(MediaDecodeError, match="unsupported video codec 'ffv1'"):

@@ -120,6 +120,11 @@ def _probe_video(data: bytes, config: ProcessorConfig) -> tuple[int, float, bool
             raise MediaDecodeError("video has no video stream")
         stream = container.streams.video[0]
         check_codec(stream, ALLOWED_VIDEO_CODECS)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > config.max_source_pixels:
+            raise MediaLimitError(
+                f"video frames are {width}x{height} = {width * height} pixels, over the {config.max_source_pixels} limit"
+            )
         total_frames = _count_frames(container, stream)
         if total_frames == 0:
             raise MediaDecodeError("video stream contains no frames")
