@@ -9,8 +9,10 @@ under --fp8); `--layout split` is the Flash-style split q/k/v variant of the sam
 """
 
 import argparse
+import itertools
 import json
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -24,7 +26,13 @@ from mimo.models.audio_tower import AudioConfig, MiMoAudioEncoder
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.models.vision_tower import MiMoVisionTransformer, VisionConfig
 from mimo.processing.tokenizer_files import write_tiny_tokenizer
-from mimo.weights.checkpoint import AUDIO_MODULE_PREFIX, VISION_PREFIX, atomic_directory, write_shards
+from mimo.weights.checkpoint import (
+    AUDIO_MODULE_PREFIX,
+    SPLIT_QKV_SUFFIXES,
+    VISION_PREFIX,
+    atomic_directory,
+    write_shards,
+)
 from mimo.weights.fp8 import quantize_blockwise
 from mimo.weights.fused_qkv import fuse_interleaved, layer_qkv_geometry, quantize_interleaved
 
@@ -73,14 +81,16 @@ def build_checkpoint(
             spec, num_layers=num_layers or spec.num_layers, token_ids=token_ids, fp8=fp8, fused_qkv=layout == "fused"
         )
         config = MiMoV2Config.from_hf_config(config_dict)
-        tensors = language_hub_tensors(config, random_language_state(config, seed), fp8=fp8)
         torch.manual_seed(seed)
         vision = build_module(lambda: MiMoVisionTransformer(VisionConfig.from_dict(config.vision_config)),
                               STORAGE_DTYPE, "cpu")
         audio = build_module(lambda: MiMoAudioEncoder(AudioConfig.from_dict(config.audio_config)), STORAGE_DTYPE, "cpu")
-        tensors.update({f"{VISION_PREFIX}{n}": t for n, t in vision.state_dict().items()})
-        tensors.update({f"{AUDIO_MODULE_PREFIX}{n}": t for n, t in audio.state_dict().items()})
-        write_shards(tmp, tensors, spec.max_shard_bytes)
+        tensors = itertools.chain(
+            language_hub_tensors(config, random_language_tensors(config, seed), fp8=fp8),
+            ((f"{VISION_PREFIX}{n}", t) for n, t in vision.state_dict().items()),
+            ((f"{AUDIO_MODULE_PREFIX}{n}", t) for n, t in audio.state_dict().items()),
+        )
+        write_shards(tmp, tensors, spec.max_shard_bytes)  # streamed: memory stays at one shard
 
         tokenizer_dir = tmp / AUDIO_TOKENIZER_DIR
         tokenizer_dir.mkdir()
@@ -96,47 +106,55 @@ def build_checkpoint(
     return out_dir
 
 
-def random_language_state(config: MiMoV2Config, seed: int) -> dict[str, torch.Tensor]:
-    """Canonical (split q/k/v) random LM + MTP weights: O(1) activations and clearly non-uniform logits.
+def random_language_tensors(config: MiMoV2Config, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Canonical (split q/k/v) random LM + MTP weights in module order, one tensor at a time.
 
-    Matrices ~ N(0, 1/fan_in) (about 0.016 at hidden 4096), embeddings ~ N(0, 1), norms 1, non-zero sinks and
-    router correction bias (so expert selection differs from the plain sigmoid ranking).
+    Matrices ~ N(0, 1/fan_in) (about 0.016 at hidden 4096) keep activations O(1) and logits clearly non-uniform;
+    embeddings ~ N(0, 1), norms 1, non-zero sinks and router correction bias (so expert selection differs from
+    the plain sigmoid ranking).
     """
     names = build_module(lambda: MiMoV2ForCausalLM(config), torch.float32).state_dict()  # meta: names + shapes
     generator = torch.Generator().manual_seed(seed)
-    state = {}
     for name, meta in names.items():
-        noise = torch.randn(meta.shape, generator=generator)
         if name.endswith("norm.weight"):
-            state[name] = torch.ones(meta.shape, dtype=STORAGE_DTYPE)
-        elif name.endswith("e_score_correction_bias"):
-            state[name] = 0.1 * noise  # float32, as sglang keeps it
+            yield name, torch.ones(meta.shape, dtype=STORAGE_DTYPE)
+            continue
+        noise = torch.randn(meta.shape, generator=generator)
+        if name.endswith("e_score_correction_bias"):
+            yield name, 0.1 * noise  # float32, as sglang keeps it
         elif meta.dim() == 2 and "embed_tokens" not in name:
-            state[name] = (noise / math.sqrt(meta.shape[1])).to(STORAGE_DTYPE)
+            yield name, (noise / math.sqrt(meta.shape[1])).to(STORAGE_DTYPE)
         else:  # embeddings, sink logits
-            state[name] = noise.to(STORAGE_DTYPE)
-    return state
+            yield name, noise.to(STORAGE_DTYPE)
 
 
-def language_hub_tensors(config: MiMoV2Config, state: dict[str, torch.Tensor], *, fp8: bool) -> dict[str, torch.Tensor]:
-    """Canonical LM state -> hub tensors: fused interleaved qkv_proj if the config says so, FP8 where released."""
-    hub = {}
-    for name, tensor in state.items():
-        if config.fused_qkv_tp is not None and name.endswith((".k_proj.weight", ".v_proj.weight")):
-            continue  # written inside qkv_proj
-        if config.fused_qkv_tp is not None and name.endswith(".q_proj.weight"):
-            prefix = name.removesuffix("q_proj.weight")
+def language_hub_tensors(
+    config: MiMoV2Config, tensors: Iterable[tuple[str, torch.Tensor]], *, fp8: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Canonical LM tensors -> hub tensors: fused interleaved qkv_proj if the config says so, FP8 where released."""
+    ckpt_tp = config.fused_qkv_tp
+    pending_qkv: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
+        if ckpt_tp is not None and name.endswith(SPLIT_QKV_SUFFIXES):
+            pending_qkv[name] = tensor
+            prefix = name.removesuffix(name.split(".")[-2] + ".weight")  # ... .self_attn.
+            parts = [f"{prefix}{p}_proj.weight" for p in "qkv"]
+            if not all(part in pending_qkv for part in parts):
+                continue
             geometry = layer_qkv_geometry(config, name)
-            q, k, v = (state[f"{prefix}{p}_proj.weight"] for p in "qkv")
-            name, tensor = f"{prefix}qkv_proj.weight", fuse_interleaved(q, k, v, geometry, config.fused_qkv_tp)
+            name = f"{prefix}qkv_proj.weight"
+            tensor = fuse_interleaved(*(pending_qkv.pop(part) for part in parts), geometry, ckpt_tp)
             if fp8:
-                hub[name], hub[name + "_scale_inv"] = quantize_interleaved(tensor, geometry, config.fused_qkv_tp)
+                weight, scale_inv = quantize_interleaved(tensor, geometry, ckpt_tp, name=name)
+                yield from ((name, weight), (name + "_scale_inv", scale_inv))
                 continue
         elif fp8 and name.endswith(FP8_SUFFIXES):
-            hub[name], hub[name + "_scale_inv"] = quantize_blockwise(tensor)
+            weight, scale_inv = quantize_blockwise(tensor)
+            yield from ((name, weight), (name + "_scale_inv", scale_inv))
             continue
-        hub[name] = tensor
-    return hub
+        yield name, tensor
+    if pending_qkv:
+        raise ValueError(f"q/k/v projections without their siblings: {sorted(pending_qkv)}")
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -299,3 +299,16 @@ def test_write_sharded_layout_and_atomic_replace(tmp_path):
     with pytest.raises(FileExistsError, match="is not a checkpoint directory"):
         write_sharded(unrelated, hub, max_shard_bytes=20_000)
     assert (unrelated / "todo.txt").read_text() == "keep me"
+
+
+def test_write_sharded_streams_and_rejects_duplicates(tmp_path):
+    def stream():
+        for i in range(5):
+            yield f"model.layers.{i}.input_layernorm.weight", torch.full((3000,), float(i))  # 12 kB each
+
+    index = write_sharded(tmp_path / "streamed", stream(), max_shard_bytes=25_000)
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert HubCheckpoint(tmp_path / "streamed").tensor("model.layers.4.input_layernorm.weight")[0] == 4.0
+    with pytest.raises(ValueError, match="tensor 'lm_head.weight' is given twice"):
+        write_sharded(tmp_path / "dup", [("lm_head.weight", torch.ones(2)), ("lm_head.weight", torch.ones(2))], 100)
+    assert not (tmp_path / "dup").exists()

@@ -339,44 +339,60 @@ def _make_world_readable(root: Path) -> None:
 
 def write_shards(
     out_dir: str | Path,
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     max_shard_bytes: int,
     *,
     metadata: Mapping[str, str] | None = None,
 ) -> dict:
     """Write `model-0000i-of-0000n.safetensors` shards (in `tensors` order) + `model.safetensors.index.json`.
 
-    A shard is closed before it would exceed `max_shard_bytes`; a larger tensor gets a shard of its own.
-    `metadata` goes into every shard header and the index's "metadata". Returns the index.
+    `tensors` may be a lazy stream of (name, tensor): each shard is written as soon as it is full, so memory
+    stays at one shard however large the checkpoint. A shard is closed before it would exceed
+    `max_shard_bytes`; a larger tensor gets a shard of its own. `metadata` goes into every shard header and
+    the index's "metadata". Returns the index.
     """
     out_dir = Path(out_dir)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for name, tensor in tensors.items():
+    header = {"format": "pt", **(metadata or {})}
+    written: list[tuple[Path, list[str]]] = []  # numbered once the shard count is known
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = total_bytes = 0
+
+    def flush() -> None:
+        path = out_dir / f".shard-{len(written) + 1:05d}.safetensors"
+        save_file(shard, path, metadata=header)
+        written.append((path, list(shard)))
+        shard.clear()
+
+    seen: set[str] = set()
+    for name, tensor in tensors.items() if isinstance(tensors, Mapping) else tensors:
+        if name in seen:
+            raise ValueError(f"tensor {name!r} is given twice")
+        seen.add(name)
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
-            shards.append({})
+        if shard and shard_bytes + nbytes > max_shard_bytes:
+            flush()
             shard_bytes = 0
         # safetensors refuses views that share storage; copy only those.
         if tensor.untyped_storage().nbytes() != nbytes or not tensor.is_contiguous():
             tensor = tensor.contiguous().clone()
-        shards[-1][name] = tensor.cpu()
+        shard[name] = tensor.cpu()
         shard_bytes += nbytes
-    header = {"format": "pt", **(metadata or {})}
+        total_bytes += nbytes
+    if shard or not written:
+        flush()
     weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out_dir / file, metadata=header)
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
+    for i, (path, names) in enumerate(written, start=1):
+        file = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        os.replace(path, out_dir / file)
+        weight_map.update(dict.fromkeys(names, file))
+    index = {"metadata": {"total_size": total_bytes, **(metadata or {})}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return index
 
 
 def write_sharded(
     out_dir: str | Path,
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     max_shard_bytes: int,
     *,
     metadata: Mapping[str, str] | None = None,
