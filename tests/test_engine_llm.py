@@ -206,6 +206,14 @@ def test_invalid_requests_are_refused_before_allocating(model, request_id, ids, 
     assert set(run_to_completion(engine)) == {"dup"}
 
 
+def test_generate_leaves_the_engine_idle_when_a_prompt_is_refused(model):
+    engine = make_engine(model)
+    with pytest.raises(InvalidRequestError, match="request 'generate-1': prompt_ids is empty"):
+        generate(engine, [[1, 2], [], [3]], GREEDY)
+    assert not engine.has_unfinished()
+    assert_all_blocks_free(engine)
+
+
 def test_requests_from_other_threads_while_a_loop_thread_steps(model):
     engine = make_engine(model)
     requests = {f"t{i}": prompt(3 + 4 * i, 10 + i) for i in range(8)}
@@ -279,7 +287,12 @@ def test_config_sizes_pools_from_a_memory_budget(model):
     ({"max_prefill_chunk": 17}, "max_prefill_chunk=17 exceeds max_num_batched_tokens=16"),
     ({"block_size": 0}, "EngineConfig.block_size must be a positive int"),
     ({"dtype": torch.bfloat16}, "EngineConfig.dtype=torch.bfloat16 but the model is torch.float32"),
+    ({"device": "meta"}, "EngineConfig.device=meta but the model is on"),
 ])
 def test_bad_engine_config(model, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_engine(model, **overrides)
+
+
+def test_config_device_may_omit_the_index(model):
+    make_engine(model, device=DEVICE.type, dtype=torch.float32)

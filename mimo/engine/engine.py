@@ -225,7 +225,8 @@ class LLMEngine:
 
 def _model_device_dtype(model: MiMoV2ForCausalLM, config: EngineConfig) -> tuple[torch.device, torch.dtype]:
     weight = model.model.embed_tokens.weight
-    if config.device is not None and torch.device(config.device) != weight.device:
+    # an empty tensor resolves an index-less "cuda" to the current device, as the model's placement did
+    if config.device is not None and torch.empty(0, device=config.device).device != weight.device:
         raise ValueError(f"EngineConfig.device={config.device} but the model is on {weight.device}")
     if config.dtype is not None and config.dtype != weight.dtype:
         raise ValueError(f"EngineConfig.dtype={config.dtype} but the model is {weight.dtype}")
@@ -269,8 +270,14 @@ def generate(engine: LLMEngine, prompts: list[list[int]], sampling: SamplingPara
     if not len(params) == len(tables) == len(prompts):
         raise ValueError(f"{len(prompts)} prompts, {len(params)} sampling params, {len(tables)} prompt tables")
     request_ids = [f"generate-{i}" for i in range(len(prompts))]
-    for request_id, prompt, p, table in zip(request_ids, prompts, params, tables):
-        engine.add_request(request_id, prompt, p, table)
+    try:
+        for request_id, prompt, p, table in zip(request_ids, prompts, params, tables):
+            engine.add_request(request_id, prompt, p, table)
+    except InvalidRequestError:
+        for request_id in request_ids:
+            engine.abort(request_id)
+        engine.step()  # reports the aborts, leaving the engine idle
+        raise
     generated: dict[str, list[int]] = {request_id: [] for request_id in request_ids}
     while engine.has_unfinished():
         for output in engine.step():
