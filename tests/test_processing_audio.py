@@ -62,6 +62,13 @@ def test_log_mel_matches_transformers_within_1e_4(signal):
     np.testing.assert_allclose(ours.numpy(), reference_log_mel(waveform), atol=1e-4, rtol=0)
 
 
+def test_long_audio_is_computed_in_chunks_without_seams():
+    waveform = torch.from_numpy(np.random.default_rng(1).normal(0, 0.1, 24000 * 3).astype(np.float32))
+    whole = log_mel_spectrogram(waveform, CONFIG)
+    torch.testing.assert_close(log_mel_spectrogram(waveform, CONFIG, chunk_frames=7), whole, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(whole.numpy(), reference_log_mel(waveform.numpy()), atol=1e-4, rtol=0)
+
+
 def test_silence_hits_the_log_floor():
     mel = log_mel_spectrogram(torch.zeros(4800), CONFIG)
     assert torch.allclose(mel, torch.full_like(mel, math.log(1e-7)))

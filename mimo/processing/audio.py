@@ -16,6 +16,7 @@ from mimo.processing.container import ALLOWED_AUDIO_CODECS, check_codec, open_me
 from mimo.processing.errors import MediaDecodeError, MediaLimitError
 
 _LOG_MEL_FLOOR = 1e-7
+STFT_CHUNK_FRAMES = 6000  # 60 s of frames per STFT call
 # torchaudio.functional.resample defaults
 _LOWPASS_WIDTH = 6
 _ROLLOFF = 0.99
@@ -114,23 +115,35 @@ def mel_filter_bank(num_freqs: int, num_mels: int, sample_rate: int, f_min: floa
     return torch.clamp(torch.minimum(rising, falling), min=0.0)
 
 
-def log_mel_spectrogram(waveform: torch.Tensor, config: ProcessorConfig) -> torch.Tensor:
-    """Mono float waveform [N] at the processor rate -> log-mel [1 + N // hop, n_mels] float32."""
+def log_mel_spectrogram(
+    waveform: torch.Tensor, config: ProcessorConfig, *, chunk_frames: int = STFT_CHUNK_FRAMES
+) -> torch.Tensor:
+    """Mono float waveform [N] at the processor rate -> log-mel [1 + N // hop, n_mels] float32.
+
+    torch.stft(center=True, reflect) computed in chunks of frames, so an hour of audio never holds its whole
+    complex spectrogram; float64 so near-silent bins (deep spectral nulls of clean tones) keep their log
+    value to 1e-4.
+    """
     n_fft, hop = config.audio_nfft, config.audio_hop_length
     if waveform.numel() <= n_fft // 2:
         raise MediaDecodeError(
             f"audio is too short: {waveform.numel()} samples at {config.audio_sampling_rate} Hz, "
             f"need more than {n_fft // 2}"
         )
-    # float64 so near-silent bins (deep spectral nulls of clean tones) keep their log value to 1e-4.
     window = torch.hann_window(config.audio_window_size, periodic=True, dtype=torch.float64)
-    spectrum = torch.stft(
-        waveform.double(), n_fft=n_fft, hop_length=hop, win_length=config.audio_window_size, window=window,
-        center=True, pad_mode="reflect", return_complex=True,
-    ).abs()  # [n_fft // 2 + 1, T]
-    filters = mel_filter_bank(n_fft // 2 + 1, config.audio_n_mels, config.audio_sampling_rate)
-    mel = filters.T @ spectrum  # [n_mels, T]
-    return torch.log(torch.clamp(mel, min=_LOG_MEL_FLOOR)).T.float().contiguous()
+    filters = mel_filter_bank(n_fft // 2 + 1, config.audio_n_mels, config.audio_sampling_rate).T  # [n_mels, freqs]
+    padded = torch.nn.functional.pad(waveform.double()[None, None], (n_fft // 2, n_fft // 2), mode="reflect")[0, 0]
+    num_frames = 1 + waveform.numel() // hop
+    chunks = []
+    for first in range(0, num_frames, chunk_frames):
+        count = min(chunk_frames, num_frames - first)
+        span = padded[first * hop:(first + count - 1) * hop + n_fft]
+        spectrum = torch.stft(
+            span, n_fft=n_fft, hop_length=hop, win_length=config.audio_window_size, window=window, center=False,
+            return_complex=True,
+        ).abs()  # [n_fft // 2 + 1, count]
+        chunks.append(torch.log(torch.clamp(filters @ spectrum, min=_LOG_MEL_FLOOR)).T.float())
+    return torch.cat(chunks)
 
 
 def waveform_to_mel(waveform: torch.Tensor, sample_rate: int, config: ProcessorConfig) -> torch.Tensor:
