@@ -18,24 +18,12 @@ from mimo.processing.items import MediaItem, Modality, pack_items, unpack_items
 from mimo.processing.placeholders import check_encoder_rows, expand_placeholders
 from mimo.processing.processor import MiMoProcessor
 from processing_media import encode_audio, encode_image, encode_video, gradient_rgb, tone, write_tiny_checkpoint
+from test_multimodal_encoder import AUDIO as ENCODER_AUDIO
+from test_multimodal_encoder import HIDDEN, TOKENIZER, VISION
 
-HIDDEN = 24
-VISION = {
-    "depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "num_key_value_heads": 1,
-    "qk_channels": 8, "kv_channels": 8, "out_hidden_size": HIDDEN, "fullatt_block_indexes": [1],
-    "vit_window_attn_types": [1, -1], "visual_token_window_size": 4, "use_sink": True,
-}
-AUDIO_TOKENIZER = {
-    "n_mels": 128, "d_model": 16, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 32,
-    "encoder_causal": True, "encoder_attn_window_size": [3, 0], "hybrid_attention": True, "stride_size": 2,
-    "avg_pooler": 2, "num_quantizers": 3, "codebook_size": [8, 8, 4],
-}
-AUDIO = {
-    "audio_channels": 3, "speech_vocab_size": "9-9-5", "speech_zeroemb_idx": "8-8-4", "input_local_layers": 1,
-    "input_local_dim": 8, "input_local_attn_heads": 2, "input_local_head_dim": 4, "input_local_intermediate_size": 16,
-    "partial_rotary_factor": 1.0, "projection_layers": 1, "out_hidden_size": HIDDEN, "group_size": 4,
-    "audio_segment_size": 64,  # short segments, so the segment split shows in the token counts
-}
+# The encoder tests' tiny towers, fed 128-bin mels and split into short segments so the split shows in the counts.
+AUDIO_TOKENIZER = {**TOKENIZER, "n_mels": 128}
+AUDIO = {**ENCODER_AUDIO, "group_size": 4, "audio_segment_size": 64}
 
 
 @pytest.fixture(scope="module")
