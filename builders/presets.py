@@ -26,7 +26,8 @@ class Preset:
     language: dict[str, Any]  # config.json keys except the per-layer lists, token ids and layout
     num_layers: int
     full_attention_period: int  # layer i is full attention iff i == 0 or (i + 1) % period == 0
-    vocab_multiple: int  # vocab_size = tokenizer size rounded up to this
+    vocab_multiple: int  # vocab_size = tokenizer size rounded up to this ...
+    min_vocab_size: int  # ... but at least this (the real embedding / lm_head width)
     vision_config: dict[str, Any]
     audio_config: dict[str, Any]
     audio_tokenizer_config: dict[str, Any]
@@ -99,6 +100,7 @@ TINY = Preset(
     num_layers=4,
     full_attention_period=4,
     vocab_multiple=64,
+    min_vocab_size=0,
     vision_config={
         "model_type": "mimovl",
         "depth": 4,
@@ -186,6 +188,7 @@ V2_5 = Preset(
     num_layers=48,
     full_attention_period=6,
     vocab_multiple=256,
+    min_vocab_size=152576,
     vision_config={
         "model_type": "mimovl",
         "depth": 28,
@@ -267,7 +270,7 @@ def hub_config(
     config = {
         "architectures": ["MiMoV2ForCausalLM" if fused_qkv else "MiMoV2FlashForCausalLM"],
         "model_type": "mimo_v2" if fused_qkv else "mimo_v2_flash",
-        "vocab_size": -(-token_ids["vocab_size"] // multiple) * multiple,
+        "vocab_size": max(preset.min_vocab_size, -(-token_ids["vocab_size"] // multiple) * multiple),
         "num_hidden_layers": num_layers,
         "hybrid_layer_pattern": [
             0 if i == 0 or (i + 1) % preset.full_attention_period == 0 else 1 for i in range(num_layers)

@@ -249,7 +249,7 @@ def test_v25_preset_has_real_widths():
     token_ids.update({key: 151652 + i for i, key in enumerate(TOKEN_ID_KEYS)})
     raw = hub_config(PRESETS["v2.5"], num_layers=12, token_ids=token_ids, fp8=True, fused_qkv=True)
     config = MiMoV2Config.from_hf_config(raw)
-    assert raw["vocab_size"] == 151_808 and raw["hybrid_layer_pattern"] == [0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0]
+    assert raw["vocab_size"] == 152_576 and raw["hybrid_layer_pattern"] == [0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0]
     assert fused_rows(layer_qkv_geometry(config, "model.layers.0.self_attn.qkv_proj.weight"), 4) == 13568
     assert fused_rows(layer_qkv_geometry(config, "model.layers.1.self_attn.qkv_proj.weight"), 4) == 14848
     assert (config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (256, 8, 2048)
