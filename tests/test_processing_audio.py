@@ -150,6 +150,13 @@ def test_bad_audio_raises_a_clear_error(data, error, message):
         preprocess_audio(data, CONFIG)
 
 
+def test_format_change_midway_is_rejected():
+    mono_16k = encode_audio(tone(440.0, 16000, 0.5), 16000, "adts", codec="aac")
+    stereo_48k = encode_audio(tone(440.0, 48000, 0.5, 2), 48000, "adts", codec="aac")
+    with pytest.raises(MediaDecodeError, match="audio changes from 16000 Hz x 1 channels to 48000 Hz x 2 channels"):
+        preprocess_audio(mono_16k + stereo_48k, CONFIG)
+
+
 def test_audio_over_the_duration_limit_is_rejected():
     config = ProcessorConfig(tokens=CONFIG.tokens, max_media_seconds=0.5)
     with pytest.raises(MediaLimitError, match="longer than the 0.5 s limit"):

@@ -40,19 +40,25 @@ def decode_audio_stream(
     # Planar float at the source rate and layout: every sample format becomes [-1, 1] floats per channel.
     resampler = av.AudioResampler(format="fltp")
     chunks: list[np.ndarray] = []
-    num_samples, sample_rate = 0, None
+    num_samples, source = 0, None
     for frame in container.decode(stream):
-        sample_rate = sample_rate or frame.sample_rate
+        if source is None:
+            source = (frame.sample_rate, frame.layout.nb_channels)
+        elif (frame.sample_rate, frame.layout.nb_channels) != source:
+            raise MediaDecodeError(
+                f"audio changes from {source[0]} Hz x {source[1]} channels to {frame.sample_rate} Hz x "
+                f"{frame.layout.nb_channels} channels midway; re-encode it with one format"
+            )
         for converted in resampler.resample(frame):
             chunks.append(converted.to_ndarray())
             num_samples += converted.samples
-        if num_samples > max_seconds * sample_rate:
+        if num_samples > max_seconds * source[0]:
             raise MediaLimitError(f"audio is longer than the {max_seconds:g} s limit")
-    if sample_rate is not None:
+    if source is not None:
         chunks.extend(converted.to_ndarray() for converted in resampler.resample(None))
-    if not chunks or sum(chunk.shape[1] for chunk in chunks) == 0:
+    if sum(chunk.shape[1] for chunk in chunks) == 0:
         raise MediaDecodeError("audio stream contains no samples (empty or zero-length audio)")
-    return torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32)), sample_rate
+    return torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32)), source[0]
 
 
 def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:

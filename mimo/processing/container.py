@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import av
 
-from mimo.processing.errors import MediaDecodeError
+from mimo.processing.errors import MediaDecodeError, ProcessingError
 
 # FFmpeg demuxer names (a container matches if any of its comma-separated names is listed).
 ALLOWED_DEMUXERS = ("wav", "flac", "mp3", "ogg", "mov", "mp4", "m4a", "matroska", "webm", "aac", "avi")
@@ -34,7 +34,9 @@ def open_media(data: bytes, kind: str) -> Iterator[av.container.InputContainer]:
         ) from exc
     try:
         yield container
-    except av.FFmpegError as exc:
+    except ProcessingError:
+        raise
+    except ValueError as exc:  # av.FFmpegError, and PyAV's own checks (e.g. a stream changing format midway)
         raise MediaDecodeError(f"corrupt or truncated {kind}: {exc}") from exc
     finally:
         container.close()
