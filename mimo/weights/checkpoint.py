@@ -79,15 +79,18 @@ def tensor_role(name: str) -> Role:
 class HubCheckpoint:
     """The tensors of one checkpoint directory, opened lazily; `accessed` records every tensor whose data was read."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, file: str | None = None):
+        """`path`: a checkpoint directory; `file`: read only this safetensors file of it (e.g. `rank0.safetensors`)."""
         self.path = Path(path)
         self.accessed: set[str] = set()
         self._handles: dict[Path, object] = {}
-        index_path, single_path = self.path / INDEX_FILE, self.path / SINGLE_FILE
-        if index_path.is_file():
+        index_path, single_path = self.path / INDEX_FILE, self.path / (file or SINGLE_FILE)
+        if file is None and index_path.is_file():
             self._shard_of = self._read_index(index_path)
         elif single_path.is_file():
             self._shard_of = dict.fromkeys(self._open(single_path).keys(), single_path)
+        elif file is not None:
+            raise CheckpointError(f"{single_path} does not exist")
         else:
             raise CheckpointError(f"{self.path} has neither {INDEX_FILE} nor {SINGLE_FILE}")
 
@@ -159,7 +162,7 @@ class FusedQKVLayout:
 
 
 @dataclass(frozen=True, slots=True)
-class _Entry:
+class PlannedRead:
     """Hub tensors (weight, optional scale) that produce one or three canonical tensors of known shapes."""
 
     hub_name: str
@@ -187,6 +190,25 @@ def read_state_dict(
         to_module_name: hub name -> module state_dict name (e.g. strips `visual.`).
         qkv_layout: for language/MTP roles; None means no attention projection handling at all (encoders).
     """
+    state = {}
+    for entry in plan_state_dict(ckpt, hub_names, expected, to_module_name=to_module_name, qkv_layout=qkv_layout):
+        for name, tensor in _read_entry(ckpt, entry, qkv_layout, device):
+            state[name] = tensor.to(dtype=expected[name].dtype)
+    return state
+
+
+def plan_state_dict(
+    ckpt: HubCheckpoint,
+    hub_names: Iterable[str],
+    expected: Mapping[str, torch.Tensor],
+    *,
+    to_module_name: Callable[[str], str] = lambda name: name,
+    qkv_layout: FusedQKVLayout | None = None,
+) -> list[PlannedRead]:
+    """`read_state_dict`'s validation alone: which hub tensors produce which module tensors, from headers only.
+
+    Raises CheckpointError for any name, shape, scale grid or fused-layout mismatch with `expected`.
+    """
     entries = _plan(ckpt, list(hub_names), to_module_name, qkv_layout)
     produced: dict[str, tuple[int, ...]] = {}
     for entry in entries:
@@ -206,16 +228,12 @@ def read_state_dict(
             raise CheckpointError(
                 f"tensor {name!r} has shape {shape} in {ckpt.path}, the module expects {tuple(expected[name].shape)}"
             )
-    state = {}
-    for entry in entries:
-        for name, tensor in _read_entry(ckpt, entry, qkv_layout, device):
-            state[name] = tensor.to(dtype=expected[name].dtype)
-    return state
+    return entries
 
 
 def _plan(
     ckpt: HubCheckpoint, hub_names: list[str], to_module_name: Callable[[str], str], qkv_layout: FusedQKVLayout | None
-) -> list[_Entry]:
+) -> list[PlannedRead]:
     names = {n for n in hub_names if not n.endswith(TOLERATED_SUFFIXES)}
     scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
     for scale in sorted(scales):
@@ -246,7 +264,7 @@ def _plan(
                 raise CheckpointError(
                     f"{scale_name} has shape {found}, expected {scale_grid_shape(*shape)} (128x128 blocks of {shape})"
                 )
-        entries.append(_Entry(name, scale_name, {to_module_name(name): shape}))
+        entries.append(PlannedRead(name, scale_name, {to_module_name(name): shape}))
     return entries
 
 
@@ -257,7 +275,7 @@ def _plan_fused_qkv(
     shape: tuple[int, ...],
     to_module_name: Callable[[str], str],
     layout: FusedQKVLayout,
-) -> _Entry:
+) -> PlannedRead:
     if layout.ckpt_tp is None:
         raise CheckpointError(
             f"{name!r} is a fused qkv_proj, but the config has no attention_projection_layout='fused_qkv'"
@@ -284,11 +302,11 @@ def _plan_fused_qkv(
     outputs = {
         to_module_name(f"{prefix}{p}_proj.weight"): (r, shape[1]) for p, r in zip("qkv", geometry.canonical_rows())
     }
-    return _Entry(name, scale_name, outputs, geometry)
+    return PlannedRead(name, scale_name, outputs, geometry)
 
 
 def _read_entry(
-    ckpt: HubCheckpoint, entry: _Entry, layout: FusedQKVLayout | None, device: torch.device | str
+    ckpt: HubCheckpoint, entry: PlannedRead, layout: FusedQKVLayout | None, device: torch.device | str
 ) -> Iterator[tuple[str, torch.Tensor]]:
     weight = ckpt.tensor(entry.hub_name).to(device)
     if entry.geometry is not None:
@@ -304,15 +322,20 @@ def _read_entry(
 
 
 @contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(
+    target: str | Path, *, marker_files: tuple[str, ...] = ("config.json", INDEX_FILE, SINGLE_FILE)
+) -> Iterator[Path]:
     """Yield an empty temp directory next to `target`; on success it replaces `target` in one rename.
 
-    An existing `target` is replaced only if it is empty or a checkpoint directory (has config.json or weights).
+    An existing `target` is replaced only if it is empty or holds one of `marker_files` (by default: a
+    checkpoint directory, with config.json or weights).
     """
     target = Path(target)
     if target.exists() and any(target.iterdir()):
-        if not any((target / f).is_file() for f in ("config.json", INDEX_FILE, SINGLE_FILE)):
-            raise FileExistsError(f"{target} exists and is not a checkpoint directory; refusing to replace it")
+        if not any((target / f).is_file() for f in marker_files):
+            raise FileExistsError(
+                f"{target} exists and is not a checkpoint directory (has none of {marker_files}); refusing to replace it"
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:

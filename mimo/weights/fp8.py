@@ -60,3 +60,36 @@ def dequantize_blockwise(w_fp8: torch.Tensor, scale_inv: torch.Tensor, dtype: to
     w = blocks * scale_inv.float()[..., :, None, :, None]
     w = w.reshape(*w.shape[:-4], w.shape[-4] * BLOCK, w.shape[-2] * BLOCK)[..., :rows, :cols]
     return w.to(dtype).contiguous()
+
+
+def gather_rows_blockwise(
+    w_fp8: torch.Tensor, scale_inv: torch.Tensor, scale_row_of: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `rows` of a block-FP8 weight as a weight of their own, with a fresh 128x128 grid.
+
+    A new 128-row block whose rows all used one source scale row keeps their FP8 bytes and that scale
+    (bit-exact); any other block is dequantized and re-quantized with its own amax (one e4m3 rounding).
+
+    Args:
+        w_fp8: float8_e4m3fn `[R, C]`.
+        scale_inv: the source grid `[S, ceil(C/128)]`.
+        scale_row_of: int64 `[R]`, the `scale_inv` row each weight row uses (`arange(R) // 128` for a plain
+            grid; the per-shard grids of a fused qkv_proj differ, `fused_qkv.interleaved_scale_rows`).
+        rows: int64 `[N]` source rows, in output order.
+    Returns:
+        float8_e4m3fn `[N, C]` and float32 `[ceil(N/128), ceil(C/128)]`.
+    """
+    cols = w_fp8.shape[1]
+    out = w_fp8[rows]  # [N, C]
+    source_scale_rows = scale_row_of[rows]  # [N]
+    block_scales = []
+    for start in range(0, rows.numel(), BLOCK):
+        block = slice(start, start + BLOCK)
+        used = source_scale_rows[block]
+        if bool((used == used[0]).all()):
+            block_scales.append(scale_inv[used[0]].float())
+            continue
+        row_scales = scale_inv[used].float().repeat_interleave(BLOCK, dim=1)[:, :cols]  # [<=128, C]
+        out[block], new_scale = quantize_blockwise(out[block].float() * row_scales)
+        block_scales.append(new_scale[0])
+    return out, torch.stack(block_scales)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mimo.config import MiMoV2Config
-from mimo.weights.fp8 import dequantize_blockwise, quantize_blockwise, scale_grid_shape
+from mimo.weights.fp8 import BLOCK, dequantize_blockwise, quantize_blockwise, scale_grid_shape
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,3 +163,22 @@ def dequantize_interleaved(
     shards = qkv_fp8.reshape(ckpt_tp, -1, qkv_fp8.shape[1])  # [tp, rps, H]
     w = dequantize_blockwise(shards, scale_inv.view(ckpt_tp, -1, expected[1]), dtype)
     return w.view(qkv_fp8.shape)
+
+
+def interleaved_rows_for_rank(geometry: QKVGeometry, ckpt_tp: int, tp: int, rank: int) -> torch.Tensor:
+    """Rows of a `ckpt_tp`-interleaved fused qkv_proj that form rank `rank`'s `[Q_r; K_r; V_r]` at serving TP `tp`.
+
+    Re-sharding to any TP is then one row gather (`fused[rows]`), for floating and FP8 weights alike. The index
+    is the layout itself run on row numbers: split the fused rows into canonical q/k/v, then shard for `rank`.
+    """
+    row_ids = torch.arange(fused_rows(geometry, ckpt_tp))[:, None]  # [rows, 1]
+    q, k, v = split_interleaved(row_ids, geometry, ckpt_tp, name="row index")
+    return shard_qkv_for_rank(q, k, v, geometry, tp, rank)[:, 0]  # [sum(rows_per_rank(tp))]
+
+
+def interleaved_scale_rows(geometry: QKVGeometry, ckpt_tp: int) -> torch.Tensor:
+    """int64 `[rows]`: the `weight_scale_inv` row each row of a fused FP8 qkv_proj uses (per-shard grids, ref §3)."""
+    rows_per_shard = sum(geometry.rows_per_rank(ckpt_tp))
+    grid_rows_per_shard = -(-rows_per_shard // BLOCK)
+    row = torch.arange(fused_rows(geometry, ckpt_tp))
+    return row // rows_per_shard * grid_rows_per_shard + row % rows_per_shard // BLOCK
