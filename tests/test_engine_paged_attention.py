@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from mimo.engine.block_manager import BlockManager
+from mimo.engine.block_manager import BlockManager, sliding_ring_tokens
 from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind
-from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata
+from mimo.engine.paged_attention import DeviceBlockTables, PagedAttention, PagedAttentionMetadata
 from mimo.engine.sampling import SamplingParams
 from mimo.engine.scheduler import Scheduler
-from mimo.engine.sequence import Sequence
+from mimo.engine.sequence import Sequence, SequenceStatus
 from mimo.models.attention import attention_with_sinks
 
 WINDOW, BLOCK_SIZE, MAX_CHUNK, NUM_Q_HEADS = 5, 2, 3, 4
@@ -16,12 +16,14 @@ SPECS = [KVLayerSpec(LayerKind.FULL, 2, 6, 4), KVLayerSpec(LayerKind.SLIDING, 1,
 LAYER_WINDOWS = [None, WINDOW]
 
 
-def test_matches_whole_history_attention_across_chunks_and_ring_wraps():
+def test_matches_whole_history_attention_across_chunks_ring_wraps_and_preemption():
     torch.manual_seed(0)
-    num_blocks = {LayerKind.FULL: 40, LayerKind.SLIDING: 40}
-    manager = BlockManager(BLOCK_SIZE, num_blocks, WINDOW, MAX_CHUNK)
+    # 14 full blocks of 2 tokens: the three sequences (13, 18 and 9 tokens at most) cannot all keep their KV
+    num_blocks = {LayerKind.FULL: 14, LayerKind.SLIDING: 40}
+    manager = BlockManager(BLOCK_SIZE, num_blocks, sliding_ring_tokens(WINDOW, MAX_CHUNK))
     scheduler = Scheduler(manager, max_num_seqs=3, max_num_batched_tokens=5, max_chunk=MAX_CHUNK)
     kv_cache = KVCache(SPECS, num_blocks, BLOCK_SIZE, torch.float32, torch.device("cpu"))
+    device_tables = {kind: DeviceBlockTables(kind, 3, 10, torch.device("cpu")) for kind in num_blocks}
     sinks = [None, torch.randn(NUM_Q_HEADS)]
     history = {}  # request id -> per layer (k, v) of every token so far
     for name, prompt_len in (("a", 7), ("b", 12), ("c", 3)):
@@ -31,11 +33,16 @@ def test_matches_whole_history_attention_across_chunks_and_ring_wraps():
     ring_capacity = BLOCK_SIZE * manager.blocks_needed(LayerKind.SLIDING, scheduler.waiting[1], 0)
     assert ring_capacity == 8  # window 5 + chunk 3: sequence "b" (18 tokens) wraps its ring twice
 
+    num_recomputed = 0
     while scheduler.has_unfinished():
         chunks = scheduler.schedule()
+        for chunk in chunks:
+            if chunk.start == 0 and history[chunk.seq.request_id][0][0].shape[0] > 0:  # preempted earlier
+                num_recomputed += 1
+                history[chunk.seq.request_id] = [(k[:0], v[:0]) for k, v in history[chunk.seq.request_id]]
         metadata = PagedAttentionMetadata.build(
             [c.start for c in chunks], [c.num_tokens for c in chunks],
-            {kind: [c.seq.block_tables[kind] for c in chunks] for kind in num_blocks},
+            {kind: tables.tables([c.seq for c in chunks]) for kind, tables in device_tables.items()},
             BLOCK_SIZE, WINDOW, torch.device("cpu"))
         backend = PagedAttention(kv_cache, metadata)
         num_tokens = sum(c.num_tokens for c in chunks)
@@ -59,13 +66,36 @@ def test_matches_whole_history_attention_across_chunks_and_ring_wraps():
                 torch.testing.assert_close(out[rows], expected, rtol=1e-5, atol=1e-6)
         scheduler.postprocess(chunks, [1] * sum(c.samples for c in chunks))
     assert [h[0][0].shape[0] for h in history.values()] == [12, 17, 8]  # prompt + 6 tokens, minus the last
+    assert num_recomputed > 0
 
 
 def test_layer_called_with_another_window_is_refused():
     num_blocks = {LayerKind.FULL: 4, LayerKind.SLIDING: 4}
     kv_cache = KVCache(SPECS, num_blocks, BLOCK_SIZE, torch.float32, torch.device("cpu"))
-    metadata = PagedAttentionMetadata.build([0], [2], {LayerKind.FULL: [[0]], LayerKind.SLIDING: [[1]]},
+    one_block = (torch.tensor([[0]]), torch.tensor([1]))
+    metadata = PagedAttentionMetadata.build([0], [2], {LayerKind.FULL: one_block, LayerKind.SLIDING: one_block},
                                             BLOCK_SIZE, WINDOW, torch.device("cpu"))
     q, k, v = torch.zeros(2, 4, 8), torch.zeros(2, 1, 8), torch.zeros(2, 1, 4)
     with pytest.raises(ValueError, match="layer 1 \\(sliding attention\\) called with sliding_window=7"):
         PagedAttention(kv_cache, metadata).attend(1, q, k, v, sliding_window=7, sinks=None, scale=1.0)
+
+
+def test_device_block_tables_copy_growth_and_refresh_replaced_tables():
+    manager = BlockManager(BLOCK_SIZE, {LayerKind.FULL: 20}, ring_tokens=None)
+    tables = DeviceBlockTables(LayerKind.FULL, num_rows=1, max_blocks=8, device=torch.device("cpu"))
+    seq = Sequence("a", [0] * 3, SamplingParams(max_tokens=9, temperature=0.0), None, None)
+    seq.status = SequenceStatus.RUNNING
+    manager.allocate(seq, 3)
+    table, lengths = tables.tables([seq])
+    assert table.tolist() == [seq.block_tables[LayerKind.FULL]] and lengths.tolist() == [2]
+    manager.allocate(seq, 7)  # grows in place
+    assert tables.tables([seq])[0].tolist() == [seq.block_tables[LayerKind.FULL]]
+    manager.free(seq)  # preempted and readmitted before the next step: a new table, still RUNNING
+    manager.pools[LayerKind.FULL].allocate(3)
+    manager.allocate(seq, 5)
+    assert tables.tables([seq])[0].tolist() == [seq.block_tables[LayerKind.FULL]] == [[7, 8, 9]]
+    seq.status = SequenceStatus.FINISHED  # gives its only row to the next sequence
+    other = Sequence("b", [0] * 2, SamplingParams(max_tokens=1, temperature=0.0), None, None)
+    other.status = SequenceStatus.RUNNING
+    manager.allocate(other, 2)
+    assert tables.tables([other])[0].tolist() == [other.block_tables[LayerKind.FULL]]

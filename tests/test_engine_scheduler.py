@@ -2,7 +2,7 @@
 
 import pytest
 
-from mimo.engine.block_manager import BlockManager, BlockPool
+from mimo.engine.block_manager import BlockManager, BlockPool, sliding_ring_tokens
 from mimo.engine.kv_cache import LayerKind
 from mimo.engine.sampling import SamplingParams
 from mimo.engine.scheduler import Scheduler
@@ -16,7 +16,7 @@ def make_seq(name: str, prompt_len: int, max_tokens: int = 8) -> Sequence:
 
 
 def make_scheduler(num_full=64, num_sliding=64, window=8, max_chunk=4, max_num_seqs=8, budget=16, block_size=4):
-    blocks = BlockManager(block_size, {FULL: num_full, SLIDING: num_sliding}, window, max_chunk)
+    blocks = BlockManager(block_size, {FULL: num_full, SLIDING: num_sliding}, sliding_ring_tokens(window, max_chunk))
     return Scheduler(blocks, max_num_seqs, budget, max_chunk)
 
 
@@ -36,7 +36,7 @@ def test_block_pool_refuses_over_allocation():
 
 
 def test_full_blocks_grow_and_sliding_ring_is_fixed():
-    manager = BlockManager(4, {FULL: 100, SLIDING: 100}, sliding_window=8, max_chunk=4)
+    manager = BlockManager(4, {FULL: 100, SLIDING: 100}, ring_tokens=sliding_ring_tokens(8, 4))
     long_seq = make_seq("a", 30, max_tokens=20)
     manager.allocate(long_seq, 9)
     assert len(long_seq.block_tables[FULL]) == 3

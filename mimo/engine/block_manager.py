@@ -28,26 +28,38 @@ class BlockPool:
         self._free.extend(blocks)
 
 
+def sliding_ring_tokens(sliding_window: int, max_chunk: int) -> int:
+    """Tokens a sequence's sliding ring holds.
+
+    A step writes its new tokens before attending, so the ring must keep the `window` keys before a chunk plus the
+    chunk itself. Token at position p lives in ring block `(p // block_size) % ring_blocks`.
+    """
+    return sliding_window + max_chunk
+
+
+def blocks_per_sequence(kind: LayerKind, num_tokens: int, max_num_tokens: int, block_size: int,
+                        ring_tokens: int | None) -> int:
+    """Blocks of `kind` a sequence of at most `max_num_tokens` tokens holds while KV exists for `num_tokens`."""
+    if kind is LayerKind.FULL:
+        return blocks_for(num_tokens, block_size)
+    return blocks_for(min(ring_tokens, max_num_tokens), block_size)
+
+
 class BlockManager:
     """Gives each sequence the blocks its KV needs in every pool, never more than the pools hold.
 
     Full-attention pool: `ceil(tokens / block_size)` blocks, growing with the sequence.
-    Sliding pool: a fixed ring per sequence. A step writes its new tokens before attending, so the ring must hold
-    the `window` keys before a chunk plus the chunk itself: `window + max_chunk` tokens, or the whole sequence if that
-    is shorter. Token at position p lives in ring block `(p // block_size) % ring_blocks`.
+    Sliding pool: a fixed ring per sequence of `ring_tokens` tokens, or the whole sequence if that is shorter.
     """
 
-    def __init__(self, block_size: int, num_blocks: dict[LayerKind, int], sliding_window: int | None,
-                 max_chunk: int):
+    def __init__(self, block_size: int, num_blocks: dict[LayerKind, int], ring_tokens: int | None):
         self.block_size = block_size
         self.pools = {kind: BlockPool(n) for kind, n in num_blocks.items()}
-        self.ring_tokens = None if sliding_window is None else sliding_window + max_chunk
+        self.ring_tokens = ring_tokens
 
     def blocks_needed(self, kind: LayerKind, seq: Sequence, num_tokens: int) -> int:
         """Blocks of `kind` that `seq` must hold to store KV for its first `num_tokens` tokens."""
-        if kind is LayerKind.FULL:
-            return blocks_for(num_tokens, self.block_size)
-        return blocks_for(min(self.ring_tokens, seq.max_num_tokens), self.block_size)
+        return blocks_per_sequence(kind, num_tokens, seq.max_num_tokens, self.block_size, self.ring_tokens)
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         return all(self.blocks_needed(kind, seq, num_tokens) - len(seq.block_tables[kind]) <= pool.num_free

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mimo.engine.block_manager import BlockManager
-from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind, block_bytes, blocks_for, kv_layer_specs, layer_kinds
+from mimo.engine.block_manager import BlockManager, blocks_per_sequence, sliding_ring_tokens
+from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind, block_bytes, kv_layer_specs, layer_kinds
 from mimo.engine.model_runner import ModelRunner
 from mimo.engine.sampling import InvalidRequestError, Sampler, SamplingParams
 from mimo.engine.scheduler import Scheduler
@@ -88,10 +88,13 @@ class LLMEngine:
         self.hidden_size = model_config.hidden_size
         self.device, dtype = _model_device_dtype(model, config)
         specs = kv_layer_specs(model_config)
-        sliding_window = (model_config.sliding_attention.sliding_window
-                          if LayerKind.SLIDING in layer_kinds(specs) else None)
-        num_blocks = _pool_sizes(config, specs, sliding_window, dtype)
-        self.block_manager = BlockManager(config.block_size, num_blocks, sliding_window, config.max_prefill_chunk)
+        kinds = layer_kinds(specs)
+        sliding_window = model_config.sliding_attention.sliding_window if LayerKind.SLIDING in kinds else None
+        ring_tokens = None if sliding_window is None else sliding_ring_tokens(sliding_window, config.max_prefill_chunk)
+        max_blocks_per_seq = {kind: blocks_per_sequence(kind, config.max_model_len, config.max_model_len,
+                                                        config.block_size, ring_tokens) for kind in kinds}
+        num_blocks = _pool_sizes(config, specs, max_blocks_per_seq, dtype)
+        self.block_manager = BlockManager(config.block_size, num_blocks, ring_tokens)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_prefill_chunk)
         generator = torch.Generator(device=self.device)
@@ -100,7 +103,8 @@ class LLMEngine:
         else:
             generator.manual_seed(config.seed)
         kv_cache = KVCache(specs, num_blocks, config.block_size, dtype, self.device)
-        self.runner = ModelRunner(model, kv_cache, Sampler(generator), sliding_window, self.device)
+        self.runner = ModelRunner(model, kv_cache, Sampler(generator), sliding_window, config.max_num_seqs,
+                                  max_blocks_per_seq, self.device)
         self._sequences: dict[str, Sequence] = {}  # unfinished requests by id
         self._pending_outputs: list[RequestOutput] = []  # aborts, reported by the next step
         self._lock = threading.Lock()
@@ -152,12 +156,11 @@ class LLMEngine:
         except Exception as exc:  # noqa: BLE001 - the batch's requests fail, the engine and later requests go on
             logger.exception("engine step failed; finishing its %d requests with an error", len(chunks))
             with self._lock:
-                for seq in {id(c.seq): c.seq for c in chunks}.values():
-                    if not seq.is_finished:
-                        self.scheduler.finish(seq, FinishReason.ERROR)
-                        del self._sequences[seq.request_id]
-                        outputs.append(RequestOutput(seq.request_id, [], True, FinishReason.ERROR.value,
-                                                     f"{type(exc).__name__}: {exc}"))
+                for seq in (chunk.seq for chunk in chunks if not chunk.seq.is_finished):
+                    self.scheduler.finish(seq, FinishReason.ERROR)
+                    del self._sequences[seq.request_id]
+                    outputs.append(RequestOutput(seq.request_id, [], True, FinishReason.ERROR.value,
+                                                 f"{type(exc).__name__}: {exc}"))
             return outputs
         with self._lock:
             for seq, new_token_ids in self.scheduler.postprocess(chunks, sampled):
@@ -233,19 +236,17 @@ def _model_device_dtype(model: MiMoV2ForCausalLM, config: EngineConfig) -> tuple
     return weight.device, weight.dtype
 
 
-def _pool_sizes(config: EngineConfig, specs: list[KVLayerSpec], sliding_window: int | None,
+def _pool_sizes(config: EngineConfig, specs: list[KVLayerSpec], max_blocks_per_seq: dict[LayerKind, int],
                 dtype: torch.dtype) -> dict[LayerKind, int]:
     """Blocks per pool; each pool must hold at least one sequence of `max_model_len` tokens."""
-    kinds = layer_kinds(specs)
     num_blocks = {}
-    if LayerKind.SLIDING in kinds:
-        ring_blocks = blocks_for(min(sliding_window + config.max_prefill_chunk, config.max_model_len),
-                                 config.block_size)
+    if LayerKind.SLIDING in max_blocks_per_seq:
+        ring_blocks = max_blocks_per_seq[LayerKind.SLIDING]
         num_blocks[LayerKind.SLIDING] = config.num_sliding_blocks or config.max_num_seqs * ring_blocks
         if num_blocks[LayerKind.SLIDING] < ring_blocks:
             raise ValueError(f"EngineConfig.num_sliding_blocks={num_blocks[LayerKind.SLIDING]} is below one "
                              f"sequence's ring of {ring_blocks} blocks")
-    if LayerKind.FULL in kinds:
+    if LayerKind.FULL in max_blocks_per_seq:
         if config.num_full_blocks is not None:
             num_blocks[LayerKind.FULL] = config.num_full_blocks
         else:
@@ -253,10 +254,10 @@ def _pool_sizes(config: EngineConfig, specs: list[KVLayerSpec], sliding_window: 
                 specs, LayerKind.SLIDING, config.block_size, dtype)
             num_blocks[LayerKind.FULL] = max(0, config.kv_cache_memory_bytes - sliding_bytes) // block_bytes(
                 specs, LayerKind.FULL, config.block_size, dtype)
-        needed = blocks_for(config.max_model_len, config.block_size)
-        if num_blocks[LayerKind.FULL] < needed:
+        if num_blocks[LayerKind.FULL] < max_blocks_per_seq[LayerKind.FULL]:
             raise ValueError(f"KV budget gives {num_blocks[LayerKind.FULL]} full-attention blocks, below the "
-                             f"{needed} one max_model_len={config.max_model_len} sequence needs")
+                             f"{max_blocks_per_seq[LayerKind.FULL]} one max_model_len={config.max_model_len} "
+                             "sequence needs")
     return num_blocks
 
 

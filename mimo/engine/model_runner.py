@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mimo.engine.kv_cache import KVCache
-from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata
+from mimo.engine.kv_cache import KVCache, LayerKind
+from mimo.engine.paged_attention import DeviceBlockTables, PagedAttention, PagedAttentionMetadata
 from mimo.engine.sampling import Sampler, SamplingParams
 from mimo.engine.scheduler import ScheduledChunk
 from mimo.engine.transfer import to_device
@@ -37,12 +37,14 @@ class ModelInputs:
 
 class ModelRunner:
     def __init__(self, model: MiMoV2ForCausalLM, kv_cache: KVCache, sampler: Sampler, sliding_window: int | None,
-                 device: torch.device):
+                 max_num_seqs: int, max_blocks_per_seq: dict[LayerKind, int], device: torch.device):
         self.model = model
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.sliding_window = sliding_window
         self.device = device
+        self.block_tables = {kind: DeviceBlockTables(kind, max_num_seqs, max_blocks_per_seq[kind], device)
+                             for kind in kv_cache.kinds}
 
     def prepare(self, chunks: list[ScheduledChunk]) -> ModelInputs:
         input_ids: list[int] = []
@@ -61,7 +63,7 @@ class ModelRunner:
         attention = PagedAttentionMetadata.build(
             starts=[c.start for c in chunks],
             counts=[c.num_tokens for c in chunks],
-            block_tables={kind: [c.seq.block_tables[kind] for c in chunks] for kind in self.kv_cache.kinds},
+            block_tables={kind: tables.tables([c.seq for c in chunks]) for kind, tables in self.block_tables.items()},
             block_size=self.kv_cache.block_size,
             sliding_window=self.sliding_window,
             device=self.device,

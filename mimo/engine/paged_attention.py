@@ -1,7 +1,7 @@
 """Attention over the paged KV pools: the engine's `AttentionBackend`.
 
-Per step the model runner builds one `PagedAttentionMetadata` (all index tensors on the device, from a few host
-lists, with no device->host sync); every layer then writes its new k/v at the step's slots and attends each
+Per step the model runner builds one `PagedAttentionMetadata` (all index tensors on the device, from the
+`DeviceBlockTables` and a few host lists, with no device->host sync); every layer then writes its new k/v at the step's slots and attends each
 sequence's queries over that sequence's cached keys. The per-sequence gather + `attention_with_sinks` loop is the
 CPU reference path; a varlen GPU kernel with sinks replaces `PagedAttention._attend_cached` later, reading the same
 slots (or the block tables they come from) without touching the scheduler.
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mimo.engine.kv_cache import KVCache, LayerKind
+from mimo.engine.sequence import Sequence, SequenceStatus
 from mimo.engine.transfer import to_device
 from mimo.models.attention import attention_with_sinks
 
@@ -36,21 +37,22 @@ class PagedAttentionMetadata:
     sliding_window: int | None
 
     @classmethod
-    def build(cls, starts: list[int], counts: list[int], block_tables: dict[LayerKind, list[list[int]]],
-              block_size: int, sliding_window: int | None, device: torch.device) -> PagedAttentionMetadata:
+    def build(cls, starts: list[int], counts: list[int],
+              block_tables: dict[LayerKind, tuple[torch.Tensor, torch.Tensor]], block_size: int,
+              sliding_window: int | None, device: torch.device) -> PagedAttentionMetadata:
         """Index tensors for sequences that compute tokens `[starts[i], starts[i] + counts[i])` this step.
 
-        A block table maps logical block `b` of a sequence to physical block `table[b % len(table)]`: the identity
-        for full-attention tables, the ring for sliding ones (their positions outside the window are never read).
+        `block_tables[kind]` = (tables `[B, width]`, lengths `[B]`). A table maps logical block `b` of a sequence to
+        physical block `table[b % length]`: the identity for full-attention tables, the ring for sliding ones (whose
+        positions outside the window are never read).
         """
         ends = [s + n for s, n in zip(starts, counts)]
         query_seq, query_positions = _flat_ranges(starts, counts, device)
         pools = {}
-        for kind, tables in block_tables.items():
+        for kind, (table, table_lens) in block_tables.items():
             key_starts = [0] * len(starts) if kind is LayerKind.FULL else [max(0, s - sliding_window) for s in starts]
             key_counts = [e - s for s, e in zip(key_starts, ends)]
             key_seq, key_positions = _flat_ranges(key_starts, key_counts, device)
-            table, table_lens = _padded(tables, device)
             pools[kind] = PoolMetadata(
                 slot_mapping=_slots(table, table_lens, query_seq, query_positions, block_size),
                 key_slots=_slots(table, table_lens, key_seq, key_positions, block_size),
@@ -58,6 +60,49 @@ class PagedAttentionMetadata:
                 key_counts=key_counts,
             )
         return cls(query_positions, counts, pools, sliding_window)
+
+
+@dataclass(slots=True)
+class _Row:
+    index: int
+    blocks: list[int]  # the sequence's block table this row mirrors
+    num_copied: int
+
+
+class DeviceBlockTables:
+    """One pool's block tables of the running sequences, mirrored on the device, one row per sequence.
+
+    While a sequence runs its table only grows, so a step copies just the block ids appended since the previous
+    step instead of every table. A sequence that stopped running gives its row back; one readmitted after
+    preemption holds a new table (the block manager replaces the list when it frees) and is copied afresh.
+    """
+
+    def __init__(self, kind: LayerKind, num_rows: int, max_blocks: int, device: torch.device):
+        self.kind = kind
+        self.table = torch.zeros(num_rows, max_blocks, dtype=torch.int32, device=device)
+        self._free_rows = list(range(num_rows))
+        self._rows: dict[Sequence, _Row] = {}
+
+    def tables(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables `[B, width]` (int64; entries past a table's length are stale) and lengths `[B]` of running `seqs`."""
+        for seq in [s for s in self._rows if s.status is not SequenceStatus.RUNNING]:
+            self._free_rows.append(self._rows.pop(seq).index)
+        rows, cols, blocks = [], [], []
+        for seq in seqs:
+            table = seq.block_tables[self.kind]
+            row = self._rows.get(seq)
+            if row is None or row.blocks is not table:
+                row = self._rows[seq] = _Row(self._free_rows.pop() if row is None else row.index, table, 0)
+            rows += [row.index] * (len(table) - row.num_copied)
+            cols += range(row.num_copied, len(table))
+            blocks += table[row.num_copied:]
+            row.num_copied = len(table)
+        device = self.table.device
+        if blocks:
+            self.table[to_device(rows, device), to_device(cols, device)] = to_device(blocks, device, torch.int32)
+        lengths = [len(seq.block_tables[self.kind]) for seq in seqs]
+        row_index = to_device([self._rows[seq].index for seq in seqs], device)
+        return self.table[row_index, :max(lengths)].long(), to_device(lengths, device)
 
 
 def _flat_ranges(starts: list[int], counts: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,13 +113,6 @@ def _flat_ranges(starts: list[int], counts: list[int], device: torch.device) -> 
     seq = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_t, output_size=total)
     offsets = torch.cumsum(counts_t, 0) - counts_t  # [B] first flat index of each sequence
     return seq, torch.arange(total, device=device) - offsets[seq] + starts_t[seq]
-
-
-def _padded(tables: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block tables `[B, max_len]` (padded with 0) and their lengths `[B]`."""
-    width = max(len(t) for t in tables)
-    table = to_device([t + [0] * (width - len(t)) for t in tables], device)
-    return table, to_device([len(t) for t in tables], device)
 
 
 def _slots(table: torch.Tensor, table_lens: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor,
