@@ -27,8 +27,9 @@ def open_media(data: bytes, kind: str) -> Iterator[av.container.InputContainer]:
         raise MediaDecodeError(f"{kind} is empty (0 bytes)")
     options = {"format_whitelist": ",".join(ALLOWED_DEMUXERS), "protocol_whitelist": "none"}
     try:
-        container = av.open(io.BytesIO(data), mode="r", options=options)
-    except av.FFmpegError as exc:
+        # Metadata (titles, tags) is never used; undecodable bytes in it must not fail the file.
+        container = av.open(io.BytesIO(data), mode="r", options=options, metadata_errors="replace")
+    except (av.FFmpegError, ValueError) as exc:
         raise MediaDecodeError(
             f"cannot open {kind}: not a supported container ({', '.join(ALLOWED_DEMUXERS)}) or corrupt ({exc})"
         ) from exc
@@ -36,7 +37,7 @@ def open_media(data: bytes, kind: str) -> Iterator[av.container.InputContainer]:
         yield container
     except ProcessingError:
         raise
-    except ValueError as exc:  # av.FFmpegError, and PyAV's own checks (e.g. a stream changing format midway)
+    except (av.FFmpegError, ValueError) as exc:  # FFmpeg's errors (some are OSErrors) and PyAV's own checks
         raise MediaDecodeError(f"corrupt or truncated {kind}: {exc}") from exc
     finally:
         container.close()
