@@ -45,7 +45,8 @@ def decode_image(data: bytes, *, max_source_pixels: int) -> torch.Tensor:
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    # "transparency" covers palette images and single-colour keys of RGB / L images
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     if not has_alpha:
         return np.array(image.convert("RGB"))
     rgba = image.convert("RGBA")
