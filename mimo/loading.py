@@ -107,7 +107,10 @@ def _sub_config(ckpt: HubCheckpoint, key: str) -> dict:
 
 
 def build_module(build: Callable[[], nn.Module], dtype: torch.dtype, device: torch.device | str = "meta") -> nn.Module:
-    """Run `build()` with `device` and `dtype` as defaults (tensors a module pins to a dtype keep it)."""
+    """Run `build()` with `device` and `dtype` as defaults (tensors a module pins to a dtype keep it).
+
+    The default dtype is process-wide: build modules from one thread at a time.
+    """
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
