@@ -36,6 +36,8 @@ class ModelInputs:
 
 
 class ModelRunner:
+    """Flattens a step's chunks into model inputs, runs the forward over the paged KV and samples."""
+
     def __init__(self, model: MiMoV2ForCausalLM, kv_cache: KVCache, sampler: Sampler, sliding_window: int | None,
                  max_num_seqs: int, max_blocks_per_seq: dict[LayerKind, int], device: torch.device):
         self.model = model
@@ -47,6 +49,7 @@ class ModelRunner:
                              for kind in kv_cache.kinds}
 
     def prepare(self, chunks: list[ScheduledChunk]) -> ModelInputs:
+        """Reads the scheduled sequences (under the engine lock) into device inputs; T = tokens of all chunks."""
         input_ids: list[int] = []
         table_segments = []
         logits_indices = []

@@ -1,10 +1,10 @@
 """Attention over the paged KV pools: the engine's `AttentionBackend`.
 
-Per step the model runner builds one `PagedAttentionMetadata` (all index tensors on the device, from the
-`DeviceBlockTables` and a few host lists, with no device->host sync); every layer then writes its new k/v at the step's slots and attends each
-sequence's queries over that sequence's cached keys. The per-sequence gather + `attention_with_sinks` loop is the
-CPU reference path; a varlen GPU kernel with sinks replaces `PagedAttention._attend_cached` later, reading the same
-slots (or the block tables they come from) without touching the scheduler.
+Per step the model runner builds one `PagedAttentionMetadata` (index tensors on the device, from the
+`DeviceBlockTables` and a few host lists, with no device->host sync); every layer then writes its new k/v at the
+step's slots and attends each sequence's queries over that sequence's cached keys. The per-sequence gather +
+`attention_with_sinks` loop is the CPU reference path; a varlen GPU kernel with sinks replaces
+`PagedAttention._attend_cached` later, reading the same device block tables, without touching the scheduler.
 """
 
 from __future__ import annotations
