@@ -38,7 +38,9 @@ def quantize_blockwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = w.shape[-2:]
     blocks = _padded_blocks(w)  # [..., gR, 128, gC, 128]
     amax = blocks.abs().amax(dim=(-3, -1), keepdim=True).clamp(min=_AMAX_FLOOR)
-    scale = amax / FP8_MAX
+    # A tensor divisor keeps this a true division on every device (CUDA multiplies by the reciprocal of a Python
+    # scalar, 1 ulp off), so CPU and GPU produce bit-identical checkpoints.
+    scale = amax / amax.new_tensor(FP8_MAX)
     q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     q = q.reshape(*q.shape[:-4], q.shape[-4] * BLOCK, q.shape[-2] * BLOCK)[..., :rows, :cols]
     return q.contiguous(), scale.squeeze(-1).squeeze(-2)
