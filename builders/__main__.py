@@ -6,6 +6,7 @@ import importlib
 SUBCOMMANDS = {
     "tiny": "builders.tiny",
     "logits": "builders.logits",
+    "repository": "builders.repository",
 }
 
 

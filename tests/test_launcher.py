@@ -30,6 +30,8 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def initialize(self, args):
+        import ssl  # an extension module: loads only if the stub embeds this interpreter's own libpython
+
         pb_utils.Logger.log_info(f"stub interpreter: {sys.executable}")
 
     def execute(self, requests):
@@ -123,7 +125,8 @@ def test_environment_puts_this_interpreter_and_bundle_libraries_first():
     bundle = launcher.find_bundle()
     env = launcher.server_environment(bundle, {"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
-    assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [str(bundle.library_dir), "/opt/lib"]
+    expected = [str(bundle.library_dir), launcher.interpreter_library_dir(), "/opt/lib"]
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [p for p in expected if p]
 
 
 def test_missing_binary_is_a_clear_error(monkeypatch, capsys):

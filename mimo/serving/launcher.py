@@ -4,7 +4,8 @@ Every argument is passed through unchanged. The launcher only supplies what the 
 
 * a backend directory holding the Python backend plus the stub built for this interpreter (unless
   `--backend-directory` is given or `TRITON_BACKEND_DIR` is set);
-* the bundle's shared libraries on `LD_LIBRARY_PATH`;
+* the bundle's shared libraries on `LD_LIBRARY_PATH`, then this interpreter's `libpython` directory: the stub
+  links `libpython3.X.so`, and must load the build whose extension modules it will import, not the system's;
 * this interpreter's `bin` first on `PATH`, because the stub embeds the `python3` it finds there (and ignores
   `PYTHONPATH`), so models import the packages installed next to this interpreter;
 * a per-launch Python-backend shared-memory prefix, so the regions of a server that died without cleaning up
@@ -23,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -93,13 +95,17 @@ def _python_backend_config(args: list[str], key: str) -> str | None:
     return None
 
 
+def interpreter_library_dir() -> str | None:
+    """Where this interpreter's shared libpython lives (None for a statically linked interpreter)."""
+    return sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+
+
 def server_environment(bundle: ServerBundle, base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]).rstrip(os.pathsep)
-    if bundle.library_dir is not None:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(bundle.library_dir), env.get("LD_LIBRARY_PATH", "")) if p
-        )
+    library_path = [str(bundle.library_dir) if bundle.library_dir else None, interpreter_library_dir(),
+                    env.get("LD_LIBRARY_PATH")]  # fmt: skip
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in library_path if p)
     return env
 
 

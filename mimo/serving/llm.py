@@ -215,14 +215,19 @@ class GenerationLoop:
 
     def _run(self) -> None:
         while self._running.is_set():
-            if not self.engine.wait_for_work(timeout=self.cancellation_check_period_s):
-                continue
-            self._abort_cancelled()
-            outputs = self.engine.step()
-            for output in outputs:
-                self._dispatch(output)
-            if self.after_step is not None:
-                self.after_step()
+            try:
+                self._iterate()
+            except Exception:  # noqa: BLE001 - a dead loop would hang every request; log and keep serving
+                logger.exception("generation loop iteration failed")
+
+    def _iterate(self) -> None:
+        if not self.engine.wait_for_work(timeout=self.cancellation_check_period_s):
+            return
+        self._abort_cancelled()
+        for output in self.engine.step():
+            self._dispatch(output)
+        if self.after_step is not None:
+            self.after_step()
 
     def _abort_cancelled(self) -> None:
         now = time.monotonic()

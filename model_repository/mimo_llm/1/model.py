@@ -49,11 +49,12 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"mimo_llm on {device} ({dtype}), KV pools {self.engine.kv_stats()}")
 
     def _init_metrics(self):
-        kv = pb_utils.MetricFamily(
+        # a MetricFamily must outlive its Metric objects
+        self.kv_family = pb_utils.MetricFamily(
             name="mimo_kv_blocks", description="KV-cache blocks of mimo_llm per pool", kind=pb_utils.MetricFamily.GAUGE
         )
         self.kv_gauges = {
-            (pool, state): kv.Metric(labels={"pool": pool, "state": state})
+            (pool, state): self.kv_family.Metric(labels={"pool": pool, "state": state})
             for pool in self.engine.kv_stats()
             for state in ("free", "total")
         }

@@ -1,0 +1,115 @@
+"""`preprocessing` without Triton: user text + encoded media -> prompt-table input_ids and packed encoder inputs.
+
+Media arrive as the encoded files (PNG/JPEG/..., WAV/..., MP4/...). JSON transports (HTTP `generate_stream`)
+cannot carry raw bytes, so an item may instead be a `data:<mime>;base64,<payload>` URL; no supported file
+format starts with `data:`, so the two forms cannot be confused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from mimo.processing.errors import ProcessingError
+from mimo.processing.items import TENSOR_FIELDS, MediaItem, pack_items
+from mimo.processing.processor import MiMoProcessor
+
+MEDIA_INPUTS = {"image_bytes_input": "image", "audio_bytes_input": "audio", "video_bytes_input": "video"}
+
+# dtype and rank (without the batch dimension) of each packed encoder-input tensor; config.pbtxt declares the same
+PACKED_MEDIA_TENSORS: dict[str, tuple[type, int]] = {
+    "modality": (np.int8, 1),
+    "num_tokens": (np.int64, 1),
+    "pixel_values": (np.float32, 2),
+    "grid_thw": (np.int64, 2),
+    "pixel_values_videos": (np.float32, 2),
+    "video_grid_thw": (np.int64, 2),
+    "video_timestamps": (np.float64, 1),
+    "second_per_grid_ts": (np.float64, 1),
+    "mel": (np.float32, 2),
+    "audio_token_len": (np.int64, 1),
+    "segment_starts": (np.int64, 1),
+    "segment_lens": (np.int64, 1),
+    **{f"{name}_rows": (np.int64, 1) for name in TENSOR_FIELDS},
+}
+
+
+def decode_media_item(data: bytes, input_name: str, index: int) -> bytes:
+    """The encoded file itself, or the payload of a base64 `data:` URL."""
+    if not data:
+        raise ProcessingError(f"{input_name}[{index}] is empty")
+    if not data.startswith(b"data:"):
+        return data
+    header, sep, payload = data.partition(b",")
+    if not sep or not header.endswith(b";base64"):
+        raise ProcessingError(f"{input_name}[{index}] is a data URL but not 'data:<mime>;base64,<payload>'")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as error:
+        raise ProcessingError(f"{input_name}[{index}] has an invalid base64 payload ({error})") from None
+
+
+def user_messages(text: bytes, media: Mapping[str, Sequence[bytes]]) -> list[dict]:
+    """One user turn: the media parts (images, then audio, then video) followed by the text."""
+    try:
+        prompt = text.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ProcessingError(f"text_input is not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    if not prompt.strip():
+        raise ProcessingError("text_input is empty")
+    content = []
+    for input_name, kind in MEDIA_INPUTS.items():
+        for index, data in enumerate(media.get(input_name, ())):
+            content.append({"type": kind, kind: decode_media_item(data, input_name, index)})
+    content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]
+
+
+def stop_words_list(processor: MiMoProcessor, words: Sequence[bytes]) -> np.ndarray:
+    """TensorRT-LLM's `[1, 2, L]` stop-word format: concatenated ids, then each word's end offset (-1 padded)."""
+    ids, offsets = [], []
+    for index, word in enumerate(words):
+        try:
+            tokens = processor.encode_text(word.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ProcessingError(f"stop_words[{index}] is not valid UTF-8") from None
+        if not tokens:
+            raise ProcessingError(f"stop_words[{index}] is empty")
+        ids += tokens
+        offsets.append(len(ids))
+    width = max(1, len(ids))
+    return np.array([[ids + [0] * (width - len(ids)), offsets + [-1] * (width - len(offsets))]], dtype=np.int32)
+
+
+def packed_media(items: list[MediaItem]) -> dict[str, np.ndarray]:
+    """`pack_items` plus empty tensors (rows -1 per item) for absent fields: every output exists on every response."""
+    packed = pack_items(items)
+    for name in TENSOR_FIELDS:
+        if name not in packed:
+            dtype, rank = PACKED_MEDIA_TENSORS[name]
+            packed[name] = np.zeros((0,) * rank, dtype=dtype)
+            packed[f"{name}_rows"] = np.full(len(items), -1, dtype=np.int64)
+    return packed
+
+
+def preprocess_request(processor: MiMoProcessor, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every `preprocessing` output of one request (each with its batch dimension of 1) from its BYTES inputs."""
+    text = inputs.get("text_input")
+    if text is None or text.size != 1:
+        raise ProcessingError(f"text_input must hold exactly one string, got {0 if text is None else text.size}")
+    media = {name: list(inputs[name].reshape(-1)) for name in MEDIA_INPUTS if name in inputs}
+    prompt = processor.process(user_messages(text.reshape(-1)[0], media))
+    table_ids = processor.assign_prompt_table_ids(prompt)
+    tokenizer = processor.tokenizer
+    outputs = {
+        "input_ids": np.array([table_ids.input_ids], dtype=np.int32),
+        "input_lengths": np.array([[len(table_ids.input_ids)]], dtype=np.int32),
+        "end_id": np.array([[tokenizer.eos_token_id]], dtype=np.int32),
+        "pad_id": np.array([[tokenizer.pad_token_id]], dtype=np.int32),
+        "stop_words_list": stop_words_list(processor, list(inputs["stop_words"].reshape(-1)) if "stop_words" in inputs else []),
+    }
+    outputs.update({name: array[np.newaxis] for name, array in packed_media(prompt.items).items()})
+    return outputs

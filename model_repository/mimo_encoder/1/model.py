@@ -1,0 +1,48 @@
+"""mimo_encoder: batched image/video/audio encoding into per-request prompt tables, kept on the encoder's device."""
+
+import json
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from mimo.processing.errors import ProcessingError
+from mimo.serving.encode import PromptTableEncoder, load_multimodal_encoder, unpack_request
+from mimo.serving.triton_config import instance_device, model_parameter, torch_dtype
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config = json.loads(args["model_config"])
+        device = instance_device(args)
+        dtype = torch_dtype(model_parameter(model_config, "dtype"))
+        checkpoint_dir = model_parameter(model_config, "checkpoint_dir")
+        self.encoder = PromptTableEncoder(load_multimodal_encoder(checkpoint_dir, dtype, device))
+        self.input_names = [i["name"] for i in model_config["input"]]
+        pb_utils.Logger.log_info(f"mimo_encoder on {device} ({dtype})")
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        batch, batch_index = [], []
+        for index, request in enumerate(requests):
+            try:
+                arrays = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
+                batch.append(unpack_request(arrays))
+                batch_index.append(index)
+            except ProcessingError as error:
+                responses[index] = self._error(error)
+        for index, table in zip(batch_index, self.encoder.encode(batch)):
+            responses[index] = self._error(table) if isinstance(table, Exception) else self._table(table)
+        return responses
+
+    @staticmethod
+    def _table(table: torch.Tensor):
+        # DLPack keeps a GPU table on the GPU; Triton carves the output from its CUDA memory pool
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor.from_dlpack("prompt_embedding_table", table.unsqueeze(0).contiguous()),
+            pb_utils.Tensor("prompt_vocab_size", np.array([[table.shape[0]]], dtype=np.int32)),
+        ])
+
+    @staticmethod
+    def _error(error: Exception):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))

@@ -1,0 +1,36 @@
+"""preprocessing: user text + encoded media -> prompt-table input_ids for mimo_llm and packed inputs for mimo_encoder."""
+
+import json
+import traceback
+
+import triton_python_backend_utils as pb_utils
+
+from mimo.processing.errors import ProcessingError
+from mimo.processing.processor import MiMoProcessor
+from mimo.serving.triton_config import model_parameter
+from mimo.serving.preprocess import preprocess_request
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config = json.loads(args["model_config"])
+        self.processor = MiMoProcessor.from_checkpoint(model_parameter(model_config, "checkpoint_dir"))
+        self.input_names = [i["name"] for i in model_config["input"]]
+
+    def execute(self, requests):
+        return [self._preprocess(request) for request in requests]
+
+    def _preprocess(self, request):
+        inputs = {}
+        for name in self.input_names:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                inputs[name] = tensor.as_numpy()
+        try:
+            outputs = preprocess_request(self.processor, inputs)
+        except ProcessingError as error:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+        except Exception as error:  # noqa: BLE001 - fail this request only; the batch and the model go on
+            pb_utils.Logger.log_error(f"preprocessing failed: {traceback.format_exc()}")
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocessing failed: {error}"))
+        return pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in outputs.items()])
