@@ -1,0 +1,128 @@
+"""Engine throughput: prefill and decode tokens/s of `LLMEngine`, against the memory-bandwidth bound.
+
+Decode of a MoE model at small batch is bound by reading weights: every step reads the attention, dense-MLP and
+LM-head weights once, plus the weights of every expert some token in the batch routed to. This benchmark counts
+those bytes from the routing it actually observes, divides by the measured step time, and reports the ratio to the
+device-to-device copy bandwidth measured in the same run (the practical HBM limit).
+
+    python -m builders tiny --preset v2.5 --layers 4 --out /tmp/v25
+    python benchmarks/bench_engine.py --checkpoint /tmp/v25 --batch-sizes 1,8,32 --prompt-len 512 --decode-len 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from mimo.engine import EngineConfig, LLMEngine, SamplingParams
+from mimo.loading import load_language_model
+from mimo.models.moe import MiMoV2MoE
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 10) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    return repeats * 2 * src.numel() / (time.perf_counter() - start)
+
+
+class ExpertCounter:
+    """Records, per MoE layer and forward, how many distinct experts the batch routed to."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.distinct: list[int] = []
+        self.handles = [
+            m.gate.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, MiMoV2MoE)
+        ]
+
+    def _hook(self, module, inputs, output):
+        _, expert_ids = output  # [T, K]
+        self.distinct.append(int(torch.unique(expert_ids).numel()))
+
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes read once per step regardless of routing, bytes of one expert)."""
+    expert_bytes, dense = 0, 0
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            if ".experts.0." in name:
+                expert_bytes += p.numel() * p.element_size()
+        elif "embed_tokens" not in name:  # an embedding lookup reads rows, not the table
+            dense += p.numel() * p.element_size()
+    return dense, expert_bytes
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    model = load_language_model(args.checkpoint, dtype=torch.bfloat16, device=device)
+    dense_bytes, expert_bytes = weight_bytes(model)
+    counter = ExpertCounter(model)
+    peak = copy_bandwidth(device)
+    vocab = model.config.vocab_size
+    results = []
+    for batch in args.batch_sizes:
+        engine = LLMEngine(model, EngineConfig(
+            max_num_seqs=batch, max_num_batched_tokens=max(args.prompt_len, batch), block_size=16,
+            max_model_len=args.prompt_len + args.decode_len, kv_cache_memory_bytes=args.kv_gib << 30))
+        gen = torch.Generator().manual_seed(batch)
+        for i in range(batch):
+            prompt = torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist()
+            engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=args.decode_len, temperature=0.0))
+        # prefill: until every request has its first token
+        started, t0 = set(), time.perf_counter()
+        while len(started) < batch:
+            started.update(o.request_id for o in engine.step() if o.new_token_ids)
+        torch.cuda.synchronize(device)
+        prefill_s = time.perf_counter() - t0
+        # decode: steady state, all `batch` sequences decoding one token per step
+        counter.distinct.clear()
+        steps, t0 = 0, time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        torch.cuda.synchronize(device)
+        decode_s = time.perf_counter() - t0
+        moe_layers = sum(model.config.moe_layers)
+        experts_per_step = sum(counter.distinct) / max(1, steps)  # summed over layers
+        bytes_per_step = dense_bytes + experts_per_step * expert_bytes
+        step_s = decode_s / max(1, steps)
+        results.append({
+            "batch": batch,
+            "prompt_len": args.prompt_len,
+            "prefill_tok_s": round(batch * args.prompt_len / prefill_s, 1),
+            "decode_steps": steps,
+            "decode_step_ms": round(step_s * 1e3, 3),
+            "decode_tok_s": round(batch / step_s, 1),
+            "distinct_experts_per_moe_layer": round(experts_per_step / max(1, moe_layers), 1),
+            "weight_GB_per_step": round(bytes_per_step / 1e9, 3),
+            "achieved_GB_s": round(bytes_per_step / step_s / 1e9, 1),
+            "copy_bandwidth_GB_s": round(peak / 1e9, 1),
+            "fraction_of_bandwidth_bound": round(bytes_per_step / step_s / peak, 4),
+        })
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--decode-len", type=int, default=64)
+    parser.add_argument("--kv-gib", type=int, default=16)
+    parser.add_argument("--device", default="cuda")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
