@@ -5,21 +5,27 @@ LM-head weights once, plus the weights of every expert some token in the batch r
 those bytes from the routing it actually observes, divides by the measured step time, and reports the ratio to the
 device-to-device copy bandwidth measured in the same run (the practical HBM limit).
 
-    python -m builders tiny --preset v2.5 --layers 4 --out /tmp/v25
-    python benchmarks/bench_engine.py --checkpoint /tmp/v25 --batch-sizes 1,8,32 --prompt-len 512 --decode-len 64
+    python benchmarks/bench_engine.py --preset v2.5 --layers 4 --batch-sizes 1,8,32 --prompt-len 512
+    python benchmarks/bench_engine.py --checkpoint DIR ...      # a checkpoint instead of random weights
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
 
+from builders.presets import PRESETS, hub_config
+from builders.tiny import random_language_tensors
+from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, LLMEngine, SamplingParams
-from mimo.loading import load_language_model
+from mimo.loading import build_module, load_language_model
+from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.models.moe import MiMoV2MoE
+from mimo.processing.tokenizer_files import write_tiny_tokenizer
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 10) -> float:
@@ -62,9 +68,23 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return dense, expert_bytes
 
 
+def random_model(preset: str, num_layers: int, device: torch.device) -> MiMoV2ForCausalLM:
+    """A preset's geometry with random weights generated on `device` (no checkpoint on disk)."""
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        token_ids = write_tiny_tokenizer(tokenizer_dir)
+    hub = hub_config(PRESETS[preset], num_layers=num_layers, token_ids=token_ids, fp8=False, fused_qkv=True)
+    config = MiMoV2Config.from_hf_config(hub)
+    model = build_module(lambda: MiMoV2ForCausalLM(config), torch.bfloat16)  # meta
+    model.load_state_dict(dict(random_language_tensors(config, seed=0, device=device)), assign=True)
+    return model
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
-    model = load_language_model(args.checkpoint, dtype=torch.bfloat16, device=device)
+    if args.checkpoint:
+        model = load_language_model(args.checkpoint, dtype=torch.bfloat16, device=device)
+    else:
+        model = random_model(args.preset, args.layers, device)
     dense_bytes, expert_bytes = weight_bytes(model)
     counter = ExpertCounter(model)
     peak = copy_bandwidth(device)
@@ -115,7 +135,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", help="hub checkpoint dir; default: random weights of --preset")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="v2.5")
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-len", type=int, default=64)

@@ -106,7 +106,9 @@ def build_checkpoint(
     return out_dir
 
 
-def random_language_tensors(config: MiMoV2Config, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def random_language_tensors(
+    config: MiMoV2Config, seed: int, device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Canonical (split q/k/v) random LM + MTP weights in module order, one tensor at a time.
 
     Matrices ~ N(0, 1/fan_in) (about 0.016 at hidden 4096) keep activations O(1) and logits clearly non-uniform;
@@ -114,12 +116,12 @@ def random_language_tensors(config: MiMoV2Config, seed: int) -> Iterator[tuple[s
     the plain sigmoid ranking).
     """
     names = build_module(lambda: MiMoV2ForCausalLM(config), torch.float32).state_dict()  # meta: names + shapes
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     for name, meta in names.items():
         if name.endswith("norm.weight"):
-            yield name, torch.ones(meta.shape, dtype=STORAGE_DTYPE)
+            yield name, torch.ones(meta.shape, dtype=STORAGE_DTYPE, device=device)
             continue
-        noise = torch.randn(meta.shape, generator=generator)
+        noise = torch.randn(meta.shape, generator=generator, device=device)
         if name.endswith("e_score_correction_bias"):
             yield name, 0.1 * noise  # float32, as sglang keeps it
         elif meta.dim() == 2 and "embed_tokens" not in name:
