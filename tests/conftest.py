@@ -1,0 +1,32 @@
+"""Session fixtures for the serving tests: one tiny checkpoint, one real tritonserver over its rendered repository.
+
+MIMO_SERVING_DEVICE=gpu renders the repository for KIND_GPU (GPU machines); CI uses cpu.
+"""
+
+import os
+
+import pytest
+
+from builders.repository import RepositorySettings, render_repository
+from builders.tiny import build_checkpoint
+from triton_harness import TritonServer
+
+SERVING_DEVICE = os.environ.get("MIMO_SERVING_DEVICE", "cpu")
+SERVED_MAX_MODEL_LEN = 1024
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    settings = RepositorySettings(checkpoint=tiny_checkpoint, device=SERVING_DEVICE, max_batch=16, max_num_seqs=32,
+                                  max_model_len=SERVED_MAX_MODEL_LEN)  # fmt: skip
+    command = render_repository(settings, root / "model_repository")
+    server = TritonServer(root / "model_repository", root / "tritonserver.log", extra_args=command[2:]).start()
+    yield server
+    assert server.is_ready(), server.log_tail()
+    assert server.stop() == 0, server.log_tail()

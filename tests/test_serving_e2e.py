@@ -1,0 +1,234 @@
+"""The real tritonserver serving the rendered repository: streaming chat over gRPC and HTTP, batching, cancellation,
+bad requests. Tokens are compared with the same pipeline run offline (greedy decoding)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tokenizers import Tokenizer
+
+from client import GenerationError, GenerationSummary, MiMoClient
+from client.sample_media import sample_image, sample_tone
+from conftest import SERVED_MAX_MODEL_LEN, SERVING_DEVICE
+from mimo.serving.detokenize import IncrementalDetokenizer
+from mimo.serving.offline import OfflinePipeline
+
+PROTOCOLS = ["grpc", "http"]
+IMAGE, OTHER_IMAGE, TONE = sample_image((200, 40, 40)), sample_image((30, 60, 220), (64, 96)), sample_tone()
+QUESTION = "What do you see and hear?"
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_checkpoint):
+    return OfflinePipeline(tiny_checkpoint)
+
+
+def client_for(server, protocol: str, **kwargs) -> MiMoClient:
+    return MiMoClient(server.grpc_url if protocol == "grpc" else server.http_url, protocol, **kwargs)
+
+
+def run(client: MiMoClient, text: str, **kwargs) -> tuple[list[str], GenerationSummary]:
+    items = list(client.generate(text, **kwargs))
+    assert isinstance(items[-1], GenerationSummary)
+    return items[:-1], items[-1]
+
+
+def kv_blocks(server) -> dict[tuple[str, str], float]:
+    pattern = re.compile(r'^mimo_kv_blocks\{pool="(\w+)",state="(\w+)"\} (\S+)$', re.MULTILINE)
+    return {(pool, state): float(value) for pool, state, value in pattern.findall(server.metrics())}
+
+
+def wait_kv_all_free(server, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        blocks = kv_blocks(server)
+        pools = {pool for pool, _ in blocks}
+        if pools and all(blocks[pool, "free"] == blocks[pool, "total"] for pool in pools):
+            return blocks
+        if time.monotonic() > deadline:
+            raise AssertionError(f"KV blocks still held: {blocks}")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_streamed_reply_equals_offline_greedy(triton_server, offline, tiny_checkpoint, protocol):
+    expected = offline.generate(QUESTION, images=[IMAGE], audios=[TONE], max_tokens=12)
+    with client_for(triton_server, protocol) as client:
+        pieces, summary = run(client, QUESTION, images=[IMAGE], audios=[TONE], max_tokens=12, temperature=0.0)
+    assert summary.token_ids == expected
+    assert summary.responses == len(expected), "one response per token"
+    assert summary.finish_reason == "length"
+    detokenizer = IncrementalDetokenizer(Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")))
+    assert "".join(pieces) == detokenizer.decode(expected)
+    assert summary.ttft_s <= summary.latency_s
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_whole_reply_in_one_response(triton_server, offline, protocol):
+    expected = offline.generate(QUESTION, images=[IMAGE], audios=[TONE], max_tokens=12)
+    with client_for(triton_server, protocol) as client:
+        pieces, summary = run(client, QUESTION, images=[IMAGE], audios=[TONE], max_tokens=12, temperature=0.0,
+                              stream=False)  # fmt: skip
+    assert summary.responses == 1 and len(pieces) == 1
+    assert summary.token_ids == expected
+
+
+def test_media_through_system_shared_memory(triton_server, offline):
+    expected = offline.generate(QUESTION, images=[IMAGE], audios=[TONE], max_tokens=6)
+    with client_for(triton_server, "grpc", shared_memory="system") as client:
+        _, summary = run(client, QUESTION, images=[IMAGE], audios=[TONE], max_tokens=6, temperature=0.0)
+        assert summary.token_ids == expected
+        assert client._client.get_system_shared_memory_status().regions == {}  # released after the request
+
+
+def test_a_different_image_gives_a_different_continuation(triton_server):
+    with client_for(triton_server, "grpc") as client:
+        _, first = run(client, QUESTION, images=[IMAGE], max_tokens=16, temperature=0.0)
+        _, second = run(client, QUESTION, images=[OTHER_IMAGE], max_tokens=16, temperature=0.0)
+    assert first.token_ids != second.token_ids
+
+
+def test_prompt_tables_reach_the_llm_on_the_encoder_device(triton_server):
+    with client_for(triton_server, "grpc") as client:
+        run(client, QUESTION, images=[IMAGE], max_tokens=1, temperature=0.0)
+    counts = dict(re.findall(r'^mimo_prompt_tables\{device="([^"]+)"\} (\S+)$', triton_server.metrics(), re.MULTILINE))
+    # on a GPU deployment the table must never take a host round trip between mimo_encoder and mimo_llm
+    expected_device = "cuda:0" if SERVING_DEVICE == "gpu" else "cpu"
+    assert set(counts) == {expected_device} and float(counts[expected_device]) > 0
+
+
+def test_concurrent_requests_each_get_their_solo_output_and_free_all_kv(triton_server, offline):
+    requests = [
+        (f"Request {i}: " + "tell me more " * (i % 5), [IMAGE] if i % 3 == 0 else [], [TONE] if i % 4 == 0 else [],
+         4 + (i * 7) % 17)
+        for i in range(16)
+    ]  # fmt: skip
+    solo = [offline.generate(text, images=images, audios=audios, max_tokens=n) for text, images, audios, n in requests]
+
+    def serve(request):
+        text, images, audios, max_tokens = request
+        with client_for(triton_server, "grpc") as client:
+            return run(client, text, images=images, audios=audios, max_tokens=max_tokens, temperature=0.0)[1]
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        summaries = list(pool.map(serve, requests))
+    assert [s.token_ids for s in summaries] == solo
+    blocks = wait_kv_all_free(triton_server)
+    assert all(blocks[pool, "total"] > 0 for pool, _ in blocks)
+
+
+def test_stop_word_ends_the_reply(triton_server, offline, tiny_checkpoint):
+    tokenizer = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
+    greedy = offline.generate(QUESTION, max_tokens=16)
+    stop_text = next(tokenizer.decode([t]) for t in greedy[3:] if tokenizer.encode(tokenizer.decode([t])).ids == [t])
+    with client_for(triton_server, "grpc") as client:
+        _, summary = run(client, QUESTION, max_tokens=16, temperature=0.0, stop_words=[stop_text])
+    assert summary.finish_reason == "stop"
+    assert tokenizer.decode(summary.token_ids).endswith(stop_text)
+    assert len(summary.token_ids) < 16
+
+
+def test_cancelled_stream_frees_its_kv_at_once(triton_server):
+    """Cancels a streaming request to mimo_llm (the TensorRT-LLM-style model) after three tokens."""
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = []
+    for name, array in {"input_ids": np.arange(3, 40, dtype=np.int32)[None], "streaming": np.array([[True]]),
+                        "request_output_len": np.array([[SERVED_MAX_MODEL_LEN - 64]], dtype=np.int32)}.items():  # fmt: skip
+        inputs.append(grpcclient.InferInput(name, list(array.shape), "BOOL" if array.dtype == bool else "INT32"))
+        inputs[-1].set_data_from_numpy(array)
+    client.async_stream_infer("mimo_llm", inputs)
+    for _ in range(3):
+        result, error = responses.get(timeout=60)
+        assert error is None
+    assert kv_blocks(triton_server)["full", "free"] < kv_blocks(triton_server)["full", "total"]
+    client.stop_stream(cancel_requests=True)
+    wait_kv_all_free(triton_server)
+    client.close()
+
+
+def raw_grpc_error(server, arrays: dict[str, tuple[np.ndarray, str]]) -> str:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = []
+    for name, (array, datatype) in arrays.items():
+        inputs.append(grpcclient.InferInput(name, list(array.shape), datatype))
+        inputs[-1].set_data_from_numpy(array)
+    client.async_stream_infer("ensemble", inputs)
+    result, error = responses.get(timeout=60)
+    client.stop_stream()
+    client.close()
+    assert error is not None, "the server accepted a bad request"
+    return error.message()
+
+
+TEXT = (np.array([[b"Hi"]], dtype=np.object_), "BYTES")
+MAX_TOKENS = (np.array([[4]], dtype=np.int32), "INT32")
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"text_input": (np.array([[7]], dtype=np.int32), "INT32"), "max_tokens": MAX_TOKENS}, "text_input"),
+        ({"text_input": TEXT, "max_tokens": (np.array([[b"lots"]], dtype=np.object_), "BYTES")}, "max_tokens"),
+        ({"text_input": TEXT, "max_tokens": MAX_TOKENS, "temperature": (np.array([[np.nan]], np.float32), "FP32")},
+         "temperature"),
+        ({"text_input": TEXT}, "max_tokens"),
+    ],
+    ids=["text-as-int", "max-tokens-as-bytes", "nan-temperature", "missing-max-tokens"],
+)
+def test_wrong_tensors_through_the_raw_api_get_clear_errors(triton_server, arrays, message):
+    assert message in raw_grpc_error(triton_server, arrays)
+    assert_still_serving(triton_server)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"text": "   "}, "text_input is empty"),
+        ({"text": "Look", "images": [b"\x89PNG\r\n\x1a\n broken"]}, "image"),
+        ({"text": "Listen", "audios": [b"RIFF...."]}, "audio"),
+        ({"text": "Long", "max_tokens": SERVED_MAX_MODEL_LEN}, f"exceeds max_model_len {SERVED_MAX_MODEL_LEN}"),
+    ],
+    ids=["empty-text", "corrupt-image", "corrupt-audio", "beyond-context"],
+)
+def test_bad_requests_get_clear_errors_and_the_server_stays_up(triton_server, protocol, kwargs, message):
+    with client_for(triton_server, protocol) as client, pytest.raises(GenerationError) as error:
+        run(client, **{"max_tokens": 4, **kwargs})
+    assert message in str(error.value)
+    assert_still_serving(triton_server)
+
+
+def test_non_numeric_parameters_over_http_generate(triton_server):
+    body = json.dumps({"text_input": "Hi", "max_tokens": 4, "temperature": "hot"}).encode()
+    request = urllib.request.Request(f"http://{triton_server.http_url}/v2/models/ensemble/generate", data=body)
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=60)
+    assert "non-number" in error.value.read().decode()  # Triton's generate endpoint rejects it before any model
+    assert_still_serving(triton_server)
+
+
+def test_client_rejects_non_numeric_parameters_before_sending(triton_server):
+    with client_for(triton_server, "grpc") as client:
+        for bad in ({"max_tokens": "12"}, {"temperature": "hot"}, {"top_p": 2.0}, {"seed": -1}):
+            with pytest.raises(ValueError, match=next(iter(bad))):
+                client.generate("Hi", **bad)
+
+
+def assert_still_serving(server) -> None:
+    assert server.is_ready(), server.log_tail()
+    with client_for(server, "grpc") as client:
+        _, summary = run(client, "Still there?", max_tokens=2, temperature=0.0)
+    assert len(summary.token_ids) == 2
