@@ -7,6 +7,8 @@ SUBCOMMANDS = {
     "tiny": "builders.tiny",
     "logits": "builders.logits",
     "repository": "builders.repository",
+    "convert": "builders.convert",
+    "verify": "builders.verify",
 }
 
 

@@ -141,6 +141,10 @@ class HubCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype of a tensor, from its header: "BF16", "F32", "F8_E4M3", ..."""
+        return self._slice(name).get_dtype()
+
     def is_fp8(self, name: str) -> bool:
         return self._slice(name).get_dtype() == "F8_E4M3"
 
@@ -334,7 +338,8 @@ def atomic_directory(
     if target.exists() and any(target.iterdir()):
         if not any((target / f).is_file() for f in marker_files):
             raise FileExistsError(
-                f"{target} exists and is not a checkpoint directory (has none of {marker_files}); refusing to replace it"
+                f"{target} exists and is not a checkpoint directory (has none of {marker_files}); "
+                "refusing to replace it"
             )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
