@@ -15,6 +15,11 @@ SERVING_DEVICE = os.environ.get("MIMO_SERVING_DEVICE", "cpu")
 SERVED_MAX_MODEL_LEN = 1024
 
 
+def serving_settings(checkpoint) -> RepositorySettings:
+    return RepositorySettings(checkpoint=checkpoint, device=SERVING_DEVICE, max_batch=16, max_num_seqs=32,
+                              max_model_len=SERVED_MAX_MODEL_LEN)  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny")
@@ -23,9 +28,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def triton_server(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
-    settings = RepositorySettings(checkpoint=tiny_checkpoint, device=SERVING_DEVICE, max_batch=16, max_num_seqs=32,
-                                  max_model_len=SERVED_MAX_MODEL_LEN)  # fmt: skip
-    command = render_repository(settings, root / "model_repository")
+    command = render_repository(serving_settings(tiny_checkpoint), root / "model_repository")
     server = TritonServer(root / "model_repository", root / "tritonserver.log", extra_args=command[2:]).start()
     yield server
     assert server.is_ready(), server.log_tail()

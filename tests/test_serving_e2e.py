@@ -18,9 +18,10 @@ from tokenizers import Tokenizer
 
 from client import GenerationError, GenerationSummary, MiMoClient
 from client.sample_media import sample_image, sample_tone
-from conftest import SERVED_MAX_MODEL_LEN, SERVING_DEVICE
+from conftest import SERVED_MAX_MODEL_LEN, SERVING_DEVICE, serving_settings
 from mimo.serving.detokenize import IncrementalDetokenizer
 from mimo.serving.offline import OfflinePipeline
+from mimo.serving.triton_config import torch_dtype
 
 PROTOCOLS = ["grpc", "http"]
 IMAGE, OTHER_IMAGE, TONE = sample_image((200, 40, 40)), sample_image((30, 60, 220), (64, 96)), sample_tone()
@@ -29,7 +30,9 @@ QUESTION = "What do you see and hear?"
 
 @pytest.fixture(scope="module")
 def offline(tiny_checkpoint):
-    return OfflinePipeline(tiny_checkpoint)
+    """The served pipeline in-process, on the server's device and dtype."""
+    dtype = torch_dtype(serving_settings(tiny_checkpoint).resolved_dtype)
+    return OfflinePipeline(tiny_checkpoint, dtype, "cuda" if SERVING_DEVICE == "gpu" else "cpu")
 
 
 def client_for(server, protocol: str, **kwargs) -> MiMoClient:

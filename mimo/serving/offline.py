@@ -21,12 +21,13 @@ from mimo.serving.preprocess import PACKED_MEDIA_TENSORS, preprocess_request
 
 class OfflinePipeline:
     def __init__(self, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 max_model_len: int = 4096):  # fmt: skip
+                 kv_cache_memory_bytes: int = 256 * 2**20):  # fmt: skip
         self.processor = MiMoProcessor.from_checkpoint(checkpoint_dir)
         self.encoder = PromptTableEncoder(load_multimodal_encoder(checkpoint_dir, dtype, torch.device(device)))
         model = load_language_model(checkpoint_dir, dtype, device)
-        self.engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_num_batched_tokens=512,
-                                                    max_model_len=max_model_len, kv_cache_memory_bytes=64 * 2**20))  # fmt: skip
+        max_model_len = min(model.config.max_position_embeddings, 4096)
+        self.engine = LLMEngine(model, EngineConfig(max_num_seqs=1, max_num_batched_tokens=512, max_model_len=max_model_len,
+                                                    kv_cache_memory_bytes=kv_cache_memory_bytes))  # fmt: skip
 
     def generate(self, text: str, images: Sequence[bytes] = (), audios: Sequence[bytes] = (),
                  videos: Sequence[bytes] = (), max_tokens: int = 16) -> list[int]:  # fmt: skip

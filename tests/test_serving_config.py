@@ -1,0 +1,70 @@
+"""config.pbtxt templates, their rendering, and reading parameters back."""
+
+import re
+
+import pytest
+
+from builders.repository import MODELS, TEMPLATES, RepositorySettings, cuda_memory_pool_bytes, render_repository
+from mimo.serving.preprocess import PACKED_MEDIA_TENSORS
+from mimo.serving.triton_config import fill_template, model_parameter, template_placeholders
+
+
+def test_fill_template_substitutes_and_is_strict():
+    assert fill_template('a: ${x} b: "${y}"', {"x": 1, "y": "two"}) == 'a: 1 b: "two"'
+    with pytest.raises(KeyError, match=r"without a value: \['y'\]"):
+        fill_template("${x} ${y}", {"x": 1})
+    with pytest.raises(KeyError, match=r"without a placeholder: \['z'\]"):
+        fill_template("${x}", {"x": 1, "z": 2})
+    with pytest.raises(ValueError, match="malformed placeholder"):
+        template_placeholders("${x")
+
+
+def test_model_parameter_converts_and_names_problems():
+    config = {"name": "m", "parameters": {"n": {"string_value": "12"}, "flag": {"string_value": "no"}}}
+    assert model_parameter(config, "n", int) == 12
+    assert model_parameter(config, "flag", bool) is False
+    with pytest.raises(KeyError, match="model 'm' has no parameter 'missing'"):
+        model_parameter(config, "missing")
+    with pytest.raises(ValueError, match="parameter 'flag' must be int"):
+        model_parameter(config, "flag", int)
+
+
+def tensor_names(config_text: str, section: str) -> list[str]:
+    block = re.search(rf"^{section} \[(.*?)^\]", config_text, re.MULTILINE | re.DOTALL).group(1)
+    return re.findall(r'name: "(\w+)"', block)
+
+
+def test_packed_media_tensors_agree_across_preprocessing_encoder_and_ensemble():
+    preprocessing = (TEMPLATES / "preprocessing" / "config.pbtxt").read_text()
+    encoder = (TEMPLATES / "mimo_encoder" / "config.pbtxt").read_text()
+    ensemble = (TEMPLATES / "ensemble" / "config.pbtxt").read_text()
+    packed = list(PACKED_MEDIA_TENSORS)
+    assert tensor_names(preprocessing, "output")[-len(packed):] == packed
+    assert tensor_names(encoder, "input") == packed
+    for name in packed:
+        assert ensemble.count(f'{{ key: "{name}" value: "_media_{name}" }}') == 2  # produced once, consumed once
+
+
+def test_render_fills_every_placeholder(tiny_checkpoint, tmp_path):
+    command = render_repository(RepositorySettings(checkpoint=tiny_checkpoint), tmp_path / "repo")
+    assert command == ["tritonserver", f"--model-repository={(tmp_path / 'repo').resolve()}"]
+    for model in MODELS:
+        text = (tmp_path / "repo" / model / "config.pbtxt").read_text()
+        assert "${" not in text and f'name: "{model}"' in text
+        assert (tmp_path / "repo" / model / "1").is_dir()
+    llm = (tmp_path / "repo" / "mimo_llm" / "config.pbtxt").read_text()
+    assert "kind: KIND_CPU" in llm and 'string_value: "yes"' in llm and str(tiny_checkpoint.resolve()) in llm
+
+
+def test_gpu_render_keeps_tables_on_the_gpu_and_sizes_the_cuda_pool(tiny_checkpoint, tmp_path):
+    settings = RepositorySettings(checkpoint=tiny_checkpoint, device="gpu", max_batch=4, encoder_instances=2,
+                                  max_media_tokens=1000)  # fmt: skip
+    command = render_repository(settings, tmp_path / "repo")
+    hidden = 64  # the tiny preset
+    assert cuda_memory_pool_bytes(settings, hidden) == 2 * 2 * 4 * 1000 * hidden * 2  # bf16
+    assert command[-1] == f"--cuda-memory-pool-byte-size=0:{cuda_memory_pool_bytes(settings, hidden)}"
+    for model in ("mimo_encoder", "mimo_llm"):
+        text = (tmp_path / "repo" / model / "config.pbtxt").read_text()
+        assert "kind: KIND_GPU" in text and "TYPE_BF16" in text
+    assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS" value { string_value: "no" }' in (
+        tmp_path / "repo" / "mimo_llm" / "config.pbtxt").read_text()

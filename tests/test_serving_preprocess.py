@@ -1,0 +1,99 @@
+"""preprocessing and mimo_encoder cores: request tensors -> prompt-table ids + packed media -> per-request tables."""
+
+import base64
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from client.sample_media import sample_image, sample_tone
+from mimo.processing.errors import ProcessingError
+from mimo.processing.processor import MiMoProcessor
+from mimo.serving.encode import PromptTableEncoder, load_multimodal_encoder, unpack_request
+from mimo.serving.preprocess import PACKED_MEDIA_TENSORS, decode_media_item, preprocess_request, user_messages
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    return MiMoProcessor.from_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_checkpoint):
+    return PromptTableEncoder(load_multimodal_encoder(tiny_checkpoint, torch.float32, torch.device("cpu")))
+
+
+def request(text: bytes, **media) -> dict[str, np.ndarray]:
+    inputs = {"text_input": np.array([[text]], dtype=np.object_)}
+    inputs.update({name: np.array([items], dtype=np.object_) for name, items in media.items()})
+    return inputs
+
+
+def test_data_urls_carry_media_through_json_transports():
+    png = sample_image()
+    assert decode_media_item(b"data:image/png;base64," + base64.b64encode(png), "image_bytes_input", 0) == png
+    assert decode_media_item(png, "image_bytes_input", 0) == png
+    with pytest.raises(ProcessingError, match=r"image_bytes_input\[1\] has an invalid base64 payload"):
+        decode_media_item(b"data:image/png;base64,@@@", "image_bytes_input", 1)
+    with pytest.raises(ProcessingError, match="not 'data:<mime>;base64,<payload>'"):
+        decode_media_item(b"data:text/plain,hello", "image_bytes_input", 0)
+    with pytest.raises(ProcessingError, match=r"audio_bytes_input\[0\] is empty"):
+        decode_media_item(b"", "audio_bytes_input", 0)
+
+
+def test_user_turn_puts_media_before_the_text():
+    messages = user_messages(b"Hi", {"audio_bytes_input": [b"wav"], "image_bytes_input": [b"png"]})
+    assert [part["type"] for part in messages[0]["content"]] == ["image", "audio", "text"]
+    with pytest.raises(ProcessingError, match="not valid UTF-8"):
+        user_messages(b"\xff\xfe", {})
+    with pytest.raises(ProcessingError, match="text_input is empty"):
+        user_messages(b" \n", {})
+
+
+def test_outputs_map_placeholders_to_prompt_table_rows(processor):
+    outputs = preprocess_request(processor, request(b"Look and listen", image_bytes_input=[sample_image()],
+                                                    audio_bytes_input=[sample_tone()]))  # fmt: skip
+    for name, (dtype, rank) in PACKED_MEDIA_TENSORS.items():
+        assert outputs[name].dtype == dtype and outputs[name].ndim == rank + 1 and outputs[name].shape[0] == 1
+    ids = outputs["input_ids"][0]
+    rows = int(outputs["num_tokens"].sum())
+    table_ids = ids[ids >= processor.vocab_size] - processor.vocab_size
+    assert sorted(table_ids.tolist()) == list(range(rows))
+    assert outputs["input_lengths"][0, 0] == ids.size
+    assert outputs["end_id"][0, 0] == processor.tokenizer.eos_token_id
+    assert outputs["stop_words_list"].tolist() == [[[0], [-1]]]
+
+
+def test_stop_words_use_the_tensorrt_llm_layout(processor):
+    outputs = preprocess_request(processor, {**request(b"Hi"), "stop_words": np.array([[b"the end", b"!"]], np.object_)})
+    the_end, bang = processor.encode_text("the end"), processor.encode_text("!")
+    stops = outputs["stop_words_list"][0]
+    assert stops[0, : len(the_end) + len(bang)].tolist() == the_end + bang
+    assert stops[1, :2].tolist() == [len(the_end), len(the_end) + len(bang)]
+
+
+def test_exactly_one_text_input(processor):
+    with pytest.raises(ProcessingError, match="exactly one string, got 2"):
+        preprocess_request(processor, {"text_input": np.array([[b"a", b"b"]], dtype=np.object_)})
+
+
+def test_batched_encoding_equals_one_by_one_and_isolates_a_bad_request(processor, encoder):
+    def items(**media):
+        outputs = preprocess_request(processor, request(b"Hi", **media))
+        return unpack_request({name: outputs[name] for name in PACKED_MEDIA_TENSORS})
+
+    first = items(image_bytes_input=[sample_image()], audio_bytes_input=[sample_tone()])
+    second = items(image_bytes_input=[sample_image((0, 90, 0), (64, 128))])
+    text_only = items()
+    together = encoder.encode([first, second, text_only])
+    alone = [encoder.encode([r])[0] for r in (first, second, text_only)]
+    for batched, single, request_items in zip(together, alone, (first, second, text_only)):
+        assert batched.shape == (sum(i.num_tokens for i in request_items), 64)
+        torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+    assert together[2].shape[0] == 0
+
+    wrong_rows = [dataclasses.replace(first[0], num_tokens=first[0].num_tokens + 1), first[1]]
+    results = encoder.encode([second, wrong_rows])
+    torch.testing.assert_close(results[0], alone[1], rtol=1e-4, atol=1e-5)
+    assert isinstance(results[1], ProcessingError) and "encoder produced" in str(results[1])
