@@ -34,9 +34,13 @@ def open_store() -> dist.TCPStore:
     return dist.TCPStore(STORE_HOST, 0, is_master=True, wait_for_workers=False, timeout=_TIMEOUT)
 
 
-def init_rank(rank: int, world_size: int, store_port: int, device_type: str) -> RankContext:
-    """Join the process group of the launch whose store listens on `store_port`."""
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device(device_type)
+def rank_device(rank: int, device_type: str) -> torch.device:
+    """cuda:rank for CUDA ranks; the host for CPU ranks."""
+    return torch.device("cuda", rank) if device_type == "cuda" else torch.device(device_type)
+
+
+def init_rank(rank: int, world_size: int, store_port: int, device: torch.device) -> RankContext:
+    """Join the process group of the launch whose store listens on `store_port`, computing on `device`."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size == 1:
@@ -62,7 +66,7 @@ def spawn_ranks(worker: Callable[..., None], world_size: int, device_type: str, 
     re-raised here with its traceback. A world of one runs in the calling process, without a process group.
     """
     if world_size == 1:
-        worker(init_rank(0, 1, 0, device_type), *args)
+        worker(init_rank(0, 1, 0, rank_device(0, device_type)), *args)
         return
     if device_type == "cuda" and torch.cuda.device_count() < world_size:
         raise RuntimeError(f"{world_size} ranks need {world_size} CUDA devices, found {torch.cuda.device_count()}")
@@ -73,7 +77,7 @@ def spawn_ranks(worker: Callable[..., None], world_size: int, device_type: str, 
 
 
 def _run_rank(rank: int, worker: Callable[..., None], world_size: int, port: int, device_type: str, args) -> None:
-    ctx = init_rank(rank, world_size, port, device_type)
+    ctx = init_rank(rank, world_size, port, rank_device(rank, device_type))
     worker(ctx, *args)
     # No rank tears down its connections while a peer may still use them (gloo aborts on a closed peer).
     dist.barrier()

@@ -12,6 +12,7 @@ of two vocab x hidden matrices on every rank (2.5 GB in bf16 for V2.5).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -99,6 +100,16 @@ class Mapping:
                     f"moe_tp_size {self.moe_tp_size} does not divide "
                     f"moe_intermediate_size={config.moe_intermediate_size}"
                 )
+
+
+def rank_config(config: MiMoV2Config, tp: int) -> MiMoV2Config:
+    """`config` with the head counts one of `tp` ranks holds: what a rank's module is, and what sizes its KV cache."""
+    local = {}
+    for field in ("full_attention", "sliding_attention"):
+        spec = getattr(config, field)
+        geometry = rank_geometry(QKVGeometry(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim), tp)
+        local[field] = dataclasses.replace(spec, num_heads=geometry.num_heads, num_kv_heads=geometry.num_kv_heads)
+    return dataclasses.replace(config, **local)
 
 
 def rank_geometry(geometry: QKVGeometry, tp: int) -> QKVGeometry:

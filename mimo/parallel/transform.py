@@ -17,7 +17,7 @@ from mimo.models.decoder_layer import MiMoV2Attention, MiMoV2DecoderLayer
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.models.layers import SwiGLUMLP
 from mimo.models.moe import MiMoV2MoE
-from mimo.parallel.mapping import Mapping
+from mimo.parallel.mapping import Mapping, rank_config
 from mimo.weights.fused_qkv import QKVGeometry
 
 
@@ -26,11 +26,14 @@ def shard_language_model(
 ) -> MiMoV2ForCausalLM:
     """Make `model` (in place) the rank-`rank` part of a `mapping.world_size`-way model; returns it.
 
-    The replaced modules are created on the device and dtype of the ones they replace, uninitialised.
+    The replaced modules are created on the device and dtype of the ones they replace, uninitialised. `model.config`
+    becomes `rank_config(...)`: local head counts.
     """
     if mapping.world_size == 1:
         return model
     mapping.check_model(model.config)
+    # From here on the config describes this rank's module, so per-rank state (the KV cache) sizes itself.
+    model.config = model.model.config = rank_config(model.config, mapping.tp_size)
     layers: list[MiMoV2DecoderLayer] = list(model.model.layers)
     if model.model.mtp is not None:
         layers += list(model.model.mtp.layers)

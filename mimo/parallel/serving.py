@@ -1,0 +1,159 @@
+"""Tensor-parallel serving: rank 0 runs the engine, ranks 1..N-1 repeat every forward of its model.
+
+Rank 0 (the Triton model instance) keeps the scheduler, the KV block manager and sampling exactly as with one
+process. A forward pre-hook on its model first broadcasts the step (the token embeddings and the paged-attention
+index tensors); every other rank runs the same forward over its own KV cache, so all ranks meet at each all-reduce.
+Workers allocate KV pools of rank 0's block counts, so rank 0's block ids are valid on every rank. Embeddings are
+replicated, so prompt tables never leave rank 0; only rank 0 computes logits and samples.
+"""
+
+from __future__ import annotations
+
+import enum
+import multiprocessing
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mimo.engine.kv_cache import KVCache, LayerKind, kv_layer_specs
+from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata, PoolMetadata
+from mimo.models.language_model import MiMoV2ForCausalLM
+from mimo.parallel.deploy import DeployArtifact
+from mimo.parallel.distributed import RankContext, init_rank, open_store
+from mimo.parallel.loading import load_rank_language_model
+
+
+class _Command(enum.IntEnum):
+    STOP = 0
+    STEP = 1
+
+
+class StepChannel:
+    """Rank 0 -> all ranks: one paged-attention forward (3 broadcasts: sizes, int64 indices, embeddings)."""
+
+    def __init__(self, ctx: RankContext, kinds: list[LayerKind], hidden_size: int, dtype: torch.dtype):
+        self.ctx = ctx
+        self.kinds = kinds
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+
+    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _broadcast(self.ctx, tensor)
+
+    def send_step(self, metadata: PagedAttentionMetadata, input_embeds: torch.Tensor) -> None:
+        pools = [metadata.pools[kind] for kind in self.kinds]
+        device = input_embeds.device
+        sizes = [
+            _Command.STEP,
+            input_embeds.shape[0],
+            len(metadata.query_counts),
+            *(p.key_slots.numel() for p in pools),
+        ]
+        self._broadcast(torch.tensor(sizes, dtype=torch.long, device=device))
+        parts = [metadata.query_positions, torch.tensor(metadata.query_counts, device=device)]
+        for pool in pools:
+            parts += [
+                pool.slot_mapping,
+                pool.key_slots,
+                pool.key_positions,
+                torch.tensor(pool.key_counts, device=device),
+            ]
+        self._broadcast(torch.cat([p.long() for p in parts]))
+        self._broadcast(input_embeds.contiguous())
+
+    def send_stop(self) -> None:
+        self._broadcast(torch.tensor([_Command.STOP] + [0] * (2 + len(self.kinds)), device=self.ctx.device))
+
+    def receive(self, sliding_window: int | None) -> tuple[PagedAttentionMetadata, torch.Tensor] | None:
+        """The next step, or None when rank 0 stops."""
+        sizes = self._broadcast(torch.empty(3 + len(self.kinds), dtype=torch.long, device=self.ctx.device)).tolist()
+        if sizes[0] == _Command.STOP:
+            return None
+        num_tokens, num_seqs, key_sizes = sizes[1], sizes[2], sizes[3:]
+        total = num_tokens + num_seqs + sum(num_tokens + 2 * k + num_seqs for k in key_sizes)
+        flat = self._broadcast(torch.empty(total, dtype=torch.long, device=self.ctx.device))
+        part_sizes = [num_tokens, num_seqs] + [n for keys in key_sizes for n in (num_tokens, keys, keys, num_seqs)]
+        query_positions, query_counts, *pool_parts = flat.split(part_sizes)
+        pools = {}
+        for i, kind in enumerate(self.kinds):
+            slot_mapping, key_slots, key_positions, key_counts = pool_parts[4 * i : 4 * i + 4]
+            pools[kind] = PoolMetadata(slot_mapping, key_slots, key_positions, key_counts.tolist())
+        input_embeds = torch.empty(num_tokens, self.hidden_size, dtype=self.dtype, device=self.ctx.device)
+        self._broadcast(input_embeds)
+        return PagedAttentionMetadata(query_positions, query_counts.tolist(), pools, sliding_window), input_embeds
+
+
+class TensorParallelRanks:
+    """Rank 0's side of a tensor-parallel model instance: starts ranks 1..N-1 and drives them.
+
+    Usage: `ranks = TensorParallelRanks(deploy, devices, dtype)`; build the engine on `ranks.model`; then
+    `ranks.serve(kv_cache)` (the engine's); `ranks.shutdown()` at the end.
+    """
+
+    def __init__(self, deploy: str | Path, devices: list[torch.device], dtype: torch.dtype):
+        artifact = DeployArtifact.open(deploy)
+        world_size = artifact.mapping.world_size
+        artifact.check_layout(len(devices))
+        self._store = open_store()  # served by this process for as long as the ranks run
+        spawn = multiprocessing.get_context("spawn")
+        self._workers = [
+            spawn.Process(
+                target=_worker_main,
+                args=(rank, world_size, self._store.port, devices[rank], str(artifact.path), dtype),
+                name=f"mimo-tp-rank{rank}",
+                daemon=True,
+            )
+            for rank in range(1, world_size)
+        ]
+        for worker in self._workers:
+            worker.start()
+        self.ctx = init_rank(0, world_size, self._store.port, devices[0])
+        self.model = load_rank_language_model(artifact, 0, world_size, dtype, devices[0], group=self.ctx.group)
+        self._channel: StepChannel | None = None
+
+    def serve(self, kv_cache: KVCache) -> None:
+        """Give the workers `kv_cache`'s geometry and announce every later forward of `self.model` to them."""
+        num_blocks = [kv_cache.k[[s.kind for s in kv_cache.specs].index(kind)].shape[0] for kind in kv_cache.kinds]
+        _broadcast(self.ctx, torch.tensor([kv_cache.block_size, *num_blocks], device=self.ctx.device))
+        self._channel = StepChannel(self.ctx, kv_cache.kinds, self.model.config.hidden_size, kv_cache.k[0].dtype)
+        self.model.register_forward_pre_hook(self._announce)
+
+    def _announce(self, module: MiMoV2ForCausalLM, args: tuple) -> None:
+        positions, attn, input_embeds = args
+        if not isinstance(attn, PagedAttention):
+            raise TypeError(f"a tensor-parallel rank-0 model runs engine steps (PagedAttention), got {type(attn)}")
+        for rank, worker in enumerate(self._workers, start=1):
+            if not worker.is_alive():  # a collective would wait for it until the timeout
+                raise RuntimeError(f"tensor-parallel rank {rank} exited (code {worker.exitcode})")
+        self._channel.send_step(attn.metadata, input_embeds)
+
+    def shutdown(self) -> None:
+        if self._channel is not None:
+            self._channel.send_stop()
+        dist.barrier(group=self.ctx.group)
+        dist.destroy_process_group()
+        for worker in self._workers:
+            worker.join()
+
+
+def _broadcast(ctx: RankContext, tensor: torch.Tensor) -> torch.Tensor:
+    dist.broadcast(tensor, src=0, group=ctx.group)
+    return tensor
+
+
+@torch.inference_mode()
+def _worker_main(rank: int, world_size: int, port: int, device: torch.device, deploy: str, dtype: torch.dtype) -> None:
+    ctx = init_rank(rank, world_size, port, device)
+    model = load_rank_language_model(deploy, rank, world_size, dtype, device, group=ctx.group)
+    specs = kv_layer_specs(model.config)
+    kinds = [kind for kind in LayerKind if any(s.kind is kind for s in specs)]
+    block_size, *num_blocks = _broadcast(ctx, torch.empty(1 + len(kinds), dtype=torch.long, device=device)).tolist()
+    kv_cache = KVCache(specs, dict(zip(kinds, num_blocks, strict=True)), block_size, dtype, device)
+    channel = StepChannel(ctx, kinds, model.config.hidden_size, dtype)
+    sliding_window = model.config.sliding_attention.sliding_window if LayerKind.SLIDING in kinds else None
+    while (step := channel.receive(sliding_window)) is not None:
+        metadata, input_embeds = step
+        model(metadata.query_positions, PagedAttention(kv_cache, metadata), input_embeds)
+    dist.barrier(group=ctx.group)
+    dist.destroy_process_group()
