@@ -23,6 +23,8 @@ from mimo.parallel.deploy import DeployArtifact
 from mimo.parallel.distributed import RankContext, init_rank, open_store
 from mimo.parallel.loading import load_rank_language_model
 
+_JOIN_TIMEOUT_S = 30  # a worker that got STOP exits at once; one stuck in a collective is terminated
+
 
 class _Command(enum.IntEnum):
     STOP = 0
@@ -87,8 +89,9 @@ class StepChannel:
 class TensorParallelRanks:
     """Rank 0's side of a tensor-parallel model instance: starts ranks 1..N-1 and drives them.
 
-    Usage: `ranks = TensorParallelRanks(deploy, devices, dtype)`; build the engine on `ranks.model`; then
-    `ranks.serve(kv_cache)` (the engine's); `ranks.shutdown()` at the end.
+    Usage: `ranks = TensorParallelRanks(deploy, devices, dtype)` (`devices[r]`: rank r's device); build the engine
+    on `ranks.model`; `ranks.serve(engine.runner.kv_cache)`; `ranks.shutdown()` at the end. A one-rank artifact
+    runs in this process alone.
     """
 
     def __init__(self, deploy: str | Path, devices: list[torch.device], dtype: torch.dtype):
@@ -106,14 +109,20 @@ class TensorParallelRanks:
             )
             for rank in range(1, world_size)
         ]
+        self._channel: StepChannel | None = None
         for worker in self._workers:
             worker.start()
-        self.ctx = init_rank(0, world_size, self._store.port, devices[0])
-        self.model = load_rank_language_model(artifact, 0, world_size, dtype, devices[0], group=self.ctx.group)
-        self._channel: StepChannel | None = None
+        try:
+            self.ctx = init_rank(0, world_size, self._store.port, devices[0])
+            self.model = load_rank_language_model(artifact, 0, world_size, dtype, devices[0], group=self.ctx.group)
+        except BaseException:
+            self._terminate_workers()
+            raise
 
     def serve(self, kv_cache: KVCache) -> None:
         """Give the workers `kv_cache`'s geometry and announce every later forward of `self.model` to them."""
+        if not self._workers:
+            return
         num_blocks = [kv_cache.k[[s.kind for s in kv_cache.specs].index(kind)].shape[0] for kind in kv_cache.kinds]
         _broadcast(self.ctx, torch.tensor([kv_cache.block_size, *num_blocks], device=self.ctx.device))
         self._channel = StepChannel(self.ctx, kv_cache.kinds, self.model.config.hidden_size, kv_cache.k[0].dtype)
@@ -123,18 +132,33 @@ class TensorParallelRanks:
         positions, attn, input_embeds = args
         if not isinstance(attn, PagedAttention):
             raise TypeError(f"a tensor-parallel rank-0 model runs engine steps (PagedAttention), got {type(attn)}")
-        for rank, worker in enumerate(self._workers, start=1):
-            if not worker.is_alive():  # a collective would wait for it until the timeout
-                raise RuntimeError(f"tensor-parallel rank {rank} exited (code {worker.exitcode})")
+        self._check_workers()  # a collective would wait for a dead rank until the timeout
         self._channel.send_step(attn.metadata, input_embeds)
 
+    def _check_workers(self) -> None:
+        for rank, worker in enumerate(self._workers, start=1):
+            if not worker.is_alive():
+                raise RuntimeError(f"tensor-parallel rank {rank} exited (code {worker.exitcode})")
+
     def shutdown(self) -> None:
-        if self._channel is not None:
-            self._channel.send_stop()
-        dist.barrier(group=self.ctx.group)
-        dist.destroy_process_group()
+        """Stop the workers (after the engine's last step) and leave the process group."""
+        if not self._workers:
+            return
+        try:
+            self._check_workers()
+            if self._channel is not None:
+                self._channel.send_stop()
+            dist.barrier(group=self.ctx.group)
+            dist.destroy_process_group()
+        finally:
+            self._terminate_workers()
+
+    def _terminate_workers(self) -> None:
         for worker in self._workers:
-            worker.join()
+            worker.join(timeout=_JOIN_TIMEOUT_S)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
 
 
 def _broadcast(ctx: RankContext, tensor: torch.Tensor) -> torch.Tensor:
