@@ -18,6 +18,7 @@ import argparse
 import functools
 import json
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,22 +142,21 @@ def convert(
         for job in jobs:
             for rank_tensor, (shape, out_dtype) in zip(job.outputs, _output_specs(ckpt, job, keep_fp8), strict=True):
                 plans[rank_tensor.folder, rank_tensor.rank].extend(_file_entries(rank_tensor.name, out_dtype, shape))
-        writers = {
-            key: StreamingSafetensorsWriter(tmp / key[0] / rank_file_name(key[1]), planned, {"rank": str(key[1])})
-            for key, planned in plans.items()
-        }
-        try:
+        with ExitStack() as open_files:
+            writers = {
+                (folder, rank): open_files.enter_context(
+                    StreamingSafetensorsWriter(tmp / folder / rank_file_name(rank), planned, {"rank": str(rank)})
+                )
+                for (folder, rank), planned in plans.items()
+            }
             for job in tqdm(jobs, desc="language model", unit="tensor", disable=not progress):
                 source = _read_source(ckpt, job, config, keep_fp8)
                 for rank_tensor in job.outputs:
                     for name, tensor in _take(source, rank_tensor):
                         writers[rank_tensor.folder, rank_tensor.rank].write(name, tensor)
-                del source
+                del source  # before the next group is read
             for writer in writers.values():
                 writer.finish()
-        finally:
-            for writer in writers.values():
-                writer.__exit__(None, None, None)
         _write_json(tmp / LLM_DIR / "config.json", _llm_config(hub_config, config, mapping, keep_fp8))
         _write_json(tmp / MANIFEST_FILE, _manifest(tmp, ckpt.path, mapping, dtype))
     return out
