@@ -172,14 +172,14 @@ class MiMoClient:
     """One connection; runs one generation at a time (use one client per concurrent request)."""
 
     def __init__(self, url: str, protocol: str = "grpc", model: str = "ensemble", shared_memory: str = "none",
-                 cuda_device_id: int = 0):  # fmt: skip
+                 cuda_device_id: int = 0, llm_model: str = "mimo_llm"):  # fmt: skip
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         if shared_memory not in ("none", "system", "cuda"):
             raise ValueError(f"shared_memory must be 'none', 'system' or 'cuda', got {shared_memory!r}")
         if shared_memory != "none" and protocol != "grpc":
             raise ValueError("shared memory needs tensor inputs: use protocol='grpc' (HTTP generate takes JSON)")
-        self.url, self.protocol, self.model = url, protocol, model
+        self.url, self.protocol, self.model, self.llm_model = url, protocol, model, llm_model
         self.shared_memory, self.cuda_device_id = shared_memory, cuda_device_id
         self._client = grpcclient.InferenceServerClient(url) if protocol == "grpc" else None
 
@@ -231,8 +231,9 @@ class MiMoClient:
         responses: queue.Queue = queue.Queue()
         self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
         finished = False
+        request_id = uuid.uuid4().hex
         try:
-            self._client.async_stream_infer(self.model, inputs, outputs=outputs, request_id=uuid.uuid4().hex,
+            self._client.async_stream_infer(self.model, inputs, outputs=outputs, request_id=request_id,
                                             enable_empty_final_response=True)  # fmt: skip
             while not finished:
                 result, error = responses.get(timeout=RESPONSE_TIMEOUT_S)
@@ -243,8 +244,32 @@ class MiMoClient:
                 if result.as_numpy("text_output") is not None:
                     yield self._add_result(collector, result)
         finally:
-            # a consumer that stops early cancels its request, which frees its KV on the server
-            self._client.stop_stream(cancel_requests=not finished)
+            if not finished:  # the consumer stopped early
+                self._stop_llm_request(request_id)
+                _drain(responses)
+            self._client.stop_stream()
+
+    def _stop_llm_request(self, request_id: str) -> None:
+        """Ends our in-flight request on the LLM step, which frees its KV at once; the ensemble then finishes.
+
+        Triton 2.51 does not pass an ensemble's cancellation on to a step already running (and cancelling an
+        ensemble whose decoupled step still streams leaves it counted in flight), so the LLM model takes
+        TensorRT-LLM's `stop` for the request id the ensemble handed on. Sent on a second connection: a
+        tritonclient connection carries one stream.
+        """
+        done: queue.Queue = queue.Queue()
+        stop = grpcclient.InferInput("stop", [1, 1], "BOOL")
+        stop.set_data_from_numpy(np.array([[True]]))
+        with grpcclient.InferenceServerClient(self.url) as control:
+            control.start_stream(callback=lambda result, error: done.put((result, error)))
+            try:
+                control.async_stream_infer(self.llm_model, [stop], request_id=request_id,
+                                           enable_empty_final_response=True)  # fmt: skip
+                error = _drain(done)
+                if error is not None:
+                    raise GenerationError(f"stopping request {request_id} failed: {error.message()}")
+            finally:
+                control.stop_stream()
 
     @staticmethod
     def _add_result(collector: _Collector, result) -> str:
@@ -284,6 +309,14 @@ class MiMoClient:
                 ids = event["output_ids"]
                 yield collector.add(event["text_output"], ids if isinstance(ids, list) else [ids], event["finish_reason"])
         yield collector.summary()
+
+
+def _drain(responses: queue.Queue):
+    """Waits for a stream's final response, dropping everything before it; returns the error that ended it."""
+    while True:
+        result, error = responses.get(timeout=RESPONSE_TIMEOUT_S)
+        if error is not None or result.get_response().parameters["triton_final_response"].bool_param:
+            return error
 
 
 def _error_message(body: bytes) -> str:

@@ -160,6 +160,17 @@ def test_cancelled_stream_frees_its_kv_at_once(triton_server):
     client.close()
 
 
+def test_client_closing_an_ensemble_stream_frees_the_kv_at_once(triton_server):
+    with client_for(triton_server, "grpc") as client:
+        stream = client.generate(QUESTION, images=[IMAGE], max_tokens=SERVED_MAX_MODEL_LEN - 128, temperature=0.0)
+        for _ in range(3):
+            next(stream)
+        assert kv_blocks(triton_server)["full", "free"] < kv_blocks(triton_server)["full", "total"]
+        stream.close()
+        wait_kv_all_free(triton_server)
+    assert_still_serving(triton_server)
+
+
 def raw_grpc_error(server, arrays: dict[str, tuple[np.ndarray, str]]) -> str:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     responses: queue.Queue = queue.Queue()

@@ -159,6 +159,19 @@ def test_cancelled_request_frees_its_kv_at_once(loop):
     assert loop.num_active() == 0
 
 
+def test_stop_by_client_request_id_frees_its_kv(loop):
+    sink, other = ListSink(), ListSink()
+    loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=40, temperature=0.0), None, True), sink, "client-a")
+    loop.submit(LLMRequest(PROMPTS[1], SamplingParams(max_tokens=4, temperature=0.0), None, True), other, "client-b")
+    assert loop.abort_client_request("client-a") == 1
+    assert sink.done.wait(60) and sink.errors == [("request cancelled", True)]
+    assert other.done.wait(60) and other.responses[-1].finish_reason == "length"
+    assert loop.abort_client_request("client-a") == 0
+    with pytest.raises(InvalidRequestError, match="needs the request id"):
+        loop.abort_client_request("")
+    wait_all_free(loop.engine)
+
+
 def test_client_gone_aborts_the_request(loop):
     sink = ListSink(fail_sends=True)
     loop.submit(LLMRequest(PROMPTS[1], SamplingParams(max_tokens=40, temperature=0.0), None, True), sink)

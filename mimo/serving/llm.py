@@ -82,6 +82,11 @@ def parse_stop_words(stop_words_list: torch.Tensor) -> tuple[tuple[int, ...], ..
     return tuple(words)
 
 
+def is_stop_request(inputs: Mapping[str, torch.Tensor]) -> bool:
+    """TensorRT-LLM's `stop`: true asks to end the in-flight request that has this request's id."""
+    return "stop" in inputs and bool(_single(inputs, "stop"))
+
+
 def convert_llm_request(inputs: Mapping[str, torch.Tensor]) -> LLMRequest:
     """Triton request tensors (names of the `tensorrt_llm` model) -> `LLMRequest`; raises InvalidRequestError."""
     input_ids = inputs.get("input_ids")
@@ -153,6 +158,7 @@ class ResponseSink(Protocol):
 class _Active:
     sink: ResponseSink
     streaming: bool
+    client_id: str  # the Triton request id ("" if the client gave none); `stop` requests name it
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # generated tokens already sent (streaming)
 
@@ -195,12 +201,12 @@ class GenerationLoop:
             self.engine.abort(request_id)
             request.sink.send_error("the model is shutting down")
 
-    def submit(self, request: LLMRequest, sink: ResponseSink) -> str:
+    def submit(self, request: LLMRequest, sink: ResponseSink, client_id: str = "") -> str:
         """Queues a converted request; raises InvalidRequestError (nothing queued) if the engine refuses it."""
         with self._lock:
             request_id = f"req-{self._next_request}"
             self._next_request += 1
-            self._active[request_id] = _Active(sink, request.streaming)
+            self._active[request_id] = _Active(sink, request.streaming, client_id)
         try:
             self.engine.add_request(request_id, request.prompt_ids, request.sampling, request.prompt_table)
         except Exception:
@@ -208,6 +214,14 @@ class GenerationLoop:
                 del self._active[request_id]
             raise
         return request_id
+
+    def abort_client_request(self, client_id: str) -> int:
+        """Aborts the requests the client sent under `client_id` (TensorRT-LLM's `stop`); returns how many."""
+        if not client_id:
+            raise InvalidRequestError("a stop request needs the request id of the request to stop")
+        with self._lock:
+            matching = [rid for rid, request in self._active.items() if request.client_id == client_id]
+        return sum(self.engine.abort(rid) for rid in matching)
 
     def num_active(self) -> int:
         with self._lock:

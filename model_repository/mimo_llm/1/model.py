@@ -6,7 +6,7 @@ import triton_python_backend_utils as pb_utils
 
 from mimo.engine import LLMEngine
 from mimo.loading import load_language_model
-from mimo.serving.llm import GenerationLoop, LLMResponse, convert_llm_request, engine_config
+from mimo.serving.llm import GenerationLoop, LLMResponse, convert_llm_request, engine_config, is_stop_request
 from mimo.serving.triton_config import instance_device, model_parameter, torch_dtype, torch_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -28,6 +28,9 @@ class TritonResponseSink:
     def send_invalid(self, message: str) -> None:
         error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
         self._sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+
+    def send_final_empty(self) -> None:
+        self._sender.send(flags=FINAL)
 
     def is_cancelled(self) -> bool:
         return self._request.is_cancelled()
@@ -81,10 +84,16 @@ class TritonPythonModel:
         for request in requests:
             sink = TritonResponseSink(request)
             try:
-                llm_request = convert_llm_request(torch_inputs(request))
+                inputs = torch_inputs(request)
+                if is_stop_request(inputs):
+                    # an ensemble does not pass a client's cancellation on to this in-flight step; a stop does
+                    self.loop.abort_client_request(request.request_id())
+                    sink.send_final_empty()
+                    continue
+                llm_request = convert_llm_request(inputs)
                 if llm_request.prompt_table is not None:
                     self._count_prompt_table(llm_request.prompt_table)
-                self.loop.submit(llm_request, sink)
+                self.loop.submit(llm_request, sink, request.request_id())
             except ValueError as error:  # InvalidRequestError and bad tensor contents: this request only
                 sink.send_invalid(str(error))
         return None
