@@ -22,6 +22,7 @@ from conftest import SERVED_MAX_MODEL_LEN, SERVING_DEVICE, serving_settings
 from mimo.serving.detokenize import IncrementalDetokenizer
 from mimo.serving.offline import OfflinePipeline
 from mimo.serving.triton_config import torch_dtype
+from processing_media import encode_video
 
 PROTOCOLS = ["grpc", "http"]
 IMAGE, OTHER_IMAGE, TONE = sample_image((200, 40, 40)), sample_image((30, 60, 220), (64, 96)), sample_tone()
@@ -82,6 +83,14 @@ def test_whole_reply_in_one_response(triton_server, offline, protocol):
         pieces, summary = run(client, QUESTION, images=[IMAGE], audios=[TONE], max_tokens=12, temperature=0.0,
                               stream=False)  # fmt: skip
     assert summary.responses == 1 and len(pieces) == 1
+    assert summary.token_ids == expected
+
+
+def test_video_with_sound_equals_offline_greedy(triton_server, offline):
+    video = encode_video(2.0, 4)  # H.264 + AAC: vision rows and the sound track's audio rows
+    expected = offline.generate("What happens in the video?", videos=[video], max_tokens=8)
+    with client_for(triton_server, "grpc") as client:
+        _, summary = run(client, "What happens in the video?", videos=[video], max_tokens=8, temperature=0.0)
     assert summary.token_ids == expected
 
 

@@ -120,7 +120,7 @@ def loop(engine):
     loop = GenerationLoop(engine, cancellation_check_period_s=0.0)
     loop.start()
     yield loop
-    loop.stop()
+    loop.shutdown()
 
 
 PROMPTS = [[3, 17, 42, 8, 9], [11, 12], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
@@ -189,6 +189,6 @@ def test_stop_ends_unfinished_requests_with_an_error(engine):
     loop = GenerationLoop(engine)
     sink = ListSink()
     loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=40), None, True), sink)
-    loop.stop()  # never started: the request is still queued
+    loop.shutdown()  # never started: the request is still queued
     assert sink.errors == [("the model is shutting down", False)]
     wait_all_free(engine)

@@ -17,7 +17,6 @@ import torch
 
 from mimo.loading import load_audio_encoder, load_audio_tokenizer, load_vision_tower
 from mimo.models.multimodal_encoder import MiMoMultimodalEncoder
-from mimo.processing.errors import ProcessingError
 from mimo.processing.items import MediaItem, Modality, unpack_items
 from mimo.processing.placeholders import check_encoder_rows
 
@@ -54,7 +53,9 @@ class PromptTableEncoder:
         for items in requests:
             try:
                 results.append(self._encode_together([items])[0])
-            except (ProcessingError, ValueError) as error:
+            except Exception as error:  # noqa: BLE001 - this request's failure, reported to it alone
+                if not isinstance(error, ValueError):  # ProcessingError is a ValueError: bad input, not a fault
+                    logger.exception("encoding a request failed")
                 results.append(error)
         return results
 

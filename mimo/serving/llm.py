@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
+from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, RequestOutput, SamplingParams
 from mimo.serving.detokenize import DETOKENIZATION_WINDOW
 from mimo.serving.triton_config import model_parameter
 
@@ -190,7 +190,7 @@ class GenerationLoop:
         self._running.set()
         self._thread.start()
 
-    def stop(self) -> None:
+    def shutdown(self) -> None:
         """Stops stepping, aborts what is still running and ends those requests with an error."""
         self._running.clear()
         if self._thread.is_alive():
@@ -254,7 +254,7 @@ class GenerationLoop:
             if request.sink.is_cancelled():
                 self.engine.abort(request_id)
 
-    def _dispatch(self, output) -> None:
+    def _dispatch(self, output: RequestOutput) -> None:
         with self._lock:
             request = self._active.get(output.request_id)
             if output.finished:

@@ -45,4 +45,6 @@ class TritonPythonModel:
 
     @staticmethod
     def _error(error: Exception):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+        # ProcessingError and the towers' input checks are ValueErrors: the request was bad, not the model
+        code = pb_utils.TritonError.INVALID_ARG if isinstance(error, ValueError) else pb_utils.TritonError.INTERNAL
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(error).__name__}: {error}", code))

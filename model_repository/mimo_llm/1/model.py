@@ -1,6 +1,7 @@
 """mimo_llm: the continuous-batching engine behind TensorRT-LLM's `tensorrt_llm` tensor names (decoupled)."""
 
 import json
+import traceback
 
 import triton_python_backend_utils as pb_utils
 
@@ -96,7 +97,10 @@ class TritonPythonModel:
                 self.loop.submit(llm_request, sink, request.request_id())
             except ValueError as error:  # InvalidRequestError and bad tensor contents: this request only
                 sink.send_invalid(str(error))
+            except Exception as error:  # noqa: BLE001 - fail this request only; the others and the model go on
+                pb_utils.Logger.log_error(f"mimo_llm could not queue a request: {traceback.format_exc()}")
+                sink.send_error(f"{type(error).__name__}: {error}")
         return None
 
     def finalize(self):
-        self.loop.stop()
+        self.loop.shutdown()
