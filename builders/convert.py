@@ -149,17 +149,33 @@ def convert(
                 )
                 for (folder, rank), planned in plans.items()
             }
-            for job in tqdm(jobs, desc="language model", unit="tensor", disable=not progress):
+            release_after = _last_uses(ckpt, [_hub_names(job) for job in jobs])
+            for i, job in enumerate(tqdm(jobs, desc="language model", unit="tensor", disable=not progress)):
                 source = _read_source(ckpt, job, config, keep_fp8)
                 for rank_tensor in job.outputs:
                     for name, tensor in _take(source, rank_tensor):
                         writers[rank_tensor.folder, rank_tensor.rank].write(name, tensor)
                 del source  # before the next group is read
+                for shard in release_after.get(i, ()):
+                    ckpt.release(shard)
             for writer in writers.values():
                 writer.finish()
         _write_json(tmp / LLM_DIR / "config.json", _llm_config(hub_config, config, mapping, keep_fp8))
         _write_json(tmp / MANIFEST_FILE, _manifest(tmp, ckpt.path, mapping, dtype))
     return out
+
+
+def _hub_names(job: _Job) -> list[str]:
+    return [name for read in job.reads for name in (read.hub_name, read.scale_name) if name is not None]
+
+
+def _last_uses(ckpt: HubCheckpoint, reads: list[list[str]]) -> dict[int, list[Path]]:
+    """For each step of `reads`, the shards no later step reads (released then, so one shard or two stay mapped)."""
+    last_use = {ckpt.shard_of(name): step for step, names in enumerate(reads) for name in names}
+    release_after: dict[int, list[Path]] = {}
+    for shard, step in last_use.items():
+        release_after.setdefault(step, []).append(shard)
+    return release_after
 
 
 def _plan_jobs(ckpt: HubCheckpoint, config: MiMoV2Config, mapping: Mapping, names: list[str]) -> list[_Job]:
@@ -193,7 +209,8 @@ def _plan_jobs(ckpt: HubCheckpoint, config: MiMoV2Config, mapping: Mapping, name
                 index = None if split.parts == 1 else split.positions(shape[split.dim])
                 outputs.append(_RankTensor(folder, r, read.hub_name, split.dim, index))
         jobs.append(_Job((read,), None, tuple(outputs)))
-    return jobs
+    # Shard by shard: each shard is mapped once, and released after its last tensor.
+    return sorted(jobs, key=lambda job: ckpt.shard_of(job.reads[0].hub_name).name)
 
 
 def _qkv_job(
@@ -275,13 +292,16 @@ def _write_encoder(ckpt: HubCheckpoint, folder: Path, progress: bool) -> None:
             shutil.copyfile(file, folder / file.name)
     if (ckpt.path / AUDIO_TOKENIZER_DIR).is_dir():
         shutil.copytree(ckpt.path / AUDIO_TOKENIZER_DIR, folder / AUDIO_TOKENIZER_DIR)
-    names = ckpt.names(Role.VISION, Role.AUDIO)
+    names = sorted(ckpt.names(Role.VISION, Role.AUDIO), key=lambda name: ckpt.shard_of(name).name)
     if not names:
         return
     planned = [(name, _TORCH_DTYPES[ckpt.dtype(name)], ckpt.shape(name)) for name in names]
+    release_after = _last_uses(ckpt, [[name] for name in names])
     with StreamingSafetensorsWriter(folder / ENCODER_WEIGHTS, planned) as writer:
-        for name in tqdm(names, desc="encoders", unit="tensor", disable=not progress):
+        for i, name in enumerate(tqdm(names, desc="encoders", unit="tensor", disable=not progress)):
             writer.write(name, ckpt.tensor(name))
+            for shard in release_after.get(i, ()):
+                ckpt.release(shard)
         writer.finish()
 
 

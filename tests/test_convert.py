@@ -204,20 +204,31 @@ def test_failed_conversion_leaves_no_artifact(fused_fp8, deploy_tp2, tmp_path, m
 
 
 def test_at_most_one_source_tensor_group_in_memory(fused_fp8, tmp_path, monkeypatch):
-    """Every tensor read from the source is freed before the next group is read (a weight and its scale grid)."""
+    """Every tensor read from the source is freed before the next group is read (a weight and its scale grid), and
+    shards are read one after the other, each unmapped after its last tensor."""
     live, peak = [0], [0]
-    read = HubCheckpoint.tensor
+    shards_in_use, most_in_use = set(), [0]  # shards data was read from and that are not released yet
+    read, release = HubCheckpoint.tensor, HubCheckpoint.release
 
     def counting_read(self, name):
         tensor = read(self, name)
         live[0] += 1
         peak[0] = max(peak[0], live[0])
         weakref.finalize(tensor, lambda: live.__setitem__(0, live[0] - 1))
+        shards_in_use.add(self.shard_of(name))
+        most_in_use[0] = max(most_in_use[0], len(shards_in_use))
         return tensor
 
+    def counting_release(self, shard):
+        shards_in_use.discard(shard)
+        release(self, shard)
+
     monkeypatch.setattr(HubCheckpoint, "tensor", counting_read)
+    monkeypatch.setattr(HubCheckpoint, "release", counting_release)
     convert(fused_fp8, tmp_path / "d", tp=4, dtype="fp8", progress=False)
     assert peak[0] == 2 and live[0] == 0
+    assert len({HubCheckpoint(fused_fp8).shard_of(n) for n in HubCheckpoint(fused_fp8).names()}) > 4  # several, ...
+    assert most_in_use[0] <= 2 and not shards_in_use  # ... one at a time (a weight and its scale may straddle two)
 
 
 def test_streaming_writer_checks_the_plan(tmp_path):

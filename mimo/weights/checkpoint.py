@@ -133,6 +133,16 @@ class HubCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
 
+    def shard_of(self, name: str) -> Path:
+        """The file that holds tensor `name`."""
+        if name not in self._shard_of:
+            raise CheckpointError(f"tensor {name!r} is not in checkpoint {self.path}")
+        return self._shard_of[name]
+
+    def release(self, shard: Path) -> None:
+        """Unmap `shard` (a later read maps it again): a streaming reader keeps only its current shards resident."""
+        self._handles.pop(shard, None)
+
     def _slice(self, name: str):
         if name not in self._shard_of:
             raise CheckpointError(f"tensor {name!r} is not in checkpoint {self.path}")
