@@ -14,13 +14,21 @@ from mimo.parallel.loading import load_rank_language_model
 
 
 def parallel_logits(
-    deploy: str | Path, prompts: list[list[int]], device_type: str, dtype: torch.dtype = torch.float32
+    deploy: str | Path,
+    prompts: list[list[int]],
+    device_type: str,
+    dtype: torch.dtype = torch.float32,
+    *,
+    tp: int | None = None,
 ) -> list[torch.Tensor]:
     """float32 logits `[len(prompt), vocab]` of each prompt (whole sequence from position 0), on CPU.
 
     Spawns `mapping.world_size` processes (gloo on CPU, NCCL on CUDA, rank r on cuda:r); rank 0 reports.
+    `tp`, if given, must be the artifact's tensor-parallel size (DeployError otherwise).
     """
     artifact = DeployArtifact.open(deploy)
+    if tp is not None:
+        artifact.check_layout(tp, tp)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "logits.safetensors"
         spawn_ranks(

@@ -9,8 +9,10 @@ import pytest
 
 from builders.__main__ import main as builders_main
 from builders.convert import convert
+from builders.parallel_logits import parallel_logits
 from builders.tiny import build_checkpoint
 from builders.verify import verify
+from mimo.parallel.deploy import DeployError
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +27,11 @@ def converted(checkpoint, tmp_path, *, tp, ep=1, dtype="bf16"):
 def test_tp1_in_process(fused_fp8, tmp_path):
     report = verify(fused_fp8, converted(fused_fp8, tmp_path, tp=1), num_prompts=2)
     assert report.passed and report.weights_exact and report.max_logit_error <= 1e-4
+
+
+def test_logits_at_another_tp_is_refused(fused_fp8, tmp_path):
+    with pytest.raises(DeployError, match=r"converted for world size 2 .* being run with world size 4, tp 4"):
+        parallel_logits(converted(fused_fp8, tmp_path, tp=2), [[1, 2]], "cpu", tp=4)
 
 
 def test_tp2_cli(fused_fp8, tmp_path, capsys):

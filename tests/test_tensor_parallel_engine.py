@@ -1,6 +1,7 @@
 """The continuous-batching engine over a TP 2 deployment (rank 0 drives a gloo worker) generates what one process
 generates from the source checkpoint, through chunked prefill, decode, sliding rings and a prompt table."""
 
+import pytest
 import torch
 
 from builders.convert import convert
@@ -9,7 +10,7 @@ from mimo.engine import EngineConfig, LLMEngine
 from mimo.engine.engine import generate
 from mimo.engine.sampling import SamplingParams
 from mimo.loading import load_language_model
-from mimo.parallel.serving import TensorParallelRanks
+from mimo.parallel.serving import TensorParallelRanks, rank_devices
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
@@ -40,3 +41,11 @@ def test_tp2_engine_matches_one_process(tmp_path):
         assert generate(engine, prompts, GREEDY, tables) == expected
     finally:
         ranks.shutdown()
+
+
+def test_rank_devices():
+    cpu = torch.device("cpu")
+    assert rank_devices(cpu, 2) == [cpu, cpu]
+    assert rank_devices(torch.device("cuda", 2), 2, (2, 3)) == [torch.device("cuda", 2), torch.device("cuda", 3)]
+    with pytest.raises(ValueError, match=r"needs 2 GPUs for its ranks, the first being 2; got \[0, 1\]"):
+        rank_devices(torch.device("cuda", 2), 2, (0, 1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import multiprocessing
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -84,6 +85,19 @@ class StepChannel:
         input_embeds = torch.empty(num_tokens, self.hidden_size, dtype=self.dtype, device=self.ctx.device)
         self._broadcast(input_embeds)
         return PagedAttentionMetadata(query_positions, query_counts.tolist(), pools, sliding_window), input_embeds
+
+
+def rank_devices(instance_device: torch.device, world_size: int, rank_gpus: Sequence[int] = ()) -> list[torch.device]:
+    """Devices of ranks 0..N-1 of a model instance: all on the host for a CPU instance; on GPUs, `rank_gpus` (rank r on
+    `rank_gpus[r]`), whose first must be the GPU Triton placed the instance (rank 0) on."""
+    if instance_device.type != "cuda":
+        return [instance_device] * world_size
+    if len(rank_gpus) != world_size or rank_gpus[0] != instance_device.index:
+        raise ValueError(
+            f"a {world_size}-rank model instance on {instance_device} needs {world_size} GPUs for its ranks, the "
+            f"first being {instance_device.index}; got {list(rank_gpus)}"
+        )
+    return [torch.device("cuda", gpu) for gpu in rank_gpus]
 
 
 class TensorParallelRanks:
