@@ -254,8 +254,8 @@ class MiMoClient:
 
         Triton 2.51 does not pass an ensemble's cancellation on to a step already running (and cancelling an
         ensemble whose decoupled step still streams leaves it counted in flight), so the LLM model takes
-        TensorRT-LLM's `stop` for the request id the ensemble handed on. Sent on a second connection: a
-        tritonclient connection carries one stream.
+        TensorRT-LLM's `stop` for the request id the ensemble handed on (HTTP does the same in
+        `_generate_http`). Sent on a second connection: a tritonclient connection carries one stream.
         """
         done: queue.Queue = queue.Queue()
         stop = grpcclient.InferInput("stop", [1, 1], "BOOL")
@@ -288,27 +288,38 @@ class MiMoClient:
                 body[name] = decoded[0] if name == "text_input" else decoded
             else:
                 body[name] = values[0]
-        endpoint = "generate_stream" if stream else "generate"
-        request = urllib.request.Request(
-            f"http://{self.url}/v2/models/{self.model}/{endpoint}", data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"}, method="POST",
-        )  # fmt: skip
+        body["id"] = request_id = uuid.uuid4().hex
         collector = _Collector()
         try:
-            reply = urllib.request.urlopen(request, timeout=RESPONSE_TIMEOUT_S)
+            reply = self._post(f"{self.model}/{'generate_stream' if stream else 'generate'}", body)
         except urllib.error.HTTPError as error:
             raise GenerationError(_error_message(error.read())) from None
+        finished = False
         with reply:
             lines = reply if stream else [b"data:" + reply.read()]
-            for line in lines:
-                if not line.startswith(b"data:"):
-                    continue
-                event = json.loads(line[len(b"data:") :])
-                if "error" in event:
-                    raise GenerationError(event["error"])
-                ids = event["output_ids"]
-                yield collector.add(event["text_output"], ids if isinstance(ids, list) else [ids], event["finish_reason"])
+            try:
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    event = json.loads(line[len(b"data:") :])
+                    if "error" in event:
+                        finished = True
+                        raise GenerationError(event["error"])
+                    ids = event["output_ids"]
+                    finished = bool(event["finish_reason"])
+                    yield collector.add(event["text_output"], ids if isinstance(ids, list) else [ids],
+                                        event["finish_reason"])  # fmt: skip
+            finally:
+                if not finished:  # the consumer stopped early: end the LLM step, then let the stream finish
+                    self._post(f"{self.llm_model}/generate", {"id": request_id, "stop": True}).close()
+                    for _ in lines:
+                        pass
         yield collector.summary()
+
+    def _post(self, path: str, body: dict):
+        request = urllib.request.Request(f"http://{self.url}/v2/models/{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
+        return urllib.request.urlopen(request, timeout=RESPONSE_TIMEOUT_S)
 
 
 def _drain(responses: queue.Queue):

@@ -169,8 +169,9 @@ def test_cancelled_stream_frees_its_kv_at_once(triton_server):
     client.close()
 
 
-def test_client_closing_an_ensemble_stream_frees_the_kv_at_once(triton_server):
-    with client_for(triton_server, "grpc") as client:
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_client_closing_an_ensemble_stream_frees_the_kv_at_once(triton_server, protocol):
+    with client_for(triton_server, protocol) as client:
         stream = client.generate(QUESTION, images=[IMAGE], max_tokens=SERVED_MAX_MODEL_LEN - 128, temperature=0.0)
         for _ in range(3):
             next(stream)
