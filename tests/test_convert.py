@@ -156,6 +156,24 @@ def test_scale_grid_that_is_not_per_shard(fused_fp8, tmp_path):
         convert(copy, tmp_path / "d", tp=2, progress=False)
 
 
+def test_truncated_source_shard(fused_fp8, tmp_path):
+    copy = _copy(fused_fp8, tmp_path)
+    shard = copy / json.loads((copy / INDEX_FILE).read_text())["weight_map"]["model.layers.0.mlp.up_proj.weight"]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=rf"shard {shard.name} is not a readable safetensors file"):
+        convert(copy, tmp_path / "d", tp=2, progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+def test_inconsistent_mapping_in_the_artifact(deploy_tp2, tmp_path):
+    copy = _copy(deploy_tp2, tmp_path)
+    config = json.loads((copy / "llm/config.json").read_text())
+    config["mapping"]["moe_ep_size"] = 2  # moe_tp_size stays 2: 2 x 2 != tp_size 2
+    (copy / "llm/config.json").write_text(json.dumps(config))
+    with pytest.raises(MappingError, match="inconsistent mapping"):
+        DeployArtifact.open(copy)
+
+
 def test_fp8_output_needs_an_fp8_checkpoint(tmp_path):
     bf16 = build_checkpoint(tmp_path / "bf16")
     with pytest.raises(ValueError, match="--dtype fp8 needs an FP8 checkpoint"):
