@@ -58,8 +58,19 @@ def infer_echo(server: TritonServer) -> list[float]:
         return json.loads(reply.read())["outputs"][0]["data"]
 
 
-def shm_regions() -> set[str]:
-    return {p.name for p in Path("/dev/shm").iterdir() if "triton" in p.name}
+def server_binary_pid(server: TritonServer) -> int:
+    return next(p for p in descendants(server.process.pid) if Path(f"/proc/{p}/exe").resolve().name == "tritonserver")
+
+
+def shm_prefix(server: TritonServer) -> str:
+    """The Python-backend shared-memory prefix the launcher gave this server (other servers may run beside it)."""
+    arguments = Path(f"/proc/{server_binary_pid(server)}/cmdline").read_bytes().decode().split("\0")
+    (value,) = [a.split("shm-region-prefix-name=", 1)[1] for a in arguments if "shm-region-prefix-name=" in a]
+    return value
+
+
+def shm_regions(prefix: str) -> list[str]:
+    return [p.name for p in Path("/dev/shm").glob(prefix + "*")]
 
 
 def wait_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
@@ -71,20 +82,20 @@ def wait_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serves_python_model_and_stops_cleanly_on_signal(echo_repository, tmp_path, signum):
-    regions_before = shm_regions()
     server = TritonServer(echo_repository, tmp_path / "server.log").start()
     try:
         assert infer_echo(server) == [2.0, 4.0, 6.0]
         server_processes = descendants(server.process.pid)
         assert len(server_processes) >= 2, "expected tritonserver and its Python-backend stub"
-        assert shm_regions() - regions_before, "the Python backend should hold a shared-memory region while up"
+        prefix = shm_prefix(server)
+        assert prefix.startswith("mimo_triton_") and shm_regions(prefix), "the stub holds a region while up"
     finally:
         returncode = server.stop(signum)
     assert returncode == 0, server.log_tail()
     assert "Signal (%d) received" % signum in server.log()
     assert f"stub interpreter: {Path(sys.executable).parent}" in server.log()
     assert wait_gone(server_processes) == set()
-    assert shm_regions() - regions_before == set()
+    assert shm_regions(prefix) == []
 
 
 def test_launcher_killed_outright_still_stops_server(echo_repository, tmp_path):
@@ -96,14 +107,14 @@ def test_launcher_killed_outright_still_stops_server(echo_repository, tmp_path):
 
 
 def test_crashed_server_leaves_no_shared_memory(echo_repository, tmp_path):
-    regions_before = shm_regions()
     server = TritonServer(echo_repository, tmp_path / "server.log").start()
     server_processes = descendants(server.process.pid)
-    binary_pid = next(p for p in server_processes if Path(f"/proc/{p}/exe").resolve().name == "tritonserver")
-    os.kill(binary_pid, signal.SIGKILL)
+    prefix = shm_prefix(server)
+    assert shm_regions(prefix)
+    os.kill(server_binary_pid(server), signal.SIGKILL)
     assert server.process.wait(60) == 128 + signal.SIGKILL
     assert wait_gone(server_processes) == set()
-    assert shm_regions() - regions_before == set()
+    assert shm_regions(prefix) == []
 
 
 def test_user_backend_flags_pass_through_unchanged(tmp_path):
