@@ -31,9 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read(paths: list[Path]) -> list[bytes]:
+    return [path.read_bytes() for path in paths]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    read = lambda paths: [p.read_bytes() for p in paths]  # noqa: E731
     with MiMoClient(args.url, args.protocol, args.model, args.shared_memory) as client:
         try:
             for item in client.generate(

@@ -29,17 +29,10 @@ def free_ports(count: int) -> list[int]:
 class TritonServer:
     """One `tritonserver` launched via `python -m mimo.serving.launcher` on free ports."""
 
-    def __init__(
-        self,
-        model_repository: Path,
-        log_path: Path,
-        extra_args: list[str] = (),
-        env: dict[str, str] | None = None,
-    ):
+    def __init__(self, model_repository: Path, log_path: Path, extra_args: list[str] = ()):
         self.model_repository = Path(model_repository)
         self.log_path = Path(log_path)
         self.extra_args = list(extra_args)
-        self.env = env
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.process: subprocess.Popen | None = None
 
@@ -67,7 +60,7 @@ class TritonServer:
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> TritonServer:
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -96,7 +89,7 @@ class TritonServer:
         return "\n".join(self.log().splitlines()[-lines:])
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
-        """Signal the launcher and wait; returns its exit status. Kills the group only past the timeout."""
+        """Signals the launcher and waits; returns its exit status. Kills it only past the timeout."""
         if self.process is None:
             return 0
         if self.process.poll() is None:
@@ -109,9 +102,3 @@ class TritonServer:
                 self.process.wait()
                 raise RuntimeError(f"tritonserver did not stop within {STOP_TIMEOUT_S:.0f}s\n{self.log_tail()}")
         return self.process.returncode
-
-    def __enter__(self) -> TritonServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
