@@ -33,7 +33,7 @@ def test_tp2_engine_matches_one_process(tmp_path):
     tables = [None, None, None, table]
     expected = generate(LLMEngine(reference, engine_config()), prompts, GREEDY, tables)
 
-    ranks = TensorParallelRanks(deploy, [torch.device("cpu")] * 2, torch.float32)
+    ranks = TensorParallelRanks(deploy, torch.device("cpu"), torch.float32)
     try:
         engine = LLMEngine(ranks.model, engine_config())
         ranks.serve(engine.runner.kv_cache)

@@ -103,15 +103,15 @@ def rank_devices(instance_device: torch.device, world_size: int, rank_gpus: Sequ
 class TensorParallelRanks:
     """Rank 0's side of a tensor-parallel model instance: starts ranks 1..N-1 and drives them.
 
-    Usage: `ranks = TensorParallelRanks(deploy, devices, dtype)` (`devices[r]`: rank r's device); build the engine
-    on `ranks.model`; `ranks.serve(engine.runner.kv_cache)`; `ranks.shutdown()` at the end. A one-rank artifact
-    runs in this process alone.
+    Usage: `ranks = TensorParallelRanks(deploy, device, dtype, rank_gpus)` (`device`: rank 0's, this process's;
+    `rank_gpus`: see `rank_devices`); build the engine on `ranks.model`; `ranks.serve(engine.runner.kv_cache)`;
+    `ranks.shutdown()` at the end. A one-rank artifact runs in this process alone.
     """
 
-    def __init__(self, deploy: str | Path, devices: list[torch.device], dtype: torch.dtype):
+    def __init__(self, deploy: str | Path, device: torch.device, dtype: torch.dtype, rank_gpus: Sequence[int] = ()):
         artifact = DeployArtifact.open(deploy)
         world_size = artifact.mapping.world_size
-        artifact.check_layout(len(devices))
+        devices = rank_devices(device, world_size, rank_gpus)
         self._store = open_store()  # served by this process for as long as the ranks run
         spawn = multiprocessing.get_context("spawn")
         self._workers = [
