@@ -22,7 +22,7 @@ def test_fill_template_substitutes_and_is_strict():
 def test_model_parameter_converts_and_names_problems():
     config = {"name": "m", "parameters": {"n": {"string_value": "12"}, "flag": {"string_value": "no"}}}
     assert model_parameter(config, "n", int) == 12
-    assert model_parameter(config, "flag", bool) is False
+    assert model_parameter(config, "flag") == "no"
     with pytest.raises(KeyError, match="model 'm' has no parameter 'missing'"):
         model_parameter(config, "missing")
     with pytest.raises(ValueError, match="parameter 'flag' must be int"):

@@ -1,4 +1,4 @@
-"""config.pbtxt templates (`${name}` placeholders) and reading their `parameters` back inside a model."""
+"""What the model.py adapters share: config.pbtxt templates and parameters, instance device, dtype, DLPack inputs."""
 
 from __future__ import annotations
 
@@ -35,10 +35,6 @@ def model_parameter(model_config: Mapping, name: str, cast: type = str):
         raw = model_config["parameters"][name]["string_value"]
     except KeyError:
         raise KeyError(f"model {model_config.get('name')!r} has no parameter {name!r} in its config.pbtxt") from None
-    if cast is bool:
-        if raw.lower() not in ("true", "false", "yes", "no", "1", "0"):
-            raise ValueError(f"parameter {name!r} must be a boolean, got {raw!r}")
-        return raw.lower() in ("true", "yes", "1")
     try:
         return cast(raw)
     except ValueError:

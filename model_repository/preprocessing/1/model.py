@@ -7,8 +7,8 @@ import triton_python_backend_utils as pb_utils
 
 from mimo.processing.errors import ProcessingError
 from mimo.processing.processor import MiMoProcessor
-from mimo.serving.triton_config import model_parameter
 from mimo.serving.preprocess import preprocess_request
+from mimo.serving.triton_config import model_parameter
 
 
 class TritonPythonModel:
