@@ -181,7 +181,7 @@ def test_client_closing_an_ensemble_stream_frees_the_kv_at_once(triton_server, p
     assert_still_serving(triton_server)
 
 
-def raw_grpc_error(server, arrays: dict[str, tuple[np.ndarray, str]]) -> str:
+def raw_grpc_error(server, arrays: dict[str, tuple[np.ndarray, str]], model: str = "ensemble") -> str:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -189,7 +189,7 @@ def raw_grpc_error(server, arrays: dict[str, tuple[np.ndarray, str]]) -> str:
     for name, (array, datatype) in arrays.items():
         inputs.append(grpcclient.InferInput(name, list(array.shape), datatype))
         inputs[-1].set_data_from_numpy(array)
-    client.async_stream_infer("ensemble", inputs)
+    client.async_stream_infer(model, inputs)
     result, error = responses.get(timeout=60)
     client.stop_stream()
     client.close()
@@ -214,6 +214,12 @@ MAX_TOKENS = (np.array([[4]], dtype=np.int32), "INT32")
 )
 def test_wrong_tensors_through_the_raw_api_get_clear_errors(triton_server, arrays, message):
     assert message in raw_grpc_error(triton_server, arrays)
+    assert_still_serving(triton_server)
+
+
+def test_stop_without_a_request_id_is_refused(triton_server):
+    stop = {"stop": (np.array([[True]]), "BOOL")}
+    assert "a stop request needs the request id" in raw_grpc_error(triton_server, stop, model="mimo_llm")
     assert_still_serving(triton_server)
 
 
