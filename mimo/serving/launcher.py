@@ -51,17 +51,20 @@ def find_bundle() -> ServerBundle:
         raise FileNotFoundError(
             f"tritonserver binary not found ({'TRITONSERVER=' + override if override else 'nvidia-pytriton is not installed'})"
         )
-    library_dir = binary.resolve().parents[3] / "nvidia_pytriton.libs"
+    library_dir = _wheel_library_dir(binary)
     if root is None:
-        return ServerBundle(binary, library_dir if library_dir.is_dir() else None, None, None)
+        return ServerBundle(binary, library_dir, None, None)
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
-    return ServerBundle(
-        binary,
-        library_dir if library_dir.is_dir() else None,
-        root / "backends" / "python",
-        stub if stub.is_file() else None,
-    )
+    return ServerBundle(binary, library_dir, root / "backends" / "python", stub if stub.is_file() else None)
+
+
+def _wheel_library_dir(binary: Path) -> Path | None:
+    """`<site-packages>/nvidia_pytriton.libs` for a binary at `<site-packages>/pytriton/tritonserver/bin/`."""
+    parents = binary.resolve().parents
+    if len(parents) > 3 and (parents[3] / "nvidia_pytriton.libs").is_dir():
+        return parents[3] / "nvidia_pytriton.libs"
+    return None
 
 
 def build_backend_dir(bundle: ServerBundle, dest: Path) -> Path:
