@@ -88,13 +88,14 @@ class PromptTableEncoder:
             for i, table in zip(audios, self.encoder.encode_audios([self._cast(items[i].mel) for i in audios])):
                 rows[i].append(table)
 
-        item_tables = [torch.cat(r) if r else self._empty() for r in rows]
+        item_tables = [torch.cat(r) if r else self._empty(self.device) for r in rows]
         tables, start = [], 0
         for request in requests:
             mine = item_tables[start : start + len(request)]
             start += len(request)
             check_encoder_rows([item.num_tokens for item in request], [t.shape[0] for t in mine])
-            tables.append(torch.cat(mine) if mine else self._empty())
+            # a text-only request's empty table goes out from host memory: no zero-byte GPU buffer to hand over
+            tables.append(torch.cat(mine) if mine else self._empty(torch.device("cpu")))
         return tables
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -103,5 +104,5 @@ class PromptTableEncoder:
     def _cat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return self._cast(torch.cat(tensors))
 
-    def _empty(self) -> torch.Tensor:
-        return torch.empty(0, self.hidden_size, device=self.device, dtype=self.dtype)
+    def _empty(self, device: torch.device) -> torch.Tensor:
+        return torch.empty(0, self.hidden_size, device=device, dtype=self.dtype)
