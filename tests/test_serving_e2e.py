@@ -86,6 +86,17 @@ def test_whole_reply_in_one_response(triton_server, offline, protocol):
     assert summary.token_ids == expected
 
 
+def test_seeded_sampling_reaches_the_engine(triton_server):
+    sampled = {"temperature": 1.0, "top_k": 50, "top_p": 0.95, "max_tokens": 12}
+    with client_for(triton_server, "grpc") as client:
+        first = run(client, QUESTION, seed=7, **sampled)[1].token_ids
+        again = run(client, QUESTION, seed=7, **sampled)[1].token_ids
+        other = run(client, QUESTION, seed=8, **sampled)[1].token_ids
+        greedy = run(client, QUESTION, temperature=0.0, max_tokens=12)[1].token_ids
+    assert first == again
+    assert first != other and first != greedy
+
+
 def test_video_with_sound_equals_offline_greedy(triton_server, offline):
     video = encode_video(2.0, 4)  # H.264 + AAC: vision rows and the sound track's audio rows
     expected = offline.generate("What happens in the video?", videos=[video], max_tokens=8)
