@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mimo.engine.kv_cache import KVCache, LayerKind, kv_layer_specs
+from mimo.engine.kv_cache import KVCache, LayerKind, kv_layer_specs, layer_kinds
 from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata, PoolMetadata
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.parallel.deploy import DeployArtifact
@@ -137,8 +137,9 @@ class TensorParallelRanks:
         """Give the workers `kv_cache`'s geometry and announce every later forward of `self.model` to them."""
         if not self._workers:
             return
-        num_blocks = [kv_cache.k[[s.kind for s in kv_cache.specs].index(kind)].shape[0] for kind in kv_cache.kinds]
-        _broadcast(self.ctx, torch.tensor([kv_cache.block_size, *num_blocks], device=self.ctx.device))
+        num_blocks = {spec.kind: k.shape[0] for spec, k in zip(kv_cache.specs, kv_cache.k, strict=True)}
+        sizes = [kv_cache.block_size, *(num_blocks[kind] for kind in kv_cache.kinds)]
+        _broadcast(self.ctx, torch.tensor(sizes, device=self.ctx.device))
         self._channel = StepChannel(self.ctx, kv_cache.kinds, self.model.config.hidden_size, kv_cache.k[0].dtype)
         self.model.register_forward_pre_hook(self._announce)
 
@@ -185,7 +186,7 @@ def _worker_main(rank: int, world_size: int, port: int, device: torch.device, de
     ctx = init_rank(rank, world_size, port, device)
     model = load_rank_language_model(deploy, rank, world_size, dtype, device, group=ctx.group)
     specs = kv_layer_specs(model.config)
-    kinds = [kind for kind in LayerKind if any(s.kind is kind for s in specs)]
+    kinds = layer_kinds(specs)
     block_size, *num_blocks = _broadcast(ctx, torch.empty(1 + len(kinds), dtype=torch.long, device=device)).tolist()
     kv_cache = KVCache(specs, dict(zip(kinds, num_blocks, strict=True)), block_size, dtype, device)
     channel = StepChannel(ctx, kinds, model.config.hidden_size, dtype)
