@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from mimo.engine.kv_cache import KVCache, LayerKind, kv_layer_specs, layer_kinds
 from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata, PoolMetadata
+from mimo.engine.transfer import to_device
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.parallel.deploy import DeployArtifact
 from mimo.parallel.distributed import RankContext, init_rank, open_store
@@ -53,14 +54,14 @@ class StepChannel:
             len(metadata.query_counts),
             *(p.key_slots.numel() for p in pools),
         ]
-        self._broadcast(torch.tensor(sizes, dtype=torch.long, device=device))
-        parts = [metadata.query_positions, torch.tensor(metadata.query_counts, device=device)]
+        self._broadcast(to_device(sizes, device))
+        parts = [metadata.query_positions, to_device(metadata.query_counts, device)]
         for pool in pools:
             parts += [
                 pool.slot_mapping,
                 pool.key_slots,
                 pool.key_positions,
-                torch.tensor(pool.key_counts, device=device),
+                to_device(pool.key_counts, device),
             ]
         self._broadcast(torch.cat([p.long() for p in parts]))
         self._broadcast(input_embeds.contiguous())
