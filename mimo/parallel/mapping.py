@@ -37,7 +37,9 @@ class Mapping:
 
     @classmethod
     def create(cls, tp_size: int, moe_ep_size: int = 1) -> Mapping:
-        if tp_size < 1 or moe_ep_size < 1 or tp_size % moe_ep_size:
+        if tp_size < 1:
+            raise MappingError(f"tp size must be >= 1, got {tp_size}")
+        if moe_ep_size < 1 or tp_size % moe_ep_size:
             raise MappingError(f"expert parallel size {moe_ep_size} must be >= 1 and divide tp size {tp_size}")
         return cls(tp_size, tp_size, tp_size // moe_ep_size, moe_ep_size)
 
