@@ -31,22 +31,24 @@ from client.sample_media import sample_image
 IMAGE_SIZES = [(224, 224), (320, 240), (448, 448), (640, 480)]
 
 
-def ensemble_inputs(requests: int, max_tokens: int) -> dict:
+def ensemble_inputs(requests: int, max_tokens: int, with_image: bool = True) -> dict:
     entries = []
     for i in range(requests):
         size = IMAGE_SIZES[i % len(IMAGE_SIZES)]
         image = sample_image(((40 * i) % 256, 120, 200), size)
         text = "Describe this image in detail." + " Mention every colour you see." * (i % 3)
-        entries.append({
+        entry = {
             "text_input": {"content": [text], "shape": [1]},
-            "image_bytes_input": {
-                "b64": base64.b64encode(serialize_byte_tensor(np.array([image], dtype=np.object_)).item()).decode(),
-                "shape": [1],
-            },
             "max_tokens": {"content": [max_tokens], "shape": [1]},
             "temperature": {"content": [0.0], "shape": [1]},
             "stream": {"content": [True], "shape": [1]},
-        })  # fmt: skip
+        }
+        if with_image:
+            entry["image_bytes_input"] = {
+                "b64": base64.b64encode(serialize_byte_tensor(np.array([image], dtype=np.object_)).item()).decode(),
+                "shape": [1],
+            }
+        entries.append(entry)
     return {"data": entries}
 
 
@@ -55,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--requests", type=int, default=8, help="distinct requests (used round robin)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--text-only", action="store_true", help="no image (the baseline for the encoder's cost)")
     args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(ensemble_inputs(args.requests, args.max_tokens)))
+    args.out.write_text(json.dumps(ensemble_inputs(args.requests, args.max_tokens, with_image=not args.text_only)))
     print(f"wrote {args.requests} requests to {args.out}")
     return 0
 
