@@ -12,6 +12,7 @@ device-to-device copy bandwidth measured in the same run (the practical HBM limi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -57,15 +58,16 @@ class ExpertCounter:
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes read once per step regardless of routing, bytes of one expert)."""
-    expert_bytes, dense = 0, 0
-    for name, p in model.named_parameters():
-        if ".experts." in name:
-            if ".experts.0." in name:
-                expert_bytes += p.numel() * p.element_size()
-        elif "embed_tokens" not in name:  # an embedding lookup reads rows, not the table
-            dense += p.numel() * p.element_size()
-    return dense, expert_bytes
+    """(bytes every decode step reads whatever the routing, bytes of one expert)."""
+    def nbytes(module: torch.nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    moe_layers = [m for m in model.modules() if isinstance(m, MiMoV2MoE)]
+    expert_total = sum(nbytes(m.experts) for m in moe_layers)
+    num_experts = sum(len(m.experts) for m in moe_layers)
+    # an embedding lookup reads rows, not the table
+    dense = nbytes(model) - expert_total - nbytes(model.model.embed_tokens)
+    return dense, expert_total // max(1, num_experts)
 
 
 def random_model(preset: str, num_layers: int, device: torch.device) -> MiMoV2ForCausalLM:
@@ -73,7 +75,8 @@ def random_model(preset: str, num_layers: int, device: torch.device) -> MiMoV2Fo
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         token_ids = write_tiny_tokenizer(tokenizer_dir)
     hub = hub_config(PRESETS[preset], num_layers=num_layers, token_ids=token_ids, fp8=False, fused_qkv=True)
-    config = MiMoV2Config.from_hf_config(hub)
+    # decode never reads the MTP layers; load_language_model leaves them out the same way
+    config = dataclasses.replace(MiMoV2Config.from_hf_config(hub), num_nextn_predict_layers=0)
     model = build_module(lambda: MiMoV2ForCausalLM(config), torch.bfloat16)  # meta
     model.load_state_dict(dict(random_language_tensors(config, seed=0, device=device)), assign=True)
     return model
