@@ -145,3 +145,20 @@ def test_missing_binary_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["tritonserver", "--model-repository", "repo"])
     assert launcher.main() == 2
     assert "TRITONSERVER=/nonexistent/tritonserver" in capsys.readouterr().err
+
+
+def test_kill_process_group_reaps_what_outlives_the_server():
+    # a "server" whose child (standing in for a hung Python-backend stub) outlives it in the same session
+    import subprocess
+
+    server = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; exit 0"], stdout=subprocess.PIPE,
+                              start_new_session=True, text=True)  # fmt: skip
+    orphan = int(server.stdout.readline())
+    server.wait()
+    assert pid_alive(orphan)
+    launcher.kill_process_group(server.pid)
+    deadline = time.monotonic() + 5
+    while pid_alive(orphan) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(orphan)
+    launcher.kill_process_group(server.pid)  # an empty group is not an error

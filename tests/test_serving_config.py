@@ -6,7 +6,7 @@ import pytest
 
 from builders.repository import MODELS, TEMPLATES, RepositorySettings, cuda_memory_pool_bytes, render_repository
 from mimo.serving.preprocess import PACKED_MEDIA_TENSORS
-from mimo.serving.triton_config import fill_template, model_parameter, template_placeholders
+from mimo.serving.triton_config import exit_stub_process, fill_template, model_parameter, template_placeholders
 
 
 def test_fill_template_substitutes_and_is_strict():
@@ -32,6 +32,27 @@ def test_model_parameter_converts_and_names_problems():
 def tensor_names(config_text: str, section: str) -> list[str]:
     block = re.search(rf"^{section} \[(.*?)^\]", config_text, re.MULTILINE | re.DOTALL).group(1)
     return re.findall(r'name: "(\w+)"', block)
+
+
+class _Exited(Exception):
+    pass
+
+
+def test_exit_stub_process_ends_the_stub_unless_disabled(monkeypatch):
+    codes = []
+
+    def fake_exit(code):
+        codes.append(code)
+        raise _Exited
+
+    monkeypatch.setattr("os._exit", fake_exit)
+    monkeypatch.delenv("MIMO_STUB_FAST_EXIT", raising=False)
+    with pytest.raises(_Exited):
+        exit_stub_process()
+    assert codes == [0]
+    monkeypatch.setenv("MIMO_STUB_FAST_EXIT", "0")
+    exit_stub_process()  # returns: the stub's normal teardown runs
+    assert codes == [0]
 
 
 def test_packed_media_tensors_agree_across_preprocessing_encoder_and_ensemble():

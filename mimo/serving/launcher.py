@@ -129,6 +129,14 @@ def remove_shm_regions(prefix: str, shm_dir: Path = Path("/dev/shm")) -> list[st
     return removed
 
 
+def kill_process_group(pgid: int) -> None:
+    """SIGKILL what is left of the server's session: Python-backend stubs whose own exit hung past the server's."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _die_with_parent() -> None:
     # The server lives in its own session (terminal signals reach only the launcher, which forwards them once);
     # if the launcher is killed outright, the kernel sends the server SIGTERM so it still shuts down gracefully.
@@ -163,6 +171,7 @@ def run(args: list[str]) -> int:
             if server.poll() is None:
                 server.kill()
                 server.wait()
+            kill_process_group(server.pid)
             if own_shm_prefix is not None:
                 removed = remove_shm_regions(own_shm_prefix)
                 if removed:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import string
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -58,3 +60,21 @@ def torch_dtype(name: str) -> torch.dtype:
 def torch_inputs(request) -> dict[str, torch.Tensor]:
     """A Triton request's numeric input tensors via DLPack, on the device Triton placed them (no copy)."""
     return {tensor.name(): torch.from_dlpack(tensor) for tensor in request.inputs()}
+
+
+def exit_stub_process() -> None:
+    """The last statement of a model's `finalize()`: end this Python-backend stub without its teardown.
+
+    python_backend (r24.10 `pb_stub.cc`, `RunCommand`) has already acknowledged the finalize request when it calls
+    `finalize()`; tritonserver only `waitpid`s for the stub from then on, and removes the shared-memory region
+    itself. What the stub would still do (close its CUDA IPC mapping of Triton's pool, drop the model,
+    `Py_Finalize`, libtorch / CUDA static destructors) is reclaimed by the kernel and the driver anyway, and is
+    where a stub that ran CUDA kernels on its main thread intermittently hangs until Triton's exit timeout
+    (measured on an H200: mimo_encoder after encoding an image, 3 of 4 shutdowns). `MIMO_STUB_FAST_EXIT=0` keeps
+    the normal teardown, to debug it.
+    """
+    if os.environ.get("MIMO_STUB_FAST_EXIT", "1") == "0":
+        return
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)

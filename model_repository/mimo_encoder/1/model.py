@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from mimo.processing.errors import ProcessingError
 from mimo.serving.encode import PromptTableEncoder, load_multimodal_encoder, unpack_request
-from mimo.serving.triton_config import instance_device, model_parameter, torch_dtype
+from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter, torch_dtype
 
 
 class TritonPythonModel:
@@ -34,6 +34,9 @@ class TritonPythonModel:
         for index, table in zip(batch_index, self.encoder.encode(batch)):
             responses[index] = self._error(table) if isinstance(table, Exception) else self._table(table)
         return responses
+
+    def finalize(self):
+        exit_stub_process()  # see there: the stub's own teardown can hang after CUDA work on this thread
 
     @staticmethod
     def _table(table: torch.Tensor):
