@@ -70,7 +70,7 @@ def exit_stub_process() -> None:
     itself. What the stub would still do (close its CUDA IPC mapping of Triton's pool, drop the model,
     `Py_Finalize`, libtorch / CUDA static destructors) is reclaimed by the kernel and the driver anyway, and is
     where a stub that ran CUDA kernels on its main thread intermittently hangs until Triton's exit timeout
-    (measured on an H200: mimo_encoder after encoding an image, 3 of 4 shutdowns). `MIMO_STUB_FAST_EXIT=0` keeps
+    (measured on an H200: mimo_encoder after encoding an image, 3 of 4 shutdowns; mimo_llm after the e2e suite). `MIMO_STUB_FAST_EXIT=0` keeps
     the normal teardown, to debug it.
     """
     if os.environ.get("MIMO_STUB_FAST_EXIT", "1") == "0":

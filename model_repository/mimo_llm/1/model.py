@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 from mimo.engine import LLMEngine
 from mimo.loading import load_language_model
 from mimo.serving.llm import GenerationLoop, LLMResponse, convert_llm_request, engine_config, is_stop_request
-from mimo.serving.triton_config import instance_device, model_parameter, torch_dtype, torch_inputs
+from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter, torch_dtype, torch_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -104,3 +104,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.loop.shutdown()
+        exit_stub_process()  # see there: the stub's own teardown can hang after CUDA work
