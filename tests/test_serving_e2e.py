@@ -105,13 +105,20 @@ def test_video_with_sound_equals_offline_greedy(triton_server, offline):
     assert summary.token_ids == expected
 
 
-def test_media_through_system_shared_memory(triton_server, offline):
+# CUDA shared memory needs a GPU beside the server: it is exercised where the suite runs against a GPU deployment
+SHARED_MEMORY_KINDS = ["system", "cuda"] if SERVING_DEVICE == "gpu" else ["system"]
+
+
+@pytest.mark.parametrize("kind", SHARED_MEMORY_KINDS)
+def test_media_through_shared_memory(triton_server, offline, kind):
     expected = offline.generate(QUESTION, images=[IMAGE], audios=[TONE], max_tokens=6)
-    with client_for(triton_server, "grpc", shared_memory="system") as client:
+    with client_for(triton_server, "grpc", shared_memory=kind) as client:
         _, summary = run(client, QUESTION, images=[IMAGE], audios=[TONE], max_tokens=6, temperature=0.0)
     assert summary.token_ids == expected
     with grpcclient.InferenceServerClient(triton_server.grpc_url) as status:
-        assert not status.get_system_shared_memory_status().regions  # released after the request
+        regions = (status.get_cuda_shared_memory_status() if kind == "cuda"
+                   else status.get_system_shared_memory_status()).regions  # fmt: skip
+        assert not regions  # released after the request
 
 
 def test_a_different_image_gives_a_different_continuation(triton_server):
