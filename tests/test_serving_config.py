@@ -6,7 +6,13 @@ import pytest
 
 from builders.repository import MODELS, TEMPLATES, RepositorySettings, cuda_memory_pool_bytes, render_repository
 from mimo.serving.preprocess import PACKED_MEDIA_TENSORS
-from mimo.serving.triton_config import exit_stub_process, fill_template, model_parameter, template_placeholders
+from mimo.serving.triton_config import (
+    exit_stub_process,
+    fill_template,
+    instance_device,
+    model_parameter,
+    template_placeholders,
+)
 
 
 def test_fill_template_substitutes_and_is_strict():
@@ -32,6 +38,16 @@ def test_model_parameter_converts_and_names_problems():
 def tensor_names(config_text: str, section: str) -> list[str]:
     block = re.search(rf"^{section} \[(.*?)^\]", config_text, re.MULTILINE | re.DOTALL).group(1)
     return re.findall(r'name: "(\w+)"', block)
+
+
+def test_instance_device_makes_a_gpu_instance_current(monkeypatch):
+    made_current = []
+    monkeypatch.setattr("torch.cuda.set_device", made_current.append)
+    assert instance_device({"model_instance_kind": "CPU", "model_instance_device_id": "0"}).type == "cpu"
+    assert made_current == []
+    device = instance_device({"model_instance_kind": "GPU", "model_instance_device_id": "1"})
+    assert (device.type, device.index) == ("cuda", 1)
+    assert made_current == [device]  # DLPack export needs the tensor's device to be current
 
 
 class _Exited(Exception):

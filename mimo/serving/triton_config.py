@@ -44,9 +44,16 @@ def model_parameter(model_config: Mapping, name: str, cast: type = str):
 
 
 def instance_device(args: Mapping[str, str]) -> torch.device:
-    """The device of a model instance from the `initialize` args (instance_group kind and device id)."""
+    """The device of a model instance from the `initialize` args (instance_group kind and device id).
+
+    A GPU device is also made this process's current device: Triton runs one stub process per instance, places
+    KIND_GPU instances on every listed GPU, and DLPack export (`Tensor.__dlpack__`) refuses a tensor that is not on
+    the current device (seen on a 2-GPU H200: the instance on cuda:1 failed every image request).
+    """
     if args["model_instance_kind"] == "GPU":
-        return torch.device("cuda", int(args["model_instance_device_id"]))
+        device = torch.device("cuda", int(args["model_instance_device_id"]))
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
 
 
