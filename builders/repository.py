@@ -1,12 +1,14 @@
 """Render the Triton model repository for a checkpoint and print the `tritonserver` command that serves it.
 
     python -m builders repository --checkpoint DIR --out REPO [--device cpu|gpu] [--encoder-instances K]
-                                  [--max-batch N] [--max-num-seqs N] [--max-model-len N] [--kv-cache-memory-bytes B]
+                                  [--encoder-gpus 0,1] [--llm-gpus 0] [--max-batch N] [--max-num-seqs N]
+                                  [--max-model-len N] [--kv-cache-memory-bytes B]
 
 Fills the `${...}` placeholders of `model_repository/*/config.pbtxt` (the checkpoint path becomes a model
 parameter) and copies each `1/model.py`. `--device gpu` puts mimo_encoder and mimo_llm on KIND_GPU and lets the
 prompt table reach mimo_llm in GPU memory; the printed command then sizes Triton's CUDA memory pool for the
-prompt tables that can be in flight between the two.
+prompt tables that can be in flight between the two. GPU instances are placed explicitly (`gpus: [...]`): Triton
+would otherwise put `count` instances on every GPU, and several mimo_llm instances are several independent engines.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ class RepositorySettings:
     device: str = "cpu"
     dtype: str | None = None  # None = the device's default
     max_batch: int = 16
-    encoder_instances: int = 1
+    encoder_instances: int = 1  # per encoder GPU on gpu
+    encoder_gpus: tuple[int, ...] = (0,)
+    llm_gpus: tuple[int, ...] = (0,)  # one engine: its single GPU
     processing_instances: int = 1
     queue_delay_us: int = 100
     encoder_queue_delay_us: int = 2000
@@ -48,9 +52,31 @@ class RepositorySettings:
     cancellation_check_period_ms: int = 50
     max_media_tokens: int = 16384  # prompt-table rows one request may need; sizes the CUDA pool
 
+    def __post_init__(self):
+        if self.device not in _DEVICE_DEFAULTS:
+            raise ValueError(f"device must be one of {sorted(_DEVICE_DEFAULTS)}, got {self.device!r}")
+        if not self.encoder_gpus or len(set(self.encoder_gpus)) != len(self.encoder_gpus):
+            raise ValueError(f"encoder_gpus must list distinct GPU ids, got {list(self.encoder_gpus)}")
+        if len(self.llm_gpus) != 1:
+            raise ValueError(f"llm_gpus must name the one GPU of the mimo_llm engine, got {list(self.llm_gpus)}")
+        if any(g < 0 for g in (*self.encoder_gpus, *self.llm_gpus)):
+            raise ValueError(f"GPU ids must be >= 0, got encoder {list(self.encoder_gpus)}, llm {list(self.llm_gpus)}")
+
     @property
     def resolved_dtype(self) -> str:
         return self.dtype or _DEVICE_DEFAULTS[self.device][0]
+
+    @property
+    def pool_gpus(self) -> list[int]:
+        """The GPUs prompt tables live on: where they are computed and where mimo_llm reads them."""
+        return sorted({*self.encoder_gpus, *self.llm_gpus})
+
+
+def instance_group(count: int, gpus: tuple[int, ...] | None) -> str:
+    """One `instance_group` entry: `count` CPU instances, or `count` instances on each listed GPU."""
+    if gpus is None:
+        return f"{{ count: {count} kind: KIND_CPU }}"
+    return f"{{ count: {count} kind: KIND_GPU gpus: [ {', '.join(map(str, gpus))} ] }}"
 
 
 def model_values(settings: RepositorySettings) -> dict[str, dict[str, object]]:
@@ -60,21 +86,19 @@ def model_values(settings: RepositorySettings) -> dict[str, dict[str, object]]:
     dtype = settings.resolved_dtype
     checkpoint = str(settings.checkpoint.resolve())
     batching = {"max_batch_size": settings.max_batch, "max_queue_delay_microseconds": settings.queue_delay_us}
-    kind = "KIND_GPU" if gpu else "KIND_CPU"
     return {
         "preprocessing": {**batching, "instances": settings.processing_instances, "checkpoint_dir": checkpoint},
         "mimo_encoder": {
             "max_batch_size": settings.max_batch,
             "encoder_queue_delay_microseconds": settings.encoder_queue_delay_us,
-            "encoder_instances": settings.encoder_instances,
-            "instance_kind": kind,
+            "instance_group": instance_group(settings.encoder_instances, settings.encoder_gpus if gpu else None),
             "embedding_type": _TRITON_TYPES[dtype],
             "checkpoint_dir": checkpoint,
             "dtype": dtype,
         },
         "mimo_llm": {
             **batching,
-            "instance_kind": kind,
+            "instance_group": instance_group(1, settings.llm_gpus if gpu else None),
             "embedding_type": _TRITON_TYPES[dtype],
             "checkpoint_dir": checkpoint,
             "dtype": dtype,
@@ -92,9 +116,10 @@ def model_values(settings: RepositorySettings) -> dict[str, dict[str, object]]:
 
 
 def cuda_memory_pool_bytes(settings: RepositorySettings, hidden_size: int) -> int:
-    """Room for every prompt table one round of encoder batches can have in flight to mimo_llm, twice over."""
+    """Per GPU: room for every prompt table one round of encoder batches can have in flight to mimo_llm, twice over."""
     table_bytes = settings.max_media_tokens * hidden_size * _DTYPE_BYTES[settings.resolved_dtype]
-    return 2 * settings.encoder_instances * settings.max_batch * table_bytes
+    encoder_instances = settings.encoder_instances * len(settings.encoder_gpus)
+    return 2 * encoder_instances * settings.max_batch * table_bytes
 
 
 def render_repository(settings: RepositorySettings, out: Path, templates: Path = TEMPLATES) -> list[str]:
@@ -112,7 +137,8 @@ def render_repository(settings: RepositorySettings, out: Path, templates: Path =
     command = ["tritonserver", f"--model-repository={out.resolve()}"]
     if settings.device == "gpu":
         hidden = MiMoV2Config.from_pretrained(settings.checkpoint).hidden_size
-        command.append(f"--cuda-memory-pool-byte-size=0:{cuda_memory_pool_bytes(settings, hidden)}")
+        pool = cuda_memory_pool_bytes(settings, hidden)
+        command += [f"--cuda-memory-pool-byte-size={gpu}:{pool}" for gpu in settings.pool_gpus]
     return command
 
 
@@ -124,7 +150,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), default=None,
                         help="weights and prompt tables (default: float32 on cpu, bfloat16 on gpu)")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="max_batch_size of every model")
-    parser.add_argument("--encoder-instances", type=int, default=defaults.encoder_instances)
+    parser.add_argument("--encoder-instances", type=int, default=defaults.encoder_instances,
+                        help="mimo_encoder instances (per encoder GPU with --device gpu)")  # fmt: skip
+    parser.add_argument("--encoder-gpus", type=_gpu_ids, default=defaults.encoder_gpus,
+                        help="comma-separated GPU ids for mimo_encoder instances (--device gpu)")  # fmt: skip
+    parser.add_argument("--llm-gpus", type=_gpu_ids, default=defaults.llm_gpus,
+                        help="the GPU id of the mimo_llm engine (--device gpu)")  # fmt: skip
     parser.add_argument("--processing-instances", type=int, default=defaults.processing_instances,
                         help="instances of preprocessing and of postprocessing")  # fmt: skip
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
@@ -136,10 +167,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt-table rows one request may need (sizes the CUDA memory pool on gpu)")  # fmt: skip
 
 
+def _gpu_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU ids like 0,1; got {text!r}") from None
+
+
 def settings_from_args(args: argparse.Namespace) -> RepositorySettings:
     return RepositorySettings(
         checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-        encoder_instances=args.encoder_instances, processing_instances=args.processing_instances,
+        encoder_instances=args.encoder_instances, encoder_gpus=args.encoder_gpus, llm_gpus=args.llm_gpus,
+        processing_instances=args.processing_instances,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, block_size=args.block_size,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_media_tokens=args.max_media_tokens,

@@ -105,3 +105,30 @@ def test_gpu_render_keeps_tables_on_the_gpu_and_sizes_the_cuda_pool(tiny_checkpo
         assert "kind: KIND_GPU" in text and "TYPE_BF16" in text
     assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS" value { string_value: "no" }' in (
         tmp_path / "repo" / "mimo_llm" / "config.pbtxt").read_text()
+
+
+def test_gpu_render_places_instances_explicitly(tiny_checkpoint, tmp_path):
+    # without `gpus`, Triton puts `count` instances on EVERY GPU: two mimo_llm engines on a 2-GPU machine
+    settings = RepositorySettings(checkpoint=tiny_checkpoint, device="gpu", encoder_instances=2,
+                                  encoder_gpus=(1, 2), llm_gpus=(0,))  # fmt: skip
+    command = render_repository(settings, tmp_path / "repo")
+    encoder = (tmp_path / "repo" / "mimo_encoder" / "config.pbtxt").read_text()
+    llm = (tmp_path / "repo" / "mimo_llm" / "config.pbtxt").read_text()
+    assert "instance_group [ { count: 2 kind: KIND_GPU gpus: [ 1, 2 ] } ]" in encoder
+    assert "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] } ]" in llm
+    pool = cuda_memory_pool_bytes(settings, 64)
+    assert pool == 2 * (2 * 2) * settings.max_batch * settings.max_media_tokens * 64 * 2  # 4 encoder instances
+    assert [a for a in command if a.startswith("--cuda-memory-pool")] == [
+        f"--cuda-memory-pool-byte-size={gpu}:{pool}" for gpu in (0, 1, 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"llm_gpus": (0, 1)}, "llm_gpus must name the one GPU"),
+    ({"encoder_gpus": ()}, "encoder_gpus must list distinct"),
+    ({"encoder_gpus": (1, 1)}, "encoder_gpus must list distinct"),
+    ({"encoder_gpus": (-1,)}, "GPU ids must be >= 0"),
+    ({"device": "tpu"}, "device must be one of"),
+])  # fmt: skip
+def test_placement_errors_name_the_setting(tiny_checkpoint, bad, message):
+    with pytest.raises(ValueError, match=message):
+        RepositorySettings(checkpoint=tiny_checkpoint, **bad)
