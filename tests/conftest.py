@@ -1,7 +1,9 @@
 """Session fixtures for the serving tests: one tiny checkpoint, one real tritonserver over its rendered repository.
 
-MIMO_SERVING_DEVICE=gpu renders the repository for KIND_GPU (GPU machines); CI uses cpu. Imports happen inside
-the fixtures so that collecting the rest of the suite does not depend on the serving stack.
+MIMO_SERVING_DEVICE=gpu renders the repository for KIND_GPU (GPU machines); CI uses cpu. On a machine with several
+GPUs, MIMO_SERVING_ENCODER_GPUS=1 and MIMO_SERVING_LLM_GPU=0 put the encoder and the LLM on different GPUs (the
+disaggregated layout: prompt tables cross GPU to GPU). Imports happen inside the fixtures so that collecting the
+rest of the suite does not depend on the serving stack.
 """
 
 import os
@@ -9,6 +11,8 @@ import os
 import pytest
 
 SERVING_DEVICE = os.environ.get("MIMO_SERVING_DEVICE", "cpu")
+ENCODER_GPUS = tuple(int(g) for g in os.environ.get("MIMO_SERVING_ENCODER_GPUS", "0").split(","))
+LLM_GPU = int(os.environ.get("MIMO_SERVING_LLM_GPU", "0"))
 SERVED_MAX_MODEL_LEN = 1024
 
 
@@ -16,7 +20,8 @@ def serving_settings(checkpoint):
     from builders.repository import RepositorySettings
 
     return RepositorySettings(checkpoint=checkpoint, device=SERVING_DEVICE, max_batch=16, max_num_seqs=32,
-                              max_model_len=SERVED_MAX_MODEL_LEN)  # fmt: skip
+                              max_model_len=SERVED_MAX_MODEL_LEN, encoder_gpus=ENCODER_GPUS,
+                              llm_gpus=(LLM_GPU,))  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -133,8 +133,13 @@ def test_prompt_tables_reach_the_llm_on_the_encoder_device(triton_server):
         run(client, QUESTION, images=[IMAGE], max_tokens=1, temperature=0.0)
     counts = dict(re.findall(r'^mimo_prompt_tables\{device="([^"]+)"\} (\S+)$', triton_server.metrics(), re.MULTILINE))
     # on a GPU deployment the table must never take a host round trip between mimo_encoder and mimo_llm
-    expected_device = "cuda:0" if SERVING_DEVICE == "gpu" else "cpu"
-    assert set(counts) == {expected_device} and float(counts[expected_device]) > 0
+    # (it arrives on the encoder's GPU, or the LLM's when Triton copied it peer to peer; never on the host)
+    devices = set(counts)
+    if SERVING_DEVICE == "gpu":
+        assert devices and all(d.startswith("cuda:") for d in devices), counts
+    else:
+        assert devices == {"cpu"}, counts
+    assert sum(float(c) for c in counts.values()) > 0
 
 
 def test_concurrent_requests_each_get_their_solo_output_and_free_all_kv(triton_server, offline):
