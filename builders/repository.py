@@ -1,14 +1,18 @@
 """Render the Triton model repository for a checkpoint and print the `tritonserver` command that serves it.
 
-    python -m builders repository --checkpoint DIR --out REPO [--device cpu|gpu] [--encoder-instances K]
-                                  [--encoder-gpus 0,1] [--llm-gpus 0] [--max-batch N] [--max-num-seqs N]
-                                  [--max-model-len N] [--kv-cache-memory-bytes B]
+    python -m builders repository (--checkpoint DIR | --deploy DEPLOY) --out REPO [--device cpu|gpu]
+                                  [--encoder-instances K] [--encoder-gpus 0,1] [--llm-gpus 2,3] [--max-batch N]
+                                  [--max-num-seqs N] [--max-model-len N] [--kv-cache-memory-bytes B]
 
 Fills the `${...}` placeholders of `model_repository/*/config.pbtxt` (the checkpoint path becomes a model
 parameter) and copies each `1/model.py`. `--device gpu` puts mimo_encoder and mimo_llm on KIND_GPU and lets the
 prompt table reach mimo_llm in GPU memory; the printed command then sizes Triton's CUDA memory pool for the
 prompt tables that can be in flight between the two. GPU instances are placed explicitly (`gpus: [...]`): Triton
 would otherwise put `count` instances on every GPU, and several mimo_llm instances are several independent engines.
+
+`--deploy` serves a deployment artifact (`python -m builders convert`): preprocessing, mimo_encoder and
+postprocessing read its `encoder/` folder; mimo_llm's one instance is rank 0 of the artifact's tensor-parallel
+ranks and starts the others itself (rank r on `--llm-gpus[r]` with `--device gpu`, all on the host with cpu).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mimo.config import MiMoV2Config
+from mimo.parallel.deploy import ENCODER_DIR, DeployArtifact
 from mimo.serving.triton_config import fill_template
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
@@ -34,13 +39,14 @@ _DEVICE_DEFAULTS = {  # dtype, KV-cache bytes
 
 @dataclass(frozen=True)
 class RepositorySettings:
-    checkpoint: Path
+    checkpoint: Path  # a hub checkpoint; with `deploy`, the artifact's encoder/ folder (`for_deploy`)
+    deploy: Path | None = None  # a deployment artifact whose tensor-parallel ranks mimo_llm runs
     device: str = "cpu"
     dtype: str | None = None  # None = the device's default
     max_batch: int = 16
     encoder_instances: int = 1  # per encoder GPU on gpu
     encoder_gpus: tuple[int, ...] = (0,)
-    llm_gpus: tuple[int, ...] = (0,)  # one engine: its single GPU
+    llm_gpus: tuple[int, ...] = (0,)  # one engine: the GPU of each of its ranks (one without `deploy`)
     processing_instances: int = 1
     queue_delay_us: int = 100
     encoder_queue_delay_us: int = 2000
@@ -57,10 +63,23 @@ class RepositorySettings:
             raise ValueError(f"device must be one of {sorted(_DEVICE_DEFAULTS)}, got {self.device!r}")
         if not self.encoder_gpus or len(set(self.encoder_gpus)) != len(self.encoder_gpus):
             raise ValueError(f"encoder_gpus must list distinct GPU ids, got {list(self.encoder_gpus)}")
-        if len(self.llm_gpus) != 1:
+        ranks = self.world_size
+        if ranks == 1 and len(self.llm_gpus) != 1:
             raise ValueError(f"llm_gpus must name the one GPU of the mimo_llm engine, got {list(self.llm_gpus)}")
+        if self.device == "gpu" and (len(self.llm_gpus) != ranks or len(set(self.llm_gpus)) != ranks):
+            raise ValueError(f"llm_gpus must name {ranks} distinct GPUs, one per rank of the mimo_llm engine, "
+                             f"got {list(self.llm_gpus)}")  # fmt: skip
         if any(g < 0 for g in (*self.encoder_gpus, *self.llm_gpus)):
             raise ValueError(f"GPU ids must be >= 0, got encoder {list(self.encoder_gpus)}, llm {list(self.llm_gpus)}")
+
+    @classmethod
+    def for_deploy(cls, deploy: Path, **settings) -> RepositorySettings:
+        return cls(checkpoint=Path(deploy) / ENCODER_DIR, deploy=Path(deploy), **settings)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the mimo_llm engine: the artifact's world size, 1 for a hub checkpoint."""
+        return 1 if self.deploy is None else DeployArtifact.open(self.deploy).mapping.world_size
 
     @property
     def resolved_dtype(self) -> str:
@@ -68,8 +87,8 @@ class RepositorySettings:
 
     @property
     def pool_gpus(self) -> list[int]:
-        """The GPUs prompt tables live on: where they are computed and where mimo_llm reads them."""
-        return sorted({*self.encoder_gpus, *self.llm_gpus})
+        """The GPUs prompt tables live on: where they are computed and where mimo_llm (its rank 0) reads them."""
+        return sorted({*self.encoder_gpus, self.llm_gpus[0]})
 
 
 def instance_group(count: int, gpus: tuple[int, ...] | None) -> str:
@@ -98,9 +117,11 @@ def model_values(settings: RepositorySettings) -> dict[str, dict[str, object]]:
         },
         "mimo_llm": {
             **batching,
-            "instance_group": instance_group(1, settings.llm_gpus if gpu else None),
+            "instance_group": instance_group(1, settings.llm_gpus[:1] if gpu else None),  # rank 0
+            "rank_gpus": ",".join(map(str, settings.llm_gpus)) if gpu else "",
             "embedding_type": _TRITON_TYPES[dtype],
-            "checkpoint_dir": checkpoint,
+            "checkpoint_dir": "" if settings.deploy else checkpoint,
+            "deploy_dir": str(settings.deploy.resolve()) if settings.deploy else "",
             "dtype": dtype,
             "max_num_seqs": settings.max_num_seqs,
             "max_num_batched_tokens": settings.max_num_batched_tokens,
@@ -144,7 +165,9 @@ def render_repository(settings: RepositorySettings, out: Path, templates: Path =
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = RepositorySettings(checkpoint=Path())
-    parser.add_argument("--checkpoint", type=Path, required=True, help="hub checkpoint directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="hub checkpoint directory")
+    source.add_argument("--deploy", type=Path, help="deployment artifact (python -m builders convert)")
     parser.add_argument("--out", type=Path, required=True, help="model repository to (re)create")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), default=None,
@@ -155,7 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder-gpus", type=_gpu_ids, default=defaults.encoder_gpus,
                         help="comma-separated GPU ids for mimo_encoder instances (--device gpu)")  # fmt: skip
     parser.add_argument("--llm-gpus", type=_gpu_ids, default=defaults.llm_gpus,
-                        help="the GPU id of the mimo_llm engine (--device gpu)")  # fmt: skip
+                        help="the GPU id of each rank of the mimo_llm engine (--device gpu)")  # fmt: skip
     parser.add_argument("--processing-instances", type=int, default=defaults.processing_instances,
                         help="instances of preprocessing and of postprocessing")  # fmt: skip
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
@@ -175,8 +198,9 @@ def _gpu_ids(text: str) -> tuple[int, ...]:
 
 
 def settings_from_args(args: argparse.Namespace) -> RepositorySettings:
+    checkpoint = args.checkpoint if args.deploy is None else args.deploy / ENCODER_DIR
     return RepositorySettings(
-        checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+        checkpoint=checkpoint, deploy=args.deploy, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
         encoder_instances=args.encoder_instances, encoder_gpus=args.encoder_gpus, llm_gpus=args.llm_gpus,
         processing_instances=args.processing_instances,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from builders.logits import reference_logits
-from builders.parallel_logits import parallel_logits
+from builders.logits import parallel_logits, reference_logits
 from mimo.config import MiMoV2Config
 from mimo.loading import load_language_model
 from mimo.parallel.deploy import LLM_DIR, MTP_DIR, DeployArtifact, DeployError, rank_file_name

@@ -7,6 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from mimo.engine import LLMEngine
 from mimo.loading import load_language_model
+from mimo.parallel.serving import TensorParallelRanks
 from mimo.serving.llm import GenerationLoop, LLMResponse, convert_llm_request, engine_config, is_stop_request
 from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter, torch_dtype, torch_inputs
 
@@ -44,8 +45,17 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("mimo_llm streams tokens: set model_transaction_policy { decoupled: true }")
         device = instance_device(args)
         dtype = torch_dtype(model_parameter(model_config, "dtype"))
-        model = load_language_model(model_parameter(model_config, "checkpoint_dir"), dtype, device)
+        deploy_dir = model_parameter(model_config, "deploy_dir")
+        self.ranks = None
+        if deploy_dir:  # this instance is rank 0 of the artifact's tensor-parallel ranks and starts the others
+            rank_gpus = [int(gpu) for gpu in model_parameter(model_config, "rank_gpus").split(",") if gpu]
+            self.ranks = TensorParallelRanks(deploy_dir, device, dtype, rank_gpus)
+            model = self.ranks.model
+        else:
+            model = load_language_model(model_parameter(model_config, "checkpoint_dir"), dtype, device)
         self.engine = LLMEngine(model, engine_config(model_config, device, dtype))
+        if self.ranks is not None:
+            self.ranks.serve(self.engine.runner.kv_cache)
         self._init_metrics()
         period_s = model_parameter(model_config, "cancellation_check_period_ms", int) / 1000
         self.loop = GenerationLoop(self.engine, period_s, after_step=self._publish_kv_stats)
@@ -104,4 +114,6 @@ class TritonPythonModel:
 
     def finalize(self):
         self.loop.shutdown()
+        if self.ranks is not None:
+            self.ranks.shutdown()
         exit_stub_process()  # see there: the stub's own teardown can hang after CUDA work
