@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SERVING_DEVICE
 from triton_harness import TritonServer, descendants
 
 from builders.convert import convert
@@ -49,11 +50,14 @@ def test_ranks_need_one_gpu_each(deploy_tp2):
 
 
 def test_tp2_deployment_serves_what_one_process_generates(deploy_tp2, tiny_checkpoint, tmp_path):
-    settings = RepositorySettings.for_deploy(deploy_tp2, max_batch=4, max_num_seqs=4, max_model_len=512)
+    gpu = SERVING_DEVICE == "gpu"  # GPU machines: rank r on cuda:r, NCCL
+    placement = {"device": "gpu", "dtype": "float32", "llm_gpus": (0, 1)} if gpu else {}
+    settings = RepositorySettings.for_deploy(deploy_tp2, max_batch=4, max_num_seqs=4, max_model_len=512, **placement)
     command = render_repository(settings, tmp_path / "repo")
     image = sample_image((200, 40, 40))
     # bf16 checkpoint, bf16 artifact: the offline pipeline on the source holds the same float32 weights
-    expected = OfflinePipeline(tiny_checkpoint, torch.float32, "cpu").generate(QUESTION, images=[image], max_tokens=10)
+    offline = OfflinePipeline(tiny_checkpoint, torch.float32, "cuda" if gpu else "cpu")
+    expected = offline.generate(QUESTION, images=[image], max_tokens=10)
     server = TritonServer(tmp_path / "repo", tmp_path / "tritonserver.log", extra_args=command[2:]).start()
     try:
         assert len(spawned_processes(server.process.pid)) == 1  # rank 1, started by mimo_llm's instance
