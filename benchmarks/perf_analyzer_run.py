@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from perf_analyzer_inputs import ensemble_inputs  # benchmarks/, beside this script
+
 from builders.repository import RepositorySettings, render_repository
 from builders.tiny import build_checkpoint
 from mimo.serving.server_process import TritonServer
-
-HERE = Path(__file__).resolve().parent
 
 
 def perf_analyzer_binary() -> str:
@@ -67,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     command = render_repository(RepositorySettings(checkpoint=checkpoint, device=args.device), args.out / "repository")
     inputs = {"text+image": args.out / "inputs_image.json", "text-only": args.out / "inputs_text.json"}
     for kind, path in inputs.items():
-        flags = ["--text-only"] if kind == "text-only" else []
-        subprocess.run([sys.executable, str(HERE / "perf_analyzer_inputs.py"), "--out", str(path),
-                        "--max-tokens", str(args.max_tokens), *flags], check=True)  # fmt: skip
+        requests = ensemble_inputs(8, args.max_tokens, with_image=kind == "text+image")
+        path.write_text(json.dumps(requests))
 
     server = TritonServer(args.out / "repository", args.out / "tritonserver.log", extra_args=command[2:]).start()
     results = []
