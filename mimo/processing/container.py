@@ -19,6 +19,10 @@ ALLOWED_AUDIO_CODECS = ("aac", "mp3", "mp3float", "opus", "libopus", "vorbis", "
 )
 ALLOWED_VIDEO_CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "libdav1d", "mpeg4", "mjpeg")
 
+# Metadata (titles, tags) is never used; undecodable bytes in it must not fail the file. PyAV < 19 decodes it
+# strictly unless asked not to; 19 dropped the option and always decodes with surrogateescape.
+PYAV_OPEN_OPTIONS = {"metadata_errors": "replace"} if int(av.__version__.split(".")[0]) < 19 else {}
+
 
 @contextmanager
 def open_media(data: bytes, kind: str) -> Iterator[av.container.InputContainer]:
@@ -27,8 +31,7 @@ def open_media(data: bytes, kind: str) -> Iterator[av.container.InputContainer]:
         raise MediaDecodeError(f"{kind} is empty (0 bytes)")
     options = {"format_whitelist": ",".join(ALLOWED_DEMUXERS), "protocol_whitelist": "none"}
     try:
-        # Metadata (titles, tags) is never used; undecodable bytes in it must not fail the file.
-        container = av.open(io.BytesIO(data), mode="r", options=options, metadata_errors="replace")
+        container = av.open(io.BytesIO(data), mode="r", options=options, **PYAV_OPEN_OPTIONS)
     except (av.FFmpegError, ValueError) as exc:
         raise MediaDecodeError(
             f"cannot open {kind}: not a supported container ({', '.join(ALLOWED_DEMUXERS)}) or corrupt ({exc})"
