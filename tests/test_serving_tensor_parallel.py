@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SERVING_DEVICE
+from golden import check_or_record
 from triton_harness import TritonServer, descendants
 
 from builders.convert import convert
@@ -64,6 +65,8 @@ def test_tp2_deployment_serves_what_one_process_generates(deploy_tp2, tiny_check
         with MiMoClient(server.grpc_url, "grpc") as client:
             *_, summary = client.generate(QUESTION, images=[image], max_tokens=10, temperature=0.0)
         assert isinstance(summary, GenerationSummary) and summary.token_ids == expected
+        if not gpu:
+            check_or_record("tp2_image", summary.token_ids)
     finally:
         assert server.stop() == 0, server.log_tail()
 
