@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Creates ./.venv (or $VENV) with the project installed (editable) and its test extras, for $PYTHON (default python3).
-# CPU machines: torch comes from the local CPU build (`torch==2.13.0`); an unpinned torch would pull GBs of CUDA
-# wheels. Where the interpreter already has torch (GPU machines ship 2.11+cu130), the venv inherits it.
+# Creates ./.venv (or $VENV) with the project installed (editable) and its test extras, for $PYTHON (default python3,
+# any of 3.10 to 3.13). `--check-python` only checks that $PYTHON is there and supported.
+# torch: `torch==2.13.0` first (on the CPU machines here a local CPU build for Python 3.11; for other Pythons pip takes
+# PyPI's, which pulls the CUDA libraries, a few GB); an unpinned torch could resolve to a release outside the range.
+# Where the interpreter already has torch (GPU machines ship 2.11+cu130), the venv inherits it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -11,7 +13,9 @@ if ! "$PYTHON" -c "" 2>/dev/null && command -v pyenv >/dev/null; then
     [ -x "$candidate" ] && PYTHON=$candidate
   done
 fi
-"$PYTHON" -c "import sys; assert sys.version_info >= (3, 10), sys.version" || { echo "setup: $PYTHON is not a Python >= 3.10" >&2; exit 1; }
+"$PYTHON" -c "import sys; assert (3, 10) <= sys.version_info[:2] <= (3, 13), sys.version" 2>/dev/null \
+  || { echo "setup: $PYTHON is not a Python 3.10 to 3.13" >&2; exit 1; }
+[ "${1:-}" = --check-python ] && exit 0
 VENV=${VENV:-.venv}
 if [ ! -x "$VENV"/bin/python ]; then
   if "$PYTHON" -c "import torch" 2>/dev/null; then
@@ -22,6 +26,6 @@ if [ ! -x "$VENV"/bin/python ]; then
 fi
 "$VENV"/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 "$VENV"/bin/python -c "import torch" 2>/dev/null || "$VENV"/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-"$VENV"/bin/python -c "import torch" # fail loudly if torch did not install
+"$VENV"/bin/python -W ignore -c "import torch" # fail loudly if torch did not install (numpy comes later)
 "$VENV"/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
 "$VENV"/bin/python -I -c "import mimo, builders, client, numpy; assert numpy.__version__ < '2', numpy.__version__"
