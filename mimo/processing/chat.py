@@ -5,6 +5,8 @@ Messages are HF-style: `{"role": ..., "content": str | [part, ...]}` with parts
 message (reasoning_content, tool_calls, ...) pass through to the chat template.
 """
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mimo.processing.errors import MediaLimitError, ProcessingError
@@ -19,9 +21,25 @@ class MediaPart:
     data: bytes
 
 
-def split_media(messages: list[dict], *, max_media_items: int) -> tuple[list[dict], list[MediaPart]]:
+def control_token_pattern(tokens: Iterable[str]) -> re.Pattern:
+    """Matches any of the tokenizer's added tokens (ChatML roles, media placeholders, reasoning and tool markup)."""
+    return re.compile("|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)))
+
+
+def check_plain_text(text: str, where: str, control_tokens: re.Pattern | None) -> None:
+    """Message text is tokenised as part of the rendered prompt, so a control token typed into it would become a
+    real one (a forged role turn, a media placeholder without media): such text is refused."""
+    found = control_tokens.search(text) if control_tokens is not None else None
+    if found:
+        raise ProcessingError(f"{where} contains {found.group()!r}, a control token of the chat format; control "
+                              f"tokens are not accepted in message text")
+
+
+def split_media(messages: list[dict], *, max_media_items: int,
+                control_tokens: re.Pattern | None = None) -> tuple[list[dict], list[MediaPart]]:  # fmt: skip
     """Validate `messages`; return them with media bytes stripped (the template needs only the part type)
-    and the media parts in the order the template renders them."""
+    and the media parts in the order the template renders them. Text containing a match of `control_tokens`
+    is refused (see `check_plain_text`)."""
     if not isinstance(messages, list) or not messages:
         raise ProcessingError("messages must be a non-empty list")
     rendered, media = [], []
@@ -30,6 +48,7 @@ def split_media(messages: list[dict], *, max_media_items: int) -> tuple[list[dic
             raise ProcessingError(f"messages[{m_index}] must be a dict with a string 'role'")
         content = message.get("content")
         if content is None or isinstance(content, str):
+            check_plain_text(content or "", f"messages[{m_index}].content", control_tokens)
             rendered.append(message)
             continue
         if not isinstance(content, list):
@@ -41,6 +60,7 @@ def split_media(messages: list[dict], *, max_media_items: int) -> tuple[list[dic
             if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise ProcessingError(f"{where}: text part needs a string 'text'")
+                check_plain_text(part["text"], f"{where}.text", control_tokens)
                 parts.append({"type": "text", "text": part["text"]})
             elif kind in _MEDIA_TYPES:
                 data = part.get(kind)

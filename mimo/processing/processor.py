@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from mimo.processing.audio import audio_tokens_for_mel, preprocess_audio
-from mimo.processing.chat import MediaPart, render_chat, split_media
+from mimo.processing.chat import MediaPart, control_token_pattern, render_chat, split_media
 from mimo.processing.config import ProcessorConfig
 from mimo.processing.errors import ProcessingError
 from mimo.processing.image import preprocess_image
@@ -31,6 +31,7 @@ class MiMoProcessor:
         self.config = config
         self.model_type = model_type
         self.vocab_size = vocab_size  # the LM's; prompt-table ids start here
+        self.control_tokens = control_token_pattern(token.content for token in tokenizer.added_tokens_decoder.values())
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> "MiMoProcessor":
@@ -63,7 +64,8 @@ class MiMoProcessor:
         self, messages: list[dict], *, enable_thinking: bool = True, add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
     ) -> ProcessedPrompt:
-        rendered, parts = split_media(messages, max_media_items=self.config.max_media_items)
+        rendered, parts = split_media(messages, max_media_items=self.config.max_media_items,
+                                      control_tokens=self.control_tokens)  # fmt: skip
         text = render_chat(
             self.tokenizer, rendered, enable_thinking=enable_thinking, add_generation_prompt=add_generation_prompt,
             tools=tools,

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mimo.processing.chat import check_plain_text
 from mimo.processing.errors import ProcessingError
 from mimo.processing.items import TENSOR_FIELDS, MediaItem, pack_items
 from mimo.processing.processor import MiMoProcessor
@@ -52,14 +54,17 @@ def decode_media_item(data: bytes, input_name: str, index: int) -> bytes:
         raise ProcessingError(f"{input_name}[{index}] has an invalid base64 payload ({error})") from None
 
 
-def user_messages(text: bytes, media: Mapping[str, Sequence[bytes]]) -> list[dict]:
-    """One user turn: the media parts (images, then audio, then video) followed by the text."""
+def user_messages(text: bytes, media: Mapping[str, Sequence[bytes]],
+                  control_tokens: re.Pattern | None = None) -> list[dict]:  # fmt: skip
+    """One user turn: the media parts (images, then audio, then video) followed by the text, which must not contain
+    a match of `control_tokens` (the processor's: see `mimo.processing.chat.check_plain_text`)."""
     try:
         prompt = text.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ProcessingError(f"text_input is not valid UTF-8 ({error.reason} at byte {error.start})") from None
     if not prompt.strip():
         raise ProcessingError("text_input is empty")
+    check_plain_text(prompt, "text_input", control_tokens)
     content = []
     for input_name, kind in MEDIA_INPUTS.items():
         for index, data in enumerate(media.get(input_name, ())):
@@ -101,7 +106,7 @@ def preprocess_request(processor: MiMoProcessor, inputs: Mapping[str, np.ndarray
     if text is None or text.size != 1:
         raise ProcessingError(f"text_input must hold exactly one string, got {0 if text is None else text.size}")
     media = {name: list(inputs[name].reshape(-1)) for name in MEDIA_INPUTS if name in inputs}
-    prompt = processor.process(user_messages(text.reshape(-1)[0], media))
+    prompt = processor.process(user_messages(text.reshape(-1)[0], media, processor.control_tokens))
     table_ids = processor.assign_prompt_table_ids(prompt)
     tokenizer = processor.tokenizer
     outputs = {
