@@ -34,7 +34,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def triton_server(tiny_checkpoint, tmp_path_factory):
     from builders.repository import render_repository
-    from mimo.serving.server_process import TritonServer
+    from tools.server_process import TritonServer
 
     root = tmp_path_factory.mktemp("serving")
     command = render_repository(serving_settings(tiny_checkpoint), root / "model_repository")
