@@ -19,9 +19,8 @@ SERVED_MAX_MODEL_LEN = 1024
 def serving_settings(checkpoint):
     from builders.repository import RepositorySettings
 
-    return RepositorySettings(checkpoint=checkpoint, device=SERVING_DEVICE, max_batch=16, max_num_seqs=32,
-                              max_model_len=SERVED_MAX_MODEL_LEN, encoder_gpus=ENCODER_GPUS,
-                              llm_gpus=(LLM_GPU,))  # fmt: skip
+    return RepositorySettings(checkpoint=checkpoint, device=SERVING_DEVICE, max_batch=16, encoder_gpus=ENCODER_GPUS,
+                              llm_gpus=(LLM_GPU,), engine={"max_num_seqs": 32, "max_model_len": SERVED_MAX_MODEL_LEN})
 
 
 @pytest.fixture(scope="session")
