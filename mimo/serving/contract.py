@@ -51,14 +51,8 @@ class ModelSpec:
     comment: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    parameters: Mapping[str, str]  # string parameters model.py reads -> what they are ("" = no comment)
+    parameters: Mapping[str, str]  # string parameters model.py reads -> what they are (rendered as comments)
     decoupled: bool = False
-
-    def input(self, name: str) -> TensorSpec:
-        return _by_name(self.inputs, name, f"{self.name} input")
-
-    def output(self, name: str) -> TensorSpec:
-        return _by_name(self.outputs, name, f"{self.name} output")
 
 
 @dataclass(frozen=True)
@@ -74,13 +68,6 @@ class Step:
     model: str
     input_map: dict[str, str]  # model input -> ensemble tensor
     output_map: dict[str, str]  # model output -> ensemble tensor
-
-
-def _by_name(tensors: tuple[TensorSpec, ...], name: str, what: str) -> TensorSpec:
-    for tensor in tensors:
-        if tensor.name == name:
-            return tensor
-    raise KeyError(f"no {what} {name!r}")
 
 
 def triton_type(dtype: np.dtype) -> str:
