@@ -24,7 +24,7 @@ from perf_analyzer_inputs import ensemble_inputs  # benchmarks/, beside this scr
 
 from builders.repository import RepositorySettings, render_repository
 from builders.tiny import build_checkpoint
-from mimo.serving.server_process import TritonServer
+from tools.server_process import TritonServer
 
 
 def perf_analyzer_binary() -> str:

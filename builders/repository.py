@@ -2,13 +2,15 @@
 
     python -m builders repository (--checkpoint DIR | --deploy DEPLOY) --out REPO [--device cpu|gpu]
                                   [--encoder-instances K] [--encoder-gpus 0,1] [--llm-gpus 2,3] [--max-batch N]
-                                  [--max-num-seqs N] [--max-model-len N] [--kv-cache-memory-bytes B]
+                                  [--max-num-seqs N] [--max-model-len N] [--kv-cache-memory-bytes B] ...
 
-Fills the `${...}` placeholders of `model_repository/*/config.pbtxt` (the checkpoint path becomes a model
-parameter) and copies each `1/model.py`. `--device gpu` puts mimo_encoder and mimo_llm on KIND_GPU and lets the
-prompt table reach mimo_llm in GPU memory; the printed command then sizes Triton's CUDA memory pool for the
-prompt tables that can be in flight between the two. GPU instances are placed explicitly (`gpus: [...]`): Triton
-would otherwise put `count` instances on every GPU, and several mimo_llm instances are several independent engines.
+Writes every `config.pbtxt` from the graph declared in `mimo.serving.contract` (tensors, ensemble maps, parameter
+names) with this deployment's values, and copies each `model_repository/<model>/1/model.py`. The flags are the
+fields of `RepositorySettings` and the knobs of `mimo.engine.EngineConfig`, each with the default and help of its
+field. `--device gpu` puts mimo_encoder and mimo_llm on KIND_GPU and lets the prompt table reach mimo_llm in GPU
+memory; the printed command then sizes Triton's CUDA memory pool for the prompt tables that can be in flight
+between the two. GPU instances are placed explicitly (`gpus: [...]`): Triton would otherwise put `count` instances
+on every GPU, and several mimo_llm instances are several independent engines.
 
 `--deploy` serves a deployment artifact (`python -m builders convert`): preprocessing, mimo_encoder and
 postprocessing read its `encoder/` folder; mimo_llm's one instance is rank 0 of the artifact's tensor-parallel
@@ -18,49 +20,75 @@ ranks and starts the others itself (rank r on `--llm-gpus[r]` with `--device gpu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import shutil
-from dataclasses import dataclass
+import textwrap
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mimo.config import MiMoV2Config
+from mimo.engine import EngineConfig, engine_knobs
 from mimo.parallel.deploy import ENCODER_DIR, DeployArtifact
-from mimo.serving.triton_config import fill_template
+from mimo.serving import contract
+from mimo.serving.contract import EMBEDDING, ENSEMBLE, EnsembleSpec, ModelSpec, TensorSpec, ensemble_steps
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
-MODELS = ("preprocessing", "mimo_encoder", "mimo_llm", "postprocessing", "ensemble")
+MODEL_FILES = Path(__file__).resolve().parents[1] / "model_repository"  # <model>/1/model.py
+MODELS = (*contract.MODELS, "ensemble")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_TRITON_TYPES = {"float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "float16": "TYPE_FP16"}
+_TRITON_TYPES = {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}
+_CONFIG_TYPES = {"BYTES": "STRING"}  # a model config's name for the BYTES tensor type
 _DEVICE_DEFAULTS = {  # dtype, KV-cache bytes
     "cpu": ("float32", 256 * 2**20),
     "gpu": ("bfloat16", 16 * 2**30),
 }
+_ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+_SERVED_DEFAULT_NOTES = {  # where the served value is not the EngineConfig default itself
+    "max_model_len": "at most the checkpoint's max_position_embeddings",
+    "kv_cache_memory_bytes": "256 MiB on cpu, 16 GiB on gpu, unless --num-full-blocks",
+}
+
+
+def _gpu_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU ids like 0,1; got {text!r}") from None
+
+
+def setting(default, help: str, **argument):
+    """A RepositorySettings field and its `builders repository` flag (`argument`: argparse type / choices)."""
+    return field(default=default, metadata={"help": help, **argument})
 
 
 @dataclass(frozen=True)
 class RepositorySettings:
     checkpoint: Path  # a hub checkpoint; with `deploy`, the artifact's encoder/ folder (`for_deploy`)
     deploy: Path | None = None  # a deployment artifact whose tensor-parallel ranks mimo_llm runs
-    device: str = "cpu"
-    dtype: str | None = None  # None = the device's default
-    max_batch: int = 16
-    encoder_instances: int = 1  # per encoder GPU on gpu
-    encoder_gpus: tuple[int, ...] = (0,)
-    llm_gpus: tuple[int, ...] = (0,)  # one engine: the GPU of each of its ranks (one without `deploy`)
-    processing_instances: int = 1
-    queue_delay_us: int = 100
-    encoder_queue_delay_us: int = 2000
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None  # None = the checkpoint's max_position_embeddings, at most 8192
-    block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # None = the device's default
-    cancellation_check_period_ms: int = 50
-    max_media_tokens: int = 16384  # prompt-table rows one request may need; sizes the CUDA pool
+    device: str = setting("cpu", "where mimo_encoder and mimo_llm run", choices=tuple(_DEVICE_DEFAULTS))
+    dtype: str | None = setting(None, "weights and prompt tables (default: float32 on cpu, bfloat16 on gpu)",
+                                type=str, choices=tuple(_DTYPE_BYTES))  # fmt: skip
+    max_batch: int = setting(16, "max_batch_size of every model")
+    encoder_instances: int = setting(1, "mimo_encoder instances (per encoder GPU with --device gpu)")
+    encoder_gpus: tuple[int, ...] = setting((0,), "comma-separated GPU ids for mimo_encoder instances (--device gpu)",
+                                            type=_gpu_ids)  # fmt: skip
+    llm_gpus: tuple[int, ...] = setting((0,), "the GPU id of each rank of the mimo_llm engine (--device gpu; one "
+                                              "without --deploy)", type=_gpu_ids)  # fmt: skip
+    processing_instances: int = setting(1, "instances of preprocessing and of postprocessing")
+    queue_delay_us: int = setting(100, "dynamic-batching delay of preprocessing, mimo_llm, postprocessing (us)")
+    encoder_queue_delay_us: int = setting(2000, "dynamic-batching delay of mimo_encoder (us)")
+    cancellation_check_period_ms: int = setting(50, "how often mimo_llm asks Triton which requests were cancelled")
+    max_media_tokens: int = setting(16384, "prompt-table rows one request may need (sizes the CUDA memory pool on "
+                                           "gpu)")  # fmt: skip
+    engine: Mapping[str, int] = field(default_factory=dict)  # EngineConfig knobs that differ from their defaults
 
     def __post_init__(self):
         if self.device not in _DEVICE_DEFAULTS:
             raise ValueError(f"device must be one of {sorted(_DEVICE_DEFAULTS)}, got {self.device!r}")
+        unknown = sorted(set(self.engine) - set(engine_knobs()))
+        if unknown:
+            raise ValueError(f"engine settings {unknown} are not EngineConfig knobs ({', '.join(engine_knobs())})")
         if not self.encoder_gpus or len(set(self.encoder_gpus)) != len(self.encoder_gpus):
             raise ValueError(f"encoder_gpus must list distinct GPU ids, got {list(self.encoder_gpus)}")
         ranks = self.world_size
@@ -90,6 +118,16 @@ class RepositorySettings:
         """The GPUs prompt tables live on: where they are computed and where mimo_llm (its rank 0) reads them."""
         return sorted({*self.encoder_gpus, self.llm_gpus[0]})
 
+    def engine_knobs(self, config: MiMoV2Config) -> dict[str, int | None]:
+        """Every served EngineConfig knob: the override, else its default (see _SERVED_DEFAULT_NOTES); validated."""
+        knobs = {name: self.engine.get(name, _ENGINE_DEFAULTS[name]) for name in engine_knobs()}
+        if "max_model_len" not in self.engine:
+            knobs["max_model_len"] = min(config.max_position_embeddings, knobs["max_model_len"])
+        if knobs["kv_cache_memory_bytes"] is None and knobs["num_full_blocks"] is None:
+            knobs["kv_cache_memory_bytes"] = _DEVICE_DEFAULTS[self.device][1]
+        EngineConfig(**knobs)  # raises ValueError naming a bad value
+        return knobs
+
 
 def instance_group(count: int, gpus: tuple[int, ...] | None) -> str:
     """One `instance_group` entry: `count` CPU instances, or `count` instances on each listed GPU."""
@@ -98,42 +136,105 @@ def instance_group(count: int, gpus: tuple[int, ...] | None) -> str:
     return f"{{ count: {count} kind: KIND_GPU gpus: [ {', '.join(map(str, gpus))} ] }}"
 
 
-def model_values(settings: RepositorySettings) -> dict[str, dict[str, object]]:
-    """The placeholder values of each model's config.pbtxt."""
+@dataclass(frozen=True)
+class Deployment:
+    """One model's values in this deployment (its tensors and parameter names come from the contract)."""
+
+    queue_delay_us: int
+    instance_group: str
+    parameters: dict[str, object]
+
+
+def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
     config = MiMoV2Config.from_pretrained(settings.checkpoint)
     gpu = settings.device == "gpu"
-    dtype = settings.resolved_dtype
     checkpoint = str(settings.checkpoint.resolve())
-    batching = {"max_batch_size": settings.max_batch, "max_queue_delay_microseconds": settings.queue_delay_us}
+    knobs = settings.engine_knobs(config)
+    processing = instance_group(settings.processing_instances, None)
     return {
-        "preprocessing": {**batching, "instances": settings.processing_instances, "checkpoint_dir": checkpoint},
-        "mimo_encoder": {
-            "max_batch_size": settings.max_batch,
-            "encoder_queue_delay_microseconds": settings.encoder_queue_delay_us,
-            "instance_group": instance_group(settings.encoder_instances, settings.encoder_gpus if gpu else None),
-            "embedding_type": _TRITON_TYPES[dtype],
-            "checkpoint_dir": checkpoint,
-            "dtype": dtype,
-        },
-        "mimo_llm": {
-            **batching,
-            "instance_group": instance_group(1, settings.llm_gpus[:1] if gpu else None),  # rank 0
-            "rank_gpus": ",".join(map(str, settings.llm_gpus)) if gpu else "",
-            "embedding_type": _TRITON_TYPES[dtype],
+        "preprocessing": Deployment(settings.queue_delay_us, processing,
+                                    {"checkpoint_dir": checkpoint, "max_model_len": knobs["max_model_len"]}),
+        "mimo_encoder": Deployment(
+            settings.encoder_queue_delay_us,
+            instance_group(settings.encoder_instances, settings.encoder_gpus if gpu else None),
+            {"checkpoint_dir": checkpoint, "dtype": settings.resolved_dtype},
+        ),
+        "mimo_llm": Deployment(settings.queue_delay_us, instance_group(1, settings.llm_gpus[:1] if gpu else None), {
             "checkpoint_dir": "" if settings.deploy else checkpoint,
             "deploy_dir": str(settings.deploy.resolve()) if settings.deploy else "",
-            "dtype": dtype,
-            "max_num_seqs": settings.max_num_seqs,
-            "max_num_batched_tokens": settings.max_num_batched_tokens,
-            "max_model_len": settings.max_model_len or min(config.max_position_embeddings, 8192),
-            "block_size": settings.block_size,
-            "kv_cache_memory_bytes": settings.kv_cache_memory_bytes or _DEVICE_DEFAULTS[settings.device][1],
+            "rank_gpus": ",".join(map(str, settings.llm_gpus)) if gpu else "",
+            "dtype": settings.resolved_dtype,
+            **knobs,
             "cancellation_check_period_ms": settings.cancellation_check_period_ms,
-            "force_cpu_only_input_tensors": "no" if gpu else "yes",
-        },
-        "postprocessing": {**batching, "instances": settings.processing_instances, "checkpoint_dir": checkpoint},
-        "ensemble": {"max_batch_size": settings.max_batch},
+            "FORCE_CPU_ONLY_INPUT_TENSORS": "no" if gpu else "yes",
+        }),  # fmt: skip
+        "postprocessing": Deployment(settings.queue_delay_us, processing, {"checkpoint_dir": checkpoint}),
     }
+
+
+def _quote(value: object) -> str:
+    text = "" if value is None else str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _comment(text: str, indent: str = "") -> list[str]:
+    return textwrap.wrap(text, 116, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
+
+
+def _tensor_lines(section: str, tensors: tuple[TensorSpec, ...], embedding: str,
+                  batched_inputs: bool = False) -> list[str]:  # fmt: skip
+    lines, previous_comment = [f"{section} ["], ""
+    for index, tensor in enumerate(tensors):
+        if tensor.comment != previous_comment:
+            lines += _comment(tensor.comment, "  ")
+            previous_comment = tensor.comment
+        dtype = embedding if tensor.dtype == EMBEDDING else _CONFIG_TYPES.get(tensor.dtype, tensor.dtype)
+        text = f'{{ name: "{tensor.name}" data_type: TYPE_{dtype} dims: [ {", ".join(map(str, tensor.dims))} ]'
+        if tensor.scalar:
+            text += " reshape: { shape: [ ] }"
+        if batched_inputs and tensor.ragged:
+            text += " allow_ragged_batch: true"
+        if tensor.optional:
+            text += " optional: true"
+        lines.append(f"  {text} }}{',' if index < len(tensors) - 1 else ''}")
+    return lines + ["]"]
+
+
+def model_config_text(spec: ModelSpec, deployment: Deployment, max_batch_size: int, embedding: str) -> str:
+    """The config.pbtxt of one backend model; `deployment.parameters` must be exactly the declared ones."""
+    missing = sorted(spec.parameters.keys() - deployment.parameters.keys())
+    unused = sorted(deployment.parameters.keys() - spec.parameters.keys())
+    if missing or unused:
+        raise ValueError(f"{spec.name}: parameters without a value {missing}; "
+                         f"values for undeclared parameters {unused}")
+    lines = [*_comment(f"{spec.name}: {spec.comment}"), f'name: "{spec.name}"', 'backend: "python"',
+             f"max_batch_size: {max_batch_size}"]  # fmt: skip
+    if spec.decoupled:
+        lines.append("model_transaction_policy { decoupled: true }")
+    lines += [f"dynamic_batching {{ max_queue_delay_microseconds: {deployment.queue_delay_us} }}", ""]
+    lines += _tensor_lines("input", spec.inputs, embedding, batched_inputs=True)
+    lines += _tensor_lines("output", spec.outputs, embedding)
+    lines += ["", f"instance_group [ {deployment.instance_group} ]", ""]
+    for name, help_text in spec.parameters.items():
+        lines += _comment(help_text)
+        lines.append(f'parameters {{ key: "{name}" value {{ string_value: {_quote(deployment.parameters[name])} }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def ensemble_config_text(ensemble: EnsembleSpec, max_batch_size: int) -> str:
+    lines = [*_comment(f"ensemble: {ensemble.comment}"), 'name: "ensemble"', 'platform: "ensemble"',
+             f"max_batch_size: {max_batch_size}", ""]  # fmt: skip
+    lines += _tensor_lines("input", ensemble.inputs, "")
+    lines += _tensor_lines("output", ensemble.outputs, "")
+    lines += ["", "ensemble_scheduling {", "  step ["]
+    steps = ensemble_steps(ensemble)
+    for index, step in enumerate(steps):
+        lines += ["    {", f'      model_name: "{step.model}"', "      model_version: -1"]
+        for section, mapping in (("input_map", step.input_map), ("output_map", step.output_map)):
+            entries = [f'        {{ key: "{key}" value: "{value}" }}' for key, value in mapping.items()]
+            lines += [f"      {section} [", ",\n".join(entries), "      ]"]
+        lines.append("    }," if index < len(steps) - 1 else "    }")
+    return "\n".join(lines + ["  ]", "}"]) + "\n"
 
 
 def cuda_memory_pool_bytes(settings: RepositorySettings, hidden_size: int) -> int:
@@ -143,18 +244,20 @@ def cuda_memory_pool_bytes(settings: RepositorySettings, hidden_size: int) -> in
     return 2 * encoder_instances * settings.max_batch * table_bytes
 
 
-def render_repository(settings: RepositorySettings, out: Path, templates: Path = TEMPLATES) -> list[str]:
+def render_repository(settings: RepositorySettings, out: Path, model_files: Path = MODEL_FILES) -> list[str]:
     """Write the repository into `out` (replacing it); returns the tritonserver command line that serves it."""
-    values = model_values(settings)
+    values = deployments(settings)
+    embedding = _TRITON_TYPES[settings.resolved_dtype]
+    configs = {name: model_config_text(spec, values[name], settings.max_batch, embedding)
+               for name, spec in contract.MODELS.items()}  # fmt: skip
+    configs["ensemble"] = ensemble_config_text(ENSEMBLE, settings.max_batch)
     if out.exists():
         shutil.rmtree(out)
-    for model in MODELS:
-        (out / model / "1").mkdir(parents=True)
-        text = (templates / model / "config.pbtxt").read_text()
-        (out / model / "config.pbtxt").write_text(fill_template(text, values[model]))
-        source = templates / model / "1" / "model.py"
-        if source.exists():
-            shutil.copy2(source, out / model / "1" / "model.py")
+    for name, text in configs.items():
+        (out / name / "1").mkdir(parents=True)
+        (out / name / "config.pbtxt").write_text(text)
+        if name in contract.MODELS:
+            shutil.copy2(model_files / name / "1" / "model.py", out / name / "1" / "model.py")
     command = ["tritonserver", f"--model-repository={out.resolve()}"]
     if settings.device == "gpu":
         hidden = MiMoV2Config.from_pretrained(settings.checkpoint).hidden_size
@@ -163,50 +266,38 @@ def render_repository(settings: RepositorySettings, out: Path, templates: Path =
     return command
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _setting_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(RepositorySettings) if "help" in f.metadata]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = RepositorySettings(checkpoint=Path())
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="hub checkpoint directory")
     source.add_argument("--deploy", type=Path, help="deployment artifact (python -m builders convert)")
     parser.add_argument("--out", type=Path, required=True, help="model repository to (re)create")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), default=None,
-                        help="weights and prompt tables (default: float32 on cpu, bfloat16 on gpu)")  # fmt: skip
-    parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="max_batch_size of every model")
-    parser.add_argument("--encoder-instances", type=int, default=defaults.encoder_instances,
-                        help="mimo_encoder instances (per encoder GPU with --device gpu)")  # fmt: skip
-    parser.add_argument("--encoder-gpus", type=_gpu_ids, default=defaults.encoder_gpus,
-                        help="comma-separated GPU ids for mimo_encoder instances (--device gpu)")  # fmt: skip
-    parser.add_argument("--llm-gpus", type=_gpu_ids, default=defaults.llm_gpus,
-                        help="the GPU id of each rank of the mimo_llm engine (--device gpu)")  # fmt: skip
-    parser.add_argument("--processing-instances", type=int, default=defaults.processing_instances,
-                        help="instances of preprocessing and of postprocessing")  # fmt: skip
-    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=defaults.block_size)
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    parser.add_argument("--max-media-tokens", type=int, default=defaults.max_media_tokens,
-                        help="prompt-table rows one request may need (sizes the CUDA memory pool on gpu)")  # fmt: skip
-
-
-def _gpu_ids(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated GPU ids like 0,1; got {text!r}") from None
+    for f in _setting_fields():
+        options = {k: v for k, v in f.metadata.items() if k != "help"}
+        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        parser.add_argument(_flag(f.name), type=options.pop("type", type(f.default)), default=f.default,
+                            help=f.metadata["help"] + ("" if f.default is None else f" (default: {shown})"), **options)
+    engine = parser.add_argument_group("engine (mimo.engine.EngineConfig)")
+    for name, help_text in engine_knobs().items():
+        shown = [str(_ENGINE_DEFAULTS[name])] if _ENGINE_DEFAULTS[name] is not None else []
+        shown += [_SERVED_DEFAULT_NOTES[name]] if name in _SERVED_DEFAULT_NOTES else []
+        default = f" (default: {', '.join(shown)})" if shown else ""
+        engine.add_argument(_flag(name), type=int, default=None, help=help_text + default)
 
 
 def settings_from_args(args: argparse.Namespace) -> RepositorySettings:
-    checkpoint = args.checkpoint if args.deploy is None else args.deploy / ENCODER_DIR
-    return RepositorySettings(
-        checkpoint=checkpoint, deploy=args.deploy, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-        encoder_instances=args.encoder_instances, encoder_gpus=args.encoder_gpus, llm_gpus=args.llm_gpus,
-        processing_instances=args.processing_instances,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, block_size=args.block_size,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_media_tokens=args.max_media_tokens,
-    )  # fmt: skip
+    values = {f.name: getattr(args, f.name) for f in _setting_fields()}
+    engine = {name: getattr(args, name) for name in engine_knobs() if getattr(args, name) is not None}
+    if args.deploy is not None:
+        return RepositorySettings.for_deploy(args.deploy, engine=engine, **values)
+    return RepositorySettings(checkpoint=args.checkpoint, engine=engine, **values)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ from builders.repository import RepositorySettings, render_repository
 from builders.tiny import build_checkpoint
 from client import MiMoClient
 from client.sample_media import sample_image
-from mimo.serving.server_process import TritonServer
+from tools.server_process import TritonServer
 
 
 def main() -> int:

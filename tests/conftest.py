@@ -19,9 +19,8 @@ SERVED_MAX_MODEL_LEN = 1024
 def serving_settings(checkpoint):
     from builders.repository import RepositorySettings
 
-    return RepositorySettings(checkpoint=checkpoint, device=SERVING_DEVICE, max_batch=16, max_num_seqs=32,
-                              max_model_len=SERVED_MAX_MODEL_LEN, encoder_gpus=ENCODER_GPUS,
-                              llm_gpus=(LLM_GPU,))  # fmt: skip
+    return RepositorySettings(checkpoint=checkpoint, device=SERVING_DEVICE, max_batch=16, encoder_gpus=ENCODER_GPUS,
+                              llm_gpus=(LLM_GPU,), engine={"max_num_seqs": 32, "max_model_len": SERVED_MAX_MODEL_LEN})
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +33,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def triton_server(tiny_checkpoint, tmp_path_factory):
     from builders.repository import render_repository
-    from mimo.serving.server_process import TritonServer
+    from tools.server_process import TritonServer
 
     root = tmp_path_factory.mktemp("serving")
     command = render_repository(serving_settings(tiny_checkpoint), root / "model_repository")

@@ -117,12 +117,7 @@ def test_embed_prompt_table():
         embeds = model.embed(ids, table)
         weight = model.model.embed_tokens.weight
     torch.testing.assert_close(embeds, torch.stack([weight[5], table[2], weight[7], table[0]]))
-    with pytest.raises(ValueError, match=f"input id {vocab + 3} is out of range"):
-        model.embed(torch.tensor([1, vocab + 3]), table)
-    with pytest.raises(ValueError, match=f"input id {vocab} is out of range"):
-        model.embed(torch.tensor([vocab]))
-    with pytest.raises(ValueError, match="input id -1 is negative"):
-        model.embed(torch.tensor([-1, 2]))
+    # id ranges are checked once, at admission (tests/test_engine_llm.py), not on every embed
     with pytest.raises(ValueError, match=r"prompt_table must be \[P, 32\]"):
         model.embed(ids, torch.randn(3, hidden + 1))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mimo.serving import launcher
+from tools import launcher
 from triton_harness import TritonServer, descendants, pid_alive
 
 ECHO_CONFIG = """

@@ -170,12 +170,14 @@ def test_pack_unpack_round_trip(all_media_prompt):
     assert len(unpacked) == len(items)
     for before, after in zip(items, unpacked):
         assert (after.modality, after.num_tokens) == (before.modality, before.num_tokens)
-        for name in ("pixel_values", "grid_thw", "pixel_values_videos", "video_grid_thw", "video_timestamps",
-                     "second_per_grid_ts", "mel", "audio_token_len", "segment_starts", "segment_lens"):
+        for name in ("pixel_values", "grid_thw", "pixel_values_videos", "video_grid_thw", "mel", "segment_starts",
+                     "segment_lens"):
             b, a = getattr(before, name), getattr(after, name)
             assert (a is None) == (b is None), name
             if b is not None:
                 assert a.dtype == b.dtype and torch.equal(a, b), name
+        for name in ("video_timestamps", "second_per_grid_ts", "audio_token_len"):  # preprocessing only
+            assert getattr(after, name) is None, name
     assert unpack_items(pack_items([])) == []
 
 
@@ -185,8 +187,10 @@ def test_unpack_rejects_inconsistent_arrays(processor, media):
         unpack_items({**packed, "pixel_values": packed["pixel_values"][:23]})
     with pytest.raises(ProcessingError, match="'grid_thw_rows' must have one entry per item"):
         unpack_items({**packed, "grid_thw_rows": np.array([1, 1])})
-    with pytest.raises(ProcessingError, match="bad or missing 'modality'"):
+    with pytest.raises(ProcessingError, match="bad 'modality'"):
         unpack_items({**packed, "modality": np.array([7], dtype=np.int8)})
+    with pytest.raises(ProcessingError, match=r"missing \['mel_rows'\]"):
+        unpack_items({name: value for name, value in packed.items() if name != "mel_rows"})
 
 
 def test_placeholder_data_mismatches_are_errors(processor, media):

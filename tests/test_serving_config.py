@@ -1,28 +1,138 @@
-"""config.pbtxt templates, their rendering, and reading parameters back."""
+"""The rendered model repository: every config.pbtxt from the one contract declaration, consistent end to end."""
 
-import re
+import argparse
+import dataclasses
 
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
-from builders.repository import MODELS, TEMPLATES, RepositorySettings, cuda_memory_pool_bytes, render_repository
-from mimo.serving.preprocess import PACKED_MEDIA_TENSORS
-from mimo.serving.triton_config import (
-    exit_stub_process,
-    fill_template,
-    instance_device,
-    model_parameter,
-    template_placeholders,
+from builders.repository import (
+    MODEL_FILES,
+    MODELS,
+    RepositorySettings,
+    add_arguments,
+    cuda_memory_pool_bytes,
+    render_repository,
+    settings_from_args,
 )
+from mimo.engine import EngineConfig, engine_knobs
+from mimo.processing.items import PACKED_MEDIA_TENSORS, WIRE_FIELDS, MediaItem
+from mimo.serving import contract
+from mimo.serving.contract import ContractError, EnsembleSpec, ModelSpec, TensorSpec, ensemble_steps
+from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter
 
 
-def test_fill_template_substitutes_and_is_strict():
-    assert fill_template('a: ${x} b: "${y}"', {"x": 1, "y": "two"}) == 'a: 1 b: "two"'
-    with pytest.raises(KeyError, match=r"without a value: \['y'\]"):
-        fill_template("${x} ${y}", {"x": 1})
-    with pytest.raises(KeyError, match=r"without a placeholder: \['z'\]"):
-        fill_template("${x}", {"x": 1, "z": 2})
-    with pytest.raises(ValueError, match="malformed placeholder"):
-        template_placeholders("${x")
+def parsed(repo, name) -> model_config_pb2.ModelConfig:
+    return text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rendered") / "repo"
+    render_repository(RepositorySettings(checkpoint=tiny_checkpoint), root)
+    return {name: parsed(root, name) for name in MODELS}
+
+
+def test_ensemble_steps_match_the_rendered_models(repository):
+    ensemble = repository["ensemble"]
+    # ensemble tensor -> data type, from the ensemble inputs and then each step's outputs
+    produced = {tensor.name: tensor.data_type for tensor in ensemble.input}
+    for step in ensemble.ensemble_scheduling.step:
+        model = repository[step.model_name]
+        inputs, outputs = {t.name: t for t in model.input}, {t.name: t for t in model.output}
+        assert set(step.input_map) <= set(inputs), step.model_name
+        assert {name for name, t in inputs.items() if not t.optional} <= set(step.input_map), step.model_name
+        for name, tensor in step.input_map.items():
+            assert produced.get(tensor) == inputs[name].data_type, (step.model_name, name, tensor)
+        assert set(step.output_map) <= set(outputs), step.model_name
+        for name, tensor in step.output_map.items():
+            assert tensor not in produced, f"{tensor} produced twice"
+            produced[tensor] = outputs[name].data_type
+    for tensor in ensemble.output:
+        assert produced.get(tensor.name) == tensor.data_type, tensor.name
+    consumed = {tensor for step in ensemble.ensemble_scheduling.step for tensor in step.input_map.values()}
+    internal = {t for step in ensemble.ensemble_scheduling.step for t in step.output_map.values()}
+    assert internal - consumed == {t.name for t in ensemble.output}  # nothing produced for nobody
+
+
+def test_the_client_contract_and_tensorrt_llm_names_stay(repository):
+    ensemble = repository["ensemble"]
+    assert [t.name for t in ensemble.input] == ["text_input", "image_bytes_input", "audio_bytes_input",
+                                                "video_bytes_input", "max_tokens", "temperature", "top_k", "top_p",
+                                                "random_seed", "stream", "stop_words"]  # fmt: skip
+    assert [t.name for t in ensemble.output] == ["text_output", "output_ids", "finish_reason"]
+    llm = repository["mimo_llm"]
+    assert [t.name for t in llm.input] == ["input_ids", "input_lengths", "request_output_len", "end_id", "pad_id",
+                                           "stop_words_list", "runtime_top_k", "runtime_top_p", "temperature",
+                                           "random_seed", "streaming", "prompt_embedding_table", "prompt_vocab_size",
+                                           "stop"]  # fmt: skip
+    assert [t.name for t in llm.output] == ["output_ids", "sequence_length", "preceding_ids", "finish_reason"]
+    assert llm.model_transaction_policy.decoupled
+
+
+def test_packed_media_come_from_the_media_item_declaration(repository):
+    encoder_inputs = [t.name for t in repository["mimo_encoder"].input]
+    assert encoder_inputs == list(PACKED_MEDIA_TENSORS)
+    assert [t.name for t in repository["preprocessing"].output][-len(encoder_inputs):] == encoder_inputs
+    assert len(encoder_inputs) == 16
+    # preprocessing-only fields (placeholder text, video metadata) do not travel
+    for name in ("video_timestamps", "second_per_grid_ts", "audio_token_len"):
+        assert name in {f.name for f in dataclasses.fields(MediaItem)} and name not in WIRE_FIELDS
+        assert name not in encoder_inputs and f"{name}_rows" not in encoder_inputs
+
+
+def test_a_graph_error_names_the_tensor():
+    def one_step(*models):
+        ensemble = EnsembleSpec("", (TensorSpec("x", "INT32", (1,)),), (TensorSpec("y", "INT32", (1,)),),
+                                tuple(m.name for m in models))  # fmt: skip
+        return lambda: ensemble_steps(ensemble, {m.name: m for m in models})
+
+    def model(name, inputs, outputs, decoupled=False):
+        return ModelSpec(name, "", tuple(inputs), tuple(outputs), {}, decoupled)
+
+    x, y = TensorSpec("x", "INT32", (1,)), TensorSpec("y", "INT32", (1,))
+    assert one_step(model("m", [x], [y]))()[0].output_map == {"y": "y"}
+    with pytest.raises(ContractError, match="m input 'z' is required but nothing provides it"):
+        one_step(model("m", [TensorSpec("z", "INT32", (1,))], [y]))()
+    with pytest.raises(ContractError, match=r"m input 'x' is FP32 \[1\], but its source 'x' is INT32 \[1\]"):
+        one_step(model("m", [TensorSpec("x", "FP32", (1,))], [y]))()
+    with pytest.raises(ContractError, match="ensemble output 'y' is produced by no step"):
+        one_step(model("m", [x], [TensorSpec("w", "INT32", (1,))]))()
+    with pytest.raises(ContractError, match="second input 'x' comes from before the decoupled step first"):
+        one_step(model("first", [x], [TensorSpec("w", "INT32", (1,))], decoupled=True), model("second", [x], [y]))()
+
+
+def test_engine_knobs_have_one_default_flag_and_parameter(repository, tiny_checkpoint, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(tiny_checkpoint), "--out", "x", "--max-num-seqs", "7"])
+    settings = settings_from_args(args)
+    assert settings.engine == {"max_num_seqs": 7} and settings.max_batch == RepositorySettings.max_batch
+    help_text = parser.format_help()
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    parameters = repository["mimo_llm"].parameters
+    for name, what in engine_knobs().items():
+        assert f"--{name.replace('_', '-')}" in help_text and what.split()[0] in help_text
+        assert name in parameters
+    assert parameters["max_num_seqs"].string_value == str(defaults["max_num_seqs"])
+    assert parameters["max_prefill_chunk"].string_value == ""  # None: the engine's own rule
+    # served max_model_len: the default, capped by the checkpoint; preprocessing refuses with the same value
+    preprocessing = repository["preprocessing"].parameters
+    assert parameters["max_model_len"].string_value == preprocessing["max_model_len"].string_value
+    with pytest.raises(ValueError, match=r"engine settings \['max_num_sequences'\] are not EngineConfig knobs"):
+        RepositorySettings(checkpoint=tiny_checkpoint, engine={"max_num_sequences": 4})
+    with pytest.raises(ValueError, match="EngineConfig.block_size must be a positive int"):
+        render_repository(RepositorySettings(checkpoint=tiny_checkpoint, engine={"block_size": 0}), tmp_path / "x")
+
+
+def test_declared_parameters_are_the_ones_the_models_read():
+    for name, spec in contract.MODELS.items():
+        text = (MODEL_FILES / name / "1" / "model.py").read_text()
+        for parameter in spec.parameters:
+            if parameter in engine_knobs() or parameter == "FORCE_CPU_ONLY_INPUT_TENSORS":
+                continue  # read by mimo.serving.llm.engine_config / by Triton's Python backend
+            assert f'"{parameter}"' in text, (name, parameter)
 
 
 def test_model_parameter_converts_and_names_problems():
@@ -33,11 +143,6 @@ def test_model_parameter_converts_and_names_problems():
         model_parameter(config, "missing")
     with pytest.raises(ValueError, match="parameter 'flag' must be int"):
         model_parameter(config, "flag", int)
-
-
-def tensor_names(config_text: str, section: str) -> list[str]:
-    block = re.search(rf"^{section} \[(.*?)^\]", config_text, re.MULTILINE | re.DOTALL).group(1)
-    return re.findall(r'name: "(\w+)"', block)
 
 
 def test_instance_device_makes_a_gpu_instance_current(monkeypatch):
@@ -71,24 +176,12 @@ def test_exit_stub_process_ends_the_stub_unless_disabled(monkeypatch):
     assert codes == [0]
 
 
-def test_packed_media_tensors_agree_across_preprocessing_encoder_and_ensemble():
-    preprocessing = (TEMPLATES / "preprocessing" / "config.pbtxt").read_text()
-    encoder = (TEMPLATES / "mimo_encoder" / "config.pbtxt").read_text()
-    ensemble = (TEMPLATES / "ensemble" / "config.pbtxt").read_text()
-    packed = list(PACKED_MEDIA_TENSORS)
-    assert tensor_names(preprocessing, "output")[-len(packed):] == packed
-    assert tensor_names(encoder, "input") == packed
-    for name in packed:
-        assert ensemble.count(f'{{ key: "{name}" value: "_media_{name}" }}') == 2  # produced once, consumed once
-
-
-def test_render_fills_every_placeholder(tiny_checkpoint, tmp_path):
+def test_render_writes_every_model(tiny_checkpoint, tmp_path):
     command = render_repository(RepositorySettings(checkpoint=tiny_checkpoint), tmp_path / "repo")
     assert command == ["tritonserver", f"--model-repository={(tmp_path / 'repo').resolve()}"]
     for model in MODELS:
-        text = (tmp_path / "repo" / model / "config.pbtxt").read_text()
-        assert "${" not in text and f'name: "{model}"' in text
-        assert (tmp_path / "repo" / model / "1").is_dir()
+        assert parsed(tmp_path / "repo", model).name == model
+        assert (tmp_path / "repo" / model / "1" / "model.py").is_file() == (model != "ensemble")
     llm = (tmp_path / "repo" / "mimo_llm" / "config.pbtxt").read_text()
     assert "kind: KIND_CPU" in llm and 'string_value: "yes"' in llm and str(tiny_checkpoint.resolve()) in llm
 

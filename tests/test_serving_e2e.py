@@ -21,6 +21,7 @@ from client.sample_media import sample_image, sample_tone
 from conftest import SERVED_MAX_MODEL_LEN, SERVING_DEVICE, serving_settings
 from mimo.serving.detokenize import IncrementalDetokenizer
 from mimo.serving.offline import OfflinePipeline
+from mimo.serving.preprocess import preprocess_request
 from mimo.serving.triton_config import torch_dtype
 from processing_media import encode_video
 
@@ -265,6 +266,35 @@ def test_bad_requests_get_clear_errors_and_the_server_stays_up(triton_server, pr
         run(client, **{"max_tokens": 4, **kwargs})
     assert message in str(error.value)
     assert_still_serving(triton_server)
+
+
+def encoder_requests(server) -> tuple[int, int]:
+    """(successful, failed) requests mimo_encoder has executed, from Triton's statistics."""
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        stats = client.get_inference_statistics("mimo_encoder").model_stats[0].inference_stats
+    return stats.success.count, stats.fail.count
+
+
+def test_a_request_too_long_with_its_media_is_refused_before_the_encoder(triton_server, offline):
+    def prompt_length(**media) -> int:
+        inputs = {"text_input": np.array([[b"Look"]], dtype=np.object_)}
+        inputs.update({name: np.array([items], dtype=np.object_) for name, items in media.items()})
+        return int(preprocess_request(offline.processor, inputs, SERVED_MAX_MODEL_LEN)["input_lengths"][0, 0])
+
+    with_image, text_only = prompt_length(image_bytes_input=[IMAGE]), prompt_length()
+    max_tokens = SERVED_MAX_MODEL_LEN - text_only  # room for the text alone, not for the image's tokens too
+    assert with_image > text_only
+    before = encoder_requests(triton_server)
+    with client_for(triton_server, "grpc") as client, pytest.raises(GenerationError) as error:
+        run(client, "Look", images=[IMAGE], max_tokens=max_tokens, temperature=0.0)
+    message = str(error.value)
+    assert (f"prompt length {with_image} + max_tokens {max_tokens} = {with_image + max_tokens} exceeds max_model_len "
+            f"{SERVED_MAX_MODEL_LEN}") in message  # fmt: skip
+    assert "request 'req-" not in message  # preprocessing's refusal, not mimo_llm's
+    assert encoder_requests(triton_server) == before  # the vision tower never ran for it
+    with client_for(triton_server, "grpc") as client:
+        run(client, "Look", images=[IMAGE], max_tokens=1, temperature=0.0)
+    assert encoder_requests(triton_server)[0] == before[0] + 1  # the statistics do count encoder work
 
 
 def test_non_numeric_parameters_over_http_generate(triton_server):

@@ -186,7 +186,7 @@ def test_refused_request_queues_nothing(loop):
 
 
 def test_stop_ends_unfinished_requests_with_an_error(engine):
-    loop = GenerationLoop(engine)
+    loop = GenerationLoop(engine, cancellation_check_period_s=0.1)
     sink = ListSink()
     loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=40), None, True), sink)
     loop.shutdown()  # never started: the request is still queued

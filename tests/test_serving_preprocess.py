@@ -9,9 +9,13 @@ import torch
 
 from client.sample_media import sample_image, sample_tone
 from mimo.processing.errors import ProcessingError
+from mimo.processing.items import PACKED_MEDIA_TENSORS
 from mimo.processing.processor import MiMoProcessor
+from mimo.serving.contract import PREPROCESSING, triton_type
 from mimo.serving.encode import PromptTableEncoder, load_multimodal_encoder, unpack_request
-from mimo.serving.preprocess import PACKED_MEDIA_TENSORS, decode_media_item, preprocess_request, user_messages
+from mimo.serving.preprocess import decode_media_item, preprocess_request, user_messages
+
+MAX_MODEL_LEN = 4096
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +55,14 @@ def test_user_turn_puts_media_before_the_text():
         user_messages(b" \n", {})
 
 
-def test_outputs_map_placeholders_to_prompt_table_rows(processor):
+def test_outputs_are_the_declared_ones_and_map_placeholders_to_prompt_table_rows(processor):
     outputs = preprocess_request(processor, request(b"Look and listen", image_bytes_input=[sample_image()],
-                                                    audio_bytes_input=[sample_tone()]))  # fmt: skip
-    for name, (dtype, rank) in PACKED_MEDIA_TENSORS.items():
-        assert outputs[name].dtype == dtype and outputs[name].ndim == rank + 1 and outputs[name].shape[0] == 1
+                                                    audio_bytes_input=[sample_tone()]), MAX_MODEL_LEN)  # fmt: skip
+    assert list(outputs) == [tensor.name for tensor in PREPROCESSING.outputs]
+    for tensor in PREPROCESSING.outputs:
+        array = outputs[tensor.name]
+        assert triton_type(array.dtype) == tensor.dtype and array.shape[0] == 1, tensor.name
+        assert array.ndim == len(tensor.dims) + 1 and all(d in (-1, n) for d, n in zip(tensor.dims, array.shape[1:]))
     ids = outputs["input_ids"][0]
     rows = int(outputs["num_tokens"].sum())
     table_ids = ids[ids >= processor.vocab_size] - processor.vocab_size
@@ -66,7 +73,8 @@ def test_outputs_map_placeholders_to_prompt_table_rows(processor):
 
 
 def test_stop_words_use_the_tensorrt_llm_layout(processor):
-    outputs = preprocess_request(processor, {**request(b"Hi"), "stop_words": np.array([[b"the end", b"!"]], np.object_)})
+    inputs = {**request(b"Hi"), "stop_words": np.array([[b"the end", b"!"]], np.object_)}
+    outputs = preprocess_request(processor, inputs, MAX_MODEL_LEN)
     the_end, bang = processor.encode_text("the end"), processor.encode_text("!")
     stops = outputs["stop_words_list"][0]
     assert stops[0, : len(the_end) + len(bang)].tolist() == the_end + bang
@@ -75,12 +83,27 @@ def test_stop_words_use_the_tensorrt_llm_layout(processor):
 
 def test_exactly_one_text_input(processor):
     with pytest.raises(ProcessingError, match="exactly one string, got 2"):
-        preprocess_request(processor, {"text_input": np.array([[b"a", b"b"]], dtype=np.object_)})
+        preprocess_request(processor, {"text_input": np.array([[b"a", b"b"]], dtype=np.object_)}, MAX_MODEL_LEN)
+
+
+def test_a_prompt_with_its_media_tokens_must_leave_room_for_max_tokens(processor):
+    image = request(b"Look", image_bytes_input=[sample_image()])
+    length = preprocess_request(processor, image, MAX_MODEL_LEN)["input_lengths"][0, 0]
+    text_length = preprocess_request(processor, request(b"Look"), MAX_MODEL_LEN)["input_lengths"][0, 0]
+    assert length > text_length  # the image's tokens count
+    fits = {**image, "max_tokens": np.array([[MAX_MODEL_LEN - length]], dtype=np.int32)}
+    assert preprocess_request(processor, fits, MAX_MODEL_LEN)["input_lengths"][0, 0] == length
+    too_long = {**image, "max_tokens": np.array([[MAX_MODEL_LEN - length + 1]], dtype=np.int32)}
+    with pytest.raises(ProcessingError, match=f"prompt length {length} \\+ max_tokens {MAX_MODEL_LEN - length + 1} = "
+                                              f"{MAX_MODEL_LEN + 1} exceeds max_model_len {MAX_MODEL_LEN}"):
+        preprocess_request(processor, too_long, MAX_MODEL_LEN)
+    with pytest.raises(ProcessingError, match="max_tokens must hold exactly one value, got 2"):
+        preprocess_request(processor, {**image, "max_tokens": np.array([[1, 2]], dtype=np.int32)}, MAX_MODEL_LEN)
 
 
 def test_batched_encoding_equals_one_by_one_and_isolates_a_bad_request(processor, encoder):
     def items(**media):
-        outputs = preprocess_request(processor, request(b"Hi", **media))
+        outputs = preprocess_request(processor, request(b"Hi", **media), MAX_MODEL_LEN)
         return unpack_request({name: outputs[name] for name in PACKED_MEDIA_TENSORS})
 
     first = items(image_bytes_input=[sample_image()], audio_bytes_input=[sample_tone()])

@@ -53,7 +53,8 @@ def test_ranks_need_one_gpu_each(deploy_tp2):
 def test_tp2_deployment_serves_what_one_process_generates(deploy_tp2, tiny_checkpoint, tmp_path):
     gpu = SERVING_DEVICE == "gpu"  # GPU machines: rank r on cuda:r, NCCL
     placement = {"device": "gpu", "dtype": "float32", "llm_gpus": (0, 1)} if gpu else {}
-    settings = RepositorySettings.for_deploy(deploy_tp2, max_batch=4, max_num_seqs=4, max_model_len=512, **placement)
+    settings = RepositorySettings.for_deploy(deploy_tp2, max_batch=4, engine={"max_num_seqs": 4, "max_model_len": 512},
+                                             **placement)  # fmt: skip
     command = render_repository(settings, tmp_path / "repo")
     image = sample_image((200, 40, 40))
     # bf16 checkpoint, bf16 artifact: the offline pipeline on the source holds the same float32 weights

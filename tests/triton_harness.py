@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mimo.serving.server_process import TritonServer, free_ports
+from tools.server_process import TritonServer, free_ports
 
 __all__ = ["TritonServer", "descendants", "free_ports", "pid_alive"]
 

@@ -1,6 +1,9 @@
 """Continuous-batching engine over paged KV (no Triton import)."""
 
-from mimo.engine.engine import EngineConfig, LLMEngine, RequestOutput, generate
+from mimo.engine.engine import EngineConfig, LLMEngine, RequestOutput, context_overflow, engine_knobs, generate
 from mimo.engine.sampling import InvalidRequestError, SamplingParams
 
-__all__ = ["EngineConfig", "InvalidRequestError", "LLMEngine", "RequestOutput", "SamplingParams", "generate"]
+__all__ = [
+    "EngineConfig", "InvalidRequestError", "LLMEngine", "RequestOutput", "SamplingParams", "context_overflow",
+    "engine_knobs", "generate",
+]

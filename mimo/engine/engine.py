@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import operator
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -20,25 +20,32 @@ from mimo.models.language_model import MiMoV2ForCausalLM
 logger = logging.getLogger(__name__)
 
 
+def knob(default, help: str):
+    """An EngineConfig field that deployments set (`python -m builders repository` flag, mimo_llm parameter)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(slots=True)
 class EngineConfig:
-    """Engine limits and KV sizing.
+    """Engine limits and KV sizing. The fields made with `knob` are the served knobs, each with its one default.
 
     KV pools: give `num_full_blocks`, or `kv_cache_memory_bytes` to split between the pools (the sliding pool first
     gets one ring per sequence slot, the full pool the rest). `num_sliding_blocks` defaults to one ring per slot.
     """
 
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_prefill_chunk: int | None = None  # most tokens one sequence computes per step; sizes the sliding rings
-    block_size: int = 16
-    max_model_len: int = 8192
-    num_full_blocks: int | None = None
-    num_sliding_blocks: int | None = None
-    kv_cache_memory_bytes: int | None = None
+    max_num_seqs: int = knob(32, "sequences in the running batch at most (one sliding KV ring each)")
+    max_num_batched_tokens: int = knob(512, "tokens one engine step computes at most (prefill chunks + decodes)")
+    max_prefill_chunk: int | None = knob(None, "most tokens one sequence computes per step; sizes the sliding "
+                                         "rings (none: max_num_batched_tokens)")
+    block_size: int = knob(16, "tokens per KV-cache block")
+    max_model_len: int = knob(8192, "prompt (media tokens included) + max_tokens of one request at most")
+    num_full_blocks: int | None = knob(None, "full-attention KV blocks (instead of kv_cache_memory_bytes)")
+    num_sliding_blocks: int | None = knob(None, "sliding-window KV blocks (none: one ring per sequence slot)")
+    kv_cache_memory_bytes: int | None = knob(None, "KV-cache budget in bytes, split between the pools "
+                                             "(instead of num_full_blocks)")
+    seed: int | None = knob(None, "seed of the stream unseeded sampling requests draw from (none: nondeterministic)")
     device: torch.device | str | None = None  # None = the model's; otherwise must be the model's
     dtype: torch.dtype | None = None  # None = the model's; otherwise must be the model's
-    seed: int | None = None  # stream of unseeded sampling requests; None = nondeterministic
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
@@ -54,6 +61,11 @@ class EngineConfig:
         if self.max_prefill_chunk > self.max_num_batched_tokens:
             raise ValueError(f"EngineConfig.max_prefill_chunk={self.max_prefill_chunk} exceeds "
                              f"max_num_batched_tokens={self.max_num_batched_tokens}")
+
+
+def engine_knobs() -> dict[str, str]:
+    """The served EngineConfig fields and their help text, in declaration order."""
+    return {f.name: f.metadata["help"] for f in fields(EngineConfig) if "help" in f.metadata}
 
 
 def _check_positive(name: str, value) -> None:
@@ -199,11 +211,9 @@ class LLMEngine:
             raise InvalidRequestError("prompt_ids must be a sequence of ints") from None
         if not ids:
             raise InvalidRequestError(f"request {request_id!r}: prompt_ids is empty")
-        total = len(ids) + sampling.max_tokens
-        if total > self.config.max_model_len:
-            raise InvalidRequestError(
-                f"request {request_id!r}: prompt length {len(ids)} + max_tokens {sampling.max_tokens} = {total} "
-                f"exceeds max_model_len {self.config.max_model_len}")
+        too_long = context_overflow(len(ids), sampling.max_tokens, self.config.max_model_len)
+        if too_long:
+            raise InvalidRequestError(f"request {request_id!r}: {too_long}")
         lowest, highest = min(ids), max(ids)
         if lowest < 0:
             raise InvalidRequestError(f"request {request_id!r}: prompt id {lowest} is negative")
@@ -224,6 +234,14 @@ class LLMEngine:
             raise InvalidRequestError(f"request {request_id!r}: stop_token_sequences hold ids >= vocab_size "
                                       f"{self.vocab_size}")
         return ids
+
+
+def context_overflow(prompt_len: int, max_tokens: int, max_model_len: int) -> str | None:
+    """Why a prompt of `prompt_len` tokens cannot generate `max_tokens` within `max_model_len`; None if it fits."""
+    total = prompt_len + max_tokens
+    if total <= max_model_len:
+        return None
+    return f"prompt length {prompt_len} + max_tokens {max_tokens} = {total} exceeds max_model_len {max_model_len}"
 
 
 def _model_device_dtype(model: MiMoV2ForCausalLM, config: EngineConfig) -> tuple[torch.device, torch.dtype]:

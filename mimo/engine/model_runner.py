@@ -15,20 +15,11 @@ from mimo.models.language_model import MiMoV2ForCausalLM
 
 
 @dataclass(frozen=True, slots=True)
-class TableSegment:
-    """Flat token range `[start, end)` of a prompt chunk whose ids may index `prompt_table` `[P, H]`."""
-
-    start: int
-    end: int
-    prompt_table: torch.Tensor
-
-
-@dataclass(frozen=True, slots=True)
 class ModelInputs:
     """Everything one step needs, detached from the sequences so the forward can run without the engine lock."""
 
-    input_ids: torch.Tensor  # [T] sequences' chunks concatenated
-    table_segments: list[TableSegment]
+    input_ids: torch.Tensor  # [T] sequences' chunks concatenated; ids >= vocab_size index the step's prompt table
+    table_rows: list[torch.Tensor]  # the step's prompt table [P, H], in parts: the rows each chunk reads, in order
     attention: PagedAttentionMetadata
     logits_indices: torch.Tensor  # [N] flat index of the last token of each chunk that samples
     sampling: list[SamplingParams]  # [N]
@@ -41,6 +32,7 @@ class ModelRunner:
     def __init__(self, model: MiMoV2ForCausalLM, kv_cache: KVCache, sampler: Sampler, sliding_window: int | None,
                  max_num_seqs: int, max_blocks_per_seq: dict[LayerKind, int], device: torch.device):
         self.model = model
+        self.vocab_size = model.config.vocab_size
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.sliding_window = sliding_window
@@ -51,15 +43,22 @@ class ModelRunner:
     def prepare(self, chunks: list[ScheduledChunk]) -> ModelInputs:
         """Reads the scheduled sequences (under the engine lock) into device inputs; T = tokens of all chunks."""
         input_ids: list[int] = []
-        table_segments = []
+        table_rows: list[torch.Tensor] = []
+        num_table_rows = 0
         logits_indices = []
         sampling_chunks = []
+        vocab_size = self.vocab_size
         for chunk in chunks:
             seq = chunk.seq
-            if seq.prompt_table is not None and chunk.start < seq.num_prompt_tokens:
-                table_segments.append(TableSegment(len(input_ids), len(input_ids) + chunk.num_tokens,
-                                                   seq.prompt_table))
-            input_ids += seq.token_ids[chunk.start:chunk.end]
+            ids = seq.token_ids[chunk.start:chunk.end]
+            rows = [i - vocab_size for i in ids if i >= vocab_size] if seq.prompt_table is not None else []
+            if rows:  # a prompt chunk with media: its rows [lo, hi) of the request's table join the step's table
+                lo, hi = min(rows), max(rows) + 1
+                table_rows.append(seq.prompt_table[lo:hi])
+                shift = num_table_rows - lo
+                ids = [i + shift if i >= vocab_size else i for i in ids]
+                num_table_rows += hi - lo
+            input_ids += ids
             if chunk.samples:
                 logits_indices.append(len(input_ids) - 1)
                 sampling_chunks.append(chunk)
@@ -73,7 +72,7 @@ class ModelRunner:
         )
         return ModelInputs(
             input_ids=to_device(input_ids, self.device),
-            table_segments=table_segments,
+            table_rows=table_rows,
             attention=attention,
             logits_indices=to_device(logits_indices, self.device),
             sampling=[c.seq.sampling for c in sampling_chunks],
@@ -84,12 +83,9 @@ class ModelRunner:
     def execute(self, inputs: ModelInputs) -> list[int]:
         """Runs the step; returns the sampled token of each sampling chunk, in order."""
         model = self.model
-        input_ids = inputs.input_ids
-        text_ids = input_ids.masked_fill(input_ids >= model.config.vocab_size, 0)
-        input_embeds = model.embed(text_ids)  # [T, H]
-        for segment in inputs.table_segments:
-            input_embeds[segment.start:segment.end] = model.embed(input_ids[segment.start:segment.end],
-                                                                  segment.prompt_table)
+        rows = inputs.table_rows
+        table = (rows[0] if len(rows) == 1 else torch.cat(rows)) if rows else None  # [P, H]
+        input_embeds = model.embed(inputs.input_ids, table)  # [T, H], each token embedded once
         hidden = model(inputs.attention.query_positions, PagedAttention(self.kv_cache, inputs.attention),
                        input_embeds)  # [T, H]
         if not inputs.sampling:

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, RequestOutput, SamplingParams
+from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, RequestOutput, SamplingParams, engine_knobs
 from mimo.serving.detokenize import DETOKENIZATION_WINDOW
 from mimo.serving.triton_config import model_parameter
 
@@ -173,7 +173,7 @@ class GenerationLoop:
     def __init__(
         self,
         engine: LLMEngine,
-        cancellation_check_period_s: float = 0.1,
+        cancellation_check_period_s: float,
         after_step: Callable[[], None] | None = None,
     ):
         self.engine = engine
@@ -287,10 +287,10 @@ class GenerationLoop:
         request.sink.send(response, final=bool(finish_reason))
 
 
-ENGINE_PARAMETERS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "kv_cache_memory_bytes")
-
-
 def engine_config(model_config: Mapping, device: torch.device, dtype: torch.dtype) -> EngineConfig:
-    """EngineConfig from the `mimo_llm` config.pbtxt parameters (all required, rendered by builders.repository)."""
-    values = {name: model_parameter(model_config, name, int) for name in ENGINE_PARAMETERS}
+    """EngineConfig from the `mimo_llm` config.pbtxt parameters: one per knob (`engine_knobs`), "" for None."""
+    values = {}
+    for name in engine_knobs():
+        raw = model_parameter(model_config, name)
+        values[name] = None if raw == "" else model_parameter(model_config, name, int)
     return EngineConfig(**values, device=device, dtype=dtype)

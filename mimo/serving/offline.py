@@ -14,9 +14,10 @@ import torch
 
 from mimo.engine import EngineConfig, LLMEngine, SamplingParams, generate
 from mimo.loading import load_language_model
+from mimo.processing.items import PACKED_MEDIA_TENSORS
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.encode import PromptTableEncoder, load_multimodal_encoder, unpack_request
-from mimo.serving.preprocess import PACKED_MEDIA_TENSORS, preprocess_request
+from mimo.serving.preprocess import preprocess_request
 
 
 class OfflinePipeline:
@@ -32,11 +33,12 @@ class OfflinePipeline:
     def generate(self, text: str, images: Sequence[bytes] = (), audios: Sequence[bytes] = (),
                  videos: Sequence[bytes] = (), max_tokens: int = 16) -> list[int]:  # fmt: skip
         """Greedy token ids for one user message, exactly as the ensemble builds the request."""
-        inputs = {"text_input": np.array([[text.encode()]], dtype=np.object_)}
+        inputs = {"text_input": np.array([[text.encode()]], dtype=np.object_),
+                  "max_tokens": np.array([[max_tokens]], dtype=np.int32)}
         for name, items in (("image_bytes_input", images), ("audio_bytes_input", audios), ("video_bytes_input", videos)):
             if items:
                 inputs[name] = np.array([list(items)], dtype=np.object_)
-        outputs = preprocess_request(self.processor, inputs)
+        outputs = preprocess_request(self.processor, inputs, self.engine.config.max_model_len)
         items = unpack_request({name: outputs[name] for name in PACKED_MEDIA_TENSORS})
         table = self.encoder.encode([items])[0]
         if isinstance(table, Exception):

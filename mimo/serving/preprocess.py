@@ -14,30 +14,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mimo.engine import context_overflow
 from mimo.processing.chat import check_plain_text
 from mimo.processing.errors import ProcessingError
-from mimo.processing.items import TENSOR_FIELDS, MediaItem, pack_items
+from mimo.processing.items import pack_items
 from mimo.processing.processor import MiMoProcessor
 
 MEDIA_INPUTS = {"image_bytes_input": "image", "audio_bytes_input": "audio", "video_bytes_input": "video"}
-
-# dtype and rank (without the batch dimension) of each packed encoder-input tensor; config.pbtxt declares the same
-PACKED_MEDIA_TENSORS: dict[str, tuple[type, int]] = {
-    "modality": (np.int8, 1),
-    "num_tokens": (np.int64, 1),
-    "pixel_values": (np.float32, 2),
-    "grid_thw": (np.int64, 2),
-    "pixel_values_videos": (np.float32, 2),
-    "video_grid_thw": (np.int64, 2),
-    "video_timestamps": (np.float64, 1),
-    "second_per_grid_ts": (np.float64, 1),
-    "mel": (np.float32, 2),
-    "audio_token_len": (np.int64, 1),
-    "segment_starts": (np.int64, 1),
-    "segment_lens": (np.int64, 1),
-    **{f"{name}_rows": (np.int64, 1) for name in TENSOR_FIELDS},
-}
-
 
 def decode_media_item(data: bytes, input_name: str, index: int) -> bytes:
     """The encoded file itself, or the payload of a base64 `data:` URL."""
@@ -89,24 +72,25 @@ def stop_words_list(processor: MiMoProcessor, words: Sequence[bytes]) -> np.ndar
     return np.array([[ids + [0] * (width - len(ids)), offsets + [-1] * (width - len(offsets))]], dtype=np.int32)
 
 
-def packed_media(items: list[MediaItem]) -> dict[str, np.ndarray]:
-    """`pack_items` plus empty tensors (rows -1 per item) for absent fields: every output exists on every response."""
-    packed = pack_items(items)
-    for name in TENSOR_FIELDS:
-        if name not in packed:
-            dtype, rank = PACKED_MEDIA_TENSORS[name]
-            packed[name] = np.zeros((0,) * rank, dtype=dtype)
-            packed[f"{name}_rows"] = np.full(len(items), -1, dtype=np.int64)
-    return packed
+def preprocess_request(processor: MiMoProcessor, inputs: Mapping[str, np.ndarray],
+                       max_model_len: int) -> dict[str, np.ndarray]:  # fmt: skip
+    """Every `preprocessing` output of one request (each with its batch dimension of 1) from its inputs.
 
-
-def preprocess_request(processor: MiMoProcessor, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every `preprocessing` output of one request (each with its batch dimension of 1) from its BYTES inputs."""
+    With `max_tokens` given, a prompt (media tokens included) that leaves no room for them within `max_model_len`
+    is refused here, before any encoder work, with the engine's message.
+    """
     text = inputs.get("text_input")
     if text is None or text.size != 1:
         raise ProcessingError(f"text_input must hold exactly one string, got {0 if text is None else text.size}")
     media = {name: list(inputs[name].reshape(-1)) for name in MEDIA_INPUTS if name in inputs}
     prompt = processor.process(user_messages(text.reshape(-1)[0], media, processor.control_tokens))
+    if "max_tokens" in inputs:
+        max_tokens = inputs["max_tokens"]
+        if max_tokens.size != 1:
+            raise ProcessingError(f"max_tokens must hold exactly one value, got {max_tokens.size}")
+        too_long = context_overflow(len(prompt.input_ids), int(max_tokens.reshape(-1)[0]), max_model_len)
+        if too_long:
+            raise ProcessingError(too_long)
     table_ids = processor.assign_prompt_table_ids(prompt)
     tokenizer = processor.tokenizer
     outputs = {
@@ -116,5 +100,5 @@ def preprocess_request(processor: MiMoProcessor, inputs: Mapping[str, np.ndarray
         "pad_id": np.array([[tokenizer.pad_token_id]], dtype=np.int32),
         "stop_words_list": stop_words_list(processor, list(inputs["stop_words"].reshape(-1)) if "stop_words" in inputs else []),
     }
-    outputs.update({name: array[np.newaxis] for name, array in packed_media(prompt.items).items()})
+    outputs.update({name: array[np.newaxis] for name, array in pack_items(prompt.items).items()})
     return outputs

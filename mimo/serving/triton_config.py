@@ -1,34 +1,12 @@
-"""What the model.py adapters share: config.pbtxt templates and parameters, instance device, dtype, DLPack inputs."""
+"""What the model.py adapters share: config.pbtxt parameters, instance device, dtype, DLPack inputs, stub exit."""
 
 from __future__ import annotations
 
 import os
-import string
 import sys
 from collections.abc import Mapping
 
 import torch
-
-
-def template_placeholders(text: str) -> set[str]:
-    names = set()
-    for match in string.Template.pattern.finditer(text):
-        name = match.group("named") or match.group("braced")
-        if name:
-            names.add(name)
-        elif match.group("invalid") is not None:
-            raise ValueError(f"malformed placeholder at offset {match.start('invalid')} in template")
-    return names
-
-
-def fill_template(text: str, values: Mapping[str, object]) -> str:
-    """Substitute every `${name}`; a placeholder without a value or a value without a placeholder is an error."""
-    placeholders = template_placeholders(text)
-    missing = placeholders - values.keys()
-    unused = values.keys() - placeholders
-    if missing or unused:
-        raise KeyError(f"template placeholders without a value: {sorted(missing)}; values without a placeholder: {sorted(unused)}")
-    return string.Template(text).substitute({k: str(v) for k, v in values.items()})
 
 
 def model_parameter(model_config: Mapping, name: str, cast: type = str):

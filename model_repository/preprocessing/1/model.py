@@ -15,6 +15,7 @@ class TritonPythonModel:
     def initialize(self, args):
         model_config = json.loads(args["model_config"])
         self.processor = MiMoProcessor.from_checkpoint(model_parameter(model_config, "checkpoint_dir"))
+        self.max_model_len = model_parameter(model_config, "max_model_len", int)
         self.input_names = [i["name"] for i in model_config["input"]]
 
     def execute(self, requests):
@@ -27,7 +28,7 @@ class TritonPythonModel:
             if tensor is not None:
                 inputs[name] = tensor.as_numpy()
         try:
-            outputs = preprocess_request(self.processor, inputs)
+            outputs = preprocess_request(self.processor, inputs, self.max_model_len)
         except ProcessingError as error:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
         except Exception as error:  # noqa: BLE001 - fail this request only; the batch and the model go on

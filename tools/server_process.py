@@ -27,7 +27,7 @@ def free_ports(count: int) -> list[int]:
 
 
 class TritonServer:
-    """One `tritonserver` launched via `python -m mimo.serving.launcher` on free ports."""
+    """One `tritonserver` launched via `python -m tools.launcher` on free ports."""
 
     def __init__(self, model_repository: Path, log_path: Path, extra_args: list[str] = ()):
         self.model_repository = Path(model_repository)
@@ -50,7 +50,7 @@ class TritonServer:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "mimo.serving.launcher",
+            sys.executable, "-m", "tools.launcher",
             f"--model-repository={self.model_repository}",
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",

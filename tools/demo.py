@@ -1,6 +1,6 @@
 """End to end in one command: tiny checkpoint -> model repository -> tritonserver -> image + audio + text chat.
 
-    python -m mimo.serving.demo [--workdir artifacts/demo] [--device cpu|gpu] [--max-tokens 48]
+    python -m tools.demo [--workdir artifacts/demo] [--device cpu|gpu] [--max-tokens 48]
 
 Builds a random-weight tiny MiMo-V2.5 checkpoint, renders the Triton repository for it, starts `tritonserver`
 through the project launcher on free ports, sends one request with a generated PNG and a generated WAV tone,
@@ -18,13 +18,13 @@ from builders.repository import RepositorySettings, render_repository
 from builders.tiny import build_checkpoint
 from client import GenerationSummary, MiMoClient
 from client.sample_media import sample_image, sample_tone
-from mimo.serving.server_process import TritonServer
+from tools.server_process import TritonServer
 
 QUESTION = "Describe the picture, then the sound."
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mimo.serving.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/demo"))
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--max-tokens", type=int, default=48)
