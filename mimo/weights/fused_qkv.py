@@ -45,6 +45,11 @@ class QKVGeometry:
     def canonical_rows(self) -> tuple[int, int, int]:
         return self.rows_per_rank(1)
 
+    def local(self, tp: int) -> "QKVGeometry":
+        """The geometry one of `tp` ranks holds (local heads; replicated KV heads count once)."""
+        q_rows, _, _ = self.rows_per_rank(tp)  # validates tp against the head counts
+        return QKVGeometry(q_rows // self.head_dim, max(1, self.num_kv_heads // tp), self.head_dim, self.v_head_dim)
+
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
