@@ -8,9 +8,9 @@
    3 mantissa bits, or half the subnormal step of their block);
 3. logits of a few prompts run at the artifact's TP, one process per rank (gloo on CPU, NCCL on CUDA), against a
    single-process run of the source with the same weight rounding (bf16 artifacts: the source loaded in bf16),
-   both computing in float32: this also catches a slicing rule that step 2 shares with the converter. When every weight is exact the logits must agree within --atol; an FP8 artifact with
-   re-quantized blocks (TP below the checkpoint's interleave) legitimately differs, so there the logit error is
-   reported and step 2 is the check.
+   both computing in float32 (this also catches a slicing rule that step 2 shares with the converter). When every
+   weight is exact the logits must agree within --atol; an FP8 artifact with re-quantized blocks (TP below the
+   checkpoint's interleave) legitimately differs, so there the logit error is reported and step 2 is the check.
 Exits non-zero on any failure. The reference model must fit one device: verify real widths with few layers.
 """
 
@@ -165,5 +165,6 @@ def check_rank_weights(artifact: DeployArtifact, checkpoint: str | Path) -> tupl
                 failures.append(where)
     for (folder, rank), names in expected_names.items():
         stored = {n for n in rank_files[folder, rank].names() if not n.endswith(SCALE_SUFFIX)}
-        failures += [f"{folder}/{rank_file_name(rank)}:{n} (belongs to no rank's slice)" for n in sorted(stored - names)]
+        extra = sorted(stored - names)
+        failures += [f"{folder}/{rank_file_name(rank)}:{n} (belongs to no rank's slice)" for n in extra]
     return errors, failures

@@ -10,7 +10,7 @@ follow that plan.
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +32,13 @@ from mimo.weights.checkpoint import (
     FUSED_QKV_SUFFIX,
     SCALE_SUFFIX,
     SPLIT_QKV_SUFFIXES,
-    TOLERATED_SUFFIXES,
     VISION_PREFIXES,
     CheckpointError,
     HubCheckpoint,
     Role,
+    TensorCheckpoint,
     read_state_dict,
+    tensors_and_scales,
 )
 from mimo.weights.fp8 import FP8Slice, StoredWeight, scale_grid_shape, stack_rows
 from mimo.weights.fused_qkv import (
@@ -101,6 +102,16 @@ def load_rank_language_model(
     reads = language_model_reads(model, fused_qkv_tp=None, rank_files=True)
     names = [name for ckpt in files for name in ckpt.names()]
     return _load_language_model(model, files, names, reads, device, keep_fp8=True)
+
+
+def load_language_weights(
+    model: MiMoV2ForCausalLM, tensors: Mapping[str, torch.Tensor], device: torch.device | str
+) -> MiMoV2ForCausalLM:
+    """`model` (one rank, on meta) with its weights from split hub-named tensors in memory (`builders.tiny`'s
+    `random_language_tensors`: a benchmark's random model without a checkpoint on disk)."""
+    source = TensorCheckpoint(tensors)
+    reads = language_model_reads(model, fused_qkv_tp=None, rank_files=False)
+    return _load_language_model(model, [source], source.names(), reads, device, keep_fp8=True)
 
 
 def _with_mtp(config: MiMoV2Config, with_mtp: bool, source: str) -> MiMoV2Config:
@@ -182,14 +193,7 @@ def check_reads(sources: list[HubCheckpoint], names: list[str], reads: list[Weig
     Raises CheckpointError naming the tensor and the expected and found values.
     """
     where = {name: ckpt for ckpt in sources for name in ckpt.names()}
-    available = {n for n in names if not n.endswith(TOLERATED_SUFFIXES)}
-    scales = {n for n in available if n.endswith(SCALE_SUFFIX)}
-    for scale in sorted(scales):
-        weight = scale.removesuffix(SCALE_SUFFIX)
-        if weight not in available:
-            raise CheckpointError(f"{scale} has no weight {weight!r}")
-        if not where[weight].is_fp8(weight):
-            raise CheckpointError(f"{scale} belongs to {weight!r}, which is not FP8 (float8_e4m3fn)")
+    available, scales = tensors_and_scales(names, lambda name: where[name].is_fp8(name))
     wanted = [name for read in reads for name in read.hub_names]
     _check_qkv_layout(wanted, available)
     missing = sorted(set(wanted) - available)
@@ -251,7 +255,8 @@ def _check_stored(ckpt: HubCheckpoint, name: str, shape: tuple[int, ...], read: 
                 f"{read.interleave} interleaved shards"
             )
     elif grid != scale_grid_shape(*found):
-        raise CheckpointError(f"{scale} has shape {grid}, expected {scale_grid_shape(*found)} (128x128 blocks of {found})")
+        expected = scale_grid_shape(*found)
+        raise CheckpointError(f"{scale} has shape {grid}, expected {expected} (128x128 blocks of {found})")
 
 
 def read_stored(where: dict[str, HubCheckpoint], read: WeightRead, device: torch.device | str) -> StoredWeight:

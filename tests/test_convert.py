@@ -18,7 +18,6 @@ from builders.verify import check_rank_weights
 from mimo.loading import (
     load_audio_encoder,
     load_audio_tokenizer,
-    load_language_model,
     load_rank_language_model,
     load_vision_tower,
 )

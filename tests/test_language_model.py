@@ -158,7 +158,8 @@ def test_layers_hold_fused_projections_under_hub_names():
     full = model.config.full_attention
     assert state["model.layers.0.self_attn.qkv_proj.weight"].shape == (
         full.num_heads * full.head_dim + full.num_kv_heads * (full.head_dim + full.v_head_dim), 32)
-    assert state["model.layers.1.mlp.experts.gate_up_proj.weight"].shape == (2, 2 * model.config.moe_intermediate_size, 32)
+    moe_width = model.config.moe_intermediate_size
+    assert state["model.layers.1.mlp.experts.gate_up_proj.weight"].shape == (2, 2 * moe_width, 32)  # [E, 2I, H]
     # ... and `hub_state_dict` gives them back under the split hub names the checkpoints use
     hub = {name for name, _ in hub_state_dict(model)}
     assert "model.layers.0.self_attn.q_proj.weight" in hub and "model.layers.1.mlp.experts.1.up_proj.weight" in hub

@@ -155,6 +155,22 @@ class HubCheckpoint:
         return self._open(self._shard_of[name]).get_tensor(name)
 
 
+def tensors_and_scales(names: Iterable[str], is_fp8: Callable[[str], bool]) -> tuple[set[str], set[str]]:
+    """(all tensors, the `weight_scale_inv` grids among them) of `names`, tolerated extras dropped.
+
+    Raises CheckpointError for a scale grid whose weight is missing or not FP8.
+    """
+    names = {n for n in names if not n.endswith(TOLERATED_SUFFIXES)}
+    scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
+    for scale in sorted(scales):
+        weight = scale.removesuffix(SCALE_SUFFIX)
+        if weight not in names:
+            raise CheckpointError(f"{scale} has no weight {weight!r}")
+        if not is_fp8(weight):
+            raise CheckpointError(f"{scale} belongs to {weight!r}, which is not FP8 (float8_e4m3fn)")
+    return names, scales
+
+
 def read_state_dict(
     ckpt: HubCheckpoint,
     hub_names: Iterable[str],
@@ -174,14 +190,7 @@ def read_state_dict(
         hub_names: the checkpoint tensors to consume (one role); `weight_scale_inv` tensors included.
         to_module_name: hub name -> module state_dict name (e.g. strips `visual.`).
     """
-    names = {n for n in hub_names if not n.endswith(TOLERATED_SUFFIXES)}
-    scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
-    for scale in sorted(scales):
-        weight = scale.removesuffix(SCALE_SUFFIX)
-        if weight not in names:
-            raise CheckpointError(f"{scale} has no weight {weight!r}")
-        if not ckpt.is_fp8(weight):
-            raise CheckpointError(f"{scale} belongs to {weight!r}, which is not FP8 (float8_e4m3fn)")
+    names, scales = tensors_and_scales(hub_names, ckpt.is_fp8)
     module_names = {to_module_name(n): n for n in sorted(names - scales)}
     missing = sorted(set(expected) - set(module_names))
     unexpected = sorted(set(module_names) - set(expected))
@@ -212,6 +221,32 @@ def read_state_dict(
             tensor = dequantize_blockwise(tensor, ckpt.tensor(name + SCALE_SUFFIX).to(device), torch.float32)
         state[module_name] = tensor.to(dtype=expected[module_name].dtype)
     return state
+
+
+class TensorCheckpoint:
+    """Hub-named tensors held in memory, read like a `HubCheckpoint` (random weights for benchmarks)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.path = Path("<memory>")
+        self.accessed: set[str] = set()
+        self._tensors = dict(tensors)
+
+    def names(self, *roles: Role) -> list[str]:
+        names = sorted(self._tensors)
+        return names if not roles else [n for n in names if tensor_role(n) in roles]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def is_fp8(self, name: str) -> bool:
+        return self._tensors[name].dtype == torch.float8_e4m3fn
+
+    def tensor(self, name: str) -> torch.Tensor:
+        self.accessed.add(name)
+        return self._tensors[name]
 
 
 @contextmanager
