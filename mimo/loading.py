@@ -324,21 +324,22 @@ def _stack_experts(slots: list) -> torch.Tensor | FP8Slice:
     )  # fmt: skip
 
 
-def hub_state_dict(model: MiMoV2ForCausalLM, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-    """A one-rank model's weights under split hub names (q/k/v, gate/up, per-expert), FP8 dequantized to `dtype`.
+def hub_state_dict(model: MiMoV2ForCausalLM, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A one-rank model's weights under split hub names (q/k/v, gate/up, per expert), FP8 dequantized to `dtype`.
 
     The inverse of loading a split checkpoint: what a reference implementation (transformers) is built from.
     """
     if model.parallel.mapping.world_size != 1:
         raise ValueError("hub_state_dict takes a one-rank model")
+    state = {}
     for read in language_model_reads(model, fused_qkv_tp=None, rank_files=False):
         module_name, _, tensor_name = read.target.rpartition(".")
         if read.layer is None:
-            yield read.hub_names[0], getattr(model.get_submodule(module_name), tensor_name)
+            state[read.hub_names[0]] = getattr(model.get_submodule(module_name), tensor_name)
             continue
         weight = read.layer.dense_weight(dtype, read.expert).to(dtype)
-        rows = [shape[0] for shape in read.shapes]
-        yield from zip(read.hub_names, weight.split(rows), strict=True)
+        state.update(zip(read.hub_names, weight.split([shape[0] for shape in read.shapes]), strict=True))
+    return state
 
 
 def load_vision_tower(

@@ -4,7 +4,7 @@ Typical use (tiny random model or a converted checkpoint):
 
     config = MiMoV2Config.from_hf_config(tiny_hub_config())
     ours = MiMoV2ForCausalLM(config); randomize_weights(ours, seed=0)
-    hf = build_hf_model(config, dict(hub_state_dict(ours)))
+    hf = build_hf_model(config, hub_state_dict(ours))
     assert mimo_greedy(ours, prompt, 32) == hf_greedy(hf, prompt, 32)
 
 Semantic differences between the two implementations, handled here:

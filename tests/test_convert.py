@@ -24,6 +24,7 @@ from mimo.loading import (
 from mimo.parallel.deploy import DeployArtifact, DeployError
 from mimo.parallel.mapping import MappingError
 from mimo.weights.checkpoint import INDEX_FILE, CheckpointError, HubCheckpoint, Role
+from mimo.weights.fp8 import dequantize_blockwise
 from mimo.weights.safetensors_writer import StreamingSafetensorsWriter
 
 
@@ -92,6 +93,24 @@ def test_fp8_bounds_catch_a_wrong_slice(fused_fp8, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     _, failures = check_rank_weights(DeployArtifact.open(out), fused_fp8)
     assert failures == [f"llm/rank1.safetensors:{name}"]
+
+
+def test_rank_layers_keep_the_rank_files_fp8(fused_fp8, tmp_path):
+    deploy = convert(fused_fp8, tmp_path / "deploy", tp=2, ep=2, dtype="fp8", progress=False)
+    model = load_rank_language_model(deploy, 1, 2, torch.float32, "cpu", with_mtp=True)
+    rank_file = load_file(deploy / "llm/rank1.safetensors")
+    qkv = model.model.layers[1].self_attn.qkv_proj
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    assert qkv.weight.dtype == torch.float8_e4m3fn and torch.equal(qkv.weight.view(torch.uint8),
+                                                                   rank_file[name].view(torch.uint8))  # fmt: skip
+    assert torch.equal(qkv.dense_weight(torch.float32),
+                       dequantize_blockwise(rank_file[name], rank_file[name + "_scale_inv"], torch.float32))
+    experts = model.model.layers[1].mlp.experts
+    assert list(experts.expert_ids) == [4, 5, 6, 7]  # EP group 1 of 2
+    assert experts.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+    gate = dequantize_blockwise(rank_file["model.layers.1.mlp.experts.5.gate_proj.weight"],
+                                rank_file["model.layers.1.mlp.experts.5.gate_proj.weight_scale_inv"], torch.float32)
+    assert torch.equal(experts.gate_up_proj.dense_weight(torch.float32, 1)[: gate.shape[0]], gate)
 
 
 def test_split_checkpoint_converts_like_the_fused_one(tmp_path):

@@ -48,7 +48,7 @@ PARITY_CASES = {
 @pytest.mark.parametrize("case", PARITY_CASES)
 def test_hf_parity_logits_and_greedy(case):
     model = _model(**PARITY_CASES[case])
-    hf = build_hf_model(model.config, dict(hub_state_dict(model)))
+    hf = build_hf_model(model.config, hub_state_dict(model))
     prompt = _prompt(model.config.vocab_size)
 
     ours, reference = mimo_logits(model, prompt), hf_logits(hf, prompt)
@@ -61,7 +61,7 @@ def test_hf_parity_logits_and_greedy(case):
 def test_hf_parity_detects_sliding_window_off_by_one():
     # The parity harness is sensitive to the window: HF with a 1-key-smaller window disagrees.
     model = _model()
-    hf = build_hf_model(model.config, dict(hub_state_dict(model)))
+    hf = build_hf_model(model.config, hub_state_dict(model))
     hf.config.sliding_window -= 1
     prompt = _prompt(model.config.vocab_size)
     assert (mimo_logits(model, prompt) - hf_logits(hf, prompt)).abs().max() > 1e-3
@@ -161,7 +161,7 @@ def test_layers_hold_fused_projections_under_hub_names():
     moe_width = model.config.moe_intermediate_size
     assert state["model.layers.1.mlp.experts.gate_up_proj.weight"].shape == (2, 2 * moe_width, 32)  # [E, 2I, H]
     # ... and `hub_state_dict` gives them back under the split hub names the checkpoints use
-    hub = {name for name, _ in hub_state_dict(model)}
+    hub = set(hub_state_dict(model))
     assert "model.layers.0.self_attn.q_proj.weight" in hub and "model.layers.1.mlp.experts.1.up_proj.weight" in hub
     assert not any("qkv_proj" in name or "gate_up_proj" in name for name in hub)
 
@@ -184,7 +184,7 @@ def test_mtp_matches_hf_single_sliding_layer():
         num_hidden_layers=1, hybrid_layer_pattern=[1], moe_layer_freq=[0],
     ))
     mtp_prefix = "model.mtp.layers.1."
-    state = dict(hub_state_dict(model))
+    state = hub_state_dict(model)
     block_state = {"model.embed_tokens.weight": state["model.embed_tokens.weight"],
                    "lm_head.weight": state["lm_head.weight"],
                    "model.norm.weight": state[mtp_prefix + "final_layernorm.weight"]}

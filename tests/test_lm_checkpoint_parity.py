@@ -37,7 +37,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("variant", ["split", "fused", "fused_fp8"])
 def test_logits_and_greedy_match_transformers(checkpoints, prompt_ids, variant):
     model = load_language_model(checkpoints[variant], torch.float32, "cpu")
-    reference = build_hf_model(model.config, dict(hub_state_dict(model)))
+    reference = build_hf_model(model.config, hub_state_dict(model))
     ours, theirs = mimo_logits(model, prompt_ids), hf_logits(reference, prompt_ids)
     assert ours.shape == (len(prompt_ids), model.config.vocab_size)
     assert (ours - theirs).abs().max() <= 1e-4

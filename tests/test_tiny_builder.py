@@ -194,8 +194,8 @@ def test_encoder_loads_read_no_language_tensor(fused_fp8):
 def test_loaded_weights_are_the_seeded_weights(fused_fp8, split):
     config = MiMoV2Config.from_pretrained(split)
     reference = dict(random_language_tensors(config, seed=0))
-    exact = dict(hub_state_dict(load_language_model(split, torch.float32, "cpu", with_mtp=True)))
-    quantized = dict(hub_state_dict(load_language_model(fused_fp8, torch.float32, "cpu", with_mtp=True)))
+    exact = hub_state_dict(load_language_model(split, torch.float32, "cpu", with_mtp=True))
+    quantized = hub_state_dict(load_language_model(fused_fp8, torch.float32, "cpu", with_mtp=True))
     assert exact.keys() == reference.keys() == quantized.keys()
     for name, tensor in reference.items():
         assert torch.equal(exact[name], tensor.float()), name
