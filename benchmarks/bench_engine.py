@@ -23,7 +23,7 @@ from builders.presets import PRESETS, hub_config
 from builders.tiny import random_language_tensors
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, LLMEngine, SamplingParams
-from mimo.loading import build_module, load_language_model
+from mimo.loading import build_module, load_language_model, load_language_weights
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.models.moe import MiMoV2MoE
 from mimo.processing.tokenizer_files import write_tiny_tokenizer
@@ -64,7 +64,7 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
     moe_layers = [m for m in model.modules() if isinstance(m, MiMoV2MoE)]
     expert_total = sum(nbytes(m.experts) for m in moe_layers)
-    num_experts = sum(len(m.experts) for m in moe_layers)
+    num_experts = sum(len(m.local_experts) for m in moe_layers)
     # an embedding lookup reads rows, not the table
     dense = nbytes(model) - expert_total - nbytes(model.model.embed_tokens)
     return dense, expert_total // max(1, num_experts)
@@ -78,8 +78,7 @@ def random_model(preset: str, num_layers: int, device: torch.device) -> MiMoV2Fo
     # decode never reads the MTP layers; load_language_model leaves them out the same way
     config = dataclasses.replace(MiMoV2Config.from_hf_config(hub), num_nextn_predict_layers=0)
     model = build_module(lambda: MiMoV2ForCausalLM(config), torch.bfloat16)  # meta
-    model.load_state_dict(dict(random_language_tensors(config, seed=0, device=device)), assign=True)
-    return model
+    return load_language_weights(model, dict(random_language_tensors(config, seed=0, device=device)), device)
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -2,12 +2,14 @@
 
     python -m builders convert --checkpoint HUB --tp N [--ep M] [--dtype bf16|fp8] --out DEPLOY [--no-progress]
 
-Every rank file gets only its slice (rules: mimo.parallel.mapping). The fused qkv_proj is re-sharded for the target
-TP by one row gather from its interleaved layout (`fused_qkv.interleaved_rows_for_rank`; any TP, KV heads
-replicated beyond their count); a split q/k/v checkpoint is handled as a fused one interleaved at 1.
+Every rank file gets only its slice, as the rank's layers state it (`mimo.models.linear`, planned by
+`mimo.loading.language_model_reads`). The fused qkv_proj is re-sharded for the target TP by one row gather from its
+interleaved layout (`fused_qkv.interleaved_rows_for_rank`; any TP, KV heads replicated beyond their count); a split
+q/k/v checkpoint is handled as a fused one interleaved at 1.
 `--dtype fp8` keeps FP8 weights in FP8 with a fresh 128x128 grid per rank tensor (`fp8.gather_rows_blockwise`:
 blocks that come from one source block are copied bit-exact, others re-quantized once); `--dtype bf16` stores them
-dequantized. Floating tensors keep their stored dtype.
+dequantized. Floating tensors keep their stored dtype. Rank files keep hub names: `qkv_proj` as `[Q_r; K_r; V_r]`,
+gate / up and every expert's projections one tensor each (the layers stack them at load, each with its own grid).
 
 Memory: one source tensor group (a weight, its scale grid; q/k/v of a split checkpoint) and its rank slices at a
 time; rank files are written with a streaming safetensors writer. The artifact is built in a temp directory next
@@ -15,7 +17,7 @@ to DEPLOY and appears in one rename, so a failure or Ctrl-C leaves no partial ar
 """
 
 import argparse
-import functools
+import dataclasses
 import json
 import shutil
 from contextlib import ExitStack
@@ -25,10 +27,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from builders.streaming_safetensors import SAFETENSORS_DTYPES, StreamingSafetensorsWriter
 from mimo.config import MiMoV2Config
-from mimo.loading import AUDIO_TOKENIZER_DIR, build_module
+from mimo.loading import AUDIO_TOKENIZER_DIR, WeightRead, build_module, check_reads, language_model_reads, read_stored
 from mimo.models.language_model import MiMoV2ForCausalLM
+from mimo.models.linear import QKVParallelLinear
 from mimo.parallel.deploy import (
     DEPLOY_FORMAT,
     DEPLOY_VERSION,
@@ -40,30 +42,13 @@ from mimo.parallel.deploy import (
     rank_file_name,
     sha256_file,
 )
-from mimo.parallel.mapping import Mapping, rank_split
-from mimo.weights.checkpoint import (
-    INDEX_FILE,
-    SCALE_SUFFIX,
-    FusedQKVLayout,
-    HubCheckpoint,
-    PlannedRead,
-    Role,
-    atomic_directory,
-    plan_state_dict,
-    tensor_role,
-)
-from mimo.weights.fp8 import FP8_DTYPE, dequantize_blockwise, gather_rows_blockwise, scale_grid_shape
-from mimo.weights.fused_qkv import (
-    QKVGeometry,
-    dequantize_interleaved,
-    interleaved_rows_for_rank,
-    interleaved_scale_rows,
-    layer_qkv_geometry,
-)
+from mimo.parallel.mapping import Mapping, ParallelRank
+from mimo.weights.checkpoint import INDEX_FILE, SCALE_SUFFIX, HubCheckpoint, Role, atomic_directory, tensor_role
+from mimo.weights.fp8 import FP8_DTYPE, StoredWeight, gather_rows_blockwise, scale_grid_shape
+from mimo.weights.safetensors_writer import SAFETENSORS_DTYPES, StreamingSafetensorsWriter
 
 ENCODER_WEIGHTS = "model.safetensors"
 _TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-_QKV = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,17 +71,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 @dataclass(frozen=True)
-class _Source:
-    """A source matrix (or vector) ranks take slices of: floating, or FP8 with the scale row of each of its rows."""
-
-    data: torch.Tensor  # [R, C] or [R]
-    scale_inv: torch.Tensor | None = None  # [S, ceil(C/128)]
-    scale_row_of: torch.Tensor | None = None  # int64 [R]
-
-
-@dataclass(frozen=True)
-class _RankTensor:
-    """What rank `rank` stores under `name`: positions `index` along `dim` of the source (None: all of it)."""
+class RankTensor:
+    """What rank `rank` stores under `name`: positions `index` along `dim` of the job's stacked source (None: all)."""
 
     folder: str
     rank: int
@@ -106,12 +82,11 @@ class _RankTensor:
 
 
 @dataclass(frozen=True)
-class _Job:
-    """Source tensors read together, and the rank tensors made from them."""
+class ConvertJob:
+    """Source tensors read together (`read.hub_names`, stacked along rows) and the rank tensors made from them."""
 
-    reads: tuple[PlannedRead, ...]  # one entry, or the q, k, v entries of a split checkpoint
-    geometry: QKVGeometry | None  # set for attention projections
-    outputs: tuple[_RankTensor, ...]
+    read: WeightRead
+    outputs: tuple[RankTensor, ...]
 
 
 def convert(
@@ -129,7 +104,7 @@ def convert(
     source_is_fp8 = any(name.endswith(SCALE_SUFFIX) for name in language_names)
     if dtype == "fp8" and not source_is_fp8:
         raise ValueError(f"--dtype fp8 needs an FP8 checkpoint; {ckpt.path} stores its language model unquantized")
-    jobs = _plan_jobs(ckpt, config, mapping, language_names)
+    jobs = plan_jobs(ckpt, config, mapping, language_names)
     keep_fp8 = dtype == "fp8"
 
     out = Path(out)
@@ -151,11 +126,7 @@ def convert(
             }
             release_after = _last_uses(ckpt, [_hub_names(job) for job in jobs])
             for i, job in enumerate(tqdm(jobs, desc="language model", unit="tensor", disable=not progress)):
-                source = _read_source(ckpt, job, config, keep_fp8)
-                for rank_tensor in job.outputs:
-                    for name, tensor in _take(source, rank_tensor):
-                        writers[rank_tensor.folder, rank_tensor.rank].write(name, tensor)
-                del source  # before the next group is read
+                _write_job(ckpt, job, keep_fp8, writers)  # its tensors are freed before the next group is read
                 for shard in release_after.get(i, ()):
                     ckpt.release(shard)
             for writer in writers.values():
@@ -165,77 +136,68 @@ def convert(
     return out
 
 
-def _hub_names(job: _Job) -> list[str]:
-    return [name for read in job.reads for name in (read.hub_name, read.scale_name) if name is not None]
+def _write_job(ckpt: HubCheckpoint, job: ConvertJob, keep_fp8: bool, writers: dict) -> None:
+    source = _read_source(ckpt, job, keep_fp8)
+    for rank_tensor in job.outputs:
+        for name, tensor in _take(source, rank_tensor):
+            writers[rank_tensor.folder, rank_tensor.rank].write(name, tensor)
+
+
+def _hub_names(job: ConvertJob) -> list[str]:
+    return [name for hub in job.read.hub_names for name in (hub, hub + SCALE_SUFFIX)]
 
 
 def _last_uses(ckpt: HubCheckpoint, reads: list[list[str]]) -> dict[int, list[Path]]:
     """For each step of `reads`, the shards no later step reads (released then, so one shard or two stay mapped)."""
-    last_use = {ckpt.shard_of(name): step for step, names in enumerate(reads) for name in names}
+    last_use = {ckpt.shard_of(name): step for step, names in enumerate(reads) for name in names if name in ckpt}
     release_after: dict[int, list[Path]] = {}
     for shard, step in last_use.items():
         release_after.setdefault(step, []).append(shard)
     return release_after
 
 
-def _plan_jobs(ckpt: HubCheckpoint, config: MiMoV2Config, mapping: Mapping, names: list[str]) -> list[_Job]:
-    """Validate every language / MTP tensor against the model (headers only) and plan every rank's slices."""
-    full_model = build_module(lambda: MiMoV2ForCausalLM(config), torch.bfloat16)  # meta: names and shapes
-    layout = FusedQKVLayout(config.fused_qkv_tp, functools.partial(layer_qkv_geometry, config))
-    reads = plan_state_dict(ckpt, names, full_model.state_dict(), qkv_layout=layout)
-    world = range(mapping.world_size)
-    split_qkv: dict[str, dict[str, PlannedRead]] = {}
-    jobs = []
-    for read in reads:
-        folder = MTP_DIR if tensor_role(read.hub_name) == Role.MTP else LLM_DIR
-        if read.geometry is not None:  # fused qkv_proj
-            jobs.append(_qkv_job((read,), read.hub_name, config, mapping, folder, config.fused_qkv_tp))
-            continue
-        (module_name,) = read.outputs
-        projection = next((p for p in _QKV if module_name.endswith(p)), None)
-        if projection is not None:  # split q/k/v: once all three are planned, they are a fused qkv_proj at TP 1
-            prefix = module_name.removesuffix(projection)
-            group = split_qkv.setdefault(prefix, {})
-            group[projection] = read
-            if len(group) == len(_QKV):
-                reads_qkv = tuple(group[p] for p in _QKV)
-                jobs.append(_qkv_job(reads_qkv, prefix + "qkv_proj.weight", config, mapping, folder, ckpt_tp=1))
-            continue
-        shape = read.outputs[module_name]
-        outputs = []
-        for r in world:
-            split = rank_split(module_name, config, mapping, r)
-            if split is not None:
-                index = None if split.parts == 1 else split.positions(shape[split.dim])
-                outputs.append(_RankTensor(folder, r, read.hub_name, split.dim, index))
-        jobs.append(_Job((read,), None, tuple(outputs)))
+def plan_jobs(ckpt: HubCheckpoint, config: MiMoV2Config, mapping: Mapping, names: list[str]) -> list[ConvertJob]:
+    """Validate every language / MTP tensor against each rank's model (headers only) and plan every rank's slices.
+
+    The slices are the rank models' own (`language_model_reads`: the layers' `shard_index`), so a rank file holds
+    exactly what `load_language_model` would give that rank from the hub checkpoint. A rank file stores hub names:
+    a qkv_proj fused as `[Q_r; K_r; V_r]`, other stacked parts (gate, up) one tensor each.
+    """
+    rank_reads = []
+    for rank in range(mapping.world_size):
+        parallel = ParallelRank(mapping, rank)
+        model = build_module(lambda: MiMoV2ForCausalLM(config, parallel), torch.bfloat16)  # meta: names, shapes
+        rank_reads.append(language_model_reads(model, fused_qkv_tp=config.fused_qkv_tp, rank_files=False))
+    check_reads([ckpt], names, [read for reads in rank_reads for read in reads])
+    jobs: dict[tuple[str, ...], tuple[WeightRead, list[RankTensor]]] = {}
+    for rank, reads in enumerate(rank_reads):
+        for read in (part for read in reads for part in _per_stored_tensor(read)):
+            folder = MTP_DIR if tensor_role(read.hub_names[0]) == Role.MTP else LLM_DIR
+            name = read.target if isinstance(read.layer, QKVParallelLinear) else read.hub_names[0]
+            jobs.setdefault(read.hub_names, (read, []))[1].append(RankTensor(folder, rank, name, read.dim, read.index))
+    ordered = [ConvertJob(read, tuple(outputs)) for read, outputs in jobs.values()]
     # Shard by shard: each shard is mapped once, and released after its last tensor.
-    return sorted(jobs, key=lambda job: ckpt.shard_of(job.reads[0].hub_name).name)
+    return sorted(ordered, key=lambda job: ckpt.shard_of(job.read.hub_names[0]).name)
 
 
-def _qkv_job(
-    reads: tuple[PlannedRead, ...], qkv_name: str, config: MiMoV2Config, mapping: Mapping, folder: str, ckpt_tp: int
-) -> _Job:
-    geometry = layer_qkv_geometry(config, qkv_name)
-    outputs = tuple(
-        _RankTensor(folder, r, qkv_name, 0, interleaved_rows_for_rank(geometry, ckpt_tp, mapping.tp_size, r))
-        for r in range(mapping.world_size)
-    )
-    return _Job(reads, geometry, outputs)
+def _per_stored_tensor(read: WeightRead) -> list[WeightRead]:
+    """Stacked parts (gate, up) as one read each, so a job holds one source tensor; q, k, v stay together (their
+    rank tensor is the fused `[Q_r; K_r; V_r]`)."""
+    if len(read.hub_names) == 1 or isinstance(read.layer, QKVParallelLinear):
+        return [read]
+    parts = zip(read.hub_names, read.shapes, read.layer.part_indices(), strict=True)
+    return [dataclasses.replace(read, hub_names=(n,), shapes=(shape,), index=index) for n, shape, index in parts]
 
 
-def _output_specs(ckpt: HubCheckpoint, job: _Job, keep_fp8: bool) -> list[tuple[tuple[int, ...], torch.dtype]]:
+def _output_specs(ckpt: HubCheckpoint, job: ConvertJob, keep_fp8: bool) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of each of `job.outputs`, from the headers alone."""
-    first = job.reads[0]
-    if job.geometry is not None:
-        full_shape = (sum(ckpt.shape(read.hub_name)[0] for read in job.reads), ckpt.shape(first.hub_name)[1])
-    else:
-        full_shape = ckpt.shape(first.hub_name)
-    is_fp8 = first.scale_name is not None
-    if is_fp8:
+    read = job.read
+    full_shape = (sum(shape[0] for shape in read.shapes), *read.shapes[0][1:])
+    first = read.hub_names[0]
+    if ckpt.is_fp8(first):
         stored_dtype = FP8_DTYPE if keep_fp8 else torch.bfloat16
     else:
-        stored_dtype = _TORCH_DTYPES[ckpt.dtype(first.hub_name)]
+        stored_dtype = _TORCH_DTYPES[ckpt.dtype(first)]
     specs = []
     for out in job.outputs:
         shape = list(full_shape)
@@ -252,31 +214,20 @@ def _file_entries(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> list
     return entries
 
 
-def _read_source(ckpt: HubCheckpoint, job: _Job, config: MiMoV2Config, keep_fp8: bool) -> _Source:
-    weights = [ckpt.tensor(read.hub_name) for read in job.reads]
-    if job.reads[0].scale_name is None:
-        return _Source(torch.cat(weights))
-    scales = [ckpt.tensor(read.scale_name).float() for read in job.reads]
-    if job.geometry is not None and len(job.reads) == 1:  # fused qkv_proj: one grid per interleaved shard
-        ckpt_tp = config.fused_qkv_tp
-        if not keep_fp8:
-            return _Source(dequantize_interleaved(weights[0], scales[0], job.geometry, ckpt_tp, torch.bfloat16))
-        return _Source(weights[0], scales[0], interleaved_scale_rows(job.geometry, ckpt_tp))
-    if not keep_fp8:
-        dequantized = [dequantize_blockwise(w, s, torch.bfloat16) for w, s in zip(weights, scales, strict=True)]
-        return _Source(torch.cat(dequantized))
-    # Plain grids (one tensor, or split q/k/v stacked): each weight row uses its own grid's row // 128.
-    offsets = torch.tensor([0] + [s.shape[0] for s in scales[:-1]]).cumsum(0)
-    scale_row_of = torch.cat([torch.arange(w.shape[0]) // 128 + o for w, o in zip(weights, offsets, strict=True)])
-    return _Source(torch.cat(weights), torch.cat(scales), scale_row_of)
+def _read_source(ckpt: HubCheckpoint, job: ConvertJob, keep_fp8: bool) -> StoredWeight:
+    source = read_stored(dict.fromkeys(job.read.hub_names, ckpt), job.read, "cpu")
+    if source.is_fp8 and not keep_fp8:
+        return StoredWeight(source.dequantized(torch.bfloat16))
+    return source
 
 
-def _take(source: _Source, out: _RankTensor) -> list[tuple[str, torch.Tensor]]:
-    if source.scale_inv is None:
+def _take(source: StoredWeight, out: RankTensor) -> list[tuple[str, torch.Tensor]]:
+    """A rank tensor as stored: floating, or FP8 re-blocked on a fresh 128x128 grid of its own."""
+    if not source.is_fp8:
         return [(out.name, source.data if out.index is None else source.data.index_select(out.dim, out.index))]
-    weight, scale_inv, scale_row_of = source.data, source.scale_inv, source.scale_row_of
+    weight, scale_inv, scale_row_of = source.data, source.scale_inv, source.scale_rows
     if out.dim == 1:  # columns of a plain grid = rows of the transposed weight and grid
-        weight, scale_inv, scale_row_of = weight.T, scale_inv.T, torch.arange(weight.shape[1]) // 128
+        weight, scale_inv, scale_row_of = weight.T, scale_inv.T, source.scale_cols()
     rows = torch.arange(weight.shape[0]) if out.index is None else out.index
     w_fp8, grid = gather_rows_blockwise(weight, scale_inv, scale_row_of, rows)
     if out.dim == 1:

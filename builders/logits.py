@@ -18,12 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mimo.loading import load_language_model
+from mimo.loading import load_language_model, load_rank_language_model
 from mimo.models.attention import NoCacheAttention
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.parallel.deploy import DeployArtifact
 from mimo.parallel.distributed import RankContext, spawn_ranks
-from mimo.parallel.loading import load_rank_language_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

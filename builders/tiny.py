@@ -20,21 +20,16 @@ from safetensors.torch import save_file
 
 from builders.presets import PRESETS, Preset, hub_config
 from mimo.config import MiMoV2Config
-from mimo.loading import AUDIO_TOKENIZER_DIR, build_module
+from mimo.loading import AUDIO_TOKENIZER_DIR, build_module, language_model_reads
 from mimo.models.audio_tokenizer import AudioTokenizerConfig, MiMoAudioTokenizer
 from mimo.models.audio_tower import AudioConfig, MiMoAudioEncoder
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.models.vision_tower import MiMoVisionTransformer, VisionConfig
 from mimo.processing.tokenizer_files import write_tiny_tokenizer
-from mimo.weights.checkpoint import (
-    AUDIO_MODULE_PREFIX,
-    SPLIT_QKV_SUFFIXES,
-    VISION_PREFIX,
-    atomic_directory,
-    write_shards,
-)
+from mimo.weights.checkpoint import AUDIO_MODULE_PREFIX, SPLIT_QKV_SUFFIXES, VISION_PREFIX, atomic_directory
 from mimo.weights.fp8 import quantize_blockwise
 from mimo.weights.fused_qkv import fuse_interleaved, layer_qkv_geometry, quantize_interleaved
+from mimo.weights.safetensors_writer import write_shards
 
 # Block-FP8 in the hub checkpoints: attention q/k/v (or fused qkv) and every MLP / expert projection. Norms,
 # embeddings, lm_head, router, o_proj, sinks and MTP eh_proj stay floating (ref §2.1, §2.2).
@@ -109,23 +104,24 @@ def build_checkpoint(
 def random_language_tensors(
     config: MiMoV2Config, seed: int, device: torch.device | str = "cpu"
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Canonical (split q/k/v) random LM + MTP weights in module order, one tensor at a time.
+    """Split hub-named (q/k/v, gate/up, per-expert) random LM + MTP weights in module order, one tensor at a time.
 
     Matrices ~ N(0, 1/fan_in) (about 0.016 at hidden 4096) keep activations O(1) and logits clearly non-uniform;
     embeddings ~ N(0, 1), norms 1, non-zero sinks and router correction bias (so expert selection differs from
     the plain sigmoid ranking).
     """
-    names = build_module(lambda: MiMoV2ForCausalLM(config), torch.float32).state_dict()  # meta: names + shapes
+    model = build_module(lambda: MiMoV2ForCausalLM(config), torch.float32)  # meta: the split hub names + shapes
+    reads = language_model_reads(model, fused_qkv_tp=None, rank_files=False)
     generator = torch.Generator(device).manual_seed(seed)
-    for name, meta in names.items():
+    for name, shape in ((name, shape) for read in reads for name, shape in zip(read.hub_names, read.shapes)):
         if name.endswith("norm.weight"):
-            yield name, torch.ones(meta.shape, dtype=STORAGE_DTYPE, device=device)
+            yield name, torch.ones(shape, dtype=STORAGE_DTYPE, device=device)
             continue
-        noise = torch.randn(meta.shape, generator=generator, device=device)
+        noise = torch.randn(shape, generator=generator, device=device)
         if name.endswith("e_score_correction_bias"):
             yield name, 0.1 * noise  # float32, as sglang keeps it
-        elif meta.dim() == 2 and "embed_tokens" not in name:
-            yield name, (noise / math.sqrt(meta.shape[1])).to(STORAGE_DTYPE)
+        elif len(shape) == 2 and "embed_tokens" not in name:
+            yield name, (noise / math.sqrt(shape[1])).to(STORAGE_DTYPE)
         else:  # embeddings, sink logits
             yield name, noise.to(STORAGE_DTYPE)
 

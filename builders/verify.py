@@ -3,14 +3,14 @@
     python -m builders verify --checkpoint HUB --deploy DEPLOY [--device cpu|cuda] [--prompts N] [--atol X]
 
 1. every file's sha256 against the manifest;
-2. every rank tensor against the same slice of the source, taken independently of the converter (canonical q/k/v
-   from `read_state_dict`, sharded by `shard_qkv_for_rank` / `rank_split`): floating tensors must be equal, FP8
-   ones within one e4m3 rounding (half an ulp of 3 mantissa bits, or half the subnormal step of their block);
+2. every rank tensor against its slice of the source, dequantized exactly (the slices the rank's layers state,
+   `builders.convert.plan_jobs`): floating tensors must be equal, FP8 ones within one e4m3 rounding (half an ulp of
+   3 mantissa bits, or half the subnormal step of their block);
 3. logits of a few prompts run at the artifact's TP, one process per rank (gloo on CPU, NCCL on CUDA), against a
    single-process run of the source with the same weight rounding (bf16 artifacts: the source loaded in bf16),
-   both computing in float32. When every weight is exact the logits must agree within --atol; an FP8 artifact with
-   re-quantized blocks (TP below the checkpoint's interleave) legitimately differs, so there the logit error is
-   reported and step 2 is the check.
+   both computing in float32 (this also catches a slicing rule that step 2 shares with the converter). When every
+   weight is exact the logits must agree within --atol; an FP8 artifact with re-quantized blocks (TP below the
+   checkpoint's interleave) legitimately differs, so there the logit error is reported and step 2 is the check.
 Exits non-zero on any failure. The reference model must fit one device: verify real widths with few layers.
 """
 
@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
+from builders.convert import plan_jobs
 from builders.logits import parallel_logits, reference_logits
 from mimo.config import MiMoV2Config
-from mimo.loading import load_language_model
-from mimo.parallel.deploy import LLM_DIR, MTP_DIR, DeployArtifact, DeployError, rank_file_name
-from mimo.parallel.mapping import rank_split
-from mimo.weights.checkpoint import SCALE_SUFFIX, HubCheckpoint
-from mimo.weights.fp8 import dequantize_blockwise
-from mimo.weights.fused_qkv import layer_qkv_geometry, shard_qkv_for_rank
+from mimo.loading import load_language_model, read_stored
+from mimo.parallel.deploy import DeployArtifact, DeployError, rank_file_name
+from mimo.weights.checkpoint import SCALE_SUFFIX, HubCheckpoint, Role
+from mimo.weights.fp8 import StoredWeight, dequantize_blockwise
 
 PROMPT_LENGTHS = (3, 17, 64, 129)  # below, at and beyond a sliding window; prompt 0 ends in a 1-token decode-like row
 
@@ -111,11 +110,8 @@ def verify(
 
     # Weights as the artifact rounds them: bf16 artifacts hold dequantized FP8 / bf16 weights exactly as bf16.
     weight_dtype = torch.bfloat16 if artifact.dtype == "bf16" else torch.float32
-    reference = load_language_model(
-        checkpoint, weight_dtype, device, with_mtp=source_config.num_nextn_predict_layers > 0
-    )
-    weight_errors, failures = check_rank_weights(artifact, reference.state_dict())
-    reference.float()
+    weight_errors, failures = check_rank_weights(artifact, checkpoint)
+    reference = load_language_model(checkpoint, weight_dtype, device, dequantize_fp8=True).float()
     reference_logits_ = [reference_logits(reference, torch.tensor(ids, device=device)).cpu() for ids in prompts]
     per_prompt = [(a - b).abs().max().item() for a, b in zip(logits, reference_logits_, strict=True)]
     return VerifyReport(
@@ -131,40 +127,44 @@ def verify(
     )
 
 
-def check_rank_weights(artifact: DeployArtifact, source: dict[str, torch.Tensor]) -> tuple[list[float], list[str]]:
-    """|error| of every rank tensor against its slice of `source` (a canonical LM + MTP state_dict), and the
-    tensors outside the bound (floating: exact; FP8: one e4m3 rounding)."""
-    config, mapping = artifact.config, artifact.mapping
-    folders = (LLM_DIR, MTP_DIR) if config.num_nextn_predict_layers else (LLM_DIR,)
+def check_rank_weights(artifact: DeployArtifact, checkpoint: str | Path) -> tuple[list[float], list[str]]:
+    """|error| of every rank tensor against its slice of the source (dequantized exactly; a floating rank tensor in
+    its own dtype's rounding), and the tensors outside the bound (floating: exact; FP8: one e4m3 rounding). Every
+    planned rank tensor must be there, and nothing else."""
+    ckpt = HubCheckpoint(checkpoint)
+    rank_files: dict[tuple[str, int], HubCheckpoint] = {}
     errors, failures = [0.0], []
-    for rank in range(mapping.world_size):
-        for folder in folders:
-            rank_file = artifact.rank_file(folder, rank)
-            ckpt = HubCheckpoint(rank_file.parent, file=rank_file_name(rank))
-            for name in ckpt.names():
-                if name.endswith(SCALE_SUFFIX):
-                    continue
-                expected = _source_slice(name, source, config, mapping, rank).float()
-                stored = ckpt.tensor(name)
-                bound = torch.zeros_like(expected)
-                if name + SCALE_SUFFIX in ckpt:
-                    scale_inv = ckpt.tensor(name + SCALE_SUFFIX)
-                    stored = dequantize_blockwise(stored, scale_inv, torch.float32)
-                    bound = expected.abs() * 2.0**-4 + scale_inv.max() * 2.0**-10
-                error = (stored.float().to(expected.device) - expected).abs()
-                errors.append(error.max().item() if error.numel() else 0.0)
-                if (error > bound.to(expected.device)).any():
-                    failures.append(f"{folder}/{rank_file_name(rank)}:{name}")
+    expected_names: dict[tuple[str, int], set[str]] = {}
+    for job in plan_jobs(ckpt, artifact.config, artifact.mapping, ckpt.names(Role.LANGUAGE, Role.MTP)):
+        stored_source = read_stored(dict.fromkeys(job.read.hub_names, ckpt), job.read, "cpu")
+        source = StoredWeight(stored_source.dequantized(torch.float32)) if stored_source.is_fp8 else stored_source
+        for out in job.outputs:
+            key = (out.folder, out.rank)
+            if key not in rank_files:
+                path = artifact.rank_file(out.folder, out.rank)
+                rank_files[key] = HubCheckpoint(path.parent, file=rank_file_name(out.rank))
+            expected_names.setdefault(key, set()).add(out.name)
+            rank_ckpt, where = rank_files[key], f"{out.folder}/{rank_file_name(out.rank)}:{out.name}"
+            if out.name not in rank_ckpt:
+                failures.append(f"{where} (missing)")
+                continue
+            expected = source.select(out.dim, out.index)
+            stored = rank_ckpt.tensor(out.name)
+            expected = expected.float() if out.name + SCALE_SUFFIX in rank_ckpt else expected.to(stored.dtype).float()
+            bound = torch.zeros_like(expected)
+            if out.name + SCALE_SUFFIX in rank_ckpt:
+                scale_inv = rank_ckpt.tensor(out.name + SCALE_SUFFIX)
+                stored = dequantize_blockwise(stored, scale_inv, torch.float32)
+                bound = expected.abs() * 2.0**-4 + scale_inv.max() * 2.0**-10
+            if stored.shape != expected.shape:
+                failures.append(f"{where} (shape {tuple(stored.shape)}, expected {tuple(expected.shape)})")
+                continue
+            error = (stored.float() - expected).abs()
+            errors.append(error.max().item() if error.numel() else 0.0)
+            if (error > bound).any():
+                failures.append(where)
+    for (folder, rank), names in expected_names.items():
+        stored = {n for n in rank_files[folder, rank].names() if not n.endswith(SCALE_SUFFIX)}
+        extra = sorted(stored - names)
+        failures += [f"{folder}/{rank_file_name(rank)}:{n} (belongs to no rank's slice)" for n in extra]
     return errors, failures
-
-
-def _source_slice(name: str, source: dict[str, torch.Tensor], config: MiMoV2Config, mapping, rank: int) -> torch.Tensor:
-    if name.endswith("self_attn.qkv_proj.weight"):
-        prefix = name.removesuffix("qkv_proj.weight")
-        q, k, v = (source[f"{prefix}{p}_proj.weight"] for p in "qkv")
-        return shard_qkv_for_rank(q, k, v, layer_qkv_geometry(config, name), mapping.tp_size, rank)
-    split = rank_split(name, config, mapping, rank)
-    if split is None:
-        raise DeployError(f"rank {rank} holds {name!r}, which belongs to another rank")
-    tensor = source[name]
-    return tensor.index_select(split.dim, split.positions(tensor.shape[split.dim]).to(tensor.device))

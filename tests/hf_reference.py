@@ -4,7 +4,7 @@ Typical use (tiny random model or a converted checkpoint):
 
     config = MiMoV2Config.from_hf_config(tiny_hub_config())
     ours = MiMoV2ForCausalLM(config); randomize_weights(ours, seed=0)
-    hf = build_hf_model(config, ours.state_dict())
+    hf = build_hf_model(config, hub_state_dict(ours))
     assert mimo_greedy(ours, prompt, 32) == hf_greedy(hf, prompt, 32)
 
 Semantic differences between the two implementations, handled here:
@@ -88,8 +88,8 @@ def randomize_weights(model: nn.Module, seed: int) -> None:
             value = 1.0 + 0.1 * noise
         elif name.endswith("e_score_correction_bias"):
             value = 0.1 * noise  # non-zero so selection differs from the pure sigmoid ranking
-        elif tensor.dim() == 2 and "embed_tokens" not in name:
-            value = noise / math.sqrt(tensor.shape[1])
+        elif tensor.dim() >= 2 and "embed_tokens" not in name:  # [out, in] or per expert [E, out, in]
+            value = noise / math.sqrt(tensor.shape[-1])
         else:  # embeddings, sink logits
             value = noise
         tensor.copy_(value.to(tensor.dtype))

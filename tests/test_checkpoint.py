@@ -1,24 +1,20 @@
-"""Strict hub-checkpoint reading on a small hand-made checkpoint (no model code involved)."""
+"""Strict hub-checkpoint reading: the checkpoint files (hand-made tensors, no model code) and the language model's
+layers loading tiny checkpoints of every layout, with one inconsistency each."""
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from mimo.weights.checkpoint import (
-    INDEX_FILE,
-    CheckpointError,
-    FusedQKVLayout,
-    HubCheckpoint,
-    Role,
-    read_state_dict,
-    tensor_role,
-    write_sharded,
-)
+from builders.tiny import build_checkpoint
+from mimo.loading import hub_state_dict, load_language_model
+from mimo.weights.checkpoint import INDEX_FILE, CheckpointError, HubCheckpoint, Role, read_state_dict, tensor_role
 from mimo.weights.fp8 import quantize_blockwise
 from mimo.weights.fused_qkv import QKVGeometry, fuse_interleaved, quantize_interleaved
+from mimo.weights.safetensors_writer import write_sharded
 
 HIDDEN = 64
 FULL = QKVGeometry(num_heads=8, num_kv_heads=4, head_dim=24, v_head_dim=16)  # 88 rows per shard
@@ -28,10 +24,6 @@ CKPT_TP = 4
 
 def geometry_of(name: str) -> QKVGeometry:
     return FULL if name.startswith("model.layers.0.") else SLIDING
-
-
-FUSED = FusedQKVLayout(CKPT_TP, geometry_of)
-SPLIT = FusedQKVLayout(None, geometry_of)
 
 
 def canonical_state() -> dict[str, torch.Tensor]:
@@ -76,39 +68,58 @@ def hub_tensors(fp8: bool, fused: bool = True) -> dict[str, torch.Tensor]:
     return hub
 
 
-def expected_meta(with_mtp: bool = True) -> dict[str, torch.Tensor]:
-    return {
-        n: torch.empty(t.shape, device="meta") for n, t in canonical_state().items() if with_mtp or ".mtp." not in n
-    }
-
-
-def language_names(ckpt: HubCheckpoint) -> list[str]:
-    return ckpt.names(Role.LANGUAGE, Role.MTP)
-
-
 def write(tmp_path, hub, max_shard_bytes=20_000):
     out = tmp_path / "ckpt"
     write_sharded(out, hub, max_shard_bytes)
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny hub checkpoints (geometries of FULL / SLIDING above) whose tensors the tests below edit."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        (layout, fp8): build_checkpoint(root / f"{layout}_{fp8}", layout=layout, fp8=fp8)
+        for layout in ("fused", "split")
+        for fp8 in (False, True)
+    }
+
+
+def edited(tmp_path, source, edit=lambda hub: None, *, layout_of=None):
+    """A copy of checkpoint `source` with its tensors edited in place by `edit(hub)` (config from `layout_of`)."""
+    hub = {name: HubCheckpoint(source).tensor(name) for name in HubCheckpoint(source).names()}
+    edit(hub)
+    out = tmp_path / "edited"
+    write_sharded(out, hub, 20_000)
+    shutil.copyfile((layout_of or source) / "config.json", out / "config.json")
+    return out
+
+
+def load(checkpoint, **kwargs):
+    return load_language_model(checkpoint, torch.float32, "cpu", with_mtp=True, **kwargs)
+
+
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_fused_checkpoint_reads_back_canonical(tmp_path, fp8):
-    ckpt = HubCheckpoint(write(tmp_path, hub_tensors(fp8)))
-    state = read_state_dict(ckpt, language_names(ckpt), expected_meta(), device="cpu", qkv_layout=FUSED)
-    reference = canonical_state()
-    assert state.keys() == reference.keys()
-    for name, tensor in state.items():
-        tolerance = reference[name].abs().max() * 2.0**-4 if fp8 and "proj" in name else 0.0
-        assert (tensor - reference[name]).abs().max() <= tolerance, name
-    assert not any(n.startswith(("visual.", "audio_")) for n in ckpt.accessed)
+def test_fused_and_split_checkpoints_load_the_same_layers(tiny, fp8):
+    fused, split = HubCheckpoint(tiny["fused", fp8]), HubCheckpoint(tiny["split", fp8])
+    from_fused, from_split = load(fused), load(split)
+    assert not any(n.startswith(("visual.", "audio_")) for n in fused.accessed | split.accessed)  # roles split
+    exact = load(tiny["split", False])
+    a_state, b_state, exact_state = hub_state_dict(from_fused), hub_state_dict(from_split), hub_state_dict(exact)
+    assert a_state.keys() == b_state.keys() == exact_state.keys()
+    for name, reference in exact_state.items():
+        a, b = a_state[name], b_state[name]
+        # both layouts hold the same weights; FP8 ones within one e4m3 rounding of the unquantized checkpoint
+        tolerance = reference.abs().max() * 2.0**-4 if fp8 and a.dim() == 2 and "proj" in name else 0.0
+        assert (a - reference).abs().max() <= tolerance and (b - reference).abs().max() <= tolerance, name
+    if fp8:  # the fused FP8 layout keeps the hub bytes, only the per-shard grids differ from the split one
+        assert torch.equal(from_fused.state_dict()["model.layers.1.mlp.experts.gate_up_proj.weight"].view(torch.uint8),
+                           from_split.state_dict()["model.layers.1.mlp.experts.gate_up_proj.weight"].view(torch.uint8))
 
 
-def test_split_checkpoint_and_dtype_follow_the_module(tmp_path):
-    ckpt = HubCheckpoint(write(tmp_path, hub_tensors(fp8=False, fused=False)))
-    expected = {n: torch.empty(t.shape, device="meta", dtype=torch.bfloat16) for n, t in expected_meta().items()}
-    state = read_state_dict(ckpt, language_names(ckpt), expected, device="cpu", qkv_layout=SPLIT)
-    assert all(t.dtype == torch.bfloat16 for t in state.values())
+def test_split_checkpoint_and_dtype_follow_the_module(tiny):
+    model = load_language_model(tiny["split", False], torch.bfloat16, "cpu")
+    assert all(t.dtype == torch.bfloat16 for n, t in model.state_dict().items() if "e_score" not in n)
 
 
 def test_encoder_role_reads_no_language_tensor(tmp_path):
@@ -136,103 +147,103 @@ def test_tensor_roles():
         tensor_role("encoder.conv1.weight")
 
 
-def read_language(tmp_path, hub, layout=FUSED, with_mtp=True):
-    ckpt = HubCheckpoint(write(tmp_path, hub))
-    return read_state_dict(ckpt, language_names(ckpt), expected_meta(with_mtp), device="cpu", qkv_layout=layout)
+def test_missing_tensor(tiny, tmp_path):
+    def drop(hub):
+        del hub["model.layers.1.mlp.experts.3.up_proj.weight"]
 
-
-def test_missing_tensor(tmp_path):
-    hub = hub_tensors(fp8=False)
-    del hub["model.layers.1.mlp.gate_proj.weight"]
     with pytest.raises(
         CheckpointError,
-        match=re.escape("missing tensors ['model.layers.1.mlp.gate_proj.weight'], unexpected tensors []"),
+        match=re.escape("missing tensors ['model.layers.1.mlp.experts.3.up_proj.weight'], unexpected tensors []"),
     ):
-        read_language(tmp_path, hub)
+        load(edited(tmp_path, tiny["fused", False], drop))
 
 
-def test_unexpected_tensor(tmp_path):
-    hub = hub_tensors(fp8=False)
-    hub["model.layers.1.mlp.bias"] = torch.zeros(3)
+def test_unexpected_tensor(tiny, tmp_path):
+    def add(hub):
+        hub["model.layers.1.mlp.bias"] = torch.zeros(3)
+
     with pytest.raises(
         CheckpointError, match=re.escape("missing tensors [], unexpected tensors ['model.layers.1.mlp.bias']")
     ):
-        read_language(tmp_path, hub)
+        load(edited(tmp_path, tiny["fused", False], add))
 
 
-def test_tolerated_extras_are_skipped(tmp_path):
-    hub = hub_tensors(fp8=False)
-    hub["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
-    assert len(read_language(tmp_path, hub)) == len(expected_meta())
+def test_tolerated_extras_are_skipped(tiny, tmp_path):
+    def add(hub):
+        hub["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+
+    load(edited(tmp_path, tiny["fused", False], add))
 
 
-def test_misshaped_tensor(tmp_path):
-    hub = hub_tensors(fp8=False)
-    hub["model.embed_tokens.weight"] = torch.zeros(31, HIDDEN)
-    with pytest.raises(
-        CheckpointError, match=r"'model.embed_tokens.weight' has shape \(31, 64\) .* expects \(32, 64\)"
-    ):
-        read_language(tmp_path, hub)
+def test_misshaped_tensor(tiny, tmp_path):
+    def shrink(hub):
+        hub["model.embed_tokens.weight"] = hub["model.embed_tokens.weight"][:-1]
+
+    with pytest.raises(CheckpointError, match=r"'model.embed_tokens.weight' has shape \(\d+, 64\) .* expects"):
+        load(edited(tmp_path, tiny["fused", False], shrink))
 
 
-def test_fused_rows_of_wrong_geometry(tmp_path):
-    hub = hub_tensors(fp8=False)
-    q, k, v = (torch.zeros(r, HIDDEN) for r in FULL.canonical_rows())
-    hub["model.layers.1.self_attn.qkv_proj.weight"] = fuse_interleaved(
-        q, k, v, FULL, CKPT_TP
-    )  # full rows in a sliding layer
+def test_fused_rows_of_wrong_geometry(tiny, tmp_path):
+    def full_rows_in_a_sliding_layer(hub):
+        hub["model.layers.1.self_attn.qkv_proj.weight"] = hub["model.layers.0.self_attn.qkv_proj.weight"]
+
     with pytest.raises(
         CheckpointError,
-        match=r"model.layers.1.self_attn.qkv_proj.weight has shape \(352, 64\), expected \(512, hidden\)",
+        match=r"model.layers.1.self_attn.qkv_proj.weight has shape \(352, 64\), expected \(512, 64\): 4 interleaved",
     ):
-        read_language(tmp_path, hub)
+        load(edited(tmp_path, tiny["fused", False], full_rows_in_a_sliding_layer))
 
 
-def test_contiguous_scale_grid_on_fused_qkv(tmp_path):
-    hub = hub_tensors(fp8=True)
+def test_contiguous_scale_grid_on_fused_qkv(tiny, tmp_path):
     name = "model.layers.0.self_attn.qkv_proj.weight"
-    _, contiguous = quantize_blockwise(hub[name].float())  # 3 rows over 352; per-shard grids need 4 x 1
-    hub[name + "_scale_inv"] = contiguous
+
+    def contiguous_grid(hub):
+        _, hub[name + "_scale_inv"] = quantize_blockwise(hub[name].float())  # 3 rows over 352; per shard: 4 x 1
+
     with pytest.raises(
         CheckpointError,
         match=r"qkv_proj.weight_scale_inv has shape \(3, 1\), expected \(4, 1\): one 128x128 grid per each of the 4",
     ):
-        read_language(tmp_path, hub)
+        load(edited(tmp_path, tiny["fused", True], contiguous_grid))
 
 
-def test_wrong_plain_scale_grid(tmp_path):
-    hub = hub_tensors(fp8=True)
-    hub["model.layers.0.mlp.gate_proj.weight_scale_inv"] = torch.ones(1, 1)
-    with pytest.raises(CheckpointError, match=r"gate_proj.weight_scale_inv has shape \(1, 1\), expected \(2, 1\)"):
-        read_language(tmp_path, hub)
+def test_wrong_plain_scale_grid(tiny, tmp_path):
+    def wrong_grid(hub):
+        hub["model.layers.0.mlp.gate_proj.weight_scale_inv"] = torch.ones(2, 1)
+
+    with pytest.raises(CheckpointError, match=r"gate_proj.weight_scale_inv has shape \(2, 1\), expected \(1, 1\)"):
+        load(edited(tmp_path, tiny["fused", True], wrong_grid))
 
 
-def test_fp8_weight_without_scale(tmp_path):
-    hub = hub_tensors(fp8=True)
-    del hub["model.layers.0.mlp.gate_proj.weight_scale_inv"]
+def test_fp8_weight_without_scale(tiny, tmp_path):
+    def drop_scale(hub):
+        del hub["model.layers.0.mlp.gate_proj.weight_scale_inv"]
+
     with pytest.raises(
         CheckpointError,
         match="FP8 tensor 'model.layers.0.mlp.gate_proj.weight' has no 'model.layers.0.mlp.gate_proj.weight_scale_inv'",
     ):
-        read_language(tmp_path, hub)
+        load(edited(tmp_path, tiny["fused", True], drop_scale))
 
 
-def test_scale_without_fp8_weight(tmp_path):
-    hub = hub_tensors(fp8=False)
-    hub["lm_head.weight_scale_inv"] = torch.ones(1, 1)
+def test_scale_without_fp8_weight(tiny, tmp_path):
+    def add_scale(hub):
+        hub["lm_head.weight_scale_inv"] = torch.ones(1, 1)
+
     with pytest.raises(CheckpointError, match="lm_head.weight_scale_inv belongs to 'lm_head.weight', which is not FP8"):
-        read_language(tmp_path, hub)
+        load(edited(tmp_path, tiny["fused", False], add_scale))
 
 
-def test_layout_must_match_config(tmp_path):
+def test_layout_must_match_config(tiny, tmp_path):
+    fused, split = tiny["fused", False], tiny["split", False]
     with pytest.raises(
         CheckpointError, match="'model.layers.0.self_attn.qkv_proj.weight' is a fused qkv_proj, but the config has no"
     ):
-        read_language(tmp_path / "a", hub_tensors(fp8=False), layout=SPLIT)
+        load(edited(tmp_path / "a", fused, layout_of=split))
     with pytest.raises(
-        CheckpointError, match="'model.layers.0.self_attn.k_proj.weight' is a split projection, but the config declares"
+        CheckpointError, match="'model.layers.0.self_attn.q_proj.weight' is a split projection, but the config declares"
     ):
-        read_language(tmp_path / "b", hub_tensors(fp8=False, fused=False), layout=FUSED)
+        load(edited(tmp_path / "b", split, layout_of=fused))
 
 
 def test_index_points_to_missing_shard(tmp_path):

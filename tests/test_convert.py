@@ -13,28 +13,24 @@ from safetensors.torch import load_file, save_file
 import builders.convert as convert_module
 from builders.__main__ import main as builders_main
 from builders.convert import convert
-from builders.streaming_safetensors import StreamingSafetensorsWriter
 from builders.tiny import build_checkpoint
 from builders.verify import check_rank_weights
-from mimo.loading import load_audio_encoder, load_audio_tokenizer, load_language_model, load_vision_tower
+from mimo.loading import (
+    load_audio_encoder,
+    load_audio_tokenizer,
+    load_rank_language_model,
+    load_vision_tower,
+)
 from mimo.parallel.deploy import DeployArtifact, DeployError
-from mimo.parallel.loading import load_rank_language_model
 from mimo.parallel.mapping import MappingError
 from mimo.weights.checkpoint import INDEX_FILE, CheckpointError, HubCheckpoint, Role
+from mimo.weights.fp8 import dequantize_blockwise
+from mimo.weights.safetensors_writer import StreamingSafetensorsWriter
 
 
 @pytest.fixture(scope="module")
 def fused_fp8(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "fused_fp8", fp8=True)
-
-
-@pytest.fixture(scope="module")
-def source_state(fused_fp8):
-    """The source's canonical LM + MTP weights, exactly dequantized (float32) and as bf16 artifacts round them."""
-    return {
-        dtype: load_language_model(fused_fp8, dtype, "cpu", with_mtp=True).state_dict()
-        for dtype in (torch.float32, torch.bfloat16)
-    }
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +71,17 @@ def test_encoder_folder_is_a_checkpoint_without_the_language_model(deploy_tp2, f
 
 @pytest.mark.parametrize("tp, ep", [(1, 1), (2, 2), (4, 1), (8, 2)])
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
-def test_rank_tensors_are_the_source_slices(fused_fp8, source_state, tmp_path, tp, ep, dtype):
+def test_rank_tensors_are_the_source_slices(fused_fp8, tmp_path, tp, ep, dtype):
     out = convert(fused_fp8, tmp_path / "deploy", tp=tp, ep=ep, dtype=dtype, progress=False)
     artifact = DeployArtifact.open(out)
-    reference = source_state[torch.bfloat16 if dtype == "bf16" else torch.float32]
-    errors, failures = check_rank_weights(artifact, reference)
+    errors, failures = check_rank_weights(artifact, fused_fp8)
     assert failures == []
     # bf16 and FP8 at the checkpoint's interleave or above (every new block inside one source block): bit-exact.
     # FP8 below it: q/k/v blocks mix the per-shard grids and are re-quantized once (within the e4m3 bound).
     assert (max(errors) == 0) == (dtype == "bf16" or tp >= 4)
 
 
-def test_fp8_bounds_catch_a_wrong_slice(fused_fp8, source_state, tmp_path):
+def test_fp8_bounds_catch_a_wrong_slice(fused_fp8, tmp_path):
     out = convert(fused_fp8, tmp_path / "deploy", tp=2, dtype="fp8", progress=False)
     rank_file = out / "llm/rank1.safetensors"
     tensors = load_file(rank_file)
@@ -96,8 +91,26 @@ def test_fp8_bounds_catch_a_wrong_slice(fused_fp8, source_state, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["files"]["llm/rank1.safetensors"]["bytes"] = rank_file.stat().st_size  # a consistent but wrong artifact
     (out / "manifest.json").write_text(json.dumps(manifest))
-    _, failures = check_rank_weights(DeployArtifact.open(out), source_state[torch.float32])
+    _, failures = check_rank_weights(DeployArtifact.open(out), fused_fp8)
     assert failures == [f"llm/rank1.safetensors:{name}"]
+
+
+def test_rank_layers_keep_the_rank_files_fp8(fused_fp8, tmp_path):
+    deploy = convert(fused_fp8, tmp_path / "deploy", tp=2, ep=2, dtype="fp8", progress=False)
+    model = load_rank_language_model(deploy, 1, 2, torch.float32, "cpu", with_mtp=True)
+    rank_file = load_file(deploy / "llm/rank1.safetensors")
+    qkv = model.model.layers[1].self_attn.qkv_proj
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    assert qkv.weight.dtype == torch.float8_e4m3fn and torch.equal(qkv.weight.view(torch.uint8),
+                                                                   rank_file[name].view(torch.uint8))  # fmt: skip
+    assert torch.equal(qkv.dense_weight(torch.float32),
+                       dequantize_blockwise(rank_file[name], rank_file[name + "_scale_inv"], torch.float32))
+    experts = model.model.layers[1].mlp.experts
+    assert list(experts.expert_ids) == [4, 5, 6, 7]  # EP group 1 of 2
+    assert experts.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+    gate = dequantize_blockwise(rank_file["model.layers.1.mlp.experts.5.gate_proj.weight"],
+                                rank_file["model.layers.1.mlp.experts.5.gate_proj.weight_scale_inv"], torch.float32)
+    assert torch.equal(experts.gate_up_proj.dense_weight(torch.float32, 1)[: gate.shape[0]], gate)
 
 
 def test_split_checkpoint_converts_like_the_fused_one(tmp_path):
@@ -109,7 +122,7 @@ def test_split_checkpoint_converts_like_the_fused_one(tmp_path):
     split_fp8 = build_checkpoint(tmp_path / "split_fp8", fp8=True, layout="split")
     _, failures = check_rank_weights(
         DeployArtifact.open(convert(split_fp8, tmp_path / "fp8", tp=8, dtype="fp8", progress=False)),
-        load_language_model(split_fp8, torch.float32, "cpu", with_mtp=True).state_dict(),
+        split_fp8,
     )
     assert failures == []
 
@@ -141,7 +154,7 @@ def test_fused_rows_that_do_not_match_the_config(fused_fp8, tmp_path):
     config["num_attention_heads"] = 4  # full layers now expect 4 shards of (24, 24, 16) rows
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"model.layers.0.self_attn.qkv_proj.weight has shape \(352, 64\), "
-                       r"expected \(256, hidden\): 4 interleaved shards"):  # fmt: skip
+                       r"expected \(256, 64\): 4 interleaved shards"):  # fmt: skip
         convert(copy, tmp_path / "d", tp=2, progress=False)
 
 

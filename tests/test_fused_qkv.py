@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from mimo.weights.fp8 import dequantize_blockwise, quantize_blockwise, scale_grid_shape
+from mimo.weights.fp8 import StoredWeight, dequantize_blockwise, quantize_blockwise, scale_grid_shape
 from mimo.weights.fused_qkv import (
     QKVGeometry,
-    dequantize_interleaved,
     fuse_interleaved,
     fused_rows,
     fused_scale_grid_shape,
+    interleaved_scale_rows,
     quantize_interleaved,
     shard_qkv_for_rank,
     split_interleaved,
@@ -113,11 +113,8 @@ def test_fp8_per_shard_quantize_dequantize():
     shard2_fp8, shard2_scale = quantize_blockwise(fused[272:408])  # each shard has its own grid
     assert torch.equal(scale_inv[4:6], shard2_scale) and torch.equal(w_fp8[272:408].float(), shard2_fp8.float())
 
-    back = dequantize_interleaved(w_fp8, scale_inv, geometry, 4, torch.float32)
+    back = StoredWeight(w_fp8, scale_inv, interleaved_scale_rows(geometry, 4)).dequantized(torch.float32)
     assert torch.equal(back[272:408], dequantize_blockwise(shard2_fp8, shard2_scale, torch.float32))
     assert (back - fused).abs().max() <= fused.abs().max() * 2.0**-4
     q2, k2, v2 = split_interleaved(back, geometry, 4)
     assert (k2 - k).abs().max() <= fused.abs().max() * 2.0**-4
-
-    with pytest.raises(ValueError, match=r"qkv_proj.weight_scale_inv has shape \(5, 2\), expected \(8, 2\)"):
-        dequantize_interleaved(w_fp8, scale_inv[:5], geometry, 4, torch.float32)

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from mimo.weights.fp8 import dequantize_blockwise, gather_rows_blockwise, quantize_blockwise
+from mimo.weights.fp8 import StoredWeight, dequantize_blockwise, gather_rows_blockwise, quantize_blockwise
 from mimo.weights.fused_qkv import (
     QKVGeometry,
-    dequantize_interleaved,
     fuse_interleaved,
     interleaved_rows_for_rank,
     interleaved_scale_rows,
@@ -45,7 +44,7 @@ def test_fp8_reblocking_within_one_rounding(geometry, tp):
     torch.manual_seed(tp)
     q, k, v = (torch.randn(rows, 128) * 0.02 for rows in geometry.canonical_rows())
     w_fp8, scale_inv = quantize_interleaved(fuse_interleaved(q, k, v, geometry, ckpt_tp=4), geometry, 4)
-    source = dequantize_interleaved(w_fp8, scale_inv, geometry, 4, torch.float32)
+    source = StoredWeight(w_fp8, scale_inv, interleaved_scale_rows(geometry, 4)).dequantized(torch.float32)
     for rank in range(tp):
         rows = interleaved_rows_for_rank(geometry, 4, tp, rank)
         rank_fp8, rank_scale = gather_rows_blockwise(w_fp8, scale_inv, interleaved_scale_rows(geometry, 4), rows)

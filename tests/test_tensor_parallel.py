@@ -15,11 +15,10 @@ from builders.convert import convert
 from builders.logits import parallel_logits, reference_logits
 from builders.tiny import build_checkpoint
 from builders.verify import verify
-from mimo.loading import load_language_model
+from mimo.loading import load_language_model, load_rank_language_model
 from mimo.models.attention import NoCacheAttention
 from mimo.parallel.deploy import DeployError
 from mimo.parallel.distributed import spawn_ranks
-from mimo.parallel.loading import load_rank_language_model
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,8 @@ def test_logits_cli_runs_the_artifact_at_its_tp(fused_fp8, tmp_path):
     np.save(tmp_path / "ids.npy", input_ids.numpy())
     args = ["logits", "--input-ids", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "tp2.npy")]
     builders_main([*args, "--deploy", str(deploy), "--tp", "2"])
-    reference = reference_logits(load_language_model(fused_fp8, torch.bfloat16, "cpu").float(), input_ids)
+    reference_model = load_language_model(fused_fp8, torch.bfloat16, "cpu", dequantize_fp8=True).float()
+    reference = reference_logits(reference_model, input_ids)
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "tp2.npy")), reference, atol=1e-4, rtol=0)
     with pytest.raises(DeployError, match="converted for world size 2"):
         builders_main([*args, "--deploy", str(deploy), "--tp", "4"])
@@ -82,8 +82,7 @@ def test_tp8_fp8_replicated_kv_heads_and_expert_parallel(fused_fp8, tmp_path):
 
 def test_golden_logits_catch_a_layout_bug_the_weight_check_shares(fused_fp8, tmp_path, monkeypatch):
     """A wrong `shard_qkv_for_rank` (ranks' q/k/v swapped) fools the converter and the weight check alike, since
-    both use it; the logits of the ranks against the unsharded source do not agree."""
-    import builders.verify
+    both slice by the layers' rule; the logits of the ranks against the unsharded source do not agree."""
     import mimo.weights.fused_qkv
 
     shard = mimo.weights.fused_qkv.shard_qkv_for_rank
@@ -92,7 +91,6 @@ def test_golden_logits_catch_a_layout_bug_the_weight_check_shares(fused_fp8, tmp
         return shard(q, k, v, geometry, tp, tp - 1 - rank)
 
     monkeypatch.setattr(mimo.weights.fused_qkv, "shard_qkv_for_rank", swapped)
-    monkeypatch.setattr(builders.verify, "shard_qkv_for_rank", swapped)
     report = verify(fused_fp8, converted(fused_fp8, tmp_path, tp=2), num_prompts=1)
     assert report.weights_exact and not report.passed and report.max_logit_error > 1e-2
 
@@ -102,7 +100,7 @@ def test_tp2_mtp_layers(fused_fp8, tmp_path):
     deploy = converted(fused_fp8, tmp_path, tp=2, ep=2)
     input_ids = torch.arange(30) * 11 % 500
     spawn_ranks(_mtp_logits_worker, 2, "cpu", str(deploy), input_ids, str(tmp_path / "mtp.safetensors"))
-    reference = load_language_model(fused_fp8, torch.bfloat16, "cpu", with_mtp=True).float()
+    reference = load_language_model(fused_fp8, torch.bfloat16, "cpu", with_mtp=True, dequantize_fp8=True).float()
     expected = _mtp_logits(reference, input_ids)
     got = load_file(tmp_path / "mtp.safetensors")
     assert len(expected) == reference.config.num_nextn_predict_layers == 3

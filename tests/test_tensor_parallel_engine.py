@@ -10,7 +10,7 @@ from mimo.engine import EngineConfig, LLMEngine
 from mimo.engine.engine import generate
 from mimo.engine.sampling import SamplingParams
 from mimo.loading import load_language_model
-from mimo.parallel.serving import TensorParallelRanks, rank_devices
+from mimo.parallel.rank_driver import TensorParallelRanks, rank_devices
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
@@ -24,7 +24,7 @@ def test_tp2_engine_matches_one_process(tmp_path):
     checkpoint = build_checkpoint(tmp_path / "ckpt", fp8=True)
     deploy = convert(checkpoint, tmp_path / "deploy", tp=2, ep=2, progress=False)
     # The artifact stores bf16 weights; the reference holds the source in the same rounding.
-    reference = load_language_model(checkpoint, torch.bfloat16, "cpu").float()
+    reference = load_language_model(checkpoint, torch.bfloat16, "cpu", dequantize_fp8=True).float()
     vocab_size, hidden_size = reference.config.vocab_size, reference.config.hidden_size
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in (5, 23, 40)]

@@ -12,7 +12,13 @@ from builders.__main__ import main as builders_main
 from builders.presets import FP8_QUANTIZATION_CONFIG, PRESETS, hub_config
 from builders.tiny import FP8_SUFFIXES, random_language_tensors
 from mimo.config import ConfigError, MiMoV2Config
-from mimo.loading import load_audio_encoder, load_audio_tokenizer, load_language_model, load_vision_tower
+from mimo.loading import (
+    hub_state_dict,
+    load_audio_encoder,
+    load_audio_tokenizer,
+    load_language_model,
+    load_vision_tower,
+)
 from mimo.models.audio_tokenizer import AudioTokenizerConfig
 from mimo.models.audio_tower import AudioConfig
 from mimo.models.vision_tower import VisionConfig
@@ -188,8 +194,8 @@ def test_encoder_loads_read_no_language_tensor(fused_fp8):
 def test_loaded_weights_are_the_seeded_weights(fused_fp8, split):
     config = MiMoV2Config.from_pretrained(split)
     reference = dict(random_language_tensors(config, seed=0))
-    exact = load_language_model(split, torch.float32, "cpu", with_mtp=True).state_dict()
-    quantized = load_language_model(fused_fp8, torch.float32, "cpu", with_mtp=True).state_dict()
+    exact = hub_state_dict(load_language_model(split, torch.float32, "cpu", with_mtp=True))
+    quantized = hub_state_dict(load_language_model(fused_fp8, torch.float32, "cpu", with_mtp=True))
     assert exact.keys() == reference.keys() == quantized.keys()
     for name, tensor in reference.items():
         assert torch.equal(exact[name], tensor.float()), name

@@ -1,7 +1,8 @@
 """MiMo-V2 language model: hybrid full / sliding-window attention decoder with routed-expert MLPs.
 
-Parameter names equal the hub tensor names (ARCHITECTURE.md "Checkpoint format"); tokens of all sequences
-in a step are flattened into one [T] axis and the `AttentionBackend` knows the sequence boundaries.
+Built for one rank (`ParallelRank`; one process by default): the layers hold that rank's slices in their own form
+(fused qkv_proj and gate_up, packed experts; ARCHITECTURE.md "Checkpoint format"). Tokens of all sequences in a
+step are flattened into one [T] axis and the `AttentionBackend` knows the sequence boundaries.
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ from mimo.models.attention import AttentionBackend
 from mimo.models.decoder_layer import MiMoV2DecoderLayer
 from mimo.models.layers import RMSNorm, rotary_cos_sin
 from mimo.models.mtp import MiMoV2MTP
+from mimo.parallel.mapping import SINGLE_RANK, ParallelRank, rank_config
 
 
 class MiMoV2Model(nn.Module):
-    def __init__(self, config: MiMoV2Config):
+    def __init__(self, config: MiMoV2Config, parallel: ParallelRank = SINGLE_RANK):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            MiMoV2DecoderLayer(config, i, config.layer_types[i], config.moe_layers[i])
+            MiMoV2DecoderLayer(config, i, config.layer_types[i], config.moe_layers[i], parallel)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
-        self.mtp = MiMoV2MTP(config) if config.num_nextn_predict_layers > 0 else None
+        self.mtp = MiMoV2MTP(config, parallel) if config.num_nextn_predict_layers > 0 else None
 
     def forward(self, positions: torch.Tensor, attn: AttentionBackend, input_embeds: torch.Tensor) -> torch.Tensor:
         """Residual stream after the last layer, before `norm` (the hidden state MTP layers consume): [T, H]."""
@@ -46,10 +48,13 @@ class MiMoV2Model(nn.Module):
 
 
 class MiMoV2ForCausalLM(nn.Module):
-    def __init__(self, config: MiMoV2Config):
+    def __init__(self, config: MiMoV2Config, parallel: ParallelRank = SINGLE_RANK):
+        """`config`: the whole model's; `self.config` is this rank's (local head counts: what sizes its KV cache)."""
         super().__init__()
-        self.config = config
-        self.model = MiMoV2Model(config)
+        parallel.mapping.check_model(config)
+        self.parallel = parallel
+        self.model = MiMoV2Model(config, parallel)
+        self.config = self.model.config = rank_config(config, parallel.tp_size)
         # Tied checkpoints have no `lm_head.weight`; compute_logits then reads the embedding table.
         self.lm_head = (
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)

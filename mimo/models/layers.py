@@ -43,8 +43,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_pass], dim=-1)
 
 
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate rows first, as a fused gate_up GEMM produces them) -> silu(gate) * up [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class SwiGLUMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)): LM dense layers, MTP blocks, routed experts (no bias); ViT blocks (bias)."""
+    """down(silu(gate(x)) * up(x)) of the encoder blocks (ViT with biases, audio tower); the LM's is `moe.DenseMLP`."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()

@@ -1,12 +1,31 @@
-"""MiMo-V2 routed-expert MLP: sigmoid `noaux_tc` router + SwiGLU experts, no shared experts (ref §4)."""
+"""MiMo-V2 MLPs: the dense SwiGLU MLP and the routed-expert MLP (sigmoid `noaux_tc` router, no shared experts,
+ref §4), both with fused gate_up GEMMs on this rank's slice (`mimo.models.linear`)."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mimo.models.layers import SwiGLUMLP
+from mimo.models.layers import silu_and_mul
+from mimo.models.linear import ColumnParallelLinear, RowParallelLinear
+from mimo.parallel.mapping import SINGLE_RANK, ParallelRank
+
+
+class DenseMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)); hub `gate_proj` + `up_proj` held as one column-parallel `gate_up_proj`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, parallel: ParallelRank = SINGLE_RANK):
+        super().__init__()
+        tp = {"tp_size": parallel.tp_size, "tp_rank": parallel.rank}
+        self.gate_up_proj = ColumnParallelLinear(
+            hidden_size, (intermediate_size, intermediate_size), ("gate_proj", "up_proj"), **tp
+        )
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, ("down_proj",), group=parallel.group, **tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class TopKRouter(nn.Module):
@@ -52,11 +71,30 @@ class TopKRouter(nn.Module):
         return weights * self.routed_scaling_factor, expert_ids
 
 
-class MiMoV2MoE(nn.Module):
-    """Router `gate` + experts `experts.{e}.{gate,up,down}_proj` (hub names).
+class RoutedExperts(nn.Module):
+    """The local experts' weights packed per expert: `gate_up_proj.weight [E_local, 2I_r, H]` (gate rows first),
+    `down_proj.weight [E_local, H, I_r]`; hub names `experts.{e}.{gate,up,down}_proj.weight` (global ids `e`)."""
 
-    `local_experts` is the global id range this module holds (expert parallelism); tokens routed elsewhere
-    contribute nothing here and the caller sums the partial outputs across ranks.
+    def __init__(self, hidden_size: int, intermediate_size: int, expert_ids: range, moe_tp_size: int, moe_tp_rank: int):
+        super().__init__()
+        self.expert_ids = expert_ids
+        tp = {"tp_size": moe_tp_size, "tp_rank": moe_tp_rank, "num_experts": len(expert_ids)}
+        self.gate_up_proj = ColumnParallelLinear(
+            hidden_size, (intermediate_size, intermediate_size), ("gate_proj", "up_proj"), **tp
+        )
+        # The MoE sums all experts' partial outputs first and all-reduces once.
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, ("down_proj",), reduce_results=False, **tp)
+
+    def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """x [N, H] through local expert `slot` (position in `expert_ids`) -> [N, H]."""
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x, slot)), slot)
+
+
+class MiMoV2MoE(nn.Module):
+    """Router `gate` + routed `experts` (hub names `mlp.gate.*`, `mlp.experts.{e}.*`).
+
+    Each rank holds the experts of its EP group (`parallel.local_experts`) on its MoE-TP slice of their
+    intermediate dim; tokens routed elsewhere contribute nothing here and the partial outputs are all-reduced.
     """
 
     def __init__(
@@ -69,24 +107,28 @@ class MiMoV2MoE(nn.Module):
         topk_group: int,
         norm_topk_prob: bool,
         routed_scaling_factor: float,
-        local_experts: range | None = None,
+        parallel: ParallelRank = SINGLE_RANK,
     ):
         super().__init__()
         self.gate = TopKRouter(
             hidden_size, num_experts, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor
         )
-        self.local_experts = range(num_experts) if local_experts is None else local_experts
-        # A dict keyed by global expert id keeps the hub names `experts.{e}.*` under expert parallelism.
-        self.experts = nn.ModuleDict(
-            {str(e): SwiGLUMLP(hidden_size, moe_intermediate_size) for e in self.local_experts}
+        self.local_experts = parallel.local_experts(num_experts)
+        self.experts = RoutedExperts(
+            hidden_size, moe_intermediate_size, self.local_experts, parallel.moe_tp_size, parallel.moe_tp_rank
         )
+        self.reduce_results = parallel.mapping.world_size > 1
+        self.group = parallel.group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = self.gate(x)  # [T, K], [T, K]
-        return self.expert_forward(x, weights, expert_ids)
+        out = self.expert_forward(x, weights, expert_ids)
+        if self.reduce_results:
+            dist.all_reduce(out, group=self.group)  # partial sums of the expert / MoE-TP ranks
+        return out
 
     def expert_forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of the chosen experts' outputs: x [T, H] -> [T, H].
+        """Weighted sum of the chosen local experts' outputs: x [T, H] -> [T, H] (this rank's partial sum).
 
         Token slots are sorted by expert (the permuted layout a grouped-GEMM kernel consumes) and each local
         expert with tokens runs one dense GEMM. The per-expert counts are read on the host, so this path is
@@ -105,7 +147,7 @@ class MiMoV2MoE(nn.Module):
         for expert_id, count in enumerate(counts):
             if count and expert_id in self.local_experts:
                 tokens = token_of_slot[start : start + count]
-                y = self.experts[str(expert_id)](x[tokens])  # [count, H]
+                y = self.experts(x[tokens], expert_id - self.local_experts.start)  # [count, H]
                 out.index_add_(0, tokens, y.float() * weight_of_slot[start : start + count, None])
             start += count
         return out.to(x.dtype)

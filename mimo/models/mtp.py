@@ -14,14 +14,15 @@ from mimo.config import MiMoV2Config
 from mimo.models.attention import AttentionBackend
 from mimo.models.decoder_layer import MiMoV2DecoderLayer, RopeTables
 from mimo.models.layers import RMSNorm, rotary_cos_sin
+from mimo.parallel.mapping import SINGLE_RANK, ParallelRank
 
 
 class MiMoV2MTPLayer(MiMoV2DecoderLayer):
     """A sliding-window dense decoder block plus `enorm`, `hnorm`, `eh_proj` and `final_layernorm` (hub names)."""
 
-    def __init__(self, config: MiMoV2Config, mtp_idx: int):
+    def __init__(self, config: MiMoV2Config, mtp_idx: int, parallel: ParallelRank = SINGLE_RANK):
         # MTP layers sit after the main layers in the attention backend's layer numbering.
-        super().__init__(config, config.num_hidden_layers + mtp_idx, layer_type="sliding", is_moe=False)
+        super().__init__(config, config.num_hidden_layers + mtp_idx, "sliding", is_moe=False, parallel=parallel)
         hidden = config.hidden_size
         self.enorm = RMSNorm(hidden, config.layernorm_epsilon)
         self.hnorm = RMSNorm(hidden, config.layernorm_epsilon)
@@ -37,9 +38,11 @@ class MiMoV2MTPLayer(MiMoV2DecoderLayer):
 
 
 class MiMoV2MTP(nn.Module):
-    def __init__(self, config: MiMoV2Config):
+    def __init__(self, config: MiMoV2Config, parallel: ParallelRank = SINGLE_RANK):
         super().__init__()
-        self.layers = nn.ModuleList(MiMoV2MTPLayer(config, k) for k in range(config.num_nextn_predict_layers))
+        self.layers = nn.ModuleList(
+            MiMoV2MTPLayer(config, k, parallel) for k in range(config.num_nextn_predict_layers)
+        )
         self.rotary_dim = config.sliding_attention.rotary_dim
         self.rope_theta = config.sliding_attention.rope_theta
 

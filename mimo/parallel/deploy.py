@@ -9,7 +9,7 @@
     DEPLOY/mtp/rank{r}.safetensors    rank r's slice of `model.mtp.*` (checkpoints with MTP layers)
 
 A rank file's `self_attn.qkv_proj.weight` is that rank's `[Q_r; K_r; V_r]` (+ its own 128x128 `weight_scale_inv`
-grid for FP8), i.e. a fused qkv_proj interleaved for one rank of the local geometry (`mapping.rank_geometry`).
+grid for FP8), i.e. a fused qkv_proj interleaved for one rank of the local geometry (`QKVGeometry.local`).
 """
 
 from __future__ import annotations

@@ -8,15 +8,17 @@ along the intermediate dim, down along its input. Routed experts: rank r holds e
 (`moe_tp_size * moe_ep_size == tp_size`, TensorRT-LLM's rank order). Everything else (embeddings, lm_head,
 norms, router, MTP `eh_proj`) is replicated: the embedding and lm_head then need no collective, at the cost
 of two vocab x hidden matrices on every rank (2.5 GB in bf16 for V2.5).
+
+The slicing itself is stated once, by the layers (`mimo.models.linear`: `shard_index`); a model built for a
+`ParallelRank` holds that rank's shapes, and loading / converting slice by the same layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
-import torch
+import torch.distributed as dist
 
 from mimo.config import MiMoV2Config
 from mimo.weights.fused_qkv import QKVGeometry
@@ -109,52 +111,33 @@ def rank_config(config: MiMoV2Config, tp: int) -> MiMoV2Config:
     local = {}
     for field in ("full_attention", "sliding_attention"):
         spec = getattr(config, field)
-        geometry = rank_geometry(QKVGeometry(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim), tp)
+        geometry = QKVGeometry(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim).local(tp)
         local[field] = dataclasses.replace(spec, num_heads=geometry.num_heads, num_kv_heads=geometry.num_kv_heads)
     return dataclasses.replace(config, **local)
 
 
-def rank_geometry(geometry: QKVGeometry, tp: int) -> QKVGeometry:
-    """The attention geometry one of `tp` ranks holds (local heads; replicated KV heads count once)."""
-    q_rows, _, _ = geometry.rows_per_rank(tp)  # validates tp against the head counts
-    kv_heads = max(1, geometry.num_kv_heads // tp)
-    return QKVGeometry(q_rows // geometry.head_dim, kv_heads, geometry.head_dim, geometry.v_head_dim)
+@dataclass(frozen=True)
+class ParallelRank:
+    """Rank `rank` of `mapping`, and the process group its partial sums are all-reduced over (None: one rank)."""
+
+    mapping: Mapping
+    rank: int = 0
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def tp_size(self) -> int:
+        return self.mapping.tp_size
+
+    @property
+    def moe_tp_size(self) -> int:
+        return self.mapping.moe_tp_size
+
+    @property
+    def moe_tp_rank(self) -> int:
+        return self.mapping.moe_tp_rank(self.rank)
+
+    def local_experts(self, num_experts: int) -> range:
+        return self.mapping.local_experts(self.rank, num_experts)
 
 
-@dataclass(frozen=True, slots=True)
-class Split:
-    """Part `part` of `parts` equal chunks along `dim` (`parts == 1`: the whole tensor)."""
-
-    dim: int
-    parts: int
-    part: int
-
-    def shape(self, full_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(n // self.parts if d == self.dim else n for d, n in enumerate(full_shape))
-
-    def positions(self, full_size: int) -> torch.Tensor:
-        """int64 indices along `dim` of this part."""
-        size = full_size // self.parts
-        return torch.arange(self.part * size, (self.part + 1) * size)
-
-
-WHOLE = Split(0, 1, 0)
-_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_COLUMN_PARALLEL = (".mlp.gate_proj.weight", ".mlp.up_proj.weight")  # output rows split
-_ROW_PARALLEL = (".mlp.down_proj.weight", ".self_attn.o_proj.weight")  # input columns split, outputs all-reduced
-
-
-def rank_split(name: str, config: MiMoV2Config, mapping: Mapping, rank: int) -> Split | None:
-    """How rank `rank` holds module tensor `name` (split q/k/v are handled by `fused_qkv`); None: not at all."""
-    if name.endswith((".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight")):
-        raise ValueError(f"{name}: q/k/v projections are sharded through mimo.weights.fused_qkv, not rank_split")
-    expert = _EXPERT_RE.search(name)
-    if expert is not None:
-        if int(expert.group(1)) not in mapping.local_experts(rank, config.n_routed_experts):
-            return None
-        return Split(1 if expert.group(2) == "down_proj" else 0, mapping.moe_tp_size, mapping.moe_tp_rank(rank))
-    if name.endswith(_COLUMN_PARALLEL) or name.endswith(".self_attn.attention_sink_bias"):
-        return Split(0, mapping.tp_size, rank)
-    if name.endswith(_ROW_PARALLEL):
-        return Split(1, mapping.tp_size, rank)
-    return WHOLE
+SINGLE_RANK = ParallelRank(Mapping.create(1))

@@ -1,9 +1,9 @@
-"""Hub checkpoint directories: strict, lazy, role-routed reading and atomic sharded writing.
+"""Hub checkpoint directories: strict, lazy, role-routed reading, and the atomic directory writes go through.
 
 A checkpoint is `model.safetensors.index.json` + shards, or a single `model.safetensors`. Tensors are read
 one at a time through `safe_open` (mmap), and only those of the requested roles (ref §2.3). `read_state_dict`
-turns hub tensors into the canonical floating tensors a module holds: FP8 weights are dequantized and a fused
-`qkv_proj` is split into q/k/v (docs/ARCHITECTURE.md, "Checkpoint format = module parameter names").
+loads modules whose parameters are the hub tensors one to one (the encoders); the language model's layers own
+the form of their weights (`mimo.loading`). Writing: `mimo.weights.safetensors_writer`.
 Every inconsistency raises `CheckpointError` naming the tensor and the expected and found values.
 """
 
@@ -15,21 +15,12 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mimo.weights.fp8 import dequantize_blockwise, scale_grid_shape
-from mimo.weights.fused_qkv import (
-    QKVGeometry,
-    dequantize_interleaved,
-    fused_rows,
-    fused_scale_grid_shape,
-    split_interleaved,
-)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -164,25 +155,20 @@ class HubCheckpoint:
         return self._open(self._shard_of[name]).get_tensor(name)
 
 
-@dataclass(frozen=True, slots=True)
-class FusedQKVLayout:
-    """How a language checkpoint stores attention projections: `ckpt_tp` None = split q/k/v, else fused.
+def tensors_and_scales(names: Iterable[str], is_fp8: Callable[[str], bool]) -> tuple[set[str], set[str]]:
+    """(all tensors, the `weight_scale_inv` grids among them) of `names`, tolerated extras dropped.
 
-    `geometry_of(hub_name)` gives the geometry of the layer a `qkv_proj` tensor belongs to.
+    Raises CheckpointError for a scale grid whose weight is missing or not FP8.
     """
-
-    ckpt_tp: int | None
-    geometry_of: Callable[[str], QKVGeometry]
-
-
-@dataclass(frozen=True, slots=True)
-class PlannedRead:
-    """Hub tensors (weight, optional scale) that produce one or three canonical tensors of known shapes."""
-
-    hub_name: str
-    scale_name: str | None
-    outputs: dict[str, tuple[int, ...]]
-    geometry: QKVGeometry | None = None  # set for a fused qkv_proj
+    names = {n for n in names if not n.endswith(TOLERATED_SUFFIXES)}
+    scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
+    for scale in sorted(scales):
+        weight = scale.removesuffix(SCALE_SUFFIX)
+        if weight not in names:
+            raise CheckpointError(f"{scale} has no weight {weight!r}")
+        if not is_fp8(weight):
+            raise CheckpointError(f"{scale} belongs to {weight!r}, which is not FP8 (float8_e4m3fn)")
+    return names, scales
 
 
 def read_state_dict(
@@ -192,147 +178,75 @@ def read_state_dict(
     *,
     device: torch.device | str,
     to_module_name: Callable[[str], str] = lambda name: name,
-    qkv_layout: FusedQKVLayout | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read `hub_names` into exactly the state `expected` (a module's state_dict, e.g. on the meta device).
 
-    Every name, shape and scale grid is validated from the safetensors headers before any data is read.
-    Tensors come back on `device` in the dtype of their `expected` counterpart.
+    For modules whose parameters are the hub tensors one to one (the encoders): every name, shape and scale grid is
+    validated from the safetensors headers before any data is read; FP8 weights are dequantized. Tensors come back
+    on `device` in the dtype of their `expected` counterpart. (The language model's layers own the form of their
+    weights: `mimo.loading.language_model_reads`.)
 
     Args:
         hub_names: the checkpoint tensors to consume (one role); `weight_scale_inv` tensors included.
         to_module_name: hub name -> module state_dict name (e.g. strips `visual.`).
-        qkv_layout: for language/MTP roles; None means no attention projection handling at all (encoders).
     """
-    state = {}
-    for entry in plan_state_dict(ckpt, hub_names, expected, to_module_name=to_module_name, qkv_layout=qkv_layout):
-        for name, tensor in _read_entry(ckpt, entry, qkv_layout, device):
-            state[name] = tensor.to(dtype=expected[name].dtype)
-    return state
-
-
-def plan_state_dict(
-    ckpt: HubCheckpoint,
-    hub_names: Iterable[str],
-    expected: Mapping[str, torch.Tensor],
-    *,
-    to_module_name: Callable[[str], str] = lambda name: name,
-    qkv_layout: FusedQKVLayout | None = None,
-) -> list[PlannedRead]:
-    """`read_state_dict`'s validation alone: which hub tensors produce which module tensors, from headers only.
-
-    Raises CheckpointError for any name, shape, scale grid or fused-layout mismatch with `expected`.
-    """
-    entries = _plan(ckpt, list(hub_names), to_module_name, qkv_layout)
-    produced: dict[str, tuple[int, ...]] = {}
-    for entry in entries:
-        for name, shape in entry.outputs.items():
-            if name in produced:
-                raise CheckpointError(f"two checkpoint tensors map to {name!r} (the second is {entry.hub_name!r})")
-            produced[name] = shape
-    missing = sorted(set(expected) - set(produced))
-    unexpected = sorted(set(produced) - set(expected))
+    names, scales = tensors_and_scales(hub_names, ckpt.is_fp8)
+    module_names = {to_module_name(n): n for n in sorted(names - scales)}
+    missing = sorted(set(expected) - set(module_names))
+    unexpected = sorted(set(module_names) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {ckpt.path} does not match the module: missing tensors {missing}, unexpected tensors "
             f"{unexpected}"
         )
-    for name, shape in produced.items():
-        if shape != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"tensor {name!r} has shape {shape} in {ckpt.path}, the module expects {tuple(expected[name].shape)}"
-            )
-    return entries
-
-
-def _plan(
-    ckpt: HubCheckpoint, hub_names: list[str], to_module_name: Callable[[str], str], qkv_layout: FusedQKVLayout | None
-) -> list[PlannedRead]:
-    names = {n for n in hub_names if not n.endswith(TOLERATED_SUFFIXES)}
-    scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
-    for scale in sorted(scales):
-        weight = scale.removesuffix(SCALE_SUFFIX)
-        if weight not in names:
-            raise CheckpointError(f"{scale} has no weight {weight!r}")
-        if not ckpt.is_fp8(weight):
-            raise CheckpointError(f"{scale} belongs to {weight!r}, which is not FP8 (float8_e4m3fn)")
-    entries = []
-    for name in sorted(names - scales):
-        scale_name = name + SCALE_SUFFIX if name + SCALE_SUFFIX in scales else None
-        if ckpt.is_fp8(name) and scale_name is None:
-            raise CheckpointError(f"FP8 tensor {name!r} has no {name + SCALE_SUFFIX!r}")
+    for module_name, name in module_names.items():
         shape = ckpt.shape(name)
-        if qkv_layout is not None and name.endswith(FUSED_QKV_SUFFIX):
-            entries.append(_plan_fused_qkv(ckpt, name, scale_name, shape, to_module_name, qkv_layout))
-            continue
-        if qkv_layout is not None and qkv_layout.ckpt_tp is not None and name.endswith(SPLIT_QKV_SUFFIXES):
+        if shape != tuple(expected[module_name].shape):
             raise CheckpointError(
-                f"{name!r} is a split projection, but the config declares attention_projection_layout='fused_qkv' "
-                f"(expected {name.rsplit('.', 2)[0]}.qkv_proj.weight)"
+                f"tensor {name!r} has shape {shape} in {ckpt.path}, the module expects "
+                f"{tuple(expected[module_name].shape)}"
             )
-        if scale_name is not None:
-            if len(shape) != 2:
-                raise CheckpointError(f"FP8 tensor {name!r} has shape {shape}; block-quantized weights are 2-D")
-            found = ckpt.shape(scale_name)
-            if found != scale_grid_shape(*shape):
+        if ckpt.is_fp8(name):
+            if name + SCALE_SUFFIX not in scales:
+                raise CheckpointError(f"FP8 tensor {name!r} has no {name + SCALE_SUFFIX!r}")
+            if len(shape) != 2 or ckpt.shape(name + SCALE_SUFFIX) != scale_grid_shape(*shape):
                 raise CheckpointError(
-                    f"{scale_name} has shape {found}, expected {scale_grid_shape(*shape)} (128x128 blocks of {shape})"
+                    f"{name}{SCALE_SUFFIX} has shape {ckpt.shape(name + SCALE_SUFFIX)}, expected 128x128 blocks of "
+                    f"the 2-D weight {shape}"
                 )
-        entries.append(PlannedRead(name, scale_name, {to_module_name(name): shape}))
-    return entries
+    state = {}
+    for module_name, name in module_names.items():
+        tensor = ckpt.tensor(name).to(device)
+        if ckpt.is_fp8(name):
+            tensor = dequantize_blockwise(tensor, ckpt.tensor(name + SCALE_SUFFIX).to(device), torch.float32)
+        state[module_name] = tensor.to(dtype=expected[module_name].dtype)
+    return state
 
 
-def _plan_fused_qkv(
-    ckpt: HubCheckpoint,
-    name: str,
-    scale_name: str | None,
-    shape: tuple[int, ...],
-    to_module_name: Callable[[str], str],
-    layout: FusedQKVLayout,
-) -> PlannedRead:
-    if layout.ckpt_tp is None:
-        raise CheckpointError(
-            f"{name!r} is a fused qkv_proj, but the config has no attention_projection_layout='fused_qkv'"
-        )
-    try:
-        geometry = layout.geometry_of(name)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
-    rows = fused_rows(geometry, layout.ckpt_tp)
-    if len(shape) != 2 or shape[0] != rows:
-        raise CheckpointError(
-            f"{name} has shape {shape}, expected ({rows}, hidden): {layout.ckpt_tp} interleaved shards of "
-            f"{geometry.rows_per_rank(layout.ckpt_tp)} (q, k, v) rows for {geometry}"
-        )
-    if scale_name is not None:
-        found = ckpt.shape(scale_name)
-        expected = fused_scale_grid_shape(geometry, layout.ckpt_tp, shape[1])
-        if found != expected:
-            raise CheckpointError(
-                f"{scale_name} has shape {found}, expected {expected}: one 128x128 grid per each of the "
-                f"{layout.ckpt_tp} interleaved shards"
-            )
-    prefix = name.removesuffix("qkv_proj.weight")
-    outputs = {
-        to_module_name(f"{prefix}{p}_proj.weight"): (r, shape[1]) for p, r in zip("qkv", geometry.canonical_rows())
-    }
-    return PlannedRead(name, scale_name, outputs, geometry)
+class TensorCheckpoint:
+    """Hub-named tensors held in memory, read like a `HubCheckpoint` (random weights for benchmarks)."""
 
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.path = Path("<memory>")
+        self.accessed: set[str] = set()
+        self._tensors = dict(tensors)
 
-def _read_entry(
-    ckpt: HubCheckpoint, entry: PlannedRead, layout: FusedQKVLayout | None, device: torch.device | str
-) -> Iterator[tuple[str, torch.Tensor]]:
-    weight = ckpt.tensor(entry.hub_name).to(device)
-    if entry.geometry is not None:
-        if entry.scale_name is not None:
-            scale = ckpt.tensor(entry.scale_name).to(device)
-            weight = dequantize_interleaved(weight, scale, entry.geometry, layout.ckpt_tp, torch.float32)
-        yield from zip(entry.outputs, split_interleaved(weight, entry.geometry, layout.ckpt_tp, name=entry.hub_name))
-        return
-    if entry.scale_name is not None:
-        weight = dequantize_blockwise(weight, ckpt.tensor(entry.scale_name).to(device), torch.float32)
-    (name,) = entry.outputs
-    yield name, weight
+    def names(self, *roles: Role) -> list[str]:
+        names = sorted(self._tensors)
+        return names if not roles else [n for n in names if tensor_role(n) in roles]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def is_fp8(self, name: str) -> bool:
+        return self._tensors[name].dtype == torch.float8_e4m3fn
+
+    def tensor(self, name: str) -> torch.Tensor:
+        self.accessed.add(name)
+        return self._tensors[name]
 
 
 @contextmanager
@@ -373,69 +287,3 @@ def _make_world_readable(root: Path) -> None:
     root.chmod(0o755)
     for path in root.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def write_shards(
-    out_dir: str | Path,
-    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-    max_shard_bytes: int,
-    *,
-    metadata: Mapping[str, str] | None = None,
-) -> dict:
-    """Write `model-0000i-of-0000n.safetensors` shards (in `tensors` order) + `model.safetensors.index.json`.
-
-    `tensors` may be a lazy stream of (name, tensor): each shard is written as soon as it is full, so memory
-    stays at one shard however large the checkpoint. A shard is closed before it would exceed
-    `max_shard_bytes`; a larger tensor gets a shard of its own. `metadata` goes into every shard header and
-    the index's "metadata". Returns the index.
-    """
-    out_dir = Path(out_dir)
-    header = {"format": "pt", **(metadata or {})}
-    written: list[tuple[Path, list[str]]] = []  # numbered once the shard count is known
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = total_bytes = 0
-
-    def flush() -> None:
-        path = out_dir / f".shard-{len(written) + 1:05d}.safetensors"
-        save_file(shard, path, metadata=header)
-        written.append((path, list(shard)))
-        shard.clear()
-
-    seen: set[str] = set()
-    for name, tensor in tensors.items() if isinstance(tensors, Mapping) else tensors:
-        if name in seen:
-            raise ValueError(f"tensor {name!r} is given twice")
-        seen.add(name)
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + nbytes > max_shard_bytes:
-            flush()
-            shard_bytes = 0
-        # safetensors refuses views that share storage; copy only those.
-        if tensor.untyped_storage().nbytes() != nbytes or not tensor.is_contiguous():
-            tensor = tensor.contiguous().clone()
-        shard[name] = tensor.cpu()
-        shard_bytes += nbytes
-        total_bytes += nbytes
-    if shard or not written:
-        flush()
-    weight_map = {}
-    for i, (path, names) in enumerate(written, start=1):
-        file = f"model-{i:05d}-of-{len(written):05d}.safetensors"
-        os.replace(path, out_dir / file)
-        weight_map.update(dict.fromkeys(names, file))
-    index = {"metadata": {"total_size": total_bytes, **(metadata or {})}, "weight_map": weight_map}
-    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return index
-
-
-def write_sharded(
-    out_dir: str | Path,
-    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-    max_shard_bytes: int,
-    *,
-    metadata: Mapping[str, str] | None = None,
-) -> dict:
-    """`write_shards` into a fresh `out_dir`, atomically (temp directory next to it, then rename)."""
-    with atomic_directory(out_dir) as tmp:
-        index = write_shards(tmp, tensors, max_shard_bytes, metadata=metadata)
-    return index

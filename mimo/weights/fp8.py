@@ -6,6 +6,8 @@ because the quantizer divided by it). Both functions accept leading batch dimens
 independently blocked matrices (the per-shard grids of a fused qkv_proj, ref §3) is one call.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -95,3 +97,86 @@ def gather_rows_blockwise(
         out[block], new_scale = quantize_blockwise(out[block].float() * row_scales)
         block_scales.append(new_scale[0])
     return out, torch.stack(block_scales)
+
+
+def dequantize_mapped(
+    w_fp8: torch.Tensor, scale_inv: torch.Tensor, scale_rows: torch.Tensor, scale_cols: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """`w_fp8 [..., R, C]` x `scale_inv[..., scale_rows[i], scale_cols[j]]` -> `dtype [..., R, C]`.
+
+    The general form of `dequantize_blockwise` for any row / column selection of blocked weights (a rank's slice,
+    stacked parts with grids of their own): the same float32 products, so the same values.
+    """
+    scales = scale_inv.float()[..., scale_rows, :][..., scale_cols]  # [..., R, C]
+    return (w_fp8.float() * scales).to(dtype)
+
+
+@dataclass(frozen=True)
+class StoredWeight:
+    """A checkpoint matrix (or vector) as stored: floating, or FP8 with its scale grid.
+
+    `scale_rows [R]` is the grid row each weight row uses: `arange(R) // 128` for a plain grid; the per-shard grids
+    of a fused qkv_proj (`fused_qkv.interleaved_scale_rows`) and stacked parts (`stack_rows`) differ.
+    """
+
+    data: torch.Tensor  # [R, C] or [R]
+    scale_inv: torch.Tensor | None = None  # float32 [S, ceil(C/128)]
+    scale_rows: torch.Tensor | None = None  # int64 [R]
+
+    @classmethod
+    def plain(cls, data: torch.Tensor, scale_inv: torch.Tensor | None = None) -> "StoredWeight":
+        if scale_inv is None:
+            return cls(data)
+        return cls(data, scale_inv.float(), torch.arange(data.shape[0], device=data.device) // BLOCK)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.scale_inv is not None
+
+    def scale_cols(self) -> torch.Tensor:
+        return torch.arange(self.data.shape[1], device=self.data.device) // BLOCK
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.scale_inv is None:
+            return self.data.to(dtype)
+        return dequantize_mapped(self.data, self.scale_inv, self.scale_rows, self.scale_cols(), dtype)
+
+    def select(self, dim: int, index: torch.Tensor | None) -> "FP8Slice | torch.Tensor":
+        """Positions `index` along `dim` (None: all), exactly: FP8 bytes and scales are kept, never re-quantized.
+
+        Returns the floating tensor, or an `FP8Slice` holding only the grid blocks the slice uses.
+        """
+        data = self.data if index is None else self.data.index_select(dim, index.to(self.data.device))
+        if self.scale_inv is None:
+            return data
+        rows, cols = self.scale_rows, self.scale_cols()
+        if index is not None:
+            index = index.to(rows.device)
+            rows, cols = (rows[index], cols) if dim == 0 else (rows, cols[index])
+        used_rows, rows = torch.unique(rows, return_inverse=True)
+        used_cols, cols = torch.unique(cols, return_inverse=True)
+        return FP8Slice(data, self.scale_inv[used_rows][:, used_cols], rows, cols)
+
+
+@dataclass(frozen=True)
+class FP8Slice:
+    """FP8 weight `[R, C]` + the grid blocks it uses (`scale_inv [S, G]`) and the block of each row / column."""
+
+    weight: torch.Tensor  # float8_e4m3fn [R, C]
+    scale_inv: torch.Tensor  # float32 [S, G]
+    scale_rows: torch.Tensor  # int64 [R] into scale_inv's rows
+    scale_cols: torch.Tensor  # int64 [C] into scale_inv's columns
+
+
+def stack_rows(parts: list[StoredWeight]) -> StoredWeight:
+    """Parts stacked along rows (gate; up / q; k; v), each FP8 part keeping its own grid: grids stack too."""
+    if len(parts) == 1:
+        return parts[0]
+    data = torch.cat([p.data for p in parts])
+    if not parts[0].is_fp8:
+        return StoredWeight(data)
+    offsets = [0]
+    for p in parts[:-1]:
+        offsets.append(offsets[-1] + p.scale_inv.shape[0])
+    scale_rows = torch.cat([p.scale_rows + offset for p, offset in zip(parts, offsets, strict=True)])
+    return StoredWeight(data, torch.cat([p.scale_inv for p in parts]), scale_rows)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mimo.config import MiMoV2Config
-from mimo.weights.fp8 import BLOCK, dequantize_blockwise, quantize_blockwise, scale_grid_shape
+from mimo.weights.fp8 import BLOCK, quantize_blockwise, scale_grid_shape
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +44,11 @@ class QKVGeometry:
 
     def canonical_rows(self) -> tuple[int, int, int]:
         return self.rows_per_rank(1)
+
+    def local(self, tp: int) -> "QKVGeometry":
+        """The geometry one of `tp` ranks holds (local heads; replicated KV heads count once)."""
+        q_rows, _, _ = self.rows_per_rank(tp)  # validates tp against the head counts
+        return QKVGeometry(q_rows // self.head_dim, max(1, self.num_kv_heads // tp), self.head_dim, self.v_head_dim)
 
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
@@ -141,28 +146,6 @@ def quantize_interleaved(
     _check_fused_rows(qkv, geometry, ckpt_tp, name)
     w_fp8, scale_inv = quantize_blockwise(qkv.reshape(ckpt_tp, -1, qkv.shape[1]))  # [tp, rps, H], [tp, gR, gC]
     return w_fp8.view(qkv.shape), scale_inv.reshape(-1, scale_inv.shape[-1])
-
-
-def dequantize_interleaved(
-    qkv_fp8: torch.Tensor,
-    scale_inv: torch.Tensor,
-    geometry: QKVGeometry,
-    ckpt_tp: int,
-    dtype: torch.dtype,
-    *,
-    name: str = "qkv_proj.weight",
-) -> torch.Tensor:
-    """FP8 fused `qkv_proj.weight` + its per-shard scale grid -> floating fused weight `[rows, H]`."""
-    _check_fused_rows(qkv_fp8, geometry, ckpt_tp, name)
-    expected = fused_scale_grid_shape(geometry, ckpt_tp, qkv_fp8.shape[1])
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(
-            f"{name}_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
-            f"(one 128x128 grid per each of the {ckpt_tp} interleaved shards of a {tuple(qkv_fp8.shape)} weight)"
-        )
-    shards = qkv_fp8.reshape(ckpt_tp, -1, qkv_fp8.shape[1])  # [tp, rps, H]
-    w = dequantize_blockwise(shards, scale_inv.view(ckpt_tp, -1, expected[1]), dtype)
-    return w.view(qkv_fp8.shape)
 
 
 def interleaved_rows_for_rank(geometry: QKVGeometry, ckpt_tp: int, tp: int, rank: int) -> torch.Tensor:

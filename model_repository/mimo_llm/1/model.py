@@ -7,7 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from mimo.engine import LLMEngine
 from mimo.loading import load_language_model
-from mimo.parallel.serving import TensorParallelRanks
+from mimo.parallel.rank_driver import TensorParallelRanks
 from mimo.serving.llm import GenerationLoop, LLMResponse, convert_llm_request, engine_config, is_stop_request
 from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter, torch_dtype, torch_inputs
 

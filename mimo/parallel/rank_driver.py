@@ -1,4 +1,4 @@
-"""Tensor-parallel serving: rank 0 runs the engine, ranks 1..N-1 repeat every forward of its model.
+"""The rank driver of a tensor-parallel model instance: rank 0 runs the engine, ranks 1..N-1 repeat its forwards.
 
 Rank 0 (the Triton model instance) keeps the scheduler, the KV block manager and sampling exactly as with one
 process. A forward pre-hook on its model first broadcasts the step (the token embeddings and the paged-attention
@@ -20,10 +20,10 @@ import torch.distributed as dist
 from mimo.engine.kv_cache import KVCache, LayerKind, kv_layer_specs, layer_kinds
 from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata, PoolMetadata
 from mimo.engine.transfer import to_device
+from mimo.loading import load_rank_language_model
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.parallel.deploy import DeployArtifact
 from mimo.parallel.distributed import RankContext, init_rank, open_store
-from mimo.parallel.loading import load_rank_language_model
 
 _JOIN_TIMEOUT_S = 30  # a worker that got STOP exits at once; one stuck in a collective is terminated
 
