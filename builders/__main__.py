@@ -1,25 +1,16 @@
-"""`python -m builders <subcommand>`: one module per subcommand, each with `add_arguments(parser)` and `run(args)`."""
+"""`python -m builders <subcommand>`: the offline artifacts (checkpoints, deployments, Triton repositories)."""
 
-import argparse
-import importlib
+from builders.cli import run_subcommands
 
 SUBCOMMANDS = {
     "tiny": "builders.tiny",
-    "logits": "builders.logits",
     "repository": "builders.repository",
     "convert": "builders.convert",
-    "verify": "builders.verify",
 }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m builders")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    modules = {name: importlib.import_module(path) for name, path in SUBCOMMANDS.items()}
-    for name, module in modules.items():
-        module.add_arguments(subparsers.add_parser(name, help=module.__doc__.strip().splitlines()[0]))
-    args = parser.parse_args(argv)
-    modules[args.command].run(args)
+    run_subcommands("python -m builders", SUBCOMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import builders.convert as convert_module
 from builders.__main__ import main as builders_main
 from builders.convert import convert
 from builders.tiny import build_checkpoint
-from builders.verify import check_rank_weights
+from tools.verify import check_rank_weights
 from mimo.loading import (
     load_audio_encoder,
     load_audio_tokenizer,

@@ -1,7 +1,7 @@
 """Tensor / expert parallel logits, one process per rank over gloo, against the single-process reference.
 
 The tiny checkpoint is fused FP8, interleaved at TP 4 (4 full-attention KV heads, 8 sliding ones). Each case is
-`builders verify`: every rank tensor against the source slice, then logits at the artifact's TP against the
+`tools verify`: every rank tensor against the source slice, then logits at the artifact's TP against the
 source run in one process, both in float32 (bf16 artifacts: the reference holds the same bf16 weights).
 """
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from builders.__main__ import main as builders_main
+from tools.__main__ import main as tools_main
 from builders.convert import convert
-from builders.logits import parallel_logits, reference_logits
+from tools.logits import parallel_logits, reference_logits
 from builders.tiny import build_checkpoint
-from builders.verify import verify
+from tools.verify import verify
 from mimo.loading import load_language_model, load_rank_language_model
 from mimo.models.attention import NoCacheAttention
 from mimo.parallel.deploy import DeployError
@@ -42,7 +42,7 @@ def test_logits_at_another_tp_is_refused(fused_fp8, tmp_path):
 
 def test_tp2_cli(fused_fp8, tmp_path, capsys):
     deploy = converted(fused_fp8, tmp_path, tp=2)
-    builders_main(["verify", "--checkpoint", str(fused_fp8), "--deploy", str(deploy), "--device", "cpu"])
+    tools_main(["verify", "--checkpoint", str(fused_fp8), "--deploy", str(deploy), "--device", "cpu"])
     assert capsys.readouterr().out.startswith("PASS: 2 ranks on cpu\n  weights: max |error| 0 (exact)")
 
 
@@ -51,14 +51,14 @@ def test_logits_cli_runs_the_artifact_at_its_tp(fused_fp8, tmp_path):
     input_ids = torch.arange(40) * 7 % 500
     np.save(tmp_path / "ids.npy", input_ids.numpy())
     args = ["logits", "--input-ids", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "tp2.npy")]
-    builders_main([*args, "--deploy", str(deploy), "--tp", "2"])
+    tools_main([*args, "--deploy", str(deploy), "--tp", "2"])
     reference_model = load_language_model(fused_fp8, torch.bfloat16, "cpu", dequantize_fp8=True).float()
     reference = reference_logits(reference_model, input_ids)
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "tp2.npy")), reference, atol=1e-4, rtol=0)
     with pytest.raises(DeployError, match="converted for world size 2"):
-        builders_main([*args, "--deploy", str(deploy), "--tp", "4"])
+        tools_main([*args, "--deploy", str(deploy), "--tp", "4"])
     with pytest.raises(SystemExit, match="--tp runs a deployment artifact"):
-        builders_main([*args, "--checkpoint", str(fused_fp8), "--tp", "2"])
+        tools_main([*args, "--checkpoint", str(fused_fp8), "--tp", "2"])
 
 
 def test_tp2_fp8_expert_parallel_below_the_interleave(fused_fp8, tmp_path):

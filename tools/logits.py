@@ -1,7 +1,7 @@
 """Logits of a language model for one token sequence (float32, whole sequence from position 0, no KV cache).
 
-    python -m builders logits --checkpoint DIR --input-ids IDS.npy --out LOGITS.npy [--device cpu]
-    python -m builders logits --deploy DEPLOY --tp N --input-ids IDS.npy --out LOGITS.npy [--device cpu|cuda]
+    python -m tools logits --checkpoint DIR --input-ids IDS.npy --out LOGITS.npy [--device cpu]
+    python -m tools logits --deploy DEPLOY --tp N --input-ids IDS.npy --out LOGITS.npy [--device cpu|cuda]
 
 `--checkpoint` reads only config.json and the language-role tensors of a hub checkpoint. `--deploy` runs a
 deployment artifact (python -m builders convert) as it is served: N processes, one per rank, each loading only its

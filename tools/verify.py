@@ -1,6 +1,6 @@
 """Prove a deployment artifact right against its source checkpoint: checksums, every rank's weights, golden logits.
 
-    python -m builders verify --checkpoint HUB --deploy DEPLOY [--device cpu|cuda] [--prompts N] [--atol X]
+    python -m tools verify --checkpoint HUB --deploy DEPLOY [--device cpu|cuda] [--prompts N] [--atol X]
 
 1. every file's sha256 against the manifest;
 2. every rank tensor against its slice of the source, dequantized exactly (the slices the rank's layers state,
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from builders.convert import plan_jobs
-from builders.logits import parallel_logits, reference_logits
+from tools.logits import parallel_logits, reference_logits
 from mimo.config import MiMoV2Config
 from mimo.loading import load_language_model, read_stored
 from mimo.parallel.deploy import DeployArtifact, DeployError, rank_file_name
