@@ -208,10 +208,9 @@ def segment_block_mask(
         if causal:
             visible = visible & (q_idx >= kv_idx)
         if window is not None:
-            distance = q_idx - kv_idx
-            visible = visible & (distance <= window)
-            if not causal:
-                visible = visible & (distance >= -window)
+            visible = visible & (q_idx - kv_idx <= window)
+            if not causal:  # (not `>= -window`: inductor cannot lower a negated dynamic int here)
+                visible = visible & (kv_idx - q_idx <= window)
         return visible
 
     def ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

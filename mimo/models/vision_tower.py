@@ -215,13 +215,22 @@ class VisionPatchMerger(nn.Module):
 
 class MiMoVisionTransformer(nn.Module):
     """attention_impl: "auto" (FlexAttention on CUDA, the float32 reference elsewhere), "reference" or "flex"
-    (mimo.models.encoder_attention); query_chunk bounds the reference path's score blocks."""
+    (mimo.models.encoder_attention); query_chunk bounds the reference path's score blocks; compile_blocks: on the
+    CUDA flex path, run each block through torch.compile (the first forward compiles, about 15 s on an H200)."""
 
-    def __init__(self, config: VisionConfig, query_chunk: int = DEFAULT_QUERY_CHUNK, attention_impl: str = "auto"):
+    def __init__(
+        self,
+        config: VisionConfig,
+        query_chunk: int = DEFAULT_QUERY_CHUNK,
+        attention_impl: str = "auto",
+        compile_blocks: bool = True,
+    ):
         super().__init__()
         self.config = config
         self.query_chunk = query_chunk
         self.attention_impl = attention_impl
+        self.compile_blocks = compile_blocks
+        self._compiled_blocks: list[nn.Module] | None = None
         self.patch_embed = VisionPatchEmbed(
             config.in_channels, config.temporal_patch_size, config.patch_size, config.hidden_size
         )
@@ -254,8 +263,11 @@ class MiMoVisionTransformer(nn.Module):
             impl=self.attention_impl, query_chunk=self.query_chunk,
         )
 
+        # inductor's CPU flex template has no log-sum-exp output: compiled blocks are for the CUDA fast path
+        compiled = attention.impl == "flex" and self.compile_blocks and device.type == "cuda"
+        blocks = self.compiled_blocks() if compiled else self.blocks
         in_columns = False
-        for block, window_type in zip(self.blocks, self.config.vit_window_attn_types):
+        for block, window_type in zip(blocks, self.config.vit_window_attn_types):
             # permute when entering / leaving a run of column-major blocks (sglang `run_blocks`)
             if (window_type == 1) != in_columns:
                 x = x[to_rows] if in_columns else x[to_columns]
@@ -267,6 +279,14 @@ class MiMoVisionTransformer(nn.Module):
             # tokens row-major, so restore that order (V2.5's pattern ends with a full row-major block anyway).
             x = x[to_rows]
         return self.merger(x)
+
+    def compiled_blocks(self) -> list[nn.Module]:
+        """The blocks through torch.compile, which fuses the norms, float32 RoPE and SwiGLU around the attention
+        kernel; dynamic shapes, so one compile serves every image size. A plain list, not submodules: the state
+        dict keeps the hub names."""
+        if self._compiled_blocks is None:
+            self._compiled_blocks = [torch.compile(block, dynamic=True) for block in self.blocks]
+        return self._compiled_blocks
 
     def check_inputs(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
         """Validate shapes; returns grid_thw as host ints."""
