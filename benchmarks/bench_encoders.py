@@ -148,12 +148,13 @@ def measure(
             first = fn(inputs[0])
             torch.cuda.synchronize()
             first_s = time.perf_counter() - compile_start
+            error = relative_error(first, reference_out)  # now: a CUDA graph's next replay overwrites `first`
             runs = [time_ms(fn, inputs, warmup=warmup, repeats=repeats) for _ in range(2)]
             ms = min(runs)
             paths[path] = {
                 "ms": runs, "first_call_s": first_s, "tflop_per_s": flops / (ms * 1e-3) / 1e12,
                 "fraction_of_gemm_rate": flops / (ms * 1e-3) / rate,
-                "rel_err_vs_reference": relative_error(first, reference_out),
+                "rel_err_vs_reference": error,
             }
     return paths
 
@@ -190,29 +191,31 @@ def audio_row(name: str, seconds: float, device, rate: float, args) -> dict:
     t_mel = 1 + int(seconds * tok_config.sampling_rate) // tok_config.hop_length
     inputs = [torch.randn(t_mel, tok_config.n_mels, device=device) for _ in range(3)]
 
-    def path(impl: str) -> Callable:
+    def path(impl: str, compile_layers: bool = True) -> Callable:
         def run(mel):
-            tokenizer.encoder.attention_impl = impl
+            tokenizer.encoder.attention_impl, tokenizer.encoder.compile_layers = impl, compile_layers
+            tower.compile_layers = compile_layers
             codes = tokenizer.encode_batch([mel], segment_size=audio_config.audio_segment_size)
             return tower.encode_batch(codes)[0]
         return run
 
     flops = audio_flops(tok_config, audio_config, t_mel)
+    reference = path("reference", compile_layers=False)
     with torch.no_grad():
-        reference_out = path("reference")(inputs[0])
-    row = {"row": name, "seconds": seconds, "tflop": flops / 1e12, "paths": measure(
-        {"reference": path("reference"), "flex": path("flex")}, inputs, flops, rate, args, reference_out
-    )}
+        reference_out = reference(inputs[0])
+    fns = {"reference": reference, "flex, eager layers": path("flex", compile_layers=False),
+           "auto (flex, compiled layers)": path("auto")}
+    row = {"row": name, "seconds": seconds, "tflop": flops / 1e12,
+           "paths": measure(fns, inputs, flops, rate, args, reference_out)}
     # the codes feeding the tower may differ by near-ties of the RVQ argmin: compare the tokenizer features too
     with torch.no_grad():
         mel_lens = torch.tensor([t_mel], device=device)
         feats = {}
-        for impl in ("reference", "flex"):
+        for impl in ("reference", "auto"):
             tokenizer.encoder.attention_impl = impl
             feats[impl] = tokenizer.encoder.features(inputs[0][None], mel_lens)
-        row["tokenizer_features_rel_err"] = relative_error(feats["flex"], feats["reference"])
-    tokenizer.encoder.attention_impl = "auto"
-    with torch.no_grad():
+        row["tokenizer_features_rel_err"] = relative_error(feats["auto"], feats["reference"])
+        tokenizer.encoder.attention_impl = "auto"
         row["tokenizer_ms"] = time_ms(lambda mel: tokenizer.encode_batch([mel]), inputs, warmup=2, repeats=10)
         codes = [tokenizer.encode(mel) for mel in inputs]
         row["tower_ms"] = time_ms(lambda c: tower.encode_batch([c]), codes, warmup=2, repeats=10)
@@ -221,10 +224,16 @@ def audio_row(name: str, seconds: float, device, rate: float, args) -> dict:
     row["log_mel_on_device_ms"] = time_ms(lambda w: log_mel_spectrogram(w, processor), waves, warmup=2, repeats=10)
     if args.profile:
         print(profile_table(path("auto"), inputs[0]), flush=True)
-    if args.compile_layers:
-        for layer in [*tokenizer.encoder.layers, *tower.input_local_transformer.layers]:
-            layer.compile(dynamic=True)
-        row["paths"] |= measure({"flex + compiled layers": path("flex")}, inputs, flops, rate, args, reference_out)
+    if args.cuda_graphs:
+        # experiment: the same compiled regions as CUDA graphs (inductor's cudagraph trees, one per shape)
+        tokenizer.encoder._compiled_transformer = torch.compile(
+            tokenizer.encoder.transformer, dynamic=True, mode="reduce-overhead")
+        tower._compiled_embed_groups = torch.compile(tower._embed_groups, dynamic=True, mode="reduce-overhead")
+        try:
+            row["paths"] |= measure({"auto + CUDA graphs": path("auto")}, inputs, flops, rate, args, reference_out)
+        except Exception as error:  # an experiment: report it, keep the measured rows
+            print(f"CUDA graphs experiment failed: {error!r}"[:2000], flush=True)
+            row["cuda_graphs_error"] = repr(error)[:2000]
     for path_row in row["paths"].values():
         path_row["audio_s_per_s"] = seconds / (min(path_row["ms"]) * 1e-3)
     return row
@@ -236,7 +245,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--reference-repeats", type=int, default=3)
-    parser.add_argument("--compile-layers", action="store_true", help="audio: also time torch.compile'd layers")
+    parser.add_argument("--cuda-graphs", action="store_true", help="audio: also time the compiled regions as CUDA graphs")
     parser.add_argument("--profile", action="store_true", help="audio: print a torch.profiler table of one call")
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()

@@ -119,11 +119,11 @@ def test_audio_tokenizer_fast_path_matches_reference():
         assert (got[:, 0] == want[:, 0]).float().mean() > 0.9
 
 
-def test_audio_tower_on_gpu_matches_float32():
+def test_audio_tower_compiled_on_gpu_matches_float32_eager():
     config = AudioConfig.from_dict(V2_5.audio_config)
     torch.manual_seed(0)
     tower = randomized(build_module(lambda: MiMoAudioEncoder(config), torch.bfloat16, CUDA), seed=3)
-    tower32 = build_module(lambda: MiMoAudioEncoder(config), torch.float32, CUDA).eval()
+    tower32 = build_module(lambda: MiMoAudioEncoder(config, compile_layers=False), torch.float32, CUDA).eval()
     tower32.load_state_dict({name: t.float() for name, t in tower.state_dict().items()})
     codes = [torch.randint(0, 1024, (n, config.audio_channels), device=CUDA) for n in (750, 1751)]
     with torch.no_grad():

@@ -277,12 +277,15 @@ class ResidualVectorQuantizer(nn.Module):
 
 
 class TokenizerEncoder(nn.Module):
-    """attention_impl: "auto" (FlexAttention on CUDA, the float32 reference elsewhere), "reference" or "flex"."""
+    """attention_impl: "auto" (FlexAttention on CUDA, the float32 reference elsewhere), "reference" or "flex";
+    compile_layers: on the CUDA flex path, run the layer stack through torch.compile (the first call compiles)."""
 
-    def __init__(self, config: AudioTokenizerConfig, attention_impl: str = "auto"):
+    def __init__(self, config: AudioTokenizerConfig, attention_impl: str = "auto", compile_layers: bool = True):
         super().__init__()
         self.config = config
         self.attention_impl = attention_impl
+        self.compile_layers = compile_layers
+        self._compiled_transformer = None
         d = config.d_model
         self.conv1 = nn.Conv1d(config.n_mels, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=config.stride_size, padding=1)
@@ -314,16 +317,8 @@ class TokenizerEncoder(nn.Module):
             seq_lens, x.device, specs=[config.layer_attention(i) for i in range(config.encoder_layers)],
             impl=self.attention_impl,
         )
-
-        skip_after = None if config.encoder_skip_layer_id is None else config.encoder_skip_layer_id - 1
-        skip = None
-        for layer_idx, layer in enumerate(self.layers):
-            hidden = layer(hidden, cos, sin, attention)
-            if layer_idx == skip_after:
-                skip = hidden
-        if skip is not None:
-            hidden = hidden + skip
-        hidden = self.layer_norm(hidden)
+        compiled = attention.impl == "flex" and self.compile_layers and x.device.type == "cuda"
+        hidden = (self.compiled_transformer() if compiled else self.transformer)(hidden, cos, sin, attention)
 
         if config.avg_pooler != 1:
             pooled_len = -(-x.shape[-1] // config.avg_pooler) * config.avg_pooler
@@ -334,6 +329,30 @@ class TokenizerEncoder(nn.Module):
             code_lens = [config.code_length(n) for n in lengths]
             hidden = self.down_sample_norm(torch.cat([pooled[b, :n] for b, n in enumerate(code_lens)]))  # [T3, d]
         return hidden
+
+
+    def transformer(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: SegmentAttention
+    ) -> torch.Tensor:
+        """The layers, the skip connection and the final norm over packed segments: [T, d] -> [T, d]."""
+        config = self.config
+        skip_after = None if config.encoder_skip_layer_id is None else config.encoder_skip_layer_id - 1
+        skip = None
+        for layer_idx, layer in enumerate(self.layers):
+            hidden = layer(hidden, cos, sin, attention)
+            if layer_idx == skip_after:
+                skip = hidden
+        if skip is not None:
+            hidden = hidden + skip
+        return self.layer_norm(hidden)
+
+    def compiled_transformer(self):
+        """`transformer` through torch.compile: one graph for the whole stack (fused norms, RoPE, GELU around the
+        attention kernels, and one host call instead of ~700 launches); dynamic shapes, one compile for every
+        audio length."""
+        if self._compiled_transformer is None:
+            self._compiled_transformer = torch.compile(self.transformer, dynamic=True)
+        return self._compiled_transformer
 
 
 class MiMoAudioTokenizer(nn.Module):

@@ -218,9 +218,14 @@ class AudioProjection(nn.Module):
 
 
 class MiMoAudioEncoder(nn.Module):
-    def __init__(self, config: AudioConfig):
+    """compile_layers: on CUDA, run the embedding sum, local transformer and projection through torch.compile
+    (fused elementwise work and one host call per forward; the first call compiles)."""
+
+    def __init__(self, config: AudioConfig, compile_layers: bool = True):
         super().__init__()
         self.config = config
+        self.compile_layers = compile_layers
+        self._compiled_embed_groups = None
         dim, group_dim = config.input_local_dim, config.input_local_dim * config.group_size
         self.speech_embeddings = nn.ModuleList(
             nn.Embedding(vocab, dim, padding_idx=zero_id)
@@ -266,6 +271,13 @@ class MiMoAudioEncoder(nn.Module):
 
     def embed_groups(self, grouped: torch.Tensor) -> torch.Tensor:
         """grouped codes [G, g, channels] -> [G, out_hidden_size]."""
+        if not (grouped.is_cuda and self.compile_layers):
+            return self._embed_groups(grouped)
+        if self._compiled_embed_groups is None:
+            self._compiled_embed_groups = torch.compile(self._embed_groups, dynamic=True)
+        return self._compiled_embed_groups(grouped)
+
+    def _embed_groups(self, grouped: torch.Tensor) -> torch.Tensor:
         embeds = sum(
             embedding(grouped[..., channel]) for channel, embedding in enumerate(self.speech_embeddings)
         )  # [G, g, dim]

@@ -69,6 +69,7 @@ class SegmentAttention:
         if not seq_lens or any(not isinstance(n, int) or n < 1 for n in seq_lens):
             raise ValueError(f"segment lengths must be a non-empty list of positive ints, found {seq_lens}")
         self.seq_lens = list(seq_lens)
+        self.num_tokens = sum(seq_lens)  # an int, not the list: compiled callers then guard on no list length
         self.impl = resolve_impl(impl, torch.device(device))
         self.query_chunk = query_chunk
         self.block_masks: dict[MaskSpec, BlockMask] = {}
@@ -89,8 +90,8 @@ class SegmentAttention:
         sinks: torch.Tensor | None,
     ) -> torch.Tensor:
         """q [T, Hq, D], k [T, Hk, D], v [T, Hk, Dv] -> [T, Hq, Dv] in v's dtype."""
-        if q.shape[0] != sum(self.seq_lens):
-            raise ValueError(f"got {q.shape[0]} tokens but the segment lengths sum to {sum(self.seq_lens)}")
+        if q.shape[0] != self.num_tokens:
+            raise ValueError(f"got {q.shape[0]} tokens but the segment lengths sum to {self.num_tokens}")
         if self.impl == "reference":
             return self._reference(q, k, v, scale=scale, causal=causal, window=window, sinks=sinks)
         block_mask = self.block_masks.get((causal, window))
