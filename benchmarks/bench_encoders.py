@@ -2,12 +2,14 @@
 
 Rows (issue 11): the vision tower on one 1920x1080 image (grid 68 x 120 = 8160 patches), on a batch of eight
 1024x1024 images in one forward (8 x 4096 patches), and the audio tokenizer + audio tower on one 30 s clip. Each
-row times the fast path (`attention_impl="auto"`: FlexAttention on CUDA) and today's reference path (float32
-score blocks per segment) on the same weights and inputs, counts the FLOPs the forward must do (matrix products
-plus the attention pairs each query really sees), and divides by the bf16 GEMM rate measured first.
+row times, on the same weights and inputs: today's reference path (float32 score blocks per segment, eager
+layers), FlexAttention with eager layers, and the default CUDA path (`attention_impl="auto"`: FlexAttention in
+torch.compile'd blocks / layer stack), plus audio experiments (compiled tower; `--cuda-graphs`). It counts the
+FLOPs the forward must do (matrix products plus the attention pairs each query really sees) and divides by the
+bf16 GEMM rate measured first. Each path's line prints as soon as it is measured.
 
     python benchmarks/bench_encoders.py                         # all rows, JSON to stdout's last line
-    python benchmarks/bench_encoders.py --rows vit1080 --out results.json
+    python benchmarks/bench_encoders.py --rows audio30 --profile --cuda-graphs --out results.json
 
 Weights are random (throughput does not depend on their values); sinks and biases are drawn non-zero.
 """
@@ -136,9 +138,11 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def measure(
-    fns: dict[str, Callable], inputs: list, flops: float, rate: float, args, reference_out: torch.Tensor
+    name: str, fns: dict[str, Callable], inputs: list, flops: float, rate: float, args, reference_out: torch.Tensor,
+    seconds: float | None = None,
 ) -> dict:
-    """Time each path twice (the spread between the two is the noise) and compare outputs with the reference's."""
+    """Time each path twice (the spread between the two is the noise), compare its output with the reference's,
+    and print its line at once (a run cut short still shows the paths it finished)."""
     paths = {}
     with torch.no_grad():
         for path, fn in fns.items():
@@ -156,6 +160,14 @@ def measure(
                 "fraction_of_gemm_rate": flops / (ms * 1e-3) / rate,
                 "rel_err_vs_reference": error,
             }
+            r = paths[path]
+            extra = ""
+            if seconds is not None:
+                r["audio_s_per_s"] = seconds / (ms * 1e-3)
+                extra = f"  {r['audio_s_per_s']:.0f} s audio/s"
+            print(f"{name:10s} {path:30s} {runs[0]:8.2f} / {runs[1]:8.2f} ms  {r['tflop_per_s']:6.1f} TFLOP/s  "
+                  f"{100 * r['fraction_of_gemm_rate']:5.1f}% of GEMM  rel err {error:.2e}  first call {first_s:.1f} s"
+                  f"{extra}", flush=True)
     return paths
 
 
@@ -179,7 +191,7 @@ def vision_row(name: str, grids: list[tuple[int, int, int]], device, rate: float
     fns = {"reference": path("reference"), "flex, eager blocks": path("flex", compile_blocks=False),
            "auto (flex, compiled blocks)": path("auto")}
     return {"row": name, "grids": grids, "tflop": flops / 1e12,
-            "paths": measure(fns, inputs, flops, rate, args, reference_out)}
+            "paths": measure(name, fns, inputs, flops, rate, args, reference_out)}
 
 
 def audio_row(name: str, seconds: float, device, rate: float, args) -> dict:
@@ -191,10 +203,10 @@ def audio_row(name: str, seconds: float, device, rate: float, args) -> dict:
     t_mel = 1 + int(seconds * tok_config.sampling_rate) // tok_config.hop_length
     inputs = [torch.randn(t_mel, tok_config.n_mels, device=device) for _ in range(3)]
 
-    def path(impl: str, compile_layers: bool = True) -> Callable:
+    def path(impl: str, compile_layers: bool = True, compile_tower: bool = False) -> Callable:
         def run(mel):
             tokenizer.encoder.attention_impl, tokenizer.encoder.compile_layers = impl, compile_layers
-            tower.compile_layers = compile_layers
+            tower.compile_layers = compile_tower
             codes = tokenizer.encode_batch([mel], segment_size=audio_config.audio_segment_size)
             return tower.encode_batch(codes)[0]
         return run
@@ -204,9 +216,9 @@ def audio_row(name: str, seconds: float, device, rate: float, args) -> dict:
     with torch.no_grad():
         reference_out = reference(inputs[0])
     fns = {"reference": reference, "flex, eager layers": path("flex", compile_layers=False),
-           "auto (flex, compiled layers)": path("auto")}
+           "auto (flex, compiled tokenizer)": path("auto")}
     row = {"row": name, "seconds": seconds, "tflop": flops / 1e12,
-           "paths": measure(fns, inputs, flops, rate, args, reference_out)}
+           "paths": measure(name, fns, inputs, flops, rate, args, reference_out, seconds)}
     # the codes feeding the tower may differ by near-ties of the RVQ argmin: compare the tokenizer features too
     with torch.no_grad():
         mel_lens = torch.tensor([t_mel], device=device)
@@ -222,20 +234,23 @@ def audio_row(name: str, seconds: float, device, rate: float, args) -> dict:
     processor = ProcessorConfig(tokens=SpecialTokenIds(*range(9)))
     waves = [torch.randn(int(seconds * processor.audio_sampling_rate), device=device) * 0.1 for _ in range(3)]
     row["log_mel_on_device_ms"] = time_ms(lambda w: log_mel_spectrogram(w, processor), waves, warmup=2, repeats=10)
+    print(f"{name:10s} tokenizer {row['tokenizer_ms']:.2f} ms, tower {row['tower_ms']:.2f} ms, log-mel on the device "
+          f"{row['log_mel_on_device_ms']:.2f} ms", flush=True)
     if args.profile:
         print(profile_table(path("auto"), inputs[0]), flush=True)
+    row["paths"] |= measure(name, {"auto + compiled tower": path("auto", compile_tower=True)}, inputs, flops, rate,
+                            args, reference_out, seconds)
     if args.cuda_graphs:
         # experiment: the same compiled regions as CUDA graphs (inductor's cudagraph trees, one per shape)
         tokenizer.encoder._compiled_transformer = torch.compile(
             tokenizer.encoder.transformer, dynamic=True, mode="reduce-overhead")
         tower._compiled_embed_groups = torch.compile(tower._embed_groups, dynamic=True, mode="reduce-overhead")
         try:
-            row["paths"] |= measure({"auto + CUDA graphs": path("auto")}, inputs, flops, rate, args, reference_out)
+            row["paths"] |= measure(name, {"auto + CUDA graphs": path("auto", compile_tower=True)}, inputs, flops,
+                                    rate, args, reference_out, seconds)
         except Exception as error:  # an experiment: report it, keep the measured rows
             print(f"CUDA graphs experiment failed: {error!r}"[:2000], flush=True)
             row["cuda_graphs_error"] = repr(error)[:2000]
-    for path_row in row["paths"].values():
-        path_row["audio_s_per_s"] = seconds / (min(path_row["ms"]) * 1e-3)
     return row
 
 
@@ -267,14 +282,6 @@ def main() -> None:
         else:
             row = audio_row(name, 30.0, device, rate, args)
         result["rows"].append(row)
-        if "tokenizer_ms" in row:
-            print(f"{name:10s} tokenizer {row['tokenizer_ms']:.2f} ms, tower {row['tower_ms']:.2f} ms, log-mel on the "
-                  f"device {row['log_mel_on_device_ms']:.2f} ms", flush=True)
-        for path, r in row["paths"].items():
-            extra = f"  {r['audio_s_per_s']:.0f} s audio/s" if "audio_s_per_s" in r else ""
-            print(f"{name:10s} {path:28s} {r['ms'][0]:8.2f} / {r['ms'][1]:8.2f} ms  "
-                  f"{r['tflop_per_s']:6.1f} TFLOP/s  {100 * r['fraction_of_gemm_rate']:5.1f}% of GEMM  "
-                  f"rel err {r['rel_err_vs_reference']:.2e}  first call {r['first_call_s']:.1f} s{extra}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

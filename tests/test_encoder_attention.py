@@ -7,6 +7,7 @@ import torch
 
 from mimo.models.encoder_attention import BLOCK_SIZE, SegmentAttention, block_visibility
 
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose
 CPU = torch.device("cpu")
 LAYOUTS = [[300], [100, 28, 200, 1], [128, 256], [5], [130, 3, 400]]
 SPECS = [(causal, window) for causal in (False, True) for window in (None, 3, 64, 200)]

@@ -5,7 +5,9 @@ with float32 attention scores, so both differ from a float32 forward by bf16 rou
 within a small multiple of the reference path's own bf16 error.
 """
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,11 @@ pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="GPU kernel parity: needs a CUDA device (run on the GPU machine)"
 )
 CUDA = torch.device("cuda")
+_spec = importlib.util.spec_from_file_location(
+    "bench_encoders", Path(__file__).parent.parent / "benchmarks" / "bench_encoders.py"
+)
+bench_encoders = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_encoders)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -34,13 +41,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("sinks"):
-                param.normal_()
-            elif name.endswith("bias"):
-                param.normal_(0, 0.02)
-    return model.eval()
+    return bench_encoders.randomize(model)
 
 
 @pytest.mark.parametrize("seq_lens, heads, kv_heads, causal, window", [
@@ -122,8 +123,8 @@ def test_audio_tokenizer_fast_path_matches_reference():
 def test_audio_tower_compiled_on_gpu_matches_float32_eager():
     config = AudioConfig.from_dict(V2_5.audio_config)
     torch.manual_seed(0)
-    tower = randomized(build_module(lambda: MiMoAudioEncoder(config), torch.bfloat16, CUDA), seed=3)
-    tower32 = build_module(lambda: MiMoAudioEncoder(config, compile_layers=False), torch.float32, CUDA).eval()
+    tower = randomized(build_module(lambda: MiMoAudioEncoder(config, compile_layers=True), torch.bfloat16, CUDA), 3)
+    tower32 = build_module(lambda: MiMoAudioEncoder(config), torch.float32, CUDA).eval()
     tower32.load_state_dict({name: t.float() for name, t in tower.state_dict().items()})
     codes = [torch.randint(0, 1024, (n, config.audio_channels), device=CUDA) for n in (750, 1751)]
     with torch.no_grad():

@@ -28,7 +28,7 @@ _compiled_flex = None
 
 
 def _flex(device: torch.device):
-    """FlexAttention compiled once per process on CUDA (dynamic shapes: new image sizes do not recompile);
+    """FlexAttention compiled once per process on CUDA (dynamic shapes, so new sizes rarely recompile);
     eager elsewhere (the unfused math, which tests use to check the block masks on the CPU)."""
     global _compiled_flex
     if device.type != "cuda":
