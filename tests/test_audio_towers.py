@@ -123,6 +123,21 @@ def test_tokenizer_batches_segments_like_lone_segments(tokenizer):
     assert all(((c >= 0) & (c < sizes)).all() for c in batched)
 
 
+def test_tokenizer_flex_path_equals_reference_path(tokenizer):
+    # eager FlexAttention on the CPU: causal windowed and causal full layers over several segments
+    mels = [torch.randn(n, 16) for n in (37, 81, 13)]
+    lengths = [mel.shape[0] for mel in mels]
+    batch = torch.nn.utils.rnn.pad_sequence(mels, batch_first=True)
+    with torch.no_grad():
+        expected = tokenizer.encoder.features(batch, torch.tensor(lengths))
+        tokenizer.encoder.attention_impl = "flex"
+        try:
+            out = tokenizer.encoder.features(batch, torch.tensor(lengths))
+        finally:
+            tokenizer.encoder.attention_impl = "auto"
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_tokenizer_layer_windows_v26():
     config = AudioTokenizerConfig.from_dict(V2_5.audio_tokenizer_config)
     assert [config.layer_attention(i) for i in range(4)] == [(True, 128), (True, None)] * 2

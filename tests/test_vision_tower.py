@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from builders.presets import V2_5
 from mimo.config import ConfigError
+from mimo.models.encoder_attention import SegmentAttention
 from mimo.models.vision_tower import MiMoVisionTransformer, VisionAttention, VisionConfig
 
 # Real patch geometry (3 x 2 x 16 x 16 = 1536), tiny width. Blocks: full, row-window, two column-window
@@ -123,12 +124,14 @@ def test_patch_embed_as_linear_equals_conv3d():
 @pytest.mark.parametrize("window, chunk", [(3, 4), (3, 100), (None, 4)])
 def test_segment_attention_matches_brute_force(window, chunk):
     torch.manual_seed(1)
-    attn = VisionAttention(16, num_heads=4, num_kv_heads=2, head_dim=4, window=window, query_chunk=chunk)
+    attn = VisionAttention(16, num_heads=4, num_kv_heads=2, head_dim=4, window=window)
     if attn.sinks is not None:
         attn.sinks.data.normal_()
     q, k, v = torch.randn(13, 4, 4), torch.randn(13, 2, 4), torch.randn(13, 2, 4)
     expected = brute_force_attention(q, k, v, scale=0.5, window=window, sinks=attn.sinks)
-    torch.testing.assert_close(attn.attend_segment(q, k, v).double(), expected, rtol=1e-5, atol=1e-5)
+    segment = SegmentAttention([13], torch.device("cpu"), [], impl="reference", query_chunk=chunk)
+    out = segment(q, k, v, scale=attn.scale, causal=False, window=window, sinks=attn.sinks)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("grid", [(1, 4, 6), (2, 6, 4)])
@@ -149,6 +152,18 @@ def test_batched_items_equal_one_by_one():
         batched = model(torch.cat(pixels), torch.tensor(grids))
         single = torch.cat([model(p, torch.tensor([g])) for p, g in zip(pixels, grids)])
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_path_equals_reference_path():
+    # eager FlexAttention on the CPU: the block masks of several items, full and windowed blocks with sinks
+    model = tiny_tower(query_chunk=8)
+    grids = [(1, 4, 6), (2, 2, 4), (1, 8, 2)]
+    pixel_values = torch.randn(sum(math.prod(g) for g in grids), 1536)
+    with torch.no_grad():
+        expected = model(pixel_values, torch.tensor(grids))
+        model.attention_impl = "flex"
+        out = model(pixel_values, torch.tensor(grids))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("height, width", [(224, 224), (448, 640)])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimo.config import ConfigError
-from mimo.models.attention import attention_with_sinks
+from mimo.models.encoder_attention import SegmentAttention
 from mimo.models.layers import apply_rotary, rotary_cos_sin
 
 # Frames per independently encoded segment: sglang's `audio_segment_size` (60 s at 100 mel frames/s).
@@ -207,23 +207,13 @@ class TokenizerAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=True)
         self.out_proj = nn.Linear(d_model, d_model, bias=True)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: SegmentAttention) -> torch.Tensor:
         num_tokens = x.shape[0]
         q = apply_rotary(self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(num_tokens, self.num_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        out = torch.cat([
-            attention_with_sinks(
-                q_seg, k_seg, v_seg, q_pos=pos_seg, k_pos=pos_seg, scale=self.head_dim**-0.5,
-                sliding_window=self.window, sinks=None, causal=self.causal,
-            )
-            for q_seg, k_seg, v_seg, pos_seg in zip(
-                q.split(seq_lens), k.split(seq_lens), v.split(seq_lens), positions.split(seq_lens)
-            )
-        ])  # [T, heads, head_dim]
-        return self.out_proj(out.flatten(1))
+        out = attention(q, k, v, scale=self.head_dim**-0.5, causal=self.causal, window=self.window, sinks=None)
+        return self.out_proj(out.reshape(num_tokens, -1))  # [T, heads * head_dim] -> [T, d]
 
 
 class TokenizerLayer(nn.Module):
@@ -236,10 +226,8 @@ class TokenizerLayer(nn.Module):
         self.fc2 = nn.Linear(config.encoder_ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cos, sin, positions, seq_lens)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: SegmentAttention) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), cos, sin, attention)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
@@ -289,9 +277,15 @@ class ResidualVectorQuantizer(nn.Module):
 
 
 class TokenizerEncoder(nn.Module):
-    def __init__(self, config: AudioTokenizerConfig):
+    """attention_impl: "auto" (FlexAttention on CUDA, the float32 reference elsewhere), "reference" or "flex";
+    compile_layers: on the CUDA flex path, run the layer stack through torch.compile (the first call compiles)."""
+
+    def __init__(self, config: AudioTokenizerConfig, attention_impl: str = "auto", compile_layers: bool = True):
         super().__init__()
         self.config = config
+        self.attention_impl = attention_impl
+        self.compile_layers = compile_layers
+        self._compiled_transformer = None
         d = config.d_model
         self.conv1 = nn.Conv1d(config.n_mels, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=config.stride_size, padding=1)
@@ -310,42 +304,62 @@ class TokenizerEncoder(nn.Module):
     def features(self, mels: torch.Tensor, mel_lens: torch.Tensor) -> torch.Tensor:
         """Pre-quantizer features of the segments, packed: [sum(code_lens), d_model]."""
         config = self.config
+        lengths = mel_lens.tolist()  # host ints before any device work: the only sync of the forward
+        seq_lens = [(n - 1) // config.stride_size + 1 for n in lengths]  # conv2 frames per segment
         x = mels.transpose(1, 2).to(self.conv1.weight.dtype)  # [B, n_mels, L]
         # Zero the padding after conv1 so conv2 sees what a lone segment's zero padding gives.
         x = F.gelu(self.conv1(x)) * _valid_mask(mel_lens, x.shape[-1])[:, None, :]
         x = F.gelu(self.conv2(x))  # [B, d, L2]
-        frame_lens = (mel_lens - 1) // config.stride_size + 1
-        valid = _valid_mask(frame_lens, x.shape[-1])  # [B, L2]
-        hidden = x.transpose(1, 2)[valid]  # [T, d], segments packed
-        seq_lens = frame_lens.tolist()
+        hidden = torch.cat([x[b, :, :n].T for b, n in enumerate(seq_lens)])  # [T, d], segments packed
         positions = torch.cat([torch.arange(n, device=x.device) for n in seq_lens])  # [T], from 0 per segment
         cos, sin = rotary_cos_sin(positions, config.d_model // config.encoder_attention_heads, config.rope_theta)
+        attention = SegmentAttention(
+            seq_lens, x.device, specs=[config.layer_attention(i) for i in range(config.encoder_layers)],
+            impl=self.attention_impl,
+        )
+        compiled = attention.impl == "flex" and self.compile_layers and x.device.type == "cuda"
+        hidden = (self.compiled_transformer() if compiled else self.transformer)(hidden, cos, sin, attention)
 
+        if config.avg_pooler != 1:
+            pooled_len = -(-x.shape[-1] // config.avg_pooler) * config.avg_pooler
+            padded = hidden.new_zeros(len(seq_lens), pooled_len, config.d_model)  # zero tail = a lone segment's
+            for b, segment in enumerate(hidden.split(seq_lens)):
+                padded[b, : segment.shape[0]] = segment
+            pooled = self.down_sample_layer(padded.transpose(1, 2)).transpose(1, 2)  # [B, L3, d]
+            code_lens = [config.code_length(n) for n in lengths]
+            hidden = self.down_sample_norm(torch.cat([pooled[b, :n] for b, n in enumerate(code_lens)]))  # [T3, d]
+        return hidden
+
+
+    def transformer(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: SegmentAttention
+    ) -> torch.Tensor:
+        """The layers, the skip connection and the final norm over packed segments: [T, d] -> [T, d]."""
+        config = self.config
         skip_after = None if config.encoder_skip_layer_id is None else config.encoder_skip_layer_id - 1
         skip = None
         for layer_idx, layer in enumerate(self.layers):
-            hidden = layer(hidden, cos, sin, positions, seq_lens)
+            hidden = layer(hidden, cos, sin, attention)
             if layer_idx == skip_after:
                 skip = hidden
         if skip is not None:
             hidden = hidden + skip
-        hidden = self.layer_norm(hidden)
+        return self.layer_norm(hidden)
 
-        if config.avg_pooler != 1:
-            pooled_len = -(-valid.shape[1] // config.avg_pooler) * config.avg_pooler
-            padded = hidden.new_zeros(len(seq_lens), pooled_len, config.d_model)
-            padded[:, : valid.shape[1]][valid] = hidden  # zero tail = a lone segment's zero padding
-            pooled = self.down_sample_layer(padded.transpose(1, 2)).transpose(1, 2)  # [B, L3, d]
-            code_lens = config.code_length(mel_lens)
-            hidden = self.down_sample_norm(pooled[_valid_mask(code_lens, pooled.shape[1])])  # [T3, d]
-        return hidden
+    def compiled_transformer(self):
+        """`transformer` through torch.compile: one graph for the whole stack (fused norms, RoPE, GELU around the
+        attention kernels, and one host call instead of ~700 launches); dynamic shapes, one compile for every
+        audio length."""
+        if self._compiled_transformer is None:
+            self._compiled_transformer = torch.compile(self.transformer, dynamic=True)
+        return self._compiled_transformer
 
 
 class MiMoAudioTokenizer(nn.Module):
-    def __init__(self, config: AudioTokenizerConfig):
+    def __init__(self, config: AudioTokenizerConfig, attention_impl: str = "auto"):
         super().__init__()
         self.config = config
-        self.encoder = TokenizerEncoder(config)
+        self.encoder = TokenizerEncoder(config, attention_impl)
 
     @torch.no_grad()
     def encode(self, mel: torch.Tensor, segment_size: int = DEFAULT_SEGMENT_SIZE) -> torch.Tensor:

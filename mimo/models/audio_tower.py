@@ -218,9 +218,15 @@ class AudioProjection(nn.Module):
 
 
 class MiMoAudioEncoder(nn.Module):
-    def __init__(self, config: AudioConfig):
+    """compile_layers: on CUDA, run the embedding sum, local transformer and projection through torch.compile
+    (fused elementwise work and one host call per forward; the first call compiles). Off by default until its
+    parity test (tests/test_encoder_kernels_gpu.py) has run on a GPU."""
+
+    def __init__(self, config: AudioConfig, compile_layers: bool = False):
         super().__init__()
         self.config = config
+        self.compile_layers = compile_layers
+        self._compiled_embed_groups = None
         dim, group_dim = config.input_local_dim, config.input_local_dim * config.group_size
         self.speech_embeddings = nn.ModuleList(
             nn.Embedding(vocab, dim, padding_idx=zero_id)
@@ -266,6 +272,13 @@ class MiMoAudioEncoder(nn.Module):
 
     def embed_groups(self, grouped: torch.Tensor) -> torch.Tensor:
         """grouped codes [G, g, channels] -> [G, out_hidden_size]."""
+        if not (grouped.is_cuda and self.compile_layers):
+            return self._embed_groups(grouped)
+        if self._compiled_embed_groups is None:
+            self._compiled_embed_groups = torch.compile(self._embed_groups, dynamic=True)
+        return self._compiled_embed_groups(grouped)
+
+    def _embed_groups(self, grouped: torch.Tensor) -> torch.Tensor:
         embeds = sum(
             embedding(grouped[..., channel]) for channel, embedding in enumerate(self.speech_embeddings)
         )  # [G, g, dim]

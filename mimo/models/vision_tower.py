@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimo.config import ConfigError
-from mimo.models.attention import attention_with_sinks
+from mimo.models.encoder_attention import SegmentAttention
 from mimo.models.layers import RMSNorm, SwiGLUMLP, apply_rotary, rotary_cos_sin
 
-# Queries are attended in chunks of this many rows so the float32 score matrix stays bounded
+# Reference path: queries are attended in chunks of this many rows so the float32 score matrix stays bounded
 # (a 4096-token image has 16384 patches per segment).
 DEFAULT_QUERY_CHUNK = 1024
 
@@ -155,21 +155,12 @@ class VisionPatchEmbed(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        window: int | None,
-        query_chunk: int,
-    ):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, window: int | None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.window = window
-        self.query_chunk = query_chunk
         self.scale = head_dim**-0.5
         # rows ordered [Q; K; V] as in the checkpoint
         self.qkv = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias=True)
@@ -177,9 +168,8 @@ class VisionAttention(nn.Module):
         # sinks exist only on windowed blocks (sglang creates them for non-full blocks when use_sink)
         self.sinks = nn.Parameter(torch.zeros(num_heads)) if window is not None else None
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int]]
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: SegmentAttention) -> torch.Tensor:
+        """Non-causal attention inside each temporal slice (the segments of `attention`)."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
@@ -189,45 +179,23 @@ class VisionAttention(nn.Module):
         q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim).float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim).float(), cos, sin).to(x.dtype)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = torch.cat([self.attend_segment(q[s:e], k[s:e], v[s:e]) for s, e in segments])  # [N, Hq, D]
-        return self.proj(out.flatten(1))  # [N, hidden]
-
-    def attend_segment(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Non-causal attention inside one temporal slice, queries in chunks; a windowed chunk reads only
-        the keys its window can reach."""
-        length = q.shape[0]
-        positions = torch.arange(length, device=q.device)
-        outputs = []
-        for start in range(0, length, self.query_chunk):
-            end = min(start + self.query_chunk, length)
-            k_start, k_end = (0, length) if self.window is None else (
-                max(0, start - self.window), min(length, end + self.window)
-            )
-            outputs.append(
-                attention_with_sinks(
-                    q[start:end], k[k_start:k_end], v[k_start:k_end],
-                    q_pos=positions[start:end], k_pos=positions[k_start:k_end],
-                    scale=self.scale, sliding_window=self.window, sinks=self.sinks, causal=False,
-                )
-            )
-        return torch.cat(outputs)  # [L, Hq, D]
+        out = attention(q, k, v, scale=self.scale, causal=False, window=self.window, sinks=self.sinks)  # [N, Hq, D]
+        return self.proj(out.reshape(num_tokens, -1))  # [N, hidden]
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, config: VisionConfig, block_idx: int, query_chunk: int):
+    def __init__(self, config: VisionConfig, block_idx: int):
         super().__init__()
         self.norm1 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attn = VisionAttention(
             config.hidden_size, config.num_heads, config.num_key_value_heads, config.head_dim,
-            window=config.block_window(block_idx), query_chunk=query_chunk,
+            window=config.block_window(block_idx),
         )
         self.norm2 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=True)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int]]
-    ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, segments)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: SegmentAttention) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, attention)
         return x + self.mlp(self.norm2(x))
 
 
@@ -246,13 +214,27 @@ class VisionPatchMerger(nn.Module):
 
 
 class MiMoVisionTransformer(nn.Module):
-    def __init__(self, config: VisionConfig, query_chunk: int = DEFAULT_QUERY_CHUNK):
+    """attention_impl: "auto" (FlexAttention on CUDA, the float32 reference elsewhere), "reference" or "flex"
+    (mimo.models.encoder_attention); query_chunk bounds the reference path's score blocks; compile_blocks: on the
+    CUDA flex path, run each block through torch.compile (the first forward compiles, about 15 s on an H200)."""
+
+    def __init__(
+        self,
+        config: VisionConfig,
+        query_chunk: int = DEFAULT_QUERY_CHUNK,
+        attention_impl: str = "auto",
+        compile_blocks: bool = True,
+    ):
         super().__init__()
         self.config = config
+        self.query_chunk = query_chunk
+        self.attention_impl = attention_impl
+        self.compile_blocks = compile_blocks
+        self._compiled_blocks: list[nn.Module] | None = None
         self.patch_embed = VisionPatchEmbed(
             config.in_channels, config.temporal_patch_size, config.patch_size, config.hidden_size
         )
-        self.blocks = nn.ModuleList(VisionBlock(config, i, query_chunk) for i in range(config.depth))
+        self.blocks = nn.ModuleList(VisionBlock(config, i) for i in range(config.depth))
         self.merger = VisionPatchMerger(
             config.hidden_size, config.merge_unit, config.out_hidden_size, config.rms_norm_eps
         )
@@ -275,26 +257,36 @@ class MiMoVisionTransformer(nn.Module):
         to_rows = torch.argsort(to_columns)
         col_cos, col_sin = row_cos[to_columns], row_sin[to_columns]
         # one attention segment per temporal slice; both walks keep the slices contiguous and in place
-        segments = []
-        start = 0
-        for t, h, w in grids:
-            for _ in range(t):
-                segments.append((start, start + h * w))
-                start += h * w
+        attention = SegmentAttention(
+            [h * w for t, h, w in grids for _ in range(t)], device,
+            specs=[(False, self.config.block_window(i)) for i in range(self.config.depth)],
+            impl=self.attention_impl, query_chunk=self.query_chunk,
+        )
 
+        # inductor's CPU flex template has no log-sum-exp output: compiled blocks are for the CUDA fast path
+        compiled = attention.impl == "flex" and self.compile_blocks and device.type == "cuda"
+        blocks = self.compiled_blocks() if compiled else self.blocks
         in_columns = False
-        for block, window_type in zip(self.blocks, self.config.vit_window_attn_types):
+        for block, window_type in zip(blocks, self.config.vit_window_attn_types):
             # permute when entering / leaving a run of column-major blocks (sglang `run_blocks`)
             if (window_type == 1) != in_columns:
                 x = x[to_rows] if in_columns else x[to_columns]
                 in_columns = not in_columns
             cos, sin = (col_cos, col_sin) if in_columns else (row_cos, row_sin)
-            x = block(x, cos, sin, segments)
+            x = block(x, cos, sin, attention)
         if in_columns:
             # sglang would hand a trailing column-major run straight to the merger; the LM expects each item's
             # tokens row-major, so restore that order (V2.5's pattern ends with a full row-major block anyway).
             x = x[to_rows]
         return self.merger(x)
+
+    def compiled_blocks(self) -> list[nn.Module]:
+        """The blocks through torch.compile, which fuses the norms, float32 RoPE and SwiGLU around the attention
+        kernel; dynamic shapes, so one compile serves every image size. A plain list, not submodules: the state
+        dict keeps the hub names."""
+        if self._compiled_blocks is None:
+            self._compiled_blocks = [torch.compile(block, dynamic=True) for block in self.blocks]
+        return self._compiled_blocks
 
     def check_inputs(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
         """Validate shapes; returns grid_thw as host ints."""

@@ -128,7 +128,8 @@ def log_mel_spectrogram(
 
     torch.stft(center=True, reflect) computed in chunks of frames, so an hour of audio never holds its whole
     complex spectrogram; float64 so near-silent bins (deep spectral nulls of clean tones) keep their log
-    value to 1e-4.
+    value to 1e-4 (float32 moves them by whole log units). Runs on the waveform's device (a GPU encoder's front
+    end: cuFFT in float64).
     """
     n_fft, hop = config.audio_nfft, config.audio_hop_length
     if waveform.numel() <= n_fft // 2:
@@ -136,8 +137,9 @@ def log_mel_spectrogram(
             f"audio is too short: {waveform.numel()} samples at {config.audio_sampling_rate} Hz, "
             f"need more than {n_fft // 2}"
         )
-    window = torch.hann_window(config.audio_window_size, periodic=True, dtype=torch.float64)
-    filters = mel_filter_bank(n_fft // 2 + 1, config.audio_n_mels, config.audio_sampling_rate).T  # [n_mels, freqs]
+    device = waveform.device
+    window = torch.hann_window(config.audio_window_size, periodic=True, dtype=torch.float64, device=device)
+    filters = mel_filter_bank(n_fft // 2 + 1, config.audio_n_mels, config.audio_sampling_rate).T.to(device)
     padded = torch.nn.functional.pad(waveform.double()[None, None], (n_fft // 2, n_fft // 2), mode="reflect")[0, 0]
     num_frames = 1 + waveform.numel() // hop
     chunks = []

@@ -1,0 +1,292 @@
+"""Encoder forwards at MiMo-V2.5 widths against the bf16 matrix rate of the same GPU, measured in the same run.
+
+Rows (issue 11): the vision tower on one 1920x1080 image (grid 68 x 120 = 8160 patches), on a batch of eight
+1024x1024 images in one forward (8 x 4096 patches), and the audio tokenizer + audio tower on one 30 s clip. Each
+row times, on the same weights and inputs: today's reference path (float32 score blocks per segment, eager
+layers), FlexAttention with eager layers, and the default CUDA path (`attention_impl="auto"`: FlexAttention in
+torch.compile'd blocks / layer stack), plus audio experiments (compiled tower; `--cuda-graphs`). It counts the
+FLOPs the forward must do (matrix products plus the attention pairs each query really sees) and divides by the
+bf16 GEMM rate measured first. Each path's line prints as soon as it is measured.
+
+    python benchmarks/bench_encoders.py                         # all rows, JSON to stdout's last line
+    python benchmarks/bench_encoders.py --rows audio30 --profile --cuda-graphs --out results.json
+
+Weights are random (throughput does not depend on their values); sinks and biases are drawn non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from builders.presets import V2_5
+from mimo.loading import build_module
+from mimo.models.audio_tokenizer import AudioTokenizerConfig, MiMoAudioTokenizer, segment_lengths
+from mimo.models.audio_tower import AudioConfig, MiMoAudioEncoder
+from mimo.models.vision_tower import MiMoVisionTransformer, VisionConfig
+from mimo.processing.audio import log_mel_spectrogram
+from mimo.processing.config import ProcessorConfig, SpecialTokenIds
+
+ROWS = ("vit1080", "vit8x1024", "audio30")
+
+
+def gemm_rate(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
+    """FLOP/s of an n^3 bf16 matrix product on random data, inputs rotated over three pairs."""
+    pairs = [(torch.randn(n, n, device=device, dtype=torch.bfloat16),
+              torch.randn(n, n, device=device, dtype=torch.bfloat16)) for _ in range(3)]
+    ms = time_ms(lambda ab: ab[0] @ ab[1], pairs, warmup=3, repeats=repeats)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def time_ms(fn: Callable, inputs: list, *, warmup: int, repeats: int) -> float:
+    """Median milliseconds of fn(input) over `repeats` calls (CUDA events), inputs rotated."""
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    events = []
+    for i in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(inputs[i % len(inputs)])
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def visible_pairs(length: int, causal: bool, window: int | None) -> int:
+    """Query-key pairs attention_with_sinks lets through in one segment of `length` tokens."""
+    if window is None or window >= length:
+        return length * (length + 1) // 2 if causal else length * length
+    # |i - j| <= w (non-causal) or 0 <= i - j <= w (causal): full rows minus the triangles cut at the ends
+    one_side = length * window - window * (window + 1) // 2
+    return length + (one_side if causal else 2 * one_side)
+
+
+def vision_flops(config: VisionConfig, grids: list[tuple[int, int, int]]) -> float:
+    h, d, heads, kv = config.hidden_size, config.head_dim, config.num_heads, config.num_key_value_heads
+    n = sum(t * gh * gw for t, gh, gw in grids)
+    segments = [gh * gw for t, gh, gw in grids for _ in range(t)]
+    per_token = config.patch_dim * h  # patch embed
+    per_token += config.depth * (h * (heads + 2 * kv) * d + heads * d * h + 3 * h * config.intermediate_size)
+    merged = h * config.merge_unit
+    flops = 2 * n * per_token + 2 * (n // config.merge_unit) * (merged * merged + merged * config.out_hidden_size)
+    for i in range(config.depth):
+        window = config.block_window(i)
+        flops += 4 * heads * d * sum(visible_pairs(s, False, window) for s in segments)  # QK^T and PV
+    return flops
+
+
+def audio_flops(tok: AudioTokenizerConfig, audio: AudioConfig, t_mel: int) -> float:
+    d = tok.d_model
+    flops = 0
+    codes = 0
+    for n in segment_lengths(t_mel, audio.audio_segment_size):
+        frames = (n - 1) // tok.stride_size + 1
+        pooled = tok.code_length(n)
+        codes += pooled
+        flops += 2 * n * tok.n_mels * 3 * d + 2 * frames * d * 3 * d  # conv1, conv2
+        flops += tok.encoder_layers * 2 * frames * (4 * d * d + 2 * d * tok.encoder_ffn_dim)
+        flops += sum(4 * d * visible_pairs(frames, *tok.layer_attention(i)) for i in range(tok.encoder_layers))
+        flops += 2 * pooled * d * d * tok.avg_pooler + 2 * pooled * d * sum(tok.codebook_size)  # pooler, RVQ
+    groups = -(-codes // audio.group_size)
+    tokens, dim = groups * audio.group_size, audio.input_local_dim
+    inner = audio.input_local_attn_heads * audio.input_local_head_dim
+    flops += audio.input_local_layers * (
+        2 * tokens * (4 * dim * inner + 3 * dim * audio.input_local_intermediate_size)
+        + 4 * inner * groups * audio.group_size**2
+    )
+    group_dim = dim * audio.group_size
+    if audio.projection_layers == 1:
+        flops += 2 * groups * group_dim * audio.out_hidden_size
+    else:
+        flops += 2 * groups * (group_dim * 4 * group_dim + 4 * group_dim * audio.out_hidden_size)
+    return flops
+
+
+def profile_table(fn: Callable, inp) -> str:
+    """Kernels and host time of one call (torch.profiler), top entries by device time and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn(inp)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    return (averages.table(sort_by="cuda_time_total", row_limit=25)
+            + averages.table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-zero sinks and biases (random init leaves sinks at 0)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("sinks"):
+                param.normal_()
+            elif name.endswith("bias"):
+                param.normal_(0, 0.02)
+    return model.eval()
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def measure(
+    name: str, fns: dict[str, Callable], inputs: list, flops: float, rate: float, args, reference_out: torch.Tensor,
+    seconds: float | None = None,
+) -> dict:
+    """Time each path twice (the spread between the two is the noise), compare its output with the reference's,
+    and print its line at once (a run cut short still shows the paths it finished)."""
+    paths = {}
+    with torch.no_grad():
+        for path, fn in fns.items():
+            slow = path == "reference"
+            warmup, repeats = (1, args.reference_repeats) if slow else (args.warmup, args.repeats)
+            compile_start = time.perf_counter()
+            first = fn(inputs[0])
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - compile_start
+            error = relative_error(first, reference_out)  # now: a CUDA graph's next replay overwrites `first`
+            runs = [time_ms(fn, inputs, warmup=warmup, repeats=repeats) for _ in range(2)]
+            ms = min(runs)
+            paths[path] = {
+                "ms": runs, "first_call_s": first_s, "tflop_per_s": flops / (ms * 1e-3) / 1e12,
+                "fraction_of_gemm_rate": flops / (ms * 1e-3) / rate,
+                "rel_err_vs_reference": error,
+            }
+            r = paths[path]
+            extra = ""
+            if seconds is not None:
+                r["audio_s_per_s"] = seconds / (ms * 1e-3)
+                extra = f"  {r['audio_s_per_s']:.0f} s audio/s"
+            print(f"{name:10s} {path:30s} {runs[0]:8.2f} / {runs[1]:8.2f} ms  {r['tflop_per_s']:6.1f} TFLOP/s  "
+                  f"{100 * r['fraction_of_gemm_rate']:5.1f}% of GEMM  rel err {error:.2e}  first call {first_s:.1f} s"
+                  f"{extra}", flush=True)
+    return paths
+
+
+def vision_row(name: str, grids: list[tuple[int, int, int]], device, rate: float, args) -> dict:
+    config = VisionConfig.from_dict(V2_5.vision_config)
+    torch.manual_seed(0)
+    model = randomize(build_module(lambda: MiMoVisionTransformer(config), torch.bfloat16, device))
+    grid_thw = torch.tensor(grids)
+    num_patches = sum(math.prod(g) for g in grids)
+    inputs = [torch.randn(num_patches, config.patch_dim, device=device) for _ in range(3)]
+
+    def path(impl: str, compile_blocks: bool = True) -> Callable:
+        def run(pixel_values):
+            model.attention_impl, model.compile_blocks = impl, compile_blocks
+            return model(pixel_values, grid_thw)
+        return run
+
+    flops = vision_flops(config, grids)
+    with torch.no_grad():
+        reference_out = path("reference")(inputs[0])
+    fns = {"reference": path("reference"), "flex, eager blocks": path("flex", compile_blocks=False),
+           "auto (flex, compiled blocks)": path("auto")}
+    return {"row": name, "grids": grids, "tflop": flops / 1e12,
+            "paths": measure(name, fns, inputs, flops, rate, args, reference_out)}
+
+
+def audio_row(name: str, seconds: float, device, rate: float, args) -> dict:
+    tok_config = AudioTokenizerConfig.from_dict(V2_5.audio_tokenizer_config)
+    audio_config = AudioConfig.from_dict(V2_5.audio_config)
+    torch.manual_seed(0)
+    tokenizer = randomize(build_module(lambda: MiMoAudioTokenizer(tok_config), torch.bfloat16, device))
+    tower = randomize(build_module(lambda: MiMoAudioEncoder(audio_config), torch.bfloat16, device))
+    t_mel = 1 + int(seconds * tok_config.sampling_rate) // tok_config.hop_length
+    inputs = [torch.randn(t_mel, tok_config.n_mels, device=device) for _ in range(3)]
+
+    def path(impl: str, compile_layers: bool = True, compile_tower: bool = False) -> Callable:
+        def run(mel):
+            tokenizer.encoder.attention_impl, tokenizer.encoder.compile_layers = impl, compile_layers
+            tower.compile_layers = compile_tower
+            codes = tokenizer.encode_batch([mel], segment_size=audio_config.audio_segment_size)
+            return tower.encode_batch(codes)[0]
+        return run
+
+    flops = audio_flops(tok_config, audio_config, t_mel)
+    reference = path("reference", compile_layers=False)
+    with torch.no_grad():
+        reference_out = reference(inputs[0])
+    fns = {"reference": reference, "flex, eager layers": path("flex", compile_layers=False),
+           "auto (flex, compiled tokenizer)": path("auto")}
+    row = {"row": name, "seconds": seconds, "tflop": flops / 1e12,
+           "paths": measure(name, fns, inputs, flops, rate, args, reference_out, seconds)}
+    # the codes feeding the tower may differ by near-ties of the RVQ argmin: compare the tokenizer features too
+    with torch.no_grad():
+        mel_lens = torch.tensor([t_mel], device=device)
+        feats = {}
+        for impl in ("reference", "auto"):
+            tokenizer.encoder.attention_impl = impl
+            feats[impl] = tokenizer.encoder.features(inputs[0][None], mel_lens)
+        row["tokenizer_features_rel_err"] = relative_error(feats["auto"], feats["reference"])
+        tokenizer.encoder.attention_impl = "auto"
+        row["tokenizer_ms"] = time_ms(lambda mel: tokenizer.encode_batch([mel]), inputs, warmup=2, repeats=10)
+        codes = [tokenizer.encode(mel) for mel in inputs]
+        row["tower_ms"] = time_ms(lambda c: tower.encode_batch([c]), codes, warmup=2, repeats=10)
+    processor = ProcessorConfig(tokens=SpecialTokenIds(*range(9)))
+    waves = [torch.randn(int(seconds * processor.audio_sampling_rate), device=device) * 0.1 for _ in range(3)]
+    row["log_mel_on_device_ms"] = time_ms(lambda w: log_mel_spectrogram(w, processor), waves, warmup=2, repeats=10)
+    print(f"{name:10s} tokenizer {row['tokenizer_ms']:.2f} ms, tower {row['tower_ms']:.2f} ms, log-mel on the device "
+          f"{row['log_mel_on_device_ms']:.2f} ms", flush=True)
+    if args.profile:
+        print(profile_table(path("auto"), inputs[0]), flush=True)
+    row["paths"] |= measure(name, {"auto + compiled tower": path("auto", compile_tower=True)}, inputs, flops, rate,
+                            args, reference_out, seconds)
+    if args.cuda_graphs:
+        # experiment: the same compiled regions as CUDA graphs (inductor's cudagraph trees, one per shape)
+        tokenizer.encoder._compiled_transformer = torch.compile(
+            tokenizer.encoder.transformer, dynamic=True, mode="reduce-overhead")
+        tower._compiled_embed_groups = torch.compile(tower._embed_groups, dynamic=True, mode="reduce-overhead")
+        try:
+            row["paths"] |= measure(name, {"auto + CUDA graphs": path("auto", compile_tower=True)}, inputs, flops,
+                                    rate, args, reference_out, seconds)
+        except Exception as error:  # an experiment: report it, keep the measured rows
+            print(f"CUDA graphs experiment failed: {error!r}"[:2000], flush=True)
+            row["cuda_graphs_error"] = repr(error)[:2000]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--reference-repeats", type=int, default=3)
+    parser.add_argument("--cuda-graphs", action="store_true", help="audio: also time the compiled regions as CUDA graphs")
+    parser.add_argument("--profile", action="store_true", help="audio: print a torch.profiler table of one call")
+    parser.add_argument("--out", help="write the JSON here too")
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    if unknown := set(rows) - set(ROWS):
+        parser.error(f"unknown rows {sorted(unknown)}; known: {ROWS}")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_encoders needs a CUDA device")
+    device = torch.device("cuda")
+    rate = gemm_rate(device)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "gemm_tflop_per_s": rate / 1e12,
+              "date": time.strftime("%Y-%m-%d", time.gmtime()), "rows": []}
+    print(f"bf16 GEMM 8192^3: {rate / 1e12:.0f} TFLOP/s on {result['device']}", flush=True)
+    for name in rows:
+        if name == "vit1080":
+            row = vision_row(name, [(1, 68, 120)], device, rate, args)
+        elif name == "vit8x1024":
+            row = vision_row(name, [(1, 64, 64)] * 8, device, rate, args)
+        else:
+            row = audio_row(name, 30.0, device, rate, args)
+        result["rows"].append(row)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
