@@ -55,6 +55,15 @@ def test_encode_images_splits_one_forward_per_image(encoder):
         torch.testing.assert_close(rows, encoder.visual(p, torch.tensor([g])), rtol=1e-5, atol=1e-5)
 
 
+def test_warm_up_leaves_the_encodings_unchanged(encoder):
+    pixels, grid, mel = torch.randn(24, 1536), torch.tensor([[1, 4, 6]]), torch.randn(40, 8)
+    before = encoder.encode_images(pixels, grid)[0], encoder.encode_audios([mel])[0]
+    encoder.warm_up()
+    after = encoder.encode_images(pixels, grid)[0], encoder.encode_audios([mel])[0]
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_encode_videos_covers_every_frame_group(encoder):
     grids = torch.tensor([[3, 2, 4], [1, 4, 4]])
     videos = encoder.encode_videos(torch.randn(40, 1536), grids)

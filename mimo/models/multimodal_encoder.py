@@ -89,6 +89,22 @@ class MiMoMultimodalEncoder(nn.Module):
         within = torch.arange(int(lens.sum()), device=rows.device) - unit_offsets.repeat_interleave(lens)
         return rows[starts.repeat_interleave(lens) + within]
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Encodes synthetic images and audio of two shapes each, so that the compiled CUDA paths (vision blocks,
+        FlexAttention kernels, the audio tokenizer stack) compile at load rather than on the first requests: the
+        second shape makes the compiler treat the sizes as dynamic, so later shapes reuse the compiled code."""
+        weight = next(self.visual.parameters())  # inputs as `PromptTableEncoder` passes them: on the device, cast
+        vision = self.visual.config
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        merge = vision.spatial_merge_size
+        for rows, cols in ((4 * merge, 4 * merge), (6 * merge, 10 * merge)):
+            pixels = torch.randn(rows * cols, patch_dim).to(weight.device, weight.dtype)
+            self.encode_images(pixels, torch.tensor([[1, rows, cols]]))  # grids stay on the host
+        for frames in (400, 1000):
+            mel = torch.randn(frames, self.audio_tokenizer.config.n_mels).to(weight.device, weight.dtype)
+            self.encode_audios([mel])
+
     def _encode_visual(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         if grid_thw.dim() == 2 and grid_thw.shape[0] == 0 and pixel_values.shape[0] == 0:
             return []

@@ -17,7 +17,10 @@ class TritonPythonModel:
         device = instance_device(args)
         dtype = torch_dtype(model_parameter(model_config, "dtype"))
         checkpoint_dir = model_parameter(model_config, "checkpoint_dir")
-        self.encoder = PromptTableEncoder(load_multimodal_encoder(checkpoint_dir, dtype, device))
+        encoder = load_multimodal_encoder(checkpoint_dir, dtype, device)
+        if device.type == "cuda":
+            encoder.warm_up()  # the compiled CUDA paths compile here, not during the first requests
+        self.encoder = PromptTableEncoder(encoder)
         self.input_names = [i["name"] for i in model_config["input"]]
         pb_utils.Logger.log_info(f"mimo_encoder on {device} ({dtype})")
 
