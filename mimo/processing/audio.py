@@ -4,8 +4,8 @@ Matches torchaudio's `Resample` (Hann-windowed sinc) and `MelSpectrogram(power=1
 depending on torchaudio.
 
 Before anything is decoded, `probe_audio_tokens` reads the container's declared duration (PyAV, no decode) for a
-token count that refuses what cannot fit; decoding itself stops once the samples so far exceed its `DurationLimit`, which
-bounds the work for files whose metadata understates the duration or declares none.
+token count that refuses what cannot fit; decoding itself stops once the samples so far exceed its `DurationLimit`,
+which bounds the work for files whose metadata understates the duration or declares none.
 """
 
 import math
