@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import shutil
 import textwrap
@@ -75,8 +76,10 @@ class RepositorySettings:
                                             type=_gpu_ids)  # fmt: skip
     llm_gpus: tuple[int, ...] = setting((0,), "the GPU id of each rank of the mimo_llm engine (--device gpu; one "
                                               "without --deploy)", type=_gpu_ids)  # fmt: skip
-    processing_instances: int = setting(1, "instances of preprocessing and of postprocessing")
-    queue_delay_us: int = setting(100, "dynamic-batching delay of preprocessing, mimo_llm, postprocessing (us)")
+    # preprocessing runs one request at a time per instance: a slow media item holds only its own instance
+    preprocessing_instances: int = setting(max(2, min(8, (os.cpu_count() or 2) // 2)),
+                                           "instances of preprocessing (half the CPU cores, 2 to 8)")
+    queue_delay_us: int = setting(100, "dynamic-batching delay of mimo_llm and postprocessing (us)")
     encoder_queue_delay_us: int = setting(2000, "dynamic-batching delay of mimo_encoder (us)")
     cancellation_check_period_ms: int = setting(50, "how often mimo_llm asks Triton which requests were cancelled")
     max_media_tokens: int = setting(16384, "prompt-table rows one request may need (sizes the CUDA memory pool on "
@@ -140,7 +143,7 @@ def instance_group(count: int, gpus: tuple[int, ...] | None) -> str:
 class Deployment:
     """One model's values in this deployment (its tensors and parameter names come from the contract)."""
 
-    queue_delay_us: int
+    queue_delay_us: int | None  # None: not dynamically batched
     instance_group: str
     parameters: dict[str, object]
 
@@ -150,9 +153,9 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
     gpu = settings.device == "gpu"
     checkpoint = str(settings.checkpoint.resolve())
     knobs = settings.engine_knobs(config)
-    processing = instance_group(settings.processing_instances, None)
     return {
-        "preprocessing": Deployment(settings.queue_delay_us, processing,
+        # execute() works through a batch request by request: batching would make each wait for the slowest
+        "preprocessing": Deployment(None, instance_group(settings.preprocessing_instances, None),
                                     {"checkpoint_dir": checkpoint, "max_model_len": knobs["max_model_len"]}),
         "mimo_encoder": Deployment(
             settings.encoder_queue_delay_us,
@@ -168,7 +171,9 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
             "cancellation_check_period_ms": settings.cancellation_check_period_ms,
             "FORCE_CPU_ONLY_INPUT_TENSORS": "no" if gpu else "yes",
         }),  # fmt: skip
-        "postprocessing": Deployment(settings.queue_delay_us, processing, {"checkpoint_dir": checkpoint}),
+        # one instance: each streamed mimo_llm response reaches it as a request of its own, and two instances
+        # could hand a stream's pieces back out of order
+        "postprocessing": Deployment(settings.queue_delay_us, instance_group(1, None), {"checkpoint_dir": checkpoint}),
     }
 
 
@@ -211,7 +216,9 @@ def model_config_text(spec: ModelSpec, deployment: Deployment, max_batch_size: i
              f"max_batch_size: {max_batch_size}"]  # fmt: skip
     if spec.decoupled:
         lines.append("model_transaction_policy { decoupled: true }")
-    lines += [f"dynamic_batching {{ max_queue_delay_microseconds: {deployment.queue_delay_us} }}", ""]
+    if deployment.queue_delay_us is not None:
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {deployment.queue_delay_us} }}")
+    lines.append("")
     lines += _tensor_lines("input", spec.inputs, embedding, batched_inputs=True)
     lines += _tensor_lines("output", spec.outputs, embedding)
     lines += ["", f"instance_group [ {deployment.instance_group} ]", ""]

@@ -12,6 +12,7 @@ from transformers.audio_utils import spectrogram, window_function
 
 from mimo.models.audio_tower import audio_token_count
 from mimo.processing.audio import (
+    DurationLimit,
     audio_tokens_for_mel,
     decode_audio,
     log_mel_spectrogram,
@@ -101,7 +102,7 @@ def test_resample_rejects_rates_without_a_small_ratio():
 ])
 def test_decode_formats_rates_and_channels(kind, sample_rate, channels):
     data = encode_audio(tone(1000.0, sample_rate, 1.0, channels), sample_rate, kind)
-    waveform, rate = decode_audio(data, max_seconds=60)
+    waveform, rate = decode_audio(data, DurationLimit(60, "60 s"))
     assert rate == (48000 if kind == "opus" else sample_rate)  # Opus always decodes at 48 kHz
     assert waveform.shape[0] == channels
     assert abs(waveform.shape[1] / rate - 1.0) < 0.1  # codecs add priming / padding samples

@@ -2,9 +2,14 @@
 
 Matches torchaudio's `Resample` (Hann-windowed sinc) and `MelSpectrogram(power=1, HTK, no norm)` without
 depending on torchaudio.
+
+Before anything is decoded, `probe_audio_tokens` reads the container's declared duration (PyAV, no decode) for a
+token count that refuses what cannot fit; decoding itself stops once the samples so far exceed its `DurationLimit`,
+which bounds the work for files whose metadata understates the duration or declares none.
 """
 
 import math
+from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -12,7 +17,7 @@ import torch
 
 from mimo.models.audio_tower import audio_token_count
 from mimo.processing.config import ProcessorConfig
-from mimo.processing.container import ALLOWED_AUDIO_CODECS, check_codec, open_media
+from mimo.processing.container import ALLOWED_AUDIO_CODECS, check_codec, open_media, stream_seconds
 from mimo.processing.errors import MediaDecodeError, MediaLimitError
 
 _LOG_MEL_FLOOR = 1e-7
@@ -23,18 +28,56 @@ _ROLLOFF = 0.99
 # Exact rational resampling builds a [new, 1, ~old] kernel of the reduced ratio; past this many elements
 # the rate pair is too odd (e.g. 23999 -> 24000 Hz) and the file should be re-encoded.
 _MAX_RESAMPLE_KERNEL = 1 << 24
+# Declared durations of compressed audio differ from the decoded length by encoder delay and padding (tens of ms):
+# estimates from them are this much shorter, so that an honest file is never refused for tokens it does not have.
+DECLARED_DURATION_SLACK_S = 1.0
 
 
-def decode_audio(data: bytes, *, max_seconds: float) -> tuple[torch.Tensor, int]:
+@dataclass(frozen=True, slots=True)
+class DurationLimit:
+    """Decoding stops, refusing the audio, once it is longer than `seconds`; `reason` ends "audio is longer than"."""
+
+    seconds: float
+    reason: str
+
+    @classmethod
+    def of(cls, config: ProcessorConfig) -> "DurationLimit":
+        return cls(config.max_media_seconds, f"the {config.max_media_seconds:g} s limit")
+
+
+def decode_audio(data: bytes, limit: DurationLimit) -> tuple[torch.Tensor, int]:
     """Encoded audio file -> (waveform float32 [channels, samples], sample_rate) of its first audio stream."""
     with open_media(data, "audio") as container:
-        if not container.streams.audio:
-            raise MediaDecodeError("audio file has no audio stream")
-        return decode_audio_stream(container, container.streams.audio[0], max_seconds=max_seconds)
+        return decode_audio_stream(container, _audio_stream(container), limit)
+
+
+def _audio_stream(container: av.container.InputContainer) -> av.audio.AudioStream:
+    if not container.streams.audio:
+        raise MediaDecodeError("audio file has no audio stream")
+    return container.streams.audio[0]
+
+
+def declared_seconds(container: av.container.InputContainer, stream: av.audio.AudioStream,
+                     limit: DurationLimit) -> float:  # fmt: skip
+    """The stream's declared duration less DECLARED_DURATION_SLACK_S (0 where none is declared); a declared
+    duration over `limit` is refused here, before decoding."""
+    seconds = max(0.0, (stream_seconds(stream, container) or 0.0) - DECLARED_DURATION_SLACK_S)
+    if seconds > limit.seconds:
+        raise MediaLimitError(f"audio is longer than {limit.reason} (its container declares "
+                              f"{seconds + DECLARED_DURATION_SLACK_S:g} s)")  # fmt: skip
+    return seconds
+
+
+def probe_audio_tokens(data: bytes, config: ProcessorConfig, limit: DurationLimit) -> int:
+    """At least how many tokens the audio has, from its container's declared duration (nothing is decoded)."""
+    with open_media(data, "audio") as container:
+        stream = _audio_stream(container)
+        check_codec(stream, ALLOWED_AUDIO_CODECS)
+        return audio_tokens_for_seconds(declared_seconds(container, stream, limit), config)
 
 
 def decode_audio_stream(
-    container: av.container.InputContainer, stream: av.audio.AudioStream, *, max_seconds: float
+    container: av.container.InputContainer, stream: av.audio.AudioStream, limit: DurationLimit
 ) -> tuple[torch.Tensor, int]:
     check_codec(stream, ALLOWED_AUDIO_CODECS)
     # Planar float at the source rate and layout: every sample format becomes [-1, 1] floats per channel.
@@ -52,8 +95,8 @@ def decode_audio_stream(
         for converted in resampler.resample(frame):
             chunks.append(converted.to_ndarray())
             num_samples += converted.samples
-        if num_samples > max_seconds * source[0]:
-            raise MediaLimitError(f"audio is longer than the {max_seconds:g} s limit")
+        if num_samples > limit.seconds * source[0]:
+            raise MediaLimitError(f"audio is longer than {limit.reason}")
     if source is not None:
         chunks.extend(converted.to_ndarray() for converted in resampler.resample(None))
     if sum(chunk.shape[1] for chunk in chunks) == 0:
@@ -162,9 +205,9 @@ def waveform_to_mel(waveform: torch.Tensor, sample_rate: int, config: ProcessorC
     return log_mel_spectrogram(mono, config)
 
 
-def preprocess_audio(data: bytes, config: ProcessorConfig) -> torch.Tensor:
-    """Encoded audio file -> log-mel [T, n_mels] float32."""
-    waveform, sample_rate = decode_audio(data, max_seconds=config.max_media_seconds)
+def preprocess_audio(data: bytes, config: ProcessorConfig, limit: DurationLimit | None = None) -> torch.Tensor:
+    """Encoded audio file -> log-mel [T, n_mels] float32; refused once longer than `limit` (default: the config's)."""
+    waveform, sample_rate = decode_audio(data, limit or DurationLimit.of(config))
     return waveform_to_mel(waveform, sample_rate, config)
 
 
@@ -174,3 +217,26 @@ def audio_tokens_for_mel(num_frames: int, config: ProcessorConfig) -> int:
         num_frames, segment_size=config.audio_segment_size, stride_size=config.audio_stride_size,
         avg_pooler=config.audio_avg_pooler, group_size=config.audio_group_size,
     )
+
+
+def audio_tokens_for_seconds(seconds: float, config: ProcessorConfig) -> int:
+    """Tokens of audio lasting `seconds` (0 for audio too short to have any): samples at the processor rate, mel
+    frames, then `audio_tokens_for_mel`, as `preprocess_audio` counts a decoded file."""
+    samples = math.ceil(seconds * config.audio_sampling_rate)
+    if samples <= config.audio_nfft // 2:
+        return 0
+    return audio_tokens_for_mel(1 + samples // config.audio_hop_length, config)
+
+
+def max_seconds_for_tokens(tokens: int, config: ProcessorConfig) -> float:
+    """Audio longer than this has more than `tokens` tokens (mel frames T fit iff audio_tokens_for_mel(T) <= tokens,
+    and audio has at most T frames iff its samples at the processor rate are fewer than T * hop)."""
+    if tokens < audio_tokens_for_mel(1, config):
+        return 0.0
+    low, high = 1, 2
+    while audio_tokens_for_mel(high, config) <= tokens:
+        low, high = high, high * 2
+    while high - low > 1:  # audio_tokens_for_mel(low) <= tokens < audio_tokens_for_mel(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if audio_tokens_for_mel(middle, config) <= tokens else (low, middle)
+    return low * config.audio_hop_length / config.audio_sampling_rate

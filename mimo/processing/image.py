@@ -18,8 +18,8 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 MAX_ASPECT_RATIO = 200
 
 
-def decode_image(data: bytes, *, max_source_pixels: int) -> torch.Tensor:
-    """Decode an encoded image to RGB uint8 [3, H, W]: first frame, EXIF orientation applied, alpha on white."""
+def open_image(data: bytes, *, max_source_pixels: int) -> Image.Image:
+    """Open an encoded image lazily (PIL reads the header, no pixel is decoded) and check its declared size."""
     if not data:
         raise MediaDecodeError("image is empty (0 bytes)")
     try:
@@ -36,6 +36,12 @@ def decode_image(data: bytes, *, max_source_pixels: int) -> torch.Tensor:
         raise MediaLimitError(
             f"image is {width}x{height} = {width * height} pixels, over the {max_source_pixels} limit"
         )
+    return image
+
+
+def decode_image(data: bytes, *, max_source_pixels: int) -> torch.Tensor:
+    """Decode an encoded image to RGB uint8 [3, H, W]: first frame, EXIF orientation applied, alpha on white."""
+    image = open_image(data, max_source_pixels=max_source_pixels)
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
@@ -103,12 +109,24 @@ def patchify(frames: torch.Tensor, config: ProcessorConfig) -> tuple[torch.Tenso
     return pixel_values, torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.long)
 
 
+def image_size(height: int, width: int, config: ProcessorConfig) -> tuple[int, int]:
+    """The (h, w) an image of `height` x `width` pixels is resized to."""
+    return smart_resize(height, width, factor=config.image_factor, min_pixels=config.image_min_pixels,
+                        max_pixels=config.image_max_pixels)  # fmt: skip
+
+
+def image_tokens(data: bytes, config: ProcessorConfig) -> int:
+    """The exact token count of an encoded image from its header alone, without decoding it.
+
+    An EXIF rotation swaps height and width, which leaves the count unchanged (smart_resize is symmetric).
+    """
+    width, height = open_image(data, max_source_pixels=config.max_source_pixels).size
+    h, w = image_size(height, width, config)
+    return h * w // config.image_factor**2
+
+
 def preprocess_image(data: bytes, config: ProcessorConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoded image -> (pixel_values [N, 1536] float32, grid_thw [1, 3]); the image is repeated to T=2."""
     image = decode_image(data, max_source_pixels=config.max_source_pixels)
-    size = smart_resize(
-        image.shape[1], image.shape[2],
-        factor=config.image_factor, min_pixels=config.image_min_pixels, max_pixels=config.image_max_pixels,
-    )
-    frames = resize_and_normalize(image.unsqueeze(0), size, config)
+    frames = resize_and_normalize(image.unsqueeze(0), image_size(image.shape[1], image.shape[2], config), config)
     return patchify(frames.expand(config.temporal_patch_size, -1, -1, -1), config)

@@ -84,8 +84,19 @@ def pack_items(items: list[MediaItem]) -> dict[str, np.ndarray]:
     return packed
 
 
+# wire fields each modality must have; a video's sound track comes with all of SOUNDTRACK_FIELDS or none
+REQUIRED_FIELDS = {
+    Modality.IMAGE: frozenset({"pixel_values", "grid_thw"}),
+    Modality.AUDIO: frozenset({"mel"}),
+    Modality.VIDEO: frozenset({"pixel_values_videos", "video_grid_thw"}),
+}
+SOUNDTRACK_FIELDS = frozenset({"mel", "segment_starts", "segment_lens"})
+GRID_FIELDS = ("grid_thw", "video_grid_thw")  # one row per item: the towers return one table per grid row
+
+
 def unpack_items(packed: dict[str, np.ndarray]) -> list[MediaItem]:
-    """Inverse of `pack_items`; missing tensors or inconsistent row counts raise ProcessingError."""
+    """Inverse of `pack_items`. Missing tensors, inconsistent row counts, fields an item's modality does not have
+    (or lacks), and non-finite floats raise ProcessingError naming the tensor; the towers check the geometry."""
     missing = [name for name in PACKED_MEDIA_TENSORS if name not in packed]
     if missing:
         raise ProcessingError(f"packed media items: missing {missing}")
@@ -105,10 +116,26 @@ def unpack_items(packed: dict[str, np.ndarray]) -> list[MediaItem]:
         if total != data.shape[0]:
             raise ProcessingError(
                 f"packed media items: '{name}' has {data.shape[0]} rows, '{name}_rows' sums to {total}")
+        if name in GRID_FIELDS and (rows > 1).any():
+            raise ProcessingError(f"packed media items: '{name}_rows' must be 1 or -1 per item, got {rows.tolist()}")
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise ProcessingError(f"packed media items: '{name}' holds non-finite values (NaN or inf)")
         offset = 0
         for item, count in zip(items, rows.tolist()):
             if count < 0:
                 continue
             setattr(item, name, torch.from_numpy(np.ascontiguousarray(data[offset:offset + count])))
             offset += count
+    for index, item in enumerate(items):
+        _check_fields(index, item)
     return items
+
+
+def _check_fields(index: int, item: MediaItem) -> None:
+    present = {name for name in WIRE_FIELDS if getattr(item, name) is not None}
+    required = REQUIRED_FIELDS[item.modality]
+    allowed = (required, required | SOUNDTRACK_FIELDS) if item.modality == Modality.VIDEO else (required,)
+    if present not in allowed:
+        sound = f", with sound also {sorted(SOUNDTRACK_FIELDS)}" if item.modality == Modality.VIDEO else ""
+        raise ProcessingError(f"packed media items: item {index} ({item.modality.name.lower()}) has {sorted(present)}; "
+                              f"it needs exactly {sorted(required)}{sound} (the others' '<field>_rows' -1)")

@@ -7,14 +7,34 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from mimo.processing.audio import audio_tokens_for_mel, preprocess_audio
+from mimo.engine import context_overflow
+from mimo.processing.audio import (
+    DurationLimit, audio_tokens_for_mel, max_seconds_for_tokens, preprocess_audio, probe_audio_tokens,
+)
 from mimo.processing.chat import MediaPart, control_token_pattern, render_chat, split_media
 from mimo.processing.config import ProcessorConfig
 from mimo.processing.errors import ProcessingError
-from mimo.processing.image import preprocess_image
+from mimo.processing.image import image_tokens, preprocess_image
 from mimo.processing.items import MediaItem, Modality
 from mimo.processing.placeholders import PromptTableIds, assign_prompt_table_ids, expand_placeholders
-from mimo.processing.video import preprocess_video
+from mimo.processing.video import preprocess_video, probe_video_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ContextBudget:
+    """A prompt must leave `max_tokens` of `max_model_len` for generation (the engine's rule, `context_overflow`)."""
+
+    max_model_len: int
+    max_tokens: int
+
+    def check(self, prompt_len: int, basis: str = "") -> None:
+        too_long = context_overflow(prompt_len, self.max_tokens, self.max_model_len)
+        if too_long:
+            raise ProcessingError(too_long + (f" ({basis})" if basis else ""))
+
+    def room(self, other_tokens: int) -> int:
+        """Tokens left for one media item when the rest of the prompt has at least `other_tokens`."""
+        return self.max_model_len - self.max_tokens - other_tokens
 
 
 @dataclass(slots=True)
@@ -62,19 +82,53 @@ class MiMoProcessor:
 
     def process(
         self, messages: list[dict], *, enable_thinking: bool = True, add_generation_prompt: bool = True,
-        tools: list[dict] | None = None,
+        tools: list[dict] | None = None, budget: ContextBudget | None = None,
     ) -> ProcessedPrompt:
+        """Messages -> input_ids with expanded placeholders + media items.
+
+        With a `budget`, a prompt that cannot fit it is refused as early as its length is known: from the text and
+        what the media declare (image headers, container durations, demuxed frame counts) before any decoding, while
+        decoding an audio (stopped once its samples alone are too long), and exactly at the end.
+        """
         rendered, parts = split_media(messages, max_media_items=self.config.max_media_items,
                                       control_tokens=self.control_tokens)  # fmt: skip
         text = render_chat(
             self.tokenizer, rendered, enable_thinking=enable_thinking, add_generation_prompt=add_generation_prompt,
             tools=tools,
         )
-        items = [self.preprocess_media(part) for part in parts]
-        input_ids = expand_placeholders(self.encode_text(text), items, self.config, self.encode_text)
+        ids = self.encode_text(text)
+        known = [self.probe_media(part) for part in parts]  # per item: at least this many tokens
+        # each placeholder's pad tokens become its item's run, the rest of its tokens stay: a lower bound
+        text_tokens = len(ids) - sum(token in self._pad_tokens for token in ids)
+        if budget is not None:
+            budget.check(text_tokens + sum(known), "counting the media tokens their headers and containers declare, "
+                                                   "before decoding")  # fmt: skip
+        items: list[MediaItem] = []
+        for index, part in enumerate(parts):
+            room = None
+            if budget is not None:
+                room = budget.room(text_tokens + sum(item.num_tokens for item in items) + sum(known[index + 1:]))
+            items.append(self.preprocess_media(part, room=room))
+        input_ids = expand_placeholders(ids, items, self.config, self.encode_text)
+        if budget is not None:
+            budget.check(len(input_ids))
         return ProcessedPrompt(input_ids, items)
 
-    def preprocess_media(self, part: MediaPart) -> MediaItem:
+    @property
+    def _pad_tokens(self) -> set[int]:
+        tokens = self.config.tokens
+        return {tokens.image, tokens.video, tokens.audio}
+
+    def probe_media(self, part: MediaPart) -> int:
+        """At least how many tokens the item has, from what its file declares; nothing is decoded (images: exact)."""
+        if part.modality == Modality.IMAGE:
+            return image_tokens(part.data, self.config)
+        if part.modality == Modality.AUDIO:
+            return probe_audio_tokens(part.data, self.config, DurationLimit.of(self.config))
+        return probe_video_tokens(part.data, self.config)
+
+    def preprocess_media(self, part: MediaPart, room: int | None = None) -> MediaItem:
+        """Decode one item; an audio is refused as soon as it has more than `room` tokens (None: no such bound)."""
         config = self.config
         patches_per_token = config.merge_size**2
         if part.modality == Modality.IMAGE:
@@ -82,7 +136,7 @@ class MiMoProcessor:
             return MediaItem(Modality.IMAGE, int(grid_thw.prod()) // patches_per_token,
                              pixel_values=pixel_values, grid_thw=grid_thw)
         if part.modality == Modality.AUDIO:
-            mel = preprocess_audio(part.data, config)
+            mel = preprocess_audio(part.data, config, self._audio_limit(room))
             num_tokens = audio_tokens_for_mel(mel.shape[0], config)
             return MediaItem(Modality.AUDIO, num_tokens, mel=mel, audio_token_len=_scalar(num_tokens))
         video = preprocess_video(part.data, config)
@@ -97,6 +151,14 @@ class MiMoProcessor:
             segment_starts=sound.segment_starts if sound else None,
             segment_lens=sound.segment_lens if sound else None,
         )
+
+    def _audio_limit(self, room: int | None) -> DurationLimit:
+        limit = DurationLimit.of(self.config)
+        seconds = max_seconds_for_tokens(room, self.config) if room is not None else limit.seconds
+        if seconds >= limit.seconds:
+            return limit
+        return DurationLimit(seconds, f"{seconds:g} s, the most audio whose tokens fit the {room} this prompt has "
+                                      "left within max_model_len - max_tokens (decoding stopped there)")  # fmt: skip
 
     def assign_prompt_table_ids(self, prompt: ProcessedPrompt) -> PromptTableIds:
         """Pad tokens -> `vocab_size + row` (row order: `mimo.processing.placeholders`), plus the rows each

@@ -11,7 +11,10 @@ import av
 import numpy as np
 import torch
 
-from mimo.processing.audio import audio_tokens_for_mel, decode_audio_stream, waveform_to_mel
+from mimo.processing.audio import (
+    DurationLimit, audio_tokens_for_mel, audio_tokens_for_seconds, decode_audio_stream, declared_seconds,
+    waveform_to_mel,
+)
 from mimo.processing.config import ProcessorConfig
 from mimo.processing.container import ALLOWED_VIDEO_CODECS, check_codec, open_media, stream_seconds
 from mimo.processing.errors import MediaDecodeError, MediaLimitError, ProcessingError
@@ -59,13 +62,19 @@ def _count_frames(container: av.container.InputContainer, stream: av.video.Video
     return sum(1 for packet in container.demux(stream) if packet.size)
 
 
+def frame_size(height: int, width: int, num_frames: int, config: ProcessorConfig) -> tuple[int, int]:
+    """The (h, w) every frame of a clip is resized to when `num_frames` are kept: the clip's pixel budget shared."""
+    budget = config.video_total_max_pixels * config.temporal_patch_size // num_frames
+    max_pixels = max(config.video_min_pixels, min(budget, config.video_max_pixels))
+    return smart_resize(height, width, factor=config.image_factor, min_pixels=config.video_min_pixels,
+                        max_pixels=max_pixels)  # fmt: skip
+
+
 def _decode_frames(
     container: av.container.InputContainer, stream: av.video.VideoStream, indices: list[int],
     num_frames_declared: int, config: ProcessorConfig,
 ) -> torch.Tensor:
     """Decode the frames at `indices`, resized to one size from the clip's pixel budget: float32 [n, 3, h, w]."""
-    budget = config.video_total_max_pixels * config.temporal_patch_size // len(indices)
-    max_pixels = max(config.video_min_pixels, min(budget, config.video_max_pixels))
     wanted = iter(indices)
     next_index = next(wanted)
     frames, size = [], None
@@ -77,8 +86,7 @@ def _decode_frames(
         if frame.rotation:  # display matrix (phone videos): counter-clockwise degrees
             rgb = torch.rot90(rgb, k=round(frame.rotation / 90) % 4, dims=(1, 2))
         if size is None:
-            size = smart_resize(rgb.shape[1], rgb.shape[2], factor=config.image_factor,
-                                min_pixels=config.video_min_pixels, max_pixels=max_pixels)
+            size = frame_size(rgb.shape[1], rgb.shape[2], len(indices), config)
         frames.append(resize_and_normalize(rgb.unsqueeze(0), size, config))
         next_index = next(wanted, None)
         if next_index is None:
@@ -98,23 +106,35 @@ def build_audio_units(
     Unit g spans [ts_g, ts_{g+1}); the last one ends at its timestamp + 1/fps. Token offsets are
     int(seconds * tokens_per_second), clipped to the track's token count.
     """
-    rate = config.audio_tokens_per_second
-    ends_s = timestamps[1:] + [timestamps[-1] + 1.0 / config.fps]
-    starts, lens = [], []
-    for start_s, end_s in zip(timestamps, ends_s):
-        start = int(start_s * rate)
-        length = min(int(end_s * rate), audio_token_len) - start
+    starts, lens = _audio_unit_spans(timestamps, audio_token_len, config)
+    for start_s, length in zip(timestamps, lens):
         if length <= 0:
             raise ProcessingError(
                 f"video sound track ({audio_token_len} audio tokens) ends before the frame group at {start_s:.2f} s"
             )
-        starts.append(start)
-        lens.append(length)
     return starts, lens
 
 
-def _probe_video(data: bytes, config: ProcessorConfig) -> tuple[int, float, bool]:
-    """(frame count, frames per second, has a sound track) without decoding any frame."""
+def _audio_unit_spans(
+    timestamps: list[float], audio_token_len: int, config: ProcessorConfig
+) -> tuple[list[int], list[int]]:
+    rate = config.audio_tokens_per_second
+    ends_s = timestamps[1:] + [timestamps[-1] + 1.0 / config.fps]
+    starts = [int(start_s * rate) for start_s in timestamps]
+    return starts, [min(int(end_s * rate), audio_token_len) - start for start, end_s in zip(starts, ends_s)]
+
+
+@dataclass(frozen=True, slots=True)
+class _VideoProbe:
+    total_frames: int
+    fps: float
+    height: int
+    width: int
+    sound_seconds: float | None  # the sound track's declared duration less the slack; None without sound
+
+
+def _probe_video(data: bytes, config: ProcessorConfig) -> _VideoProbe:
+    """Frame count (demuxed, not decoded), rate, declared frame size and sound duration; the limits checked."""
     with open_media(data, "video") as container:
         if not container.streams.video:
             raise MediaDecodeError("video has no video stream")
@@ -134,17 +154,39 @@ def _probe_video(data: bytes, config: ProcessorConfig) -> tuple[int, float, bool
             video_fps = total_frames / declared_s
         else:
             raise MediaDecodeError("video declares neither a frame rate nor a duration")
-        has_sound = bool(container.streams.audio)
+        sound_seconds = None
+        if container.streams.audio:
+            sound_seconds = declared_seconds(container, container.streams.audio[0], DurationLimit.of(config))
     if total_frames / video_fps > config.max_media_seconds:
         raise MediaLimitError(f"video is longer than the {config.max_media_seconds:g} s limit")
-    return total_frames, video_fps, has_sound
+    return _VideoProbe(total_frames, video_fps, height, width, sound_seconds)
+
+
+def _group_timestamps(indices: list[int], video_fps: float, config: ProcessorConfig) -> tuple[list[int], list[float]]:
+    """The frame indices padded to whole temporal groups (last frame repeated), and each group's first-frame time."""
+    tp = config.temporal_patch_size
+    padded = indices + indices[-1:] * (-len(indices) % tp)
+    return padded, [index / video_fps for index in padded[::tp]]
+
+
+def probe_video_tokens(data: bytes, config: ProcessorConfig) -> int:
+    """At least how many tokens the video has, without decoding a frame: its vision tokens exactly (the frame count
+    is demuxed; the size is the declared one, which a rotation does not change the count of), and the audio tokens of
+    its sound track's declared duration."""
+    probe = _probe_video(data, config)
+    indices = sample_frame_indices(probe.total_frames, probe.fps, config)
+    h, w = frame_size(probe.height, probe.width, len(indices), config)
+    _, timestamps = _group_timestamps(indices, probe.fps, config)
+    tokens = len(timestamps) * h * w // config.image_factor**2
+    if probe.sound_seconds is not None:
+        _, lens = _audio_unit_spans(timestamps, audio_tokens_for_seconds(probe.sound_seconds, config), config)
+        tokens += sum(max(0, length) for length in lens)
+    return tokens
 
 
 def _decode_soundtrack(data: bytes, timestamps: list[float], config: ProcessorConfig) -> VideoSoundtrack:
     with open_media(data, "video") as container:
-        waveform, sample_rate = decode_audio_stream(
-            container, container.streams.audio[0], max_seconds=config.max_media_seconds
-        )
+        waveform, sample_rate = decode_audio_stream(container, container.streams.audio[0], DurationLimit.of(config))
     mel = waveform_to_mel(waveform, sample_rate, config)
     audio_token_len = audio_tokens_for_mel(mel.shape[0], config)
     starts, lens = build_audio_units(timestamps, audio_token_len, config)
@@ -156,22 +198,18 @@ def _decode_soundtrack(data: bytes, timestamps: list[float], config: ProcessorCo
 
 def preprocess_video(data: bytes, config: ProcessorConfig) -> VideoInputs:
     """Encoded video -> frames patchified for the vision tower, timestamps, and the sound track if any."""
-    total_frames, video_fps, has_sound = _probe_video(data, config)
-    indices = sample_frame_indices(total_frames, video_fps, config)
+    probe = _probe_video(data, config)
+    indices = sample_frame_indices(probe.total_frames, probe.fps, config)
     with open_media(data, "video") as container:
-        frames = _decode_frames(container, container.streams.video[0], indices, total_frames, config)
-    sample_fps = len(indices) / total_frames * video_fps
-
-    tp = config.temporal_patch_size
-    padding = -len(indices) % tp
-    frames = torch.cat([frames, frames[-1:].expand(padding, -1, -1, -1)])
-    indices = indices + indices[-1:] * padding
+        frames = _decode_frames(container, container.streams.video[0], indices, probe.total_frames, config)
+    sample_fps = len(indices) / probe.total_frames * probe.fps
+    padded, timestamps = _group_timestamps(indices, probe.fps, config)
+    frames = torch.cat([frames, frames[-1:].expand(len(padded) - len(indices), -1, -1, -1)])
     pixel_values, grid_thw = patchify(frames, config)
-    timestamps = [index / video_fps for index in indices[::tp]]
     return VideoInputs(
         pixel_values_videos=pixel_values,
         video_grid_thw=grid_thw,
         video_timestamps=torch.tensor(timestamps, dtype=torch.float64),
-        second_per_grid_ts=tp / sample_fps,
-        soundtrack=_decode_soundtrack(data, timestamps, config) if has_sound else None,
+        second_per_grid_ts=config.temporal_patch_size / sample_fps,
+        soundtrack=_decode_soundtrack(data, timestamps, config) if probe.sound_seconds is not None else None,
     )

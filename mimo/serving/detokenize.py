@@ -18,7 +18,9 @@ are not shown) cannot push its lead byte out.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders
 
@@ -50,13 +52,18 @@ def incomplete_tail_length(data: bytes) -> int:
 
 
 class IncrementalDetokenizer:
-    """Token ids -> text pieces for a byte-level BPE tokenizer; special tokens are not shown."""
+    """Token ids -> text pieces for a byte-level BPE tokenizer; special tokens are not shown.
 
-    def __init__(self, tokenizer: Tokenizer):
+    `vocab_size` is the LM's (default: the tokenizer's size): ids of its rows past the tokenizer have no text, ids
+    outside [0, vocab_size) are refused by `text_piece`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int | None = None):
         if not isinstance(tokenizer.decoder, decoders.ByteLevel):
             raise ValueError(
                 f"incremental detokenization needs a byte-level BPE tokenizer, got decoder {tokenizer.decoder!r}"
             )
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True) if vocab_size is None else vocab_size
         alphabet = _byte_level_alphabet()
         added = tokenizer.get_added_tokens_decoder()
         self._token_bytes: list[bytes] = []
@@ -67,13 +74,27 @@ class IncrementalDetokenizer:
             else:
                 self._token_bytes.append(bytes(alphabet[c] for c in token) if token is not None else b"")
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> "IncrementalDetokenizer":
+        """tokenizer.json and config.json's `vocab_size` of a hub checkpoint."""
+        checkpoint_dir = Path(checkpoint_dir)
+        vocab_size = json.loads((checkpoint_dir / "config.json").read_text())["vocab_size"]
+        return cls(Tokenizer.from_file(str(checkpoint_dir / "tokenizer.json")), int(vocab_size))
+
     def token_bytes(self, ids: Sequence[int]) -> bytes:
         # ids past the tokenizer (padded embedding rows of the LM) have no text
         table = self._token_bytes
         return b"".join(table[i] if 0 <= i < len(table) else b"" for i in ids)
 
     def text_piece(self, preceding_ids: Sequence[int], new_ids: Sequence[int], final: bool) -> str:
-        """The text `new_ids` add after `preceding_ids`, holding back an unfinished character unless `final`."""
+        """The text `new_ids` add after `preceding_ids`, holding back an unfinished character unless `final`.
+
+        Raises ValueError naming `output_ids` (the new ids) or `preceding_ids`, mimo_llm's tensors, for an id outside
+        [0, vocab_size)."""
+        for name, ids in (("preceding_ids", preceding_ids), ("output_ids", new_ids)):
+            bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name} holds {bad}, not a token id (the vocabulary is [0, {self.vocab_size}))")
         window = self.token_bytes(preceding_ids)
         total = window + self.token_bytes(new_ids)
         start = len(window) - incomplete_tail_length(window)

@@ -87,8 +87,11 @@ def is_stop_request(inputs: Mapping[str, torch.Tensor]) -> bool:
     return "stop" in inputs and bool(_single(inputs, "stop"))
 
 
-def convert_llm_request(inputs: Mapping[str, torch.Tensor]) -> LLMRequest:
-    """Triton request tensors (names of the `tensorrt_llm` model) -> `LLMRequest`; raises InvalidRequestError."""
+def convert_llm_request(inputs: Mapping[str, torch.Tensor], hidden_size: int | None = None) -> LLMRequest:
+    """Triton request tensors (names of the `tensorrt_llm` model) -> `LLMRequest`; raises InvalidRequestError.
+
+    `hidden_size` (the model's) is the width a `prompt_embedding_table` must have; None leaves that to the engine.
+    """
     input_ids = inputs.get("input_ids")
     if input_ids is None:
         raise InvalidRequestError("missing required input 'input_ids'")
@@ -117,7 +120,8 @@ def convert_llm_request(inputs: Mapping[str, torch.Tensor]) -> LLMRequest:
         for field_name, tensor_name in _SAMPLING_INPUT_NAMES.items():
             message = message.replace(f"SamplingParams.{field_name} ", f"{tensor_name} ")
         raise InvalidRequestError(message) from None
-    return LLMRequest(prompt_ids, sampling, _prompt_table(inputs), bool(_single(inputs, "streaming", False)))
+    streaming = bool(_single(inputs, "streaming", False))
+    return LLMRequest(prompt_ids, sampling, _prompt_table(inputs, hidden_size), streaming)
 
 
 _SAMPLING_INPUT_NAMES = {
@@ -126,7 +130,7 @@ _SAMPLING_INPUT_NAMES = {
 }
 
 
-def _prompt_table(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+def _prompt_table(inputs: Mapping[str, torch.Tensor], hidden_size: int | None) -> torch.Tensor | None:
     table = inputs.get("prompt_embedding_table")
     if table is None:
         if "prompt_vocab_size" in inputs and _single(inputs, "prompt_vocab_size") != 0:
@@ -134,13 +138,19 @@ def _prompt_table(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         return None
     if table.dim() == 3 and table.shape[0] == 1:
         table = table[0]
-    if table.dim() != 2:
-        raise InvalidRequestError(f"prompt_embedding_table must be [1, P, hidden], got {list(table.shape)}")
+    if table.dim() != 2 or (hidden_size is not None and table.shape[1] != hidden_size):
+        raise InvalidRequestError(f"prompt_embedding_table must be [1, P, {hidden_size or 'hidden'}] (the model's "
+                                  f"hidden size), got {list(inputs['prompt_embedding_table'].shape)}")  # fmt: skip
     rows = _single(inputs, "prompt_vocab_size", table.shape[0])
     if not 0 <= rows <= table.shape[0]:
         raise InvalidRequestError(f"prompt_vocab_size {rows} must be in [0, {table.shape[0]}] (the table's rows)")
+    if not rows:
+        return None
+    # one host sync per request (the table may be on the GPU): here at the boundary, never per step
+    if not torch.isfinite(table[:rows]).all():
+        raise InvalidRequestError("prompt_embedding_table holds non-finite values (NaN or inf)")
     # the request's input buffers are released once execute() returns; the engine keeps the table until it finishes
-    return table[:rows].clone() if rows else None
+    return table[:rows].clone()
 
 
 class ResponseSink(Protocol):

@@ -14,11 +14,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mimo.engine import context_overflow
 from mimo.processing.chat import check_plain_text
 from mimo.processing.errors import ProcessingError
 from mimo.processing.items import pack_items
-from mimo.processing.processor import MiMoProcessor
+from mimo.processing.processor import ContextBudget, MiMoProcessor
 
 MEDIA_INPUTS = {"image_bytes_input": "image", "audio_bytes_input": "audio", "video_bytes_input": "video"}
 
@@ -76,21 +75,19 @@ def preprocess_request(processor: MiMoProcessor, inputs: Mapping[str, np.ndarray
                        max_model_len: int) -> dict[str, np.ndarray]:  # fmt: skip
     """Every `preprocessing` output of one request (each with its batch dimension of 1) from its inputs.
 
-    With `max_tokens` given, a prompt (media tokens included) that leaves no room for them within `max_model_len`
-    is refused here, before any encoder work, with the engine's message.
+    A prompt (media tokens included) that leaves no room for `max_tokens` (0 if not given) within `max_model_len`
+    is refused here, before any encoder work, with the engine's message; as early as that is known, before any media
+    decoding where the media's headers and containers tell (`MiMoProcessor.process`).
     """
     text = inputs.get("text_input")
     if text is None or text.size != 1:
         raise ProcessingError(f"text_input must hold exactly one string, got {0 if text is None else text.size}")
+    max_tokens = inputs.get("max_tokens", np.zeros(1, dtype=np.int32))
+    if max_tokens.size != 1:
+        raise ProcessingError(f"max_tokens must hold exactly one value, got {max_tokens.size}")
+    budget = ContextBudget(max_model_len, int(max_tokens.reshape(-1)[0]))
     media = {name: list(inputs[name].reshape(-1)) for name in MEDIA_INPUTS if name in inputs}
-    prompt = processor.process(user_messages(text.reshape(-1)[0], media, processor.control_tokens))
-    if "max_tokens" in inputs:
-        max_tokens = inputs["max_tokens"]
-        if max_tokens.size != 1:
-            raise ProcessingError(f"max_tokens must hold exactly one value, got {max_tokens.size}")
-        too_long = context_overflow(len(prompt.input_ids), int(max_tokens.reshape(-1)[0]), max_model_len)
-        if too_long:
-            raise ProcessingError(too_long)
+    prompt = processor.process(user_messages(text.reshape(-1)[0], media, processor.control_tokens), budget=budget)
     table_ids = processor.assign_prompt_table_ids(prompt)
     tokenizer = processor.tokenizer
     outputs = {

@@ -101,7 +101,7 @@ class TritonPythonModel:
                     self.loop.abort_client_request(request.request_id())
                     sink.send_final_empty()
                     continue
-                llm_request = convert_llm_request(inputs)
+                llm_request = convert_llm_request(inputs, self.engine.hidden_size)
                 if llm_request.prompt_table is not None:
                     self._count_prompt_table(llm_request.prompt_table)
                 self.loop.submit(llm_request, sink, request.request_id())
