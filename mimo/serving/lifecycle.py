@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 
 SHUTTING_DOWN = "server is shutting down"
+# a gauge (label `model`) of the requests each stream-holding model has open; the launcher's drain waits for 0
+IN_FLIGHT_METRIC = "mimo_requests_in_flight"
 
 
 def draining() -> bool:
