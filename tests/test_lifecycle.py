@@ -1,8 +1,29 @@
-"""The drain protocol between the launcher and the models that hold open streams."""
+"""Shutdown with streams open, on the real tritonserver serving the rendered repository.
+
+SIGTERM / SIGINT: the launcher drains (every open stream ends with a final SHUTTING_DOWN error), the server exits
+and the launcher exits 0 within 10 s, leaving no process, shared-memory region or scratch directory. SIGKILL of
+the launcher: its reaper ends everything within 10 s. The 16 streams are half ensemble, half direct mimo_llm, each
+on its own client connection, and stay open after their final response, as idle clients' streams do.
+"""
 
 from __future__ import annotations
 
-from mimo.serving.lifecycle import draining
+import queue
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from conftest import SERVED_MAX_MODEL_LEN, serving_settings
+from mimo.serving.lifecycle import SHUTTING_DOWN, draining
+from triton_harness import TritonServer, descendants, server_environ, shm_prefix, shm_regions, wait_gone
+
+STREAMS = 16
+STOP_BUDGET_S = 10.0
+MAX_TOKENS = SERVED_MAX_MODEL_LEN - 128  # never reached before the signal
 
 
 def test_draining_follows_the_drain_file(monkeypatch, tmp_path):
@@ -15,3 +36,105 @@ def test_draining_follows_the_drain_file(monkeypatch, tmp_path):
     assert draining()
     monkeypatch.setenv("MIMO_DRAIN_FILE", "")
     assert not draining()
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_checkpoint, tmp_path_factory) -> tuple[Path, list[str]]:
+    from builders.repository import render_repository
+
+    root = tmp_path_factory.mktemp("lifecycle") / "model_repository"
+    return root, render_repository(serving_settings(tiny_checkpoint), root)[2:]
+
+
+class OpenStream:
+    """One streaming request on a client connection of its own, kept open until `close()`."""
+
+    def __init__(self, server: TritonServer, model: str, arrays: dict[str, np.ndarray]):
+        self.client = grpcclient.InferenceServerClient(server.grpc_url)
+        self.responses: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+        inputs = []
+        for name, array in arrays.items():
+            datatype = {np.dtype(bool): "BOOL", np.dtype(object): "BYTES", np.dtype(np.int32): "INT32"}[array.dtype]
+            inputs.append(grpcclient.InferInput(name, list(array.shape), datatype))
+            inputs[-1].set_data_from_numpy(array)
+        self.client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+
+    def wait_tokens(self) -> None:
+        result, error = self.responses.get(timeout=120)
+        assert error is None, error.message()
+
+    def final_error(self) -> str:
+        """The error that ended the stream; every response before it carried tokens."""
+        while True:
+            result, error = self.responses.get(timeout=5)
+            if error is not None:
+                return error.message()
+            assert not result.get_response().parameters["triton_final_response"].bool_param, "stream ended normally"
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+
+def open_streams(server: TritonServer) -> list[OpenStream]:
+    ensemble = {"text_input": np.array([[b"Tell me a long story"]], dtype=np.object_),
+                "max_tokens": np.array([[MAX_TOKENS]], dtype=np.int32), "stream": np.array([[True]])}  # fmt: skip
+    llm = {"input_ids": np.arange(3, 40, dtype=np.int32)[None], "streaming": np.array([[True]]),
+           "request_output_len": np.array([[MAX_TOKENS]], dtype=np.int32)}  # fmt: skip
+    streams = [OpenStream(server, *(("ensemble", ensemble) if i % 2 else ("mimo_llm", llm))) for i in range(STREAMS)]
+    for stream in streams:
+        stream.wait_tokens()
+    return streams
+
+
+class Owned:
+    """Everything a running launcher owns: its processes, its shared-memory prefix, its scratch directory."""
+
+    def __init__(self, server: TritonServer):
+        self.processes = descendants(server.process.pid) | {server.process.pid}
+        assert len(self.processes) >= 7, "launcher, reaper, tritonserver and four stubs"
+        self.shm_prefix = shm_prefix(server)
+        self.scratch = Path(server_environ(server)["MIMO_DRAIN_FILE"]).parent
+        assert shm_regions(self.shm_prefix) and self.scratch.is_dir()
+
+    def assert_gone(self, timeout_s: float) -> None:
+        assert wait_gone(self.processes, timeout_s) == set()
+        assert shm_regions(self.shm_prefix) == []
+        assert not self.scratch.exists()
+
+
+def start_with_streams(repository, tmp_path) -> tuple[TritonServer, Owned, list[OpenStream]]:
+    root, args = repository
+    server = TritonServer(root, tmp_path / "tritonserver.log", extra_args=args).start()
+    return server, Owned(server), open_streams(server)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_every_open_stream_and_exits_0(repository, tmp_path, signum):
+    server, owned, streams = start_with_streams(repository, tmp_path)
+    try:
+        start = time.monotonic()
+        server.process.send_signal(signum)
+        returncode = server.process.wait(STOP_BUDGET_S)
+        owned.assert_gone(STOP_BUDGET_S - (time.monotonic() - start))
+        assert returncode == 0, server.log_tail()
+        for stream in streams:
+            assert SHUTTING_DOWN in stream.final_error()
+    finally:
+        for stream in streams:
+            stream.close()
+        server.stop()
+    assert "drain: nothing in flight" in server.log()
+
+
+def test_launcher_killed_with_streams_open_leaves_nothing(repository, tmp_path):
+    server, owned, streams = start_with_streams(repository, tmp_path)
+    try:
+        server.process.kill()
+        server.process.wait()
+        owned.assert_gone(STOP_BUDGET_S)
+    finally:
+        for stream in streams:
+            stream.close()
+    assert "its reaper killed the server's process group" in server.log()
