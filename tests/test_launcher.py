@@ -163,6 +163,8 @@ def test_metrics_endpoint_follows_the_flags():
     assert launcher.metrics_endpoint(["--metrics-port", "9", "--metrics-address=::"]) == ("::1", 9)
     assert launcher.metrics_endpoint(["--metrics-address=10.0.0.2", "--metrics-port=7"]) == ("10.0.0.2", 7)
     assert launcher.metrics_endpoint(["--allow-metrics=false"]) is None
+    with pytest.raises(ValueError, match="--metrics-port must be a port number, got 'x'"):
+        launcher.metrics_endpoint(["--metrics-port=x"])
 
 
 def test_launcher_killed_outright_still_stops_server(echo_repository, tmp_path):

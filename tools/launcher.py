@@ -126,8 +126,10 @@ def metrics_endpoint(args: list[str]) -> tuple[str, int] | None:
     if allow and allow[-1].lower() in ("false", "off", "0"):
         return None
     address = (_flag_values(args, "--metrics-address") or ["0.0.0.0"])[-1]
-    port = int((_flag_values(args, "--metrics-port") or ["8002"])[-1])
-    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address), port
+    port = (_flag_values(args, "--metrics-port") or ["8002"])[-1]
+    if not port.isdigit():
+        raise ValueError(f"--metrics-port must be a port number, got {port!r}")
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address), int(port)
 
 
 def in_flight(endpoint: tuple[str, int]) -> int | None:
@@ -155,7 +157,7 @@ def interpreter_library_dir() -> str | None:
     return sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
 
 
-def server_environment(bundle: ServerBundle, drain_file: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+def server_environment(bundle: ServerBundle, drain_file: Path, base: dict | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env["MIMO_DRAIN_FILE"] = str(drain_file)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]).rstrip(os.pathsep)
@@ -183,7 +185,7 @@ def remove_shm_regions(prefix: str, shm_dir: Path = Path("/dev/shm")) -> list[st
 
 
 def kill_process_group(pgid: int) -> None:
-    """SIGKILL what is left of the server's session: Python-backend stubs whose own exit hung past the server's."""
+    """SIGKILL the server's session: the server if it still runs, and stubs (or their workers) that outlive it."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
@@ -268,8 +270,11 @@ class ShutdownSignals:
         self._previous = {}
 
     def __enter__(self) -> ShutdownSignals:
-        self._previous = {s: signal.signal(s, lambda signum, _frame: self.received.append(signum)) for s in _SHUTDOWN_SIGNALS}
+        self._previous = {signum: signal.signal(signum, self._record) for signum in _SHUTDOWN_SIGNALS}
         return self
+
+    def _record(self, signum: int, _frame) -> None:
+        self.received.append(signum)
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
@@ -337,6 +342,7 @@ def _drain(server: subprocess.Popen, signals: ShutdownSignals, metrics: tuple[st
 
 def run(args: list[str]) -> int:
     bundle = find_bundle()
+    metrics = metrics_endpoint(args)
     own_shm_prefix = None
     if _python_backend_config(args, "shm-region-prefix-name") is None:
         own_shm_prefix = f"mimo_triton_{uuid.uuid4().hex[:12]}_"
@@ -357,7 +363,7 @@ def run(args: list[str]) -> int:
                 preexec_fn=_die_with_parent,
             )
             os.write(reaper_pipe, f"{server.pid}\n".encode())
-            return supervise(server, signals, drain_file, metrics_endpoint(args))
+            return supervise(server, signals, drain_file, metrics)
     finally:
         if server is not None:
             kill_process_group(server.pid)
@@ -373,7 +379,7 @@ def run(args: list[str]) -> int:
 def main() -> int:
     try:
         return run(sys.argv[1:])
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"tritonserver: {error}", file=sys.stderr)
         return 2
 
