@@ -24,6 +24,7 @@ from triton_harness import TritonServer, descendants, server_environ, shm_prefix
 STREAMS = 16
 STOP_BUDGET_S = 10.0
 MAX_TOKENS = SERVED_MAX_MODEL_LEN - 128  # never reached before the signal
+DATATYPES = {np.dtype(bool): "BOOL", np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
 
 
 def test_draining_follows_the_drain_file(monkeypatch, tmp_path):
@@ -55,8 +56,7 @@ class OpenStream:
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
         inputs = []
         for name, array in arrays.items():
-            datatype = {np.dtype(bool): "BOOL", np.dtype(object): "BYTES", np.dtype(np.int32): "INT32"}[array.dtype]
-            inputs.append(grpcclient.InferInput(name, list(array.shape), datatype))
+            inputs.append(grpcclient.InferInput(name, list(array.shape), DATATYPES[array.dtype]))
             inputs[-1].set_data_from_numpy(array)
         self.client.async_stream_infer(model, inputs, enable_empty_final_response=True)
 
@@ -78,8 +78,10 @@ class OpenStream:
 
 
 def open_streams(server: TritonServer) -> list[OpenStream]:
+    # greedy: sampled at temperature 1 the tiny model may draw the end token early and finish before the signal
     ensemble = {"text_input": np.array([[b"Tell me a long story"]], dtype=np.object_),
-                "max_tokens": np.array([[MAX_TOKENS]], dtype=np.int32), "stream": np.array([[True]])}  # fmt: skip
+                "max_tokens": np.array([[MAX_TOKENS]], dtype=np.int32), "stream": np.array([[True]]),
+                "temperature": np.array([[0.0]], dtype=np.float32)}  # fmt: skip
     llm = {"input_ids": np.arange(3, 40, dtype=np.int32)[None], "streaming": np.array([[True]]),
            "request_output_len": np.array([[MAX_TOKENS]], dtype=np.int32)}  # fmt: skip
     streams = [OpenStream(server, *(("ensemble", ensemble) if i % 2 else ("mimo_llm", llm))) for i in range(STREAMS)]
