@@ -5,8 +5,9 @@
 
 Each cycle answers one image request, opens STREAMS (default 8) long streaming requests, then SIGTERMs the
 launcher. A cycle passes when the launcher exits 0 and every stream ended with the server's SHUTTING_DOWN error.
-These clients close their streams on the error, so the server should exit by itself (no "still running" line in
-its log). Python-backend stubs that ran CUDA work could hang in their own teardown until Triton's 30 s exit timeout;
+These clients close their streams on the error; whether the server then exited by itself or the launcher had to
+end it is reported (docs/ARCHITECTURE.md, "Lifecycle": today's ensemble can leak an in-flight count on such a
+stream). Python-backend stubs that ran CUDA work could hang in their own teardown until Triton's 30 s exit timeout;
 mimo.serving.triton_config.exit_stub_process is the fix this also checks.
 """
 
