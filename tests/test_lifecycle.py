@@ -3,7 +3,8 @@
 SIGTERM / SIGINT: the launcher drains (every open stream ends with a final SHUTTING_DOWN error), the server exits
 and the launcher exits 0 within 10 s, leaving no process, shared-memory region or scratch directory. SIGKILL of
 the launcher: its reaper ends everything within 10 s. The 16 streams are half ensemble, half direct mimo_llm, each
-on its own client connection, and stay open after their final response, as idle clients' streams do.
+on its own client connection, and stay open after their final response, as idle clients' streams do. The models'
+side of the drain alone (streams ended, KV free, new requests refused) runs on the suite's server.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tritonclient.grpc as grpcclient
 
 from conftest import SERVED_MAX_MODEL_LEN, serving_settings
 from mimo.serving.lifecycle import SHUTTING_DOWN, draining
+from test_serving_e2e import wait_kv_all_free
 from triton_harness import TritonServer, descendants, server_environ, shm_prefix, shm_regions, wait_gone
 
 STREAMS = 16
@@ -77,17 +79,48 @@ class OpenStream:
         self.client.close()
 
 
-def open_streams(server: TritonServer) -> list[OpenStream]:
+def ensemble_and_llm_requests() -> tuple[dict, dict]:
     # greedy: sampled at temperature 1 the tiny model may draw the end token early and finish before the signal
     ensemble = {"text_input": np.array([[b"Tell me a long story"]], dtype=np.object_),
                 "max_tokens": np.array([[MAX_TOKENS]], dtype=np.int32), "stream": np.array([[True]]),
                 "temperature": np.array([[0.0]], dtype=np.float32)}  # fmt: skip
     llm = {"input_ids": np.arange(3, 40, dtype=np.int32)[None], "streaming": np.array([[True]]),
            "request_output_len": np.array([[MAX_TOKENS]], dtype=np.int32)}  # fmt: skip
+    return ensemble, llm
+
+
+def open_streams(server: TritonServer) -> list[OpenStream]:
+    ensemble, llm = ensemble_and_llm_requests()
     streams = [OpenStream(server, *(("ensemble", ensemble) if i % 2 else ("mimo_llm", llm))) for i in range(STREAMS)]
     for stream in streams:
         stream.wait_tokens()
     return streams
+
+
+def test_drain_file_ends_streams_and_refuses_new_requests(triton_server):
+    """The models' side of the drain, on the suite's server: the launcher is not signalled, the file is removed after."""
+    ensemble, llm = ensemble_and_llm_requests()
+    streams = [OpenStream(triton_server, "ensemble", ensemble), OpenStream(triton_server, "mimo_llm", llm)]
+    drain_file = Path(server_environ(triton_server)["MIMO_DRAIN_FILE"])
+    try:
+        for stream in streams:
+            stream.wait_tokens()
+        drain_file.touch()
+        for stream in streams:
+            assert SHUTTING_DOWN in stream.final_error()
+        wait_kv_all_free(triton_server, timeout_s=2)
+        refused = [OpenStream(triton_server, "ensemble", ensemble), OpenStream(triton_server, "mimo_llm", llm)]
+        for stream in refused:
+            result, error = stream.responses.get(timeout=60)
+            assert error is not None and SHUTTING_DOWN in error.message()
+            stream.close()
+    finally:
+        drain_file.unlink(missing_ok=True)
+        for stream in streams:
+            stream.close()
+    answered = OpenStream(triton_server, "mimo_llm", {**llm, "request_output_len": np.array([[2]], dtype=np.int32)})
+    answered.wait_tokens()
+    answered.close()
 
 
 class Owned:
