@@ -10,10 +10,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 from tools import launcher
-from triton_harness import TritonServer, descendants, pid_alive
+from triton_harness import (TritonServer, descendants, pid_alive, server_binary_pid, server_environ, shm_prefix, shm_regions,
+                            wait_gone)  # fmt: skip
 
 ECHO_CONFIG = """
 name: "echo"
@@ -42,13 +45,63 @@ class TritonPythonModel:
 """
 
 
+HOLD_CONFIG = """
+name: "hold"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [ { name: "x" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+
+# a stream-holding model that ignores the drain: it keeps every request open and counts it as in flight
+HOLD_MODEL = """
+import triton_python_backend_utils as pb_utils
+from mimo.serving.lifecycle import IN_FLIGHT_METRIC
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.family = pb_utils.MetricFamily(name=IN_FLIGHT_METRIC, description="held", kind=pb_utils.MetricFamily.GAUGE)
+        self.in_flight = self.family.Metric(labels={"model": "hold"})
+        self.held = []
+
+    def execute(self, requests):
+        self.held += [(r, r.get_response_sender()) for r in requests]
+        self.in_flight.set(len(self.held))
+        return None
+"""
+
+
+def write_model(repo: Path, name: str, config: str, model: str) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(config)
+    (repo / name / "1" / "model.py").write_text(model)
+
+
 @pytest.fixture
 def echo_repository(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    (repo / "echo" / "1").mkdir(parents=True)
-    (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
-    (repo / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
-    return repo
+    write_model(tmp_path / "repo", "echo", ECHO_CONFIG, ECHO_MODEL)
+    return tmp_path / "repo"
+
+
+@pytest.fixture
+def held_server(tmp_path: Path):
+    """A server whose `hold` model holds one request that it never ends, even when the launcher drains."""
+    write_model(tmp_path / "repo", "hold", HOLD_CONFIG, HOLD_MODEL)
+    server = TritonServer(tmp_path / "repo", tmp_path / "server.log").start()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: None)
+    x = grpcclient.InferInput("x", [1], "FP32")
+    x.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+    client.async_stream_infer("hold", [x])
+    deadline = time.monotonic() + 30
+    while 'mimo_requests_in_flight{model="hold"} 1' not in server.metrics():
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.05)
+    yield server
+    client.close()
+    server.stop()
 
 
 def infer_echo(server: TritonServer) -> list[float]:
@@ -56,28 +109,6 @@ def infer_echo(server: TritonServer) -> list[float]:
     request = urllib.request.Request(f"http://{server.http_url}/v2/models/echo/infer", data=body, method="POST")
     with urllib.request.urlopen(request, timeout=30) as reply:
         return json.loads(reply.read())["outputs"][0]["data"]
-
-
-def server_binary_pid(server: TritonServer) -> int:
-    return next(p for p in descendants(server.process.pid) if Path(f"/proc/{p}/exe").resolve().name == "tritonserver")
-
-
-def shm_prefix(server: TritonServer) -> str:
-    """The Python-backend shared-memory prefix the launcher gave this server (other servers may run beside it)."""
-    arguments = Path(f"/proc/{server_binary_pid(server)}/cmdline").read_bytes().decode().split("\0")
-    (value,) = [a.split("shm-region-prefix-name=", 1)[1] for a in arguments if "shm-region-prefix-name=" in a]
-    return value
-
-
-def shm_regions(prefix: str) -> list[str]:
-    return [p.name for p in Path("/dev/shm").glob(prefix + "*")]
-
-
-def wait_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-        time.sleep(0.1)
-    return {p for p in pids if pid_alive(p)}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -93,17 +124,57 @@ def test_serves_python_model_and_stops_cleanly_on_signal(echo_repository, tmp_pa
         returncode = server.stop(signum)
     assert returncode == 0, server.log_tail()
     assert "Signal (%d) received" % signum in server.log()
+    assert "drain: nothing in flight" in server.log() and "still running" not in server.log()  # exited by itself
     assert f"stub interpreter: {Path(sys.executable).parent}" in server.log()
     assert wait_gone(server_processes) == set()
     assert shm_regions(prefix) == []
 
 
+def test_drain_deadline_passed_is_reported_and_exits_1(held_server):
+    processes = descendants(held_server.process.pid)
+    start = time.monotonic()
+    held_server.process.send_signal(signal.SIGTERM)
+    returncode = held_server.process.wait(30)
+    elapsed = time.monotonic() - start
+    assert returncode == 1, held_server.log_tail()
+    bound = launcher.DRAIN_DEADLINE_S + launcher.SERVER_EXIT_GRACE_S
+    assert bound <= elapsed < bound + 3
+    assert "drain: 1 requests in flight after 5.0 s" in held_server.log()
+    assert wait_gone(processes, 5) == set()
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_second_signal_during_the_drain_stops_at_once(held_server, second):
+    processes = descendants(held_server.process.pid)
+    prefix = shm_prefix(held_server)
+    held_server.process.send_signal(signal.SIGTERM)
+    time.sleep(1.0)  # well inside the drain deadline: the held request keeps it waiting
+    start = time.monotonic()
+    held_server.process.send_signal(second)
+    assert held_server.process.wait(5) == 128 + second
+    assert time.monotonic() - start < 1.5
+    assert f"second signal ({signal.Signals(second).name}): stopped the server at once" in held_server.log()
+    assert wait_gone(processes, 5) == set()
+    assert shm_regions(prefix) == []
+
+
+def test_metrics_endpoint_follows_the_flags():
+    assert launcher.metrics_endpoint([]) == ("127.0.0.1", 8002)
+    assert launcher.metrics_endpoint(["--metrics-port", "9", "--metrics-address=::"]) == ("::1", 9)
+    assert launcher.metrics_endpoint(["--metrics-address=10.0.0.2", "--metrics-port=7"]) == ("10.0.0.2", 7)
+    assert launcher.metrics_endpoint(["--allow-metrics=false"]) is None
+    with pytest.raises(ValueError, match="--metrics-port must be a port number, got 'x'"):
+        launcher.metrics_endpoint(["--metrics-port=x"])
+
+
 def test_launcher_killed_outright_still_stops_server(echo_repository, tmp_path):
     server = TritonServer(echo_repository, tmp_path / "server.log").start()
     server_processes = descendants(server.process.pid)
+    prefix, scratch = shm_prefix(server), Path(server_environ(server)["MIMO_DRAIN_FILE"]).parent
     server.process.kill()
     server.process.wait()
-    assert wait_gone(server_processes) == set(), server.log_tail()
+    assert wait_gone(server_processes, 10) == set(), server.log_tail()
+    assert shm_regions(prefix) == [] and not scratch.exists()
 
 
 def test_crashed_server_leaves_no_shared_memory(echo_repository, tmp_path):
@@ -134,7 +205,8 @@ def test_backend_dir_has_the_stub_for_this_interpreter(tmp_path):
 
 def test_environment_puts_this_interpreter_and_bundle_libraries_first():
     bundle = launcher.find_bundle()
-    env = launcher.server_environment(bundle, {"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})
+    env = launcher.server_environment(bundle, Path("/tmp/d"), {"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})
+    assert env["MIMO_DRAIN_FILE"] == "/tmp/d"
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     expected = [str(bundle.library_dir), launcher.interpreter_library_dir(), "/opt/lib"]
     assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [p for p in expected if p]

@@ -13,7 +13,9 @@ from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams, generate
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.serving.detokenize import DETOKENIZATION_WINDOW
-from mimo.serving.llm import GenerationLoop, LLMRequest, LLMResponse, convert_llm_request, parse_stop_words
+from mimo.serving.lifecycle import SHUTTING_DOWN
+from mimo.serving.llm import (GenerationLoop, LLMRequest, LLMResponse, ServerShuttingDown, convert_llm_request,
+                              parse_stop_words)  # fmt: skip
 
 
 def tensors(**values) -> dict[str, torch.Tensor]:
@@ -84,7 +86,7 @@ def engine(model):
 class ListSink:
     def __init__(self, cancel_after: int | None = None, fail_sends: bool = False):
         self.responses: list[LLMResponse] = []
-        self.errors: list[tuple[str, bool]] = []
+        self.errors: list[tuple[str, str]] = []  # (message, code)
         self.done = threading.Event()
         self.cancel_after = cancel_after
         self.fail_sends = fail_sends
@@ -97,8 +99,8 @@ class ListSink:
         if final:
             self.done.set()
 
-    def send_error(self, message, cancelled=False):
-        self.errors.append((message, cancelled))
+    def send_error(self, message, code="internal"):
+        self.errors.append((message, code))
         self.done.set()
 
     def is_cancelled(self):
@@ -154,7 +156,7 @@ def test_cancelled_request_frees_its_kv_at_once(loop):
     sink = ListSink(cancel_after=1)
     loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=40, temperature=0.0), None, True), sink)
     assert sink.done.wait(60)
-    assert sink.errors == [("request cancelled", True)]
+    assert sink.errors == [("request cancelled", "cancelled")]
     wait_all_free(loop.engine)
     assert loop.num_active() == 0
 
@@ -164,7 +166,7 @@ def test_stop_by_client_request_id_frees_its_kv(loop):
     loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=40, temperature=0.0), None, True), sink, "client-a")
     loop.submit(LLMRequest(PROMPTS[1], SamplingParams(max_tokens=4, temperature=0.0), None, True), other, "client-b")
     assert loop.abort_client_request("client-a") == 1
-    assert sink.done.wait(60) and sink.errors == [("request cancelled", True)]
+    assert sink.done.wait(60) and sink.errors == [("request cancelled", "cancelled")]
     assert other.done.wait(60) and other.responses[-1].finish_reason == "length"
     assert loop.abort_client_request("client-a") == 0
     with pytest.raises(InvalidRequestError, match="needs the request id"):
@@ -190,5 +192,22 @@ def test_stop_ends_unfinished_requests_with_an_error(engine):
     sink = ListSink()
     loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=40), None, True), sink)
     loop.shutdown()  # never started: the request is still queued
-    assert sink.errors == [("the model is shutting down", False)]
+    assert sink.errors == [(SHUTTING_DOWN, "unavailable")]
     wait_all_free(engine)
+
+
+def test_drain_ends_every_request_and_refuses_new_ones(loop, monkeypatch, tmp_path):
+    drain_file = tmp_path / "draining"
+    monkeypatch.setenv("MIMO_DRAIN_FILE", str(drain_file))
+    sinks = [ListSink() for _ in range(4)]
+    for i, sink in enumerate(sinks):
+        loop.submit(LLMRequest(PROMPTS[i % 3], SamplingParams(max_tokens=40, temperature=0.0), None, i % 2 == 0), sink)
+    drain_file.touch()
+    for sink in sinks:
+        assert sink.done.wait(60)
+        assert sink.errors == [(SHUTTING_DOWN, "unavailable")]
+        assert all(r.finish_reason == "" for r in sink.responses)  # no final token response besides the error
+    with pytest.raises(ServerShuttingDown, match=SHUTTING_DOWN):
+        loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=4), None, True), ListSink())
+    assert loop.num_active() == 0
+    wait_all_free(loop.engine)

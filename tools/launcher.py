@@ -11,13 +11,19 @@ Every argument is passed through unchanged. The launcher only supplies what the 
 * a per-launch Python-backend shared-memory prefix, so the regions of a server that died without cleaning up
   can be removed afterwards without touching any other server's regions.
 
-SIGINT and SIGTERM are forwarded to the server, which shuts down gracefully; the launcher waits for it and
-exits with its status. `TRITONSERVER` overrides the binary.
+Shutdown (docs/ARCHITECTURE.md, "Lifecycle"): on SIGINT or SIGTERM the launcher creates the drain file it gave the
+server as `MIMO_DRAIN_FILE`; the models end their streams with a final SHUTTING_DOWN error and refuse new requests.
+Once the server holds no request (its metrics) or the drain deadline passes, the signal goes on to the server,
+which gets a short grace to exit; past it (Triton 2.51 waits for every idle client gRPC stream) the launcher ends
+the server's process group itself. A second signal stops everything at once. If the launcher dies outright, a
+reaper process it forked ends the server's process group and removes what the launcher owned. `TRITONSERVER`
+overrides the binary.
 """
 
 from __future__ import annotations
 
 import ctypes
+import http.client
 import importlib.util
 import os
 import shutil
@@ -26,11 +32,19 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from mimo.serving.lifecycle import IN_FLIGHT_METRIC
+
 _PR_SET_PDEATHSIG = 1
+DRAIN_DEADLINE_S = 5.0  # longest the models get to end their streams before the server is signalled
+UNCHECKED_DRAIN_S = 1.0  # with metrics off the drain cannot be watched: the models get this long to see the file
+SERVER_EXIT_GRACE_S = 5.0  # after the signal: a drained server exits in 1-4 s (CPU) unless client streams hold it
+POLL_S = 0.05
+_SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -87,15 +101,55 @@ def _has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def _flag_values(args: list[str], flag: str) -> list[str]:
+    """Every value given to `flag`, as `--flag=value` or `--flag value`, in order."""
+    values = []
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+        elif arg == flag and i + 1 < len(args):
+            values.append(args[i + 1])
+    return values
+
+
 def _python_backend_config(args: list[str], key: str) -> str | None:
     """Value of `--backend-config=python,<key>=<value>` if the user gave one."""
-    for i, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if arg.startswith("--backend-config=") else None
-        if arg == "--backend-config" and i + 1 < len(args):
-            value = args[i + 1]
-        if value and value.startswith(f"python,{key}="):
+    for value in _flag_values(args, "--backend-config"):
+        if value.startswith(f"python,{key}="):
             return value.split("=", 1)[1]
     return None
+
+
+def metrics_endpoint(args: list[str]) -> tuple[str, int] | None:
+    """(host, port) where this server's metrics can be read from here; None when `--allow-metrics` is off."""
+    allow = _flag_values(args, "--allow-metrics")
+    if allow and allow[-1].lower() in ("false", "off", "0"):
+        return None
+    address = (_flag_values(args, "--metrics-address") or ["0.0.0.0"])[-1]
+    port = (_flag_values(args, "--metrics-port") or ["8002"])[-1]
+    if not port.isdigit():
+        raise ValueError(f"--metrics-port must be a port number, got {port!r}")
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address), int(port)
+
+
+def in_flight(endpoint: tuple[str, int]) -> int | None:
+    """Requests the server still holds: Triton's pending requests plus every model's `IN_FLIGHT_METRIC` gauge.
+
+    None while the metrics cannot be read. Triton's own counters miss requests a decoupled model is executing.
+    """
+    connection = http.client.HTTPConnection(*endpoint, timeout=1)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+    total = 0.0
+    for line in text.splitlines():
+        if line.split("{", 1)[0].split(" ", 1)[0] in ("nv_inference_pending_request_count", IN_FLIGHT_METRIC):
+            total += float(line.rsplit(" ", 1)[1])
+    return round(total)
 
 
 def interpreter_library_dir() -> str | None:
@@ -103,8 +157,9 @@ def interpreter_library_dir() -> str | None:
     return sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
 
 
-def server_environment(bundle: ServerBundle, base: dict[str, str] | None = None) -> dict[str, str]:
+def server_environment(bundle: ServerBundle, drain_file: Path, base: dict | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
+    env["MIMO_DRAIN_FILE"] = str(drain_file)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]).rstrip(os.pathsep)
     library_path = [str(bundle.library_dir) if bundle.library_dir else None, interpreter_library_dir(),
                     env.get("LD_LIBRARY_PATH")]  # fmt: skip
@@ -130,60 +185,201 @@ def remove_shm_regions(prefix: str, shm_dir: Path = Path("/dev/shm")) -> list[st
 
 
 def kill_process_group(pgid: int) -> None:
-    """SIGKILL what is left of the server's session: Python-backend stubs whose own exit hung past the server's."""
+    """SIGKILL the server's session: the server if it still runs, and stubs (or their workers) that outlive it."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 
 
+def client_connections(pid: int) -> int:
+    """Established TCP connections the process `pid` holds (the clients still connected to a server)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    established = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        established += sum(1 for row in rows if row.split()[3] == "01" and row.split()[9] in inodes)
+    return established
+
+
 def _die_with_parent() -> None:
-    # The server lives in its own session (terminal signals reach only the launcher, which forwards them once);
-    # if the launcher is killed outright, the kernel sends the server SIGTERM so it still shuts down gracefully.
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    # The server lives in its own session (terminal signals reach only the launcher, which drains first); if the
+    # launcher is killed outright, the kernel kills the server at once (a SIGTERM would wait for open streams) and
+    # the reaper ends the stubs.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def remove_owned(shm_prefix: str | None, scratch: Path) -> list[str]:
+    """Removes the launcher's shared-memory regions and scratch directory; returns the regions removed."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    return remove_shm_regions(shm_prefix) if shm_prefix is not None else []
+
+
+def start_reaper(shm_prefix: str | None, scratch: Path) -> tuple[int, int]:
+    """Forks the process that cleans up after a launcher killed outright; returns (its pid, its pipe's write end).
+
+    The reaper sits in a session of its own, reading the pipe: the launcher writes the server's pid, then "done"
+    once it has cleaned up itself. End of file without "done" means the launcher died: the reaper kills the
+    server's process group (server, stubs and what they started) and removes the regions and the scratch directory.
+    """
+    read_end, write_end = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(write_end)
+            os.setsid()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _reap_when_orphaned(read_end, shm_prefix, scratch)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    return pid, write_end
+
+
+def _reap_when_orphaned(read_end: int, shm_prefix: str | None, scratch: Path) -> None:
+    received = b""
+    while chunk := os.read(read_end, 64):
+        received += chunk
+    words = received.split()
+    if b"done" in words:
+        return
+    if words:
+        kill_process_group(int(words[0]))
+    removed = remove_owned(shm_prefix, scratch)
+    print(f"tritonserver launcher died: its reaper killed the server's process group and removed {len(removed)} "
+          "shared-memory regions", file=sys.stderr, flush=True)  # fmt: skip
+
+
+class ShutdownSignals:
+    """Records SIGINT / SIGTERM in arrival order while installed; the launcher acts on them between polls."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self._previous = {}
+
+    def __enter__(self) -> ShutdownSignals:
+        self._previous = {signum: signal.signal(signum, self._record) for signum in _SHUTDOWN_SIGNALS}
+        return self
+
+    def _record(self, signum: int, _frame) -> None:
+        self.received.append(signum)
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def forced(self) -> bool:
+        return len(self.received) > 1
+
+
+def _wait(server: subprocess.Popen, timeout_s: float) -> int | None:
+    try:
+        return server.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _log(message: str) -> None:
+    print(f"tritonserver launcher: {message}", file=sys.stderr, flush=True)
+
+
+def supervise(server: subprocess.Popen, signals: ShutdownSignals, drain_file: Path,
+              metrics: tuple[str, int] | None) -> int:
+    """Waits for the server; on a first signal drains and stops it. Returns its status, shell style for signals."""
+    while not signals.received:
+        if (returncode := _wait(server, POLL_S)) is not None:
+            return _status(returncode)
+    drain_file.touch()
+    start = time.monotonic()
+    left = _drain(server, signals, metrics)
+    held = "nothing" if left == 0 else "an unknown number of requests" if left is None else f"{left} requests"
+    _log(f"drain: {held} in flight after {time.monotonic() - start:.1f} s")
+    if not signals.forced and server.poll() is None:
+        server.send_signal(signals.received[0])
+        grace_end = time.monotonic() + SERVER_EXIT_GRACE_S
+        while not signals.forced and time.monotonic() < grace_end and _wait(server, POLL_S) is None:
+            pass
+    if signals.forced:
+        _log(f"second signal ({signal.Signals(signals.received[1]).name}): stopped the server at once")
+        return 128 + signals.received[1]
+    if (returncode := server.poll()) is not None:
+        return _status(returncode)
+    # Triton 2.51 keeps a model loaded while a client's gRPC stream stays open, even after its final response, and
+    # then blocks in the gRPC server's shutdown until that client disconnects (docs/ARCHITECTURE.md, "Lifecycle")
+    connections = client_connections(server.pid)
+    _log(f"tritonserver still running {SERVER_EXIT_GRACE_S:.0f} s after the signal, {connections} client "
+         f"connection{'' if connections == 1 else 's'} open: ending its process group")  # fmt: skip
+    return 0 if left == 0 else 1
+
+
+def _status(returncode: int) -> int:
+    """A server stopped by a signal reports it like a shell would."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _drain(server: subprocess.Popen, signals: ShutdownSignals, metrics: tuple[str, int] | None) -> int | None:
+    """Polls until the server holds no request or the drain deadline; returns what it still holds (None: unknown)."""
+    deadline = time.monotonic() + (DRAIN_DEADLINE_S if metrics else UNCHECKED_DRAIN_S)
+    while True:
+        left = in_flight(metrics) if metrics else None
+        if left == 0 or signals.forced or server.poll() is not None or time.monotonic() >= deadline:
+            return left
+        time.sleep(POLL_S)
 
 
 def run(args: list[str]) -> int:
     bundle = find_bundle()
+    metrics = metrics_endpoint(args)
     own_shm_prefix = None
     if _python_backend_config(args, "shm-region-prefix-name") is None:
         own_shm_prefix = f"mimo_triton_{uuid.uuid4().hex[:12]}_"
-    with tempfile.TemporaryDirectory(prefix="mimo-triton-backends-") as scratch:
+    scratch = Path(tempfile.mkdtemp(prefix="mimo-triton-"))
+    reaper, reaper_pipe = start_reaper(own_shm_prefix, scratch)
+    server = None
+    try:
         backend_dir = None
         if not _has_flag(args, "--backend-directory"):
             env_dir = os.environ.get("TRITON_BACKEND_DIR")
-            backend_dir = Path(env_dir) if env_dir else build_backend_dir(bundle, Path(scratch))
-        server = subprocess.Popen(
-            server_command(bundle, args, backend_dir, own_shm_prefix),
-            env=server_environment(bundle),
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        def forward(signum, _frame):
-            server.send_signal(signum)
-
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            returncode = server.wait()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            if server.poll() is None:
-                server.kill()
-                server.wait()
+            backend_dir = Path(env_dir) if env_dir else build_backend_dir(bundle, scratch / "backends")
+        drain_file = scratch / "draining"
+        with ShutdownSignals() as signals:
+            server = subprocess.Popen(
+                server_command(bundle, args, backend_dir, own_shm_prefix),
+                env=server_environment(bundle, drain_file),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+            os.write(reaper_pipe, f"{server.pid}\n".encode())
+            return supervise(server, signals, drain_file, metrics)
+    finally:
+        if server is not None:
             kill_process_group(server.pid)
-            if own_shm_prefix is not None:
-                removed = remove_shm_regions(own_shm_prefix)
-                if removed:
-                    print(f"tritonserver launcher: removed {len(removed)} leftover shared-memory regions", file=sys.stderr)
-    # a server stopped by a signal reports it like a shell would
-    return 128 - returncode if returncode < 0 else returncode
+            server.wait()
+        removed = remove_owned(own_shm_prefix, scratch)
+        if removed:
+            _log(f"removed {len(removed)} leftover shared-memory regions")
+        os.write(reaper_pipe, b"done\n")
+        os.close(reaper_pipe)
+        os.waitpid(reaper, 0)
 
 
 def main() -> int:
     try:
         return run(sys.argv[1:])
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"tritonserver: {error}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,7 @@ import torch
 
 from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, RequestOutput, SamplingParams, engine_knobs
 from mimo.serving.detokenize import DETOKENIZATION_WINDOW
+from mimo.serving.lifecycle import SHUTTING_DOWN, draining
 from mimo.serving.triton_config import model_parameter
 
 logger = logging.getLogger(__name__)
@@ -158,8 +159,8 @@ class ResponseSink(Protocol):
 
     def send(self, response: LLMResponse, final: bool) -> None: ...
 
-    def send_error(self, message: str, cancelled: bool = False) -> None:
-        """Ends the request with an error response."""
+    def send_error(self, message: str, code: str = "internal") -> None:
+        """Ends the request with an error response; `code`: "internal" | "cancelled" | "unavailable"."""
 
     def is_cancelled(self) -> bool: ...
 
@@ -173,11 +174,17 @@ class _Active:
     sent: int = 0  # generated tokens already sent (streaming)
 
 
+class ServerShuttingDown(RuntimeError):
+    """A request that arrived while the server drains (`mimo.serving.lifecycle`): refused, nothing queued."""
+
+
 class GenerationLoop:
     """One thread that steps the engine and routes each request's tokens to its sink.
 
     Cancellation: every `cancellation_check_period_s` the loop asks each sink `is_cancelled()` and aborts those
     requests, which frees their KV at once. A sink that fails to send is treated as cancelled.
+    Drain: once the launcher starts a shutdown (`draining()`), the loop aborts every request it holds and ends
+    each with a final SHUTTING_DOWN error; `submit` refuses new ones.
     """
 
     def __init__(
@@ -205,14 +212,12 @@ class GenerationLoop:
         self._running.clear()
         if self._thread.is_alive():
             self._thread.join()
-        with self._lock:
-            active, self._active = self._active, {}
-        for request_id, request in active.items():
-            self.engine.abort(request_id)
-            request.sink.send_error("the model is shutting down")
+        self._end_all()
 
     def submit(self, request: LLMRequest, sink: ResponseSink, client_id: str = "") -> str:
-        """Queues a converted request; raises InvalidRequestError (nothing queued) if the engine refuses it."""
+        """Queues a converted request; raises InvalidRequestError or ServerShuttingDown (nothing queued)."""
+        if draining():
+            raise ServerShuttingDown(SHUTTING_DOWN)
         with self._lock:
             request_id = f"req-{self._next_request}"
             self._next_request += 1
@@ -223,6 +228,10 @@ class GenerationLoop:
             with self._lock:
                 del self._active[request_id]
             raise
+        with self._lock:
+            ended = request_id not in self._active
+        if ended:  # a drain ended it between the two locks, before the engine held it to abort
+            self.engine.abort(request_id)
         return request_id
 
     def abort_client_request(self, client_id: str) -> int:
@@ -245,6 +254,8 @@ class GenerationLoop:
                 logger.exception("generation loop iteration failed")
 
     def _iterate(self) -> None:
+        if draining():
+            self._end_all()
         if not self.engine.wait_for_work(timeout=self.cancellation_check_period_s):
             return
         self._abort_cancelled()
@@ -264,6 +275,17 @@ class GenerationLoop:
             if request.sink.is_cancelled():
                 self.engine.abort(request_id)
 
+    def _end_all(self) -> None:
+        """Aborts every request (its KV is free at once) and ends it with a final SHUTTING_DOWN error."""
+        with self._lock:
+            active, self._active = self._active, {}
+        for request_id, request in active.items():
+            self.engine.abort(request_id)
+            try:
+                request.sink.send_error(SHUTTING_DOWN, "unavailable")
+            except Exception as error:  # noqa: BLE001 - the client went away meanwhile; the others still get theirs
+                logger.warning("ending %s failed (%s)", request_id, error)
+
     def _dispatch(self, output: RequestOutput) -> None:
         with self._lock:
             request = self._active.get(output.request_id)
@@ -276,7 +298,7 @@ class GenerationLoop:
             if output.finish_reason == "error":
                 request.sink.send_error(f"generation failed: {output.error}")
             elif output.finish_reason == "cancelled":
-                request.sink.send_error("request cancelled", cancelled=True)
+                request.sink.send_error("request cancelled", "cancelled")
             elif output.finished or (request.streaming and output.new_token_ids):
                 self._send_tokens(request, output.finish_reason or "")
         except Exception as error:  # noqa: BLE001 - the client went away; its request must not hold KV

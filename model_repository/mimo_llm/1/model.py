@@ -8,7 +8,9 @@ import triton_python_backend_utils as pb_utils
 from mimo.engine import LLMEngine
 from mimo.loading import load_language_model
 from mimo.parallel.rank_driver import TensorParallelRanks
-from mimo.serving.llm import GenerationLoop, LLMResponse, convert_llm_request, engine_config, is_stop_request
+from mimo.serving.lifecycle import IN_FLIGHT_METRIC
+from mimo.serving.llm import (GenerationLoop, LLMResponse, ServerShuttingDown, convert_llm_request, engine_config,
+                              is_stop_request)  # fmt: skip
 from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter, torch_dtype, torch_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -23,9 +25,9 @@ class TritonResponseSink:
         tensors = [pb_utils.Tensor(name, array) for name, array in response.as_arrays().items()]
         self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
 
-    def send_error(self, message: str, cancelled: bool = False) -> None:
-        code = pb_utils.TritonError.CANCELLED if cancelled else pb_utils.TritonError.INTERNAL
-        self._sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+    def send_error(self, message: str, code: str = "internal") -> None:
+        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code.upper()))
+        self._sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 
     def send_invalid(self, message: str) -> None:
         error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
@@ -56,9 +58,9 @@ class TritonPythonModel:
         self.engine = LLMEngine(model, engine_config(model_config, device, dtype))
         if self.ranks is not None:
             self.ranks.serve(self.engine.runner.kv_cache)
-        self._init_metrics()
         period_s = model_parameter(model_config, "cancellation_check_period_ms", int) / 1000
-        self.loop = GenerationLoop(self.engine, period_s, after_step=self._publish_kv_stats)
+        self.loop = GenerationLoop(self.engine, period_s, after_step=self._publish_gauges)
+        self._init_metrics()
         self.loop.start()
         pb_utils.Logger.log_info(f"mimo_llm on {device} ({dtype}), KV pools {self.engine.kv_stats()}")
 
@@ -72,7 +74,13 @@ class TritonPythonModel:
             for pool in self.engine.kv_stats()
             for state in ("free", "total")
         }
-        self._publish_kv_stats()
+        # what the launcher's drain waits for (see mimo.serving.lifecycle)
+        self.in_flight_family = pb_utils.MetricFamily(
+            name=IN_FLIGHT_METRIC, description="requests a model holds open (streams included)",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )  # fmt: skip
+        self.in_flight = self.in_flight_family.Metric(labels={"model": "mimo_llm"})
+        self._publish_gauges()
         # lets a GPU deployment check that prompt tables arrive on the GPU (no host round trip from the encoder)
         self.table_family = pb_utils.MetricFamily(
             name="mimo_prompt_tables", description="prompt_embedding_tables received, by device",
@@ -80,10 +88,14 @@ class TritonPythonModel:
         )  # fmt: skip
         self.table_counters = {}
 
-    def _publish_kv_stats(self):
+    def _publish_gauges(self):
+        self._publish_in_flight()
         for pool, stats in self.engine.kv_stats().items():
             self.kv_gauges[pool, "free"].set(stats["free_blocks"])
             self.kv_gauges[pool, "total"].set(stats["total_blocks"])
+
+    def _publish_in_flight(self):
+        self.in_flight.set(self.loop.num_active())
 
     def _count_prompt_table(self, table):
         device = str(table.device)
@@ -107,9 +119,12 @@ class TritonPythonModel:
                 self.loop.submit(llm_request, sink, request.request_id())
             except ValueError as error:  # InvalidRequestError and bad tensor contents: this request only
                 sink.send_invalid(str(error))
+            except ServerShuttingDown as error:
+                sink.send_error(str(error), "unavailable")
             except Exception as error:  # noqa: BLE001 - fail this request only; the others and the model go on
                 pb_utils.Logger.log_error(f"mimo_llm could not queue a request: {traceback.format_exc()}")
                 sink.send_error(f"{type(error).__name__}: {error}")
+        self._publish_in_flight()
         return None
 
     def finalize(self):

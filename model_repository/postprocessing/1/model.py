@@ -6,13 +6,16 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mimo.serving.detokenize import IncrementalDetokenizer
-from mimo.serving.triton_config import model_parameter
+from mimo.serving.triton_config import exit_stub_process, model_parameter
 
 
 class TritonPythonModel:
     def initialize(self, args):
         checkpoint_dir = model_parameter(json.loads(args["model_config"]), "checkpoint_dir")
         self.detokenizer = IncrementalDetokenizer.from_checkpoint(checkpoint_dir)
+
+    def finalize(self):
+        exit_stub_process()  # see there: the stub's own teardown takes seconds, past the launcher's exit grace
 
     def execute(self, requests):
         return [self._detokenize(request) for request in requests]

@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 from mimo.processing.errors import ProcessingError
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.preprocess import preprocess_request
-from mimo.serving.triton_config import model_parameter
+from mimo.serving.triton_config import exit_stub_process, model_parameter
 
 
 class TritonPythonModel:
@@ -17,6 +17,9 @@ class TritonPythonModel:
         self.processor = MiMoProcessor.from_checkpoint(model_parameter(model_config, "checkpoint_dir"))
         self.max_model_len = model_parameter(model_config, "max_model_len", int)
         self.input_names = [i["name"] for i in model_config["input"]]
+
+    def finalize(self):
+        exit_stub_process()  # see there: the stub's own teardown takes seconds, past the launcher's exit grace
 
     def execute(self, requests):
         return [self._preprocess(request) for request in requests]
