@@ -5,27 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tools.server_process import TritonServer, free_ports
+from tools.server_process import TritonServer, descendants, free_ports
 
 __all__ = ["TritonServer", "descendants", "free_ports", "pid_alive", "server_binary_pid", "server_environ", "shm_prefix",
            "shm_regions", "wait_gone"]  # fmt: skip
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (read from /proc, so it works for grandchildren like the backend stubs)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, frontier = set(), [pid]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            found.add(child)
-            frontier.append(child)
-    return found
 
 
 def pid_alive(pid: int) -> bool:

@@ -26,6 +26,23 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (read from /proc, so it works for grandchildren like the backend stubs)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = set(), [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.add(child)
+            frontier.append(child)
+    return found
+
+
 class TritonServer:
     """One `tritonserver` launched via `python -m tools.launcher` on free ports."""
 
