@@ -1,0 +1,17 @@
+"""The server's drain protocol: the launcher creates `$MIMO_DRAIN_FILE` when shutdown starts.
+
+A model holding open streams asks `draining()` in its loop; once true it ends every open stream with a final
+error response carrying `SHUTTING_DOWN` (Triton code UNAVAILABLE) and refuses new requests with it.
+"""
+
+from __future__ import annotations
+
+import os
+
+SHUTTING_DOWN = "server is shutting down"
+
+
+def draining() -> bool:
+    """True once the launcher created $MIMO_DRAIN_FILE (False when the variable is unset); one stat."""
+    path = os.environ.get("MIMO_DRAIN_FILE")
+    return bool(path) and os.path.exists(path)
