@@ -223,7 +223,7 @@ def raw_grpc_error(server, arrays: dict[str, tuple[np.ndarray, str]], model: str
 
 
 TEXT = (np.array([[b"Hi"]], dtype=np.object_), "BYTES")
-MAX_TOKENS = (np.array([[4]], dtype=np.int32), "INT32")
+MAX_TOKENS = (np.array([[4]], dtype=np.int64), "INT64")
 
 
 @pytest.mark.parametrize(

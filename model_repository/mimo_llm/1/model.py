@@ -8,7 +8,8 @@ import triton_python_backend_utils as pb_utils
 from mimo.engine import LLMEngine
 from mimo.loading import load_language_model
 from mimo.parallel.serving import TensorParallelRanks
-from mimo.serving.llm import GenerationLoop, LLMResponse, convert_llm_request, engine_config, is_stop_request
+from mimo.serving.llm import (GenerationLoop, LLMResponse, convert_llm_request, engine_config, is_stop_request,
+                              stop_target)
 from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter, torch_dtype, torch_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -97,8 +98,8 @@ class TritonPythonModel:
             try:
                 inputs = torch_inputs(request)
                 if is_stop_request(inputs):
-                    # an ensemble does not pass a client's cancellation on to this in-flight step; a stop does
-                    self.loop.abort_client_request(request.request_id())
+                    # the entry stops the generation of a client that left this way (2.51 BLS iterators cannot cancel)
+                    self.loop.abort_client_request(stop_target(request.request_id(), request.parameters()))
                     sink.send_final_empty()
                     continue
                 llm_request = convert_llm_request(inputs)
