@@ -69,6 +69,12 @@ class Client:
         self.errors.append((str(error), error.code))
         self.done.set()
 
+    def wait_streaming(self, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.responses:
+            assert time.monotonic() < deadline, "no response"
+            time.sleep(0.005)
+
 
 class Steps:
     """preprocessing / mimo_encoder answer at once unless `hold` is set; mimo_llm streams one token per 10 ms until
@@ -132,10 +138,7 @@ def test_a_client_that_leaves_mid_stream_has_its_generation_stopped(detokenizer)
     steps, client = Steps(), Client()
     entry = started(steps, detokenizer)
     entry.submit(client, client_inputs())
-    deadline = time.monotonic() + 10
-    while not client.responses:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    client.wait_streaming()
     client.cancelled = True
     assert client.done.wait(10)
     assert steps.stopped == {steps.llm_id}
@@ -189,10 +192,7 @@ def test_draining_refuses_new_requests_and_ends_open_streams(detokenizer, tmp_pa
     steps, open_client, late = Steps(), Client(), Client()
     entry = started(steps, detokenizer)
     entry.submit(open_client, client_inputs())
-    deadline = time.monotonic() + 10
-    while not open_client.responses:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    open_client.wait_streaming()
     drain_file.touch()
     assert lifecycle.draining()
     assert open_client.done.wait(10)
