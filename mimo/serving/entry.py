@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -156,18 +157,21 @@ class Entry:
         self._watcher.start()
         return self
 
-    def shutdown(self) -> None:
-        """Stops the generations still running, waits for their requests to end, stops the watcher."""
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Ends every open request with SHUTTING_DOWN (stopping its generation), waiting at most `timeout_s`."""
         with self._lock:
             jobs = list(self._in_flight.values())
         for job in jobs:
             job.draining = True
             if job.llm_started:
                 self._stop(job)
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        deadline = time.monotonic() + timeout_s
+        while self.num_in_flight() and time.monotonic() < deadline:
+            time.sleep(self.check_period_s)
         self._stopping.set()
         if self._watcher.is_alive():
             self._watcher.join()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def num_in_flight(self) -> int:
         with self._lock:

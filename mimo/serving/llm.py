@@ -297,8 +297,8 @@ class GenerationLoop:
             if output.finish_reason == "error":
                 request.sink.send_error(f"generation failed: {output.error}")
             elif output.finish_reason == "cancelled" and request.stopped:
-                # TensorRT-LLM's `stop`: a final response with the tokens so far. Not an error response: Triton
-                # 2.51's decoupled BLS response iterator (the entry's) never ends on a final error response.
+                # TensorRT-LLM's `stop`: a final response with the tokens so far. Not the CANCELLED error: the
+                # entry's decoupled BLS response iterator (Triton 2.51) was seen never to end on that one.
                 self._send_tokens(request, "cancelled")
             elif output.finish_reason == "cancelled":
                 request.sink.send_error("request cancelled", cancelled=True)

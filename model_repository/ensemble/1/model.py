@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from mimo.serving.contract import MODELS, STOP_REQUEST_ID
 from mimo.serving.detokenize import IncrementalDetokenizer
 from mimo.serving.entry import Entry, EntryError
-from mimo.serving.triton_config import model_parameter
+from mimo.serving.triton_config import exit_stub_process, model_parameter
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CODES = ("INVALID_ARG", "UNAVAILABLE", "CANCELLED", "INTERNAL")  # mimo.serving.entry's codes = TritonError's names
@@ -111,3 +111,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.entry.shutdown()
+        exit_stub_process()  # a worker still blocked in a BLS call must not hold the stub (its threads are joined)
