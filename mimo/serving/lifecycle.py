@@ -11,6 +11,7 @@ import os
 SHUTTING_DOWN = "server is shutting down"
 # a gauge (label `model`) of the requests each stream-holding model has open; the launcher's drain waits for 0
 IN_FLIGHT_METRIC = "mimo_requests_in_flight"
+IN_FLIGHT_DESCRIPTION = "requests a model holds open (streams included)"  # one text: the models share the family
 
 
 def draining() -> bool:
