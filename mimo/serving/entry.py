@@ -125,8 +125,10 @@ class _InFlight:
     cancelled: bool = False  # the client left
     draining: bool = False  # the server is shutting down
     final_sent: bool = False
-    # held around the final response and around is_cancelled(): Triton frees a request's response factory with its
-    # final response, and is_cancelled() after that crashes tritonserver (TRITONBACKEND_ResponseFactoryIsCancelled)
+    # held around every response and around is_cancelled(): Triton frees a request's response factory with its
+    # final response, and is_cancelled() after that crashes tritonserver (TRITONBACKEND_ResponseFactoryIsCancelled).
+    # One lock for all requests of the entry: these stub calls from several threads at once were seen to corrupt the
+    # stub's heap ("double free or corruption") under the vanishing-clients test.
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def client_left(self) -> bool:
@@ -149,6 +151,7 @@ class Entry:
                            for tensor in models[step.model].inputs}  # fmt: skip
         self._in_flight: dict[str, _InFlight] = {}
         self._lock = threading.Lock()
+        self._client_lock = threading.Lock()  # see _InFlight.lock
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mimo-entry")
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="mimo-entry-watcher", daemon=True)
@@ -184,9 +187,10 @@ class Entry:
             if lifecycle.draining():
                 raise EntryError(lifecycle.SHUTTING_DOWN, UNAVAILABLE)
         except EntryError as error:
-            client.send_error(error)
+            with self._client_lock:
+                client.send_error(error)
             return
-        job = _InFlight(client, inputs, llm_id=uuid.uuid4().hex)
+        job = _InFlight(client, inputs, llm_id=uuid.uuid4().hex, lock=self._client_lock)
         with self._lock:
             self._in_flight[job.llm_id] = job
             count = len(self._in_flight)
@@ -235,12 +239,9 @@ class Entry:
         if job.cancelled or job.draining:
             return  # the generation is being stopped; the request ends with why
         try:
-            if final:
-                with job.lock:
-                    job.final_sent = True
-                    job.client.send(outputs, final=True)
-            else:
-                job.client.send(outputs, final=False)
+            with job.lock:  # never beside an is_cancelled() of the watcher on the same request
+                job.final_sent = final
+                job.client.send(outputs, final)
         except Exception as error:  # noqa: BLE001 - the client went away: its generation must not go on
             logger.warning("sending to a client failed (%s); stopping its generation", error)
             job.cancelled = True
