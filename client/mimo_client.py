@@ -173,7 +173,8 @@ class MiMoClient:
     """One connection; runs one generation at a time (use one client per concurrent request)."""
 
     def __init__(self, url: str, protocol: str = "grpc", model: str = "ensemble", shared_memory: str = "none",
-                 cuda_device_id: int = 0):  # fmt: skip
+                 cuda_device_id: int = 0, response_timeout_s: float = RESPONSE_TIMEOUT_S):  # fmt: skip
+        """`response_timeout_s`: the longest wait for the next response (TimeoutError / queue.Empty past it)."""
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         if shared_memory not in ("none", "system", "cuda"):
@@ -182,6 +183,7 @@ class MiMoClient:
             raise ValueError("shared memory needs tensor inputs: use protocol='grpc' (HTTP generate takes JSON)")
         self.url, self.protocol, self.model = url, protocol, model
         self.shared_memory, self.cuda_device_id = shared_memory, cuda_device_id
+        self.response_timeout_s = response_timeout_s
         self._client = grpcclient.InferenceServerClient(url) if protocol == "grpc" else None
 
     def close(self) -> None:
@@ -235,7 +237,7 @@ class MiMoClient:
         try:
             self._client.async_stream_infer(self.model, inputs, outputs=outputs, enable_empty_final_response=True)
             while not finished:
-                result, error = responses.get(timeout=RESPONSE_TIMEOUT_S)
+                result, error = responses.get(timeout=self.response_timeout_s)
                 if error is not None:
                     finished = True
                     raise GenerationError(error.message())
@@ -283,7 +285,7 @@ class MiMoClient:
     def _post(self, path: str, body: dict):
         request = urllib.request.Request(f"http://{self.url}/v2/models/{path}", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
-        return urllib.request.urlopen(request, timeout=RESPONSE_TIMEOUT_S)
+        return urllib.request.urlopen(request, timeout=self.response_timeout_s)
 
 
 def _error_message(body: bytes) -> str:
