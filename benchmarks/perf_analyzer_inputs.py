@@ -10,7 +10,8 @@ measures latency to the first response, i.e. time to first token):
         --measurement-mode count_windows --measurement-request-count 32 --collect-metrics --verbose-csv \\
         -f artifacts/ensemble_perf.csv
 
-Requests cycle through the entries round robin. Each entry has a different image size (so the encoder sees
+perf_analyzer converts each `content` to the dtype the model declares (INT64 `max_tokens`). Requests cycle through
+the entries round robin. Each entry has a different image size (so the encoder sees
 different token counts) and a different prompt length. BYTES tensors given as `b64` are sent as-is, so the image
 is stored in Triton's serialized form (a 4-byte little-endian length before each element).
 """

@@ -33,10 +33,10 @@ from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, engine_knobs
 from mimo.parallel.deploy import ENCODER_DIR, DeployArtifact
 from mimo.serving import contract
-from mimo.serving.contract import EMBEDDING, ENSEMBLE, EnsembleSpec, ModelSpec, TensorSpec, ensemble_steps
+from mimo.serving.contract import EMBEDDING, ModelSpec, TensorSpec
 
 MODEL_FILES = Path(__file__).resolve().parents[1] / "model_repository"  # <model>/1/model.py
-MODELS = (*contract.MODELS, "ensemble")
+MODELS = tuple(contract.MODELS)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _TRITON_TYPES = {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}
 _CONFIG_TYPES = {"BYTES": "STRING"}  # a model config's name for the BYTES tensor type
@@ -81,7 +81,9 @@ class RepositorySettings:
                                            "instances of preprocessing (half the CPU cores, 2 to 8)")
     queue_delay_us: int = setting(100, "dynamic-batching delay of mimo_llm and postprocessing (us)")
     encoder_queue_delay_us: int = setting(2000, "dynamic-batching delay of mimo_encoder (us)")
-    cancellation_check_period_ms: int = setting(50, "how often mimo_llm asks Triton which requests were cancelled")
+    cancellation_check_period_ms: int = setting(50, "how often mimo_llm and the entry ask Triton which requests "
+                                                     "were cancelled")  # fmt: skip
+    entry_workers: int = setting(64, "requests the entry model (`ensemble`) runs at once; later ones wait")
     max_media_tokens: int = setting(16384, "prompt-table rows one request may need (sizes the CUDA memory pool on "
                                            "gpu)")  # fmt: skip
     engine: Mapping[str, int] = field(default_factory=dict)  # EngineConfig knobs that differ from their defaults
@@ -174,6 +176,12 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
         # one instance: each streamed mimo_llm response reaches it as a request of its own, and two instances
         # could hand a stream's pieces back out of order
         "postprocessing": Deployment(settings.queue_delay_us, instance_group(1, None), {"checkpoint_dir": checkpoint}),
+        # one instance: its requests run on its worker threads, the steps it calls scale on their own
+        "ensemble": Deployment(settings.queue_delay_us, instance_group(1, None), {
+            "checkpoint_dir": checkpoint,
+            "cancellation_check_period_ms": settings.cancellation_check_period_ms,
+            "workers": settings.entry_workers,
+        }),
     }
 
 
@@ -228,22 +236,6 @@ def model_config_text(spec: ModelSpec, deployment: Deployment, max_batch_size: i
     return "\n".join(lines) + "\n"
 
 
-def ensemble_config_text(ensemble: EnsembleSpec, max_batch_size: int) -> str:
-    lines = [*_comment(f"ensemble: {ensemble.comment}"), 'name: "ensemble"', 'platform: "ensemble"',
-             f"max_batch_size: {max_batch_size}", ""]  # fmt: skip
-    lines += _tensor_lines("input", ensemble.inputs, "")
-    lines += _tensor_lines("output", ensemble.outputs, "")
-    lines += ["", "ensemble_scheduling {", "  step ["]
-    steps = ensemble_steps(ensemble)
-    for index, step in enumerate(steps):
-        lines += ["    {", f'      model_name: "{step.model}"', "      model_version: -1"]
-        for section, mapping in (("input_map", step.input_map), ("output_map", step.output_map)):
-            entries = [f'        {{ key: "{key}" value: "{value}" }}' for key, value in mapping.items()]
-            lines += [f"      {section} [", ",\n".join(entries), "      ]"]
-        lines.append("    }," if index < len(steps) - 1 else "    }")
-    return "\n".join(lines + ["  ]", "}"]) + "\n"
-
-
 def cuda_memory_pool_bytes(settings: RepositorySettings, hidden_size: int) -> int:
     """Per GPU: room for every prompt table one round of encoder batches can have in flight to mimo_llm, twice over."""
     table_bytes = settings.max_media_tokens * hidden_size * _DTYPE_BYTES[settings.resolved_dtype]
@@ -257,14 +249,12 @@ def render_repository(settings: RepositorySettings, out: Path, model_files: Path
     embedding = _TRITON_TYPES[settings.resolved_dtype]
     configs = {name: model_config_text(spec, values[name], settings.max_batch, embedding)
                for name, spec in contract.MODELS.items()}  # fmt: skip
-    configs["ensemble"] = ensemble_config_text(ENSEMBLE, settings.max_batch)
     if out.exists():
         shutil.rmtree(out)
     for name, text in configs.items():
         (out / name / "1").mkdir(parents=True)
         (out / name / "config.pbtxt").write_text(text)
-        if name in contract.MODELS:
-            shutil.copy2(model_files / name / "1" / "model.py", out / name / "1" / "model.py")
+        shutil.copy2(model_files / name / "1" / "model.py", out / name / "1" / "model.py")
     command = ["tritonserver", f"--model-repository={out.resolve()}"]
     if settings.device == "gpu":
         hidden = MiMoV2Config.from_pretrained(settings.checkpoint).hidden_size

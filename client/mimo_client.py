@@ -10,7 +10,8 @@ which Triton serves only through gRPC bidirectional streaming and HTTP's generat
   HTTP  `/generate_stream` (server-sent events) or `/generate`; these take JSON, so media go as base64
         `data:` URLs
 `shared_memory="system"` (or "cuda", on a machine with a GPU next to the server) places the media inputs in a
-registered shared-memory region instead of the request body (gRPC only).
+registered shared-memory region instead of the request body (gRPC only). A consumer that stops iterating early
+cancels the stream (gRPC) or closes the socket (HTTP); the server then stops the generation.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def request_arrays(text: str, media: dict[str, Sequence[bytes]], max_tokens: int
         raise ValueError(f"text must be a str, got {type(text).__name__}")
     arrays = {
         "text_input": np.array([[text.encode()]], dtype=np.object_),
-        "max_tokens": np.array([[_check_number("max_tokens", max_tokens, int, 1)]], dtype=np.int32),
+        "max_tokens": np.array([[_check_number("max_tokens", max_tokens, int, 1, 2**31 - 1)]], dtype=np.int64),
         "stream": np.array([[stream]], dtype=bool),
     }
     for kwarg, name in MEDIA_INPUTS.items():
@@ -115,7 +116,7 @@ def request_arrays(text: str, media: dict[str, Sequence[bytes]], max_tokens: int
     if temperature is not None:
         arrays["temperature"] = np.array([[_check_number("temperature", temperature, float, 0.0)]], dtype=np.float32)
     if top_k is not None:
-        arrays["top_k"] = np.array([[_check_number("top_k", top_k, int, 0)]], dtype=np.int32)
+        arrays["top_k"] = np.array([[_check_number("top_k", top_k, int, 0, 2**31 - 1)]], dtype=np.int64)
     if top_p is not None:
         arrays["top_p"] = np.array([[_check_number("top_p", top_p, float, 0.0, 1.0)]], dtype=np.float32)
     if seed is not None:
@@ -172,15 +173,17 @@ class MiMoClient:
     """One connection; runs one generation at a time (use one client per concurrent request)."""
 
     def __init__(self, url: str, protocol: str = "grpc", model: str = "ensemble", shared_memory: str = "none",
-                 cuda_device_id: int = 0, llm_model: str = "mimo_llm"):  # fmt: skip
+                 cuda_device_id: int = 0, response_timeout_s: float = RESPONSE_TIMEOUT_S):  # fmt: skip
+        """`response_timeout_s`: the longest wait for the next response (TimeoutError / queue.Empty past it)."""
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         if shared_memory not in ("none", "system", "cuda"):
             raise ValueError(f"shared_memory must be 'none', 'system' or 'cuda', got {shared_memory!r}")
         if shared_memory != "none" and protocol != "grpc":
             raise ValueError("shared memory needs tensor inputs: use protocol='grpc' (HTTP generate takes JSON)")
-        self.url, self.protocol, self.model, self.llm_model = url, protocol, model, llm_model
+        self.url, self.protocol, self.model = url, protocol, model
         self.shared_memory, self.cuda_device_id = shared_memory, cuda_device_id
+        self.response_timeout_s = response_timeout_s
         self._client = grpcclient.InferenceServerClient(url) if protocol == "grpc" else None
 
     def close(self) -> None:
@@ -231,12 +234,10 @@ class MiMoClient:
         responses: queue.Queue = queue.Queue()
         self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
         finished = False
-        request_id = uuid.uuid4().hex
         try:
-            self._client.async_stream_infer(self.model, inputs, outputs=outputs, request_id=request_id,
-                                            enable_empty_final_response=True)  # fmt: skip
+            self._client.async_stream_infer(self.model, inputs, outputs=outputs, enable_empty_final_response=True)
             while not finished:
-                result, error = responses.get(timeout=RESPONSE_TIMEOUT_S)
+                result, error = responses.get(timeout=self.response_timeout_s)
                 if error is not None:
                     finished = True
                     raise GenerationError(error.message())
@@ -244,32 +245,8 @@ class MiMoClient:
                 if result.as_numpy("text_output") is not None:
                     yield self._add_result(collector, result)
         finally:
-            if not finished:  # the consumer stopped early
-                self._stop_llm_request(request_id)
-                _drain(responses)
-            self._client.stop_stream()
-
-    def _stop_llm_request(self, request_id: str) -> None:
-        """Ends our in-flight request on the LLM step, which frees its KV at once; the ensemble then finishes.
-
-        Triton 2.51 does not pass an ensemble's cancellation on to a step already running (and cancelling an
-        ensemble whose decoupled step still streams leaves it counted in flight), so the LLM model takes
-        TensorRT-LLM's `stop` for the request id the ensemble handed on (HTTP does the same in
-        `_generate_http`). Sent on a second connection: a tritonclient connection carries one stream.
-        """
-        done: queue.Queue = queue.Queue()
-        stop = grpcclient.InferInput("stop", [1, 1], "BOOL")
-        stop.set_data_from_numpy(np.array([[True]]))
-        with grpcclient.InferenceServerClient(self.url) as control:
-            control.start_stream(callback=lambda result, error: done.put((result, error)))
-            try:
-                control.async_stream_infer(self.llm_model, [stop], request_id=request_id,
-                                           enable_empty_final_response=True)  # fmt: skip
-                error = _drain(done)
-                if error is not None:
-                    raise GenerationError(f"stopping request {request_id} failed: {error.message()}")
-            finally:
-                control.stop_stream()
+            # the consumer stopped early: cancelling the stream tells the server to stop the generation
+            self._client.stop_stream(cancel_requests=not finished)
 
     @staticmethod
     def _add_result(collector: _Collector, result) -> str:
@@ -288,46 +265,27 @@ class MiMoClient:
                 body[name] = decoded[0] if name == "text_input" else decoded
             else:
                 body[name] = values[0]
-        body["id"] = request_id = uuid.uuid4().hex
         collector = _Collector()
         try:
             reply = self._post(f"{self.model}/{'generate_stream' if stream else 'generate'}", body)
         except urllib.error.HTTPError as error:
             raise GenerationError(_error_message(error.read())) from None
-        finished = False
-        with reply:
-            lines = reply if stream else [b"data:" + reply.read()]
-            try:
-                for line in lines:
-                    if not line.startswith(b"data:"):
-                        continue
-                    event = json.loads(line[len(b"data:") :])
-                    if "error" in event:
-                        finished = True
-                        raise GenerationError(event["error"])
-                    ids = event["output_ids"]
-                    finished = bool(event["finish_reason"])
-                    yield collector.add(event["text_output"], ids if isinstance(ids, list) else [ids],
-                                        event["finish_reason"])  # fmt: skip
-            finally:
-                if not finished:  # the consumer stopped early: end the LLM step, then let the stream finish
-                    self._post(f"{self.llm_model}/generate", {"id": request_id, "stop": True}).close()
-                    for _ in lines:
-                        pass
+        with reply:  # a consumer that stops early closes the socket: the server stops the generation
+            for line in reply if stream else [b"data:" + reply.read()]:
+                if not line.startswith(b"data:"):
+                    continue
+                event = json.loads(line[len(b"data:") :])
+                if "error" in event:
+                    raise GenerationError(event["error"])
+                ids = event["output_ids"]
+                yield collector.add(event["text_output"], ids if isinstance(ids, list) else [ids],
+                                    event["finish_reason"])  # fmt: skip
         yield collector.summary()
 
     def _post(self, path: str, body: dict):
         request = urllib.request.Request(f"http://{self.url}/v2/models/{path}", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
-        return urllib.request.urlopen(request, timeout=RESPONSE_TIMEOUT_S)
-
-
-def _drain(responses: queue.Queue):
-    """Waits for a stream's final response, dropping everything before it; returns the error that ended it."""
-    while True:
-        result, error = responses.get(timeout=RESPONSE_TIMEOUT_S)
-        if error is not None or result.get_response().parameters["triton_final_response"].bool_param:
-            return error
+        return urllib.request.urlopen(request, timeout=self.response_timeout_s)
 
 
 def _error_message(body: bytes) -> str:

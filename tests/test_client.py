@@ -8,16 +8,14 @@ import pytest
 
 from client.mimo_client import MiMoClient, data_url, request_arrays
 from client.sample_media import sample_image
+from mimo.serving.contract import ENTRY, numpy_type
 
 
 def test_request_arrays_match_the_ensemble_inputs():
     arrays = request_arrays("Hi", {"images": [b"png"], "audios": []}, 8, 0.5, 4, 0.9, 7, ["stop"], True)
-    expected = {
-        "text_input": np.object_, "max_tokens": np.int32, "stream": np.bool_, "image_bytes_input": np.object_,
-        "temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "random_seed": np.uint64,
-        "stop_words": np.object_,
-    }  # fmt: skip
-    assert {name: array.dtype.type for name, array in arrays.items()} == expected
+    declared = {tensor.name: numpy_type(tensor.dtype).type for tensor in ENTRY.inputs}
+    assert {name: array.dtype.type for name, array in arrays.items()} == {name: declared[name] for name in arrays}
+    assert arrays["max_tokens"].dtype == np.int64 and arrays["top_k"].dtype == np.int64
     assert all(array.shape[0] == 1 for array in arrays.values())
     assert arrays["image_bytes_input"].tolist() == [[b"png"]]
     assert set(request_arrays("Hi", {}, 8, None, None, None, None, [], False)) == {"text_input", "max_tokens", "stream"}
@@ -26,6 +24,7 @@ def test_request_arrays_match_the_ensemble_inputs():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"max_tokens": "8"}, "max_tokens must be an integer"), ({"max_tokens": 0}, "max_tokens must be in"),
+     ({"max_tokens": 2**32 + 4}, "max_tokens must be in"), ({"top_k": 2**32 + 1}, "top_k must be in"),
      ({"temperature": "hot"}, "temperature must be a number"), ({"top_p": 1.5}, "top_p must be in"),
      ({"seed": True}, "seed must be an integer"), ({"images": ["x.png"]}, "images must be encoded files as bytes")],
 )  # fmt: skip

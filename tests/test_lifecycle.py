@@ -26,7 +26,8 @@ from triton_harness import TritonServer, descendants, server_environ, shm_prefix
 STREAMS = 16
 STOP_BUDGET_S = 10.0
 MAX_TOKENS = SERVED_MAX_MODEL_LEN - 128  # never reached before the signal
-DATATYPES = {np.dtype(bool): "BOOL", np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
+DATATYPES = {np.dtype(bool): "BOOL", np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
+             np.dtype(np.float32): "FP32"}  # fmt: skip
 
 
 def test_draining_follows_the_drain_file(monkeypatch, tmp_path):
@@ -82,7 +83,7 @@ class OpenStream:
 def ensemble_and_llm_requests() -> tuple[dict, dict]:
     # greedy: sampled at temperature 1 the tiny model may draw the end token early and finish before the signal
     ensemble = {"text_input": np.array([[b"Tell me a long story"]], dtype=np.object_),
-                "max_tokens": np.array([[MAX_TOKENS]], dtype=np.int32), "stream": np.array([[True]]),
+                "max_tokens": np.array([[MAX_TOKENS]], dtype=np.int64), "stream": np.array([[True]]),
                 "temperature": np.array([[0.0]], dtype=np.float32)}  # fmt: skip
     llm = {"input_ids": np.arange(3, 40, dtype=np.int32)[None], "streaming": np.array([[True]]),
            "request_output_len": np.array([[MAX_TOKENS]], dtype=np.int32)}  # fmt: skip

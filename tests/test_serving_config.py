@@ -19,7 +19,7 @@ from builders.repository import (
 from mimo.engine import EngineConfig, engine_knobs
 from mimo.processing.items import PACKED_MEDIA_TENSORS, WIRE_FIELDS, MediaItem
 from mimo.serving import contract
-from mimo.serving.contract import ContractError, EnsembleSpec, ModelSpec, TensorSpec, ensemble_steps
+from mimo.serving.contract import ENTRY, ContractError, ModelSpec, TensorSpec, entry_steps
 from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter
 
 
@@ -34,26 +34,23 @@ def repository(tiny_checkpoint, tmp_path_factory):
     return {name: parsed(root, name) for name in MODELS}
 
 
-def test_ensemble_steps_match_the_rendered_models(repository):
-    ensemble = repository["ensemble"]
-    # ensemble tensor -> data type, from the ensemble inputs and then each step's outputs
-    produced = {tensor.name: tensor.data_type for tensor in ensemble.input}
-    for step in ensemble.ensemble_scheduling.step:
-        model = repository[step.model_name]
-        inputs, outputs = {t.name: t for t in model.input}, {t.name: t for t in model.output}
-        assert set(step.input_map) <= set(inputs), step.model_name
-        assert {name for name, t in inputs.items() if not t.optional} <= set(step.input_map), step.model_name
-        for name, tensor in step.input_map.items():
-            assert produced.get(tensor) == inputs[name].data_type, (step.model_name, name, tensor)
-        assert set(step.output_map) <= set(outputs), step.model_name
-        for name, tensor in step.output_map.items():
-            assert tensor not in produced, f"{tensor} produced twice"
-            produced[tensor] = outputs[name].data_type
-    for tensor in ensemble.output:
-        assert produced.get(tensor.name) == tensor.data_type, tensor.name
-    consumed = {tensor for step in ensemble.ensemble_scheduling.step for tensor in step.input_map.values()}
-    internal = {t for step in ensemble.ensemble_scheduling.step for t in step.output_map.values()}
-    assert internal - consumed == {t.name for t in ensemble.output}  # nothing produced for nobody
+def test_entry_steps_match_the_rendered_models(repository):
+    entry = repository["ensemble"]
+    assert entry.backend == "python" and entry.model_transaction_policy.decoupled
+    produced = {tensor.name: tensor.data_type for tensor in entry.input}  # source key -> data type
+    narrowed = {model_config_pb2.TYPE_INT64: model_config_pb2.TYPE_INT32}  # range-checked client integers
+    for step in entry_steps():
+        model = repository[step.model]
+        inputs = {t.name: t for t in model.input}
+        assert set(step.input_map) <= set(inputs), step.model
+        assert {name for name, t in inputs.items() if not t.optional} <= set(step.input_map), step.model
+        for name, source in step.input_map.items():
+            assert inputs[name].data_type in (produced[source], narrowed.get(produced[source])), (step.model, name)
+        produced.update({f"{step.model}.{t.name}": t.data_type for t in model.output})
+    assert [step.model for step in entry_steps()] == list(ENTRY.steps) == ["preprocessing", "mimo_encoder", "mimo_llm"]
+    llm = next(step for step in entry_steps() if step.model == "mimo_llm")
+    assert llm.input_map["prompt_embedding_table"] == "mimo_encoder.prompt_embedding_table"
+    assert llm.input_map["request_output_len"] == "max_tokens" and llm.input_map["input_ids"] == "preprocessing.input_ids"
 
 
 def test_the_client_contract_and_tensorrt_llm_names_stay(repository):
@@ -83,24 +80,22 @@ def test_packed_media_come_from_the_media_item_declaration(repository):
 
 
 def test_a_graph_error_names_the_tensor():
-    def one_step(*models):
-        ensemble = EnsembleSpec("", (TensorSpec("x", "INT32", (1,)),), (TensorSpec("y", "INT32", (1,)),),
-                                tuple(m.name for m in models))  # fmt: skip
-        return lambda: ensemble_steps(ensemble, {m.name: m for m in models})
+    def one_step(*models, inputs=(TensorSpec("x", "INT64", (1,)),)):
+        entry = ModelSpec("entry", "", inputs, (), {}, decoupled=True, steps=tuple(m.name for m in models))
+        return lambda: entry_steps(entry, {m.name: m for m in models})
 
-    def model(name, inputs, outputs, decoupled=False):
-        return ModelSpec(name, "", tuple(inputs), tuple(outputs), {}, decoupled)
+    def model(name, inputs, outputs):
+        return ModelSpec(name, "", tuple(inputs), tuple(outputs), {})
 
     x, y = TensorSpec("x", "INT32", (1,)), TensorSpec("y", "INT32", (1,))
-    assert one_step(model("m", [x], [y]))()[0].output_map == {"y": "y"}
+    assert one_step(model("m", [x], [y]))()[0].input_map == {"x": "x"}  # INT64 client input narrowed to INT32
+    assert one_step(model("m", [x], [y]), model("n", [y], []))()[1].input_map == {"y": "m.y"}
     with pytest.raises(ContractError, match="m input 'z' is required but nothing provides it"):
         one_step(model("m", [TensorSpec("z", "INT32", (1,))], [y]))()
-    with pytest.raises(ContractError, match=r"m input 'x' is FP32 \[1\], but its source 'x' is INT32 \[1\]"):
+    with pytest.raises(ContractError, match=r"m input 'x' is FP32 \[1\], but its source 'x' is INT64 \[1\]"):
         one_step(model("m", [TensorSpec("x", "FP32", (1,))], [y]))()
-    with pytest.raises(ContractError, match="ensemble output 'y' is produced by no step"):
-        one_step(model("m", [x], [TensorSpec("w", "INT32", (1,))]))()
-    with pytest.raises(ContractError, match="second input 'x' comes from before the decoupled step first"):
-        one_step(model("first", [x], [TensorSpec("w", "INT32", (1,))], decoupled=True), model("second", [x], [y]))()
+    with pytest.raises(ContractError, match=r"n input 'y' is INT64 \[1\], but its source 'y' is INT32 \[1\]"):
+        one_step(model("m", [x], [y]), model("n", [TensorSpec("y", "INT64", (1,))], []))()  # only client inputs
 
 
 def test_engine_knobs_have_one_default_flag_and_parameter(repository, tiny_checkpoint, tmp_path):
@@ -181,7 +176,7 @@ def test_render_writes_every_model(tiny_checkpoint, tmp_path):
     assert command == ["tritonserver", f"--model-repository={(tmp_path / 'repo').resolve()}"]
     for model in MODELS:
         assert parsed(tmp_path / "repo", model).name == model
-        assert (tmp_path / "repo" / model / "1" / "model.py").is_file() == (model != "ensemble")
+        assert (tmp_path / "repo" / model / "1" / "model.py").is_file()
     llm = (tmp_path / "repo" / "mimo_llm" / "config.pbtxt").read_text()
     assert "kind: KIND_CPU" in llm and 'string_value: "yes"' in llm and str(tiny_checkpoint.resolve()) in llm
 

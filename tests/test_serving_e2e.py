@@ -24,6 +24,7 @@ from mimo.serving.offline import OfflinePipeline
 from mimo.serving.preprocess import preprocess_request
 from mimo.serving.triton_config import torch_dtype
 from processing_media import encode_video
+from tools import traffic
 
 PROTOCOLS = ["grpc", "http"]
 IMAGE, OTHER_IMAGE, TONE = sample_image((200, 40, 40)), sample_image((30, 60, 220), (64, 96)), sample_tone()
@@ -48,8 +49,7 @@ def run(client: MiMoClient, text: str, **kwargs) -> tuple[list[str], GenerationS
 
 
 def kv_blocks(server) -> dict[tuple[str, str], float]:
-    pattern = re.compile(r'^mimo_kv_blocks\{pool="(\w+)",state="(\w+)"\} (\S+)$', re.MULTILINE)
-    return {(pool, state): float(value) for pool, state, value in pattern.findall(server.metrics())}
+    return traffic.kv_blocks(server.metrics())
 
 
 def wait_kv_all_free(server, timeout_s: float = 60.0) -> dict:
@@ -223,7 +223,7 @@ def raw_grpc_error(server, arrays: dict[str, tuple[np.ndarray, str]], model: str
 
 
 TEXT = (np.array([[b"Hi"]], dtype=np.object_), "BYTES")
-MAX_TOKENS = (np.array([[4]], dtype=np.int32), "INT32")
+MAX_TOKENS = (np.array([[4]], dtype=np.int64), "INT64")
 
 
 @pytest.mark.parametrize(

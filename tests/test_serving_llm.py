@@ -15,7 +15,7 @@ from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.serving.detokenize import DETOKENIZATION_WINDOW
 from mimo.serving.lifecycle import SHUTTING_DOWN
 from mimo.serving.llm import (GenerationLoop, LLMRequest, LLMResponse, ServerShuttingDown, convert_llm_request,
-                              parse_stop_words)  # fmt: skip
+                              parse_stop_words, stop_target)  # fmt: skip
 
 
 def tensors(**values) -> dict[str, torch.Tensor]:
@@ -165,12 +165,34 @@ def test_stop_by_client_request_id_frees_its_kv(loop):
     sink, other = ListSink(), ListSink()
     loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=40, temperature=0.0), None, True), sink, "client-a")
     loop.submit(LLMRequest(PROMPTS[1], SamplingParams(max_tokens=4, temperature=0.0), None, True), other, "client-b")
-    assert loop.abort_client_request("client-a") == 1
-    assert sink.done.wait(60) and sink.errors == [("request cancelled", "cancelled")]
+    assert loop.abort_client_request("client-a") is True
+    # TensorRT-LLM's stop: a final response with the tokens so far, not an error
+    assert sink.done.wait(60) and sink.errors == [] and sink.responses[-1].finish_reason == "cancelled"
     assert other.done.wait(60) and other.responses[-1].finish_reason == "length"
-    assert loop.abort_client_request("client-a") == 0
+    assert loop.abort_client_request("client-a") is False
     with pytest.raises(InvalidRequestError, match="needs the request id"):
         loop.abort_client_request("")
+    wait_all_free(loop.engine)
+
+
+def test_a_stop_names_its_target_by_its_own_id_or_a_parameter():
+    assert stop_target("abc", "{}") == "abc" and stop_target("abc", "") == "abc"
+    assert stop_target("own-id", '{"stop_request_id": "target"}') == "target"
+    with pytest.raises(InvalidRequestError, match="'stop_request_id' must be a string"):
+        stop_target("x", '{"stop_request_id": 5}')
+
+
+def test_an_id_already_in_flight_is_refused(loop):
+    first, again = ListSink(), ListSink()
+    long = SamplingParams(max_tokens=40, temperature=0.0)
+    loop.submit(LLMRequest(PROMPTS[0], long, None, True), first, "same-id")
+    with pytest.raises(InvalidRequestError, match="request id 'same-id' is already in flight"):
+        loop.submit(LLMRequest(PROMPTS[1], long, None, True), again, "same-id")
+    assert loop.num_active() == 1  # the refused one holds nothing
+    assert loop.abort_client_request("same-id") is True
+    assert first.done.wait(60) and first.responses[-1].finish_reason == "cancelled"
+    loop.submit(LLMRequest(PROMPTS[1], SamplingParams(max_tokens=2, temperature=0.0), None, True), again, "same-id")
+    assert again.done.wait(60) and again.responses[-1].finish_reason == "length"  # free again once it ended
     wait_all_free(loop.engine)
 
 

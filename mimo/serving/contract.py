@@ -1,10 +1,11 @@
-"""The Triton model graph, declared once: each model's tensors and parameters, and the ensemble's steps.
+"""The Triton model graph, declared once: each model's tensors and parameters, and the steps the entry calls.
 
-`python -m builders repository` renders every config.pbtxt from this module. The ensemble's maps are derived
-(`ensemble_steps`): a step input reads the output of that name of the latest earlier step, else the ensemble input
-of that name (or of its client name, `CLIENT_NAMES`). The media tensors from preprocessing to mimo_encoder are
+`python -m builders repository` renders every config.pbtxt from this module. The entry model clients call
+(`ensemble`, a decoupled Python BLS model) calls its `steps` in order; the inputs of each step are derived
+(`entry_steps`): a step input reads the output of that name of the latest earlier step, else the entry's input of
+that name (or of its client name, `CLIENT_NAMES`). The media tensors from preprocessing to mimo_encoder are
 `mimo.processing.items.PACKED_MEDIA_TENSORS`; mimo_llm keeps TensorRT-LLM's `tensorrt_llm` tensor names; the
-ensemble's inputs and outputs are the client contract (README "Ensemble contract"). Every model has
+entry's inputs and outputs are the client contract (README "Ensemble contract"). Every model has
 `max_batch_size > 0`, so dims here exclude the batch dimension each request tensor carries.
 """
 
@@ -53,25 +54,21 @@ class ModelSpec:
     outputs: tuple[TensorSpec, ...]
     parameters: Mapping[str, str]  # string parameters model.py reads -> what they are (rendered as comments)
     decoupled: bool = False
-
-
-@dataclass(frozen=True)
-class EnsembleSpec:
-    comment: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    steps: tuple[str, ...]  # model names, in order
+    steps: tuple[str, ...] = ()  # a BLS model: the models it calls, in order
 
 
 @dataclass(frozen=True)
 class Step:
     model: str
-    input_map: dict[str, str]  # model input -> ensemble tensor
-    output_map: dict[str, str]  # model output -> ensemble tensor
+    input_map: dict[str, str]  # step input -> its source: an entry input's name, or `<step model>.<output name>`
 
 
 def triton_type(dtype: np.dtype) -> str:
     return _NUMPY_TYPES[np.dtype(dtype)]
+
+
+def numpy_type(triton: str) -> np.dtype:
+    return next(dtype for dtype, name in _NUMPY_TYPES.items() if name == triton)
 
 
 def _packed() -> tuple[TensorSpec, ...]:
@@ -84,6 +81,7 @@ def _int32(name: str, **kwargs) -> TensorSpec:
     return TensorSpec(name, "INT32", (1,), **kwargs)
 
 
+STOP_REQUEST_ID = "stop_request_id"  # request parameter of a mimo_llm `stop`: the id of the request to end
 CHECKPOINT_DIR = {"checkpoint_dir": "hub checkpoint (or a deployment's encoder/ folder) the model reads"}
 
 PREPROCESSING = ModelSpec(
@@ -140,8 +138,9 @@ MIMO_LLM = ModelSpec(
         TensorSpec("prompt_embedding_table", EMBEDDING, (-1, -1), optional=True),
         _int32("prompt_vocab_size", optional=True, scalar=True),
         TensorSpec("stop", "BOOL", (1,), optional=True,
-                   comment="true: end the in-flight request that was sent with this request's id (the request id is "
-                           "the key)"),
+                   comment="true: end the in-flight request that was sent with this request's id, or with the id "
+                           "in the request parameter `stop_request_id` (BLS callers: python_backend routes decoupled "
+                           "BLS responses by request id); ids are unique among in-flight requests"),
     ),
     outputs=(
         TensorSpec("output_ids", "INT32", (-1, -1)),
@@ -180,16 +179,19 @@ POSTPROCESSING = ModelSpec(
     parameters=CHECKPOINT_DIR,
 )
 
-ENSEMBLE = EnsembleSpec(
-    comment="the serving contract (README \"Ensemble contract\"); streams when `stream` is true (gRPC streaming or "
-            "HTTP generate_stream). Every output comes from postprocessing: with a decoupled step in the middle, a "
-            "later step may only consume tensors produced after it (Triton server #7275).",
+ENTRY = ModelSpec(
+    name="ensemble",
+    comment="the serving contract (README \"Ensemble contract\"): a decoupled Python BLS model that calls "
+            "preprocessing -> mimo_encoder -> mimo_llm (streamed) and detokenizes in-process; streams when `stream` "
+            "is true (gRPC streaming or HTTP generate_stream); a client that leaves (stream cancelled, channel or "
+            "socket closed) has its generation stopped",
     inputs=(
         TensorSpec("text_input", "BYTES", (1,)),
         *(TensorSpec(name, "BYTES", (-1,), optional=True) for name in MEDIA_INPUTS),
-        _int32("max_tokens"),
+        TensorSpec("max_tokens", "INT64", (1,), comment="integers are INT64 / UINT64 so that no protocol wraps them "
+                                                        "(HTTP JSON would for INT32); the entry checks their ranges"),
         TensorSpec("temperature", "FP32", (1,), optional=True),
-        _int32("top_k", optional=True),
+        TensorSpec("top_k", "INT64", (1,), optional=True),
         TensorSpec("top_p", "FP32", (1,), optional=True),
         TensorSpec("random_seed", "UINT64", (1,), optional=True),
         TensorSpec("stream", "BOOL", (1,), optional=True),
@@ -200,27 +202,34 @@ ENSEMBLE = EnsembleSpec(
         TensorSpec("output_ids", "INT32", (-1,)),
         TensorSpec("finish_reason", "BYTES", (1,)),
     ),
-    steps=("preprocessing", "mimo_encoder", "mimo_llm", "postprocessing"),
+    parameters={
+        **CHECKPOINT_DIR,
+        "cancellation_check_period_ms": "how often the entry asks Triton which of its requests' clients left",
+        "workers": "requests the entry runs at once (one thread each); later ones wait in its queue",
+    },
+    decoupled=True,
+    steps=("preprocessing", "mimo_encoder", "mimo_llm"),
 )
 
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (PREPROCESSING, MIMO_ENCODER, MIMO_LLM, POSTPROCESSING)}
-# step input -> the ensemble input it reads where the names differ (TensorRT-LLM names vs the client's)
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec for spec in (PREPROCESSING, MIMO_ENCODER, MIMO_LLM, POSTPROCESSING, ENTRY)
+}
+# step input -> the entry input it reads where the names differ (TensorRT-LLM names vs the client's)
 CLIENT_NAMES = {"request_output_len": "max_tokens", "runtime_top_k": "top_k", "runtime_top_p": "top_p",
                 "streaming": "stream"}  # fmt: skip
 
 
-def ensemble_steps(ensemble: EnsembleSpec = ENSEMBLE, models: Mapping[str, ModelSpec] = MODELS) -> list[Step]:
-    """The ensemble's steps with their input and output maps, derived from the declared tensors.
+def entry_steps(entry: ModelSpec = ENTRY, models: Mapping[str, ModelSpec] = MODELS) -> list[Step]:
+    """The entry's steps with the source of each step input, derived from the declared tensors.
 
-    A step output is mapped only where a later step or the ensemble's outputs read it. Raises ContractError for a
-    required input that nothing provides, a dtype or dims that differ between producer and consumer, a step after a
-    decoupled one reading a tensor from before it (Triton server #7275), or an ensemble output no step produces.
+    An entry input may be a wider integer than the step input it feeds (the entry range-checks and narrows it);
+    otherwise dtype and dims must match. Raises ContractError for a required input that nothing provides or a wire
+    whose dtype or dims differ.
     """
-    # tensor name -> (its spec, the ensemble tensor carrying it, the index of the step producing it or None)
-    available: dict[str, tuple[TensorSpec, str, int | None]] = {t.name: (t, t.name, None) for t in ensemble.inputs}
+    # tensor name -> (its spec, its source key, whether an entry input)
+    available: dict[str, tuple[TensorSpec, str, bool]] = {t.name: (t, t.name, True) for t in entry.inputs}
     steps: list[Step] = []
-    after_decoupled: int | None = None  # index of the latest decoupled step so far
-    for model_name in ensemble.steps:
+    for model_name in entry.steps:
         model = models[model_name]
         input_map = {}
         for tensor in model.inputs:
@@ -229,32 +238,20 @@ def ensemble_steps(ensemble: EnsembleSpec = ENSEMBLE, models: Mapping[str, Model
                 if not tensor.optional:
                     raise ContractError(f"{model_name} input {tensor.name!r} is required but nothing provides it")
                 continue
-            spec, ensemble_tensor, producer = source
-            if after_decoupled is not None and (producer is None or producer < after_decoupled):
-                raise ContractError(f"{model_name} input {tensor.name!r} comes from before the decoupled step "
-                                    f"{steps[after_decoupled].model}")  # fmt: skip
-            _check_wire(spec, tensor, f"{model_name} input {tensor.name!r}")
-            input_map[tensor.name] = ensemble_tensor
-        if model.decoupled:
-            after_decoupled = len(steps)
+            spec, key, from_client = source
+            _check_wire(spec, tensor, f"{model_name} input {tensor.name!r}", narrowing=from_client)
+            input_map[tensor.name] = key
         for tensor in model.outputs:
-            available[tensor.name] = (tensor, f"_{model_name}_{tensor.name}", len(steps))
-        steps.append(Step(model_name, input_map, {}))
-    consumed = {value for step in steps for value in step.input_map.values()}
-    for step in steps:
-        for tensor in models[step.model].outputs:
-            if f"_{step.model}_{tensor.name}" in consumed:
-                step.output_map[tensor.name] = f"_{step.model}_{tensor.name}"
-    for tensor in ensemble.outputs:
-        spec, _, producer = available.get(tensor.name, (None, None, None))
-        if producer is None:
-            raise ContractError(f"ensemble output {tensor.name!r} is produced by no step")
-        _check_wire(spec, tensor, f"ensemble output {tensor.name!r}")
-        steps[producer].output_map[tensor.name] = tensor.name
+            available[tensor.name] = (tensor, f"{model_name}.{tensor.name}", False)
+        steps.append(Step(model_name, input_map))
     return steps
 
 
-def _check_wire(produced: TensorSpec, consumed: TensorSpec, what: str) -> None:
-    if produced.dtype != consumed.dtype or produced.dims != consumed.dims:
+_INTEGERS = {"INT8", "INT32", "INT64", "UINT64"}
+
+
+def _check_wire(produced: TensorSpec, consumed: TensorSpec, what: str, narrowing: bool = False) -> None:
+    same_type = produced.dtype == consumed.dtype or (narrowing and {produced.dtype, consumed.dtype} <= _INTEGERS)
+    if not same_type or produced.dims != consumed.dims:
         raise ContractError(f"{what} is {consumed.dtype} {list(consumed.dims)}, but its source "
                             f"{produced.name!r} is {produced.dtype} {list(produced.dims)}")  # fmt: skip

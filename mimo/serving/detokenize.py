@@ -22,6 +22,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders
 
 DETOKENIZATION_WINDOW = 8
@@ -103,3 +104,16 @@ class IncrementalDetokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.token_bytes(ids).decode("utf-8", errors="replace")
+
+
+def detokenized_outputs(detokenizer: IncrementalDetokenizer, output_ids: np.ndarray, preceding_ids: np.ndarray,
+                        finish_reason: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
+    """One mimo_llm response -> the client's `text_output [1, 1]`, `output_ids [1, n]`, `finish_reason [1, 1]`."""
+    output_ids = output_ids.reshape(-1)
+    reason = finish_reason.reshape(-1)[0]
+    text = detokenizer.text_piece(preceding_ids.reshape(-1).tolist(), output_ids.tolist(), final=bool(reason))
+    return {
+        "text_output": np.array([[text.encode()]], dtype=np.object_),
+        "output_ids": output_ids.reshape(1, -1),
+        "finish_reason": np.array([[reason]], dtype=np.object_),
+    }

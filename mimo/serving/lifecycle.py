@@ -11,9 +11,12 @@ import os
 SHUTTING_DOWN = "server is shutting down"
 # a gauge (label `model`) of the requests each stream-holding model has open; the launcher's drain waits for 0
 IN_FLIGHT_METRIC = "mimo_requests_in_flight"
+IN_FLIGHT_DESCRIPTION = "requests a model holds open (streams included)"  # one text: the models share the family
 
 
 def draining() -> bool:
     """True once the launcher created $MIMO_DRAIN_FILE (False when the variable is unset); one stat."""
     path = os.environ.get("MIMO_DRAIN_FILE")
     return bool(path) and os.path.exists(path)
+# the server's own gRPC address (host:port), set by the launcher from its flags: the entry streams mimo_llm through it
+SELF_GRPC_URL_ENV = "MIMO_SELF_GRPC_URL"

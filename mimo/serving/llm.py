@@ -9,6 +9,7 @@ stateless detokenizer and `finish_reason [1]` ("" until the last response, then 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, RequestOutput, SamplingParams, engine_knobs
+from mimo.serving.contract import STOP_REQUEST_ID
 from mimo.serving.detokenize import DETOKENIZATION_WINDOW
 from mimo.serving.lifecycle import SHUTTING_DOWN, draining
 from mimo.serving.triton_config import model_parameter
@@ -86,6 +88,18 @@ def parse_stop_words(stop_words_list: torch.Tensor) -> tuple[tuple[int, ...], ..
 def is_stop_request(inputs: Mapping[str, torch.Tensor]) -> bool:
     """TensorRT-LLM's `stop`: true asks to end the in-flight request that has this request's id."""
     return "stop" in inputs and bool(_single(inputs, "stop"))
+
+
+def stop_target(request_id: str, parameters_json: str) -> str:
+    """The id a `stop` ends: its request parameter `stop_request_id` if given (BLS callers), else its own id."""
+    try:
+        parameters = json.loads(parameters_json or "{}")
+    except ValueError:
+        raise InvalidRequestError(f"request parameters are not JSON: {parameters_json[:80]!r}") from None
+    target = parameters.get(STOP_REQUEST_ID, request_id)
+    if not isinstance(target, str):
+        raise InvalidRequestError(f"request parameter '{STOP_REQUEST_ID}' must be a string, got {target!r}")
+    return target
 
 
 def convert_llm_request(inputs: Mapping[str, torch.Tensor], hidden_size: int | None = None) -> LLMRequest:
@@ -172,6 +186,7 @@ class _Active:
     client_id: str  # the Triton request id ("" if the client gave none); `stop` requests name it
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # generated tokens already sent (streaming)
+    stopped: bool = False  # ended by a `stop` request
 
 
 class ServerShuttingDown(RuntimeError):
@@ -197,6 +212,7 @@ class GenerationLoop:
         self.cancellation_check_period_s = cancellation_check_period_s
         self.after_step = after_step
         self._active: dict[str, _Active] = {}
+        self._by_client: dict[str, str] = {}  # client id -> engine request id, for the in-flight ones with an id
         self._lock = threading.Lock()
         self._running = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mimo-generation-loop", daemon=True)
@@ -215,18 +231,24 @@ class GenerationLoop:
         self._end_all()
 
     def submit(self, request: LLMRequest, sink: ResponseSink, client_id: str = "") -> str:
-        """Queues a converted request; raises InvalidRequestError or ServerShuttingDown (nothing queued)."""
+        """Queues a converted request; raises ServerShuttingDown while draining, InvalidRequestError if the engine
+        refuses it or `client_id` is already in flight (ids are unique among in-flight requests, so a `stop` names
+        one); nothing is queued then."""
         if draining():
             raise ServerShuttingDown(SHUTTING_DOWN)
         with self._lock:
+            if client_id in self._by_client:
+                raise InvalidRequestError(f"request id {client_id!r} is already in flight: ids must be unique among "
+                                          "in-flight requests")  # fmt: skip
             request_id = f"req-{self._next_request}"
             self._next_request += 1
             self._active[request_id] = _Active(sink, request.streaming, client_id)
+            if client_id:
+                self._by_client[client_id] = request_id
         try:
             self.engine.add_request(request_id, request.prompt_ids, request.sampling, request.prompt_table)
         except Exception:
-            with self._lock:
-                del self._active[request_id]
+            self._forget(request_id)
             raise
         with self._lock:
             ended = request_id not in self._active
@@ -234,13 +256,22 @@ class GenerationLoop:
             self.engine.abort(request_id)
         return request_id
 
-    def abort_client_request(self, client_id: str) -> int:
-        """Aborts the requests the client sent under `client_id` (TensorRT-LLM's `stop`); returns how many."""
+    def abort_client_request(self, client_id: str) -> bool:
+        """Aborts the in-flight request sent under `client_id` (TensorRT-LLM's `stop`); False if there is none."""
         if not client_id:
             raise InvalidRequestError("a stop request needs the request id of the request to stop")
         with self._lock:
-            matching = [rid for rid, request in self._active.items() if request.client_id == client_id]
-        return sum(self.engine.abort(rid) for rid in matching)
+            request_id = self._by_client.get(client_id)
+            if request_id is not None:
+                self._active[request_id].stopped = True
+        return request_id is not None and self.engine.abort(request_id)
+
+    def _forget(self, request_id: str) -> _Active | None:
+        with self._lock:
+            request = self._active.pop(request_id, None)
+            if request is not None and request.client_id:
+                self._by_client.pop(request.client_id, None)
+        return request
 
     def num_active(self) -> int:
         with self._lock:
@@ -278,7 +309,7 @@ class GenerationLoop:
     def _end_all(self) -> None:
         """Aborts every request (its KV is free at once) and ends it with a final SHUTTING_DOWN error."""
         with self._lock:
-            active, self._active = self._active, {}
+            active, self._active, self._by_client = self._active, {}, {}
         for request_id, request in active.items():
             self.engine.abort(request_id)
             try:
@@ -287,16 +318,21 @@ class GenerationLoop:
                 logger.warning("ending %s failed (%s)", request_id, error)
 
     def _dispatch(self, output: RequestOutput) -> None:
-        with self._lock:
-            request = self._active.get(output.request_id)
-            if output.finished:
-                self._active.pop(output.request_id, None)
+        if output.finished:
+            request = self._forget(output.request_id)
+        else:
+            with self._lock:
+                request = self._active.get(output.request_id)
         if request is None:
             return
         request.generated += output.new_token_ids
         try:
             if output.finish_reason == "error":
                 request.sink.send_error(f"generation failed: {output.error}")
+            elif output.finish_reason == "cancelled" and request.stopped:
+                # TensorRT-LLM's `stop`: a final response with the tokens so far. Not the CANCELLED error: the
+                # entry's decoupled BLS response iterator (Triton 2.51) was seen never to end on that one.
+                self._send_tokens(request, "cancelled")
             elif output.finish_reason == "cancelled":
                 request.sink.send_error("request cancelled", "cancelled")
             elif output.finished or (request.streaming and output.new_token_ids):

@@ -8,9 +8,9 @@ import triton_python_backend_utils as pb_utils
 from mimo.engine import LLMEngine
 from mimo.loading import load_language_model
 from mimo.parallel.rank_driver import TensorParallelRanks
-from mimo.serving.lifecycle import IN_FLIGHT_METRIC
+from mimo.serving.lifecycle import IN_FLIGHT_DESCRIPTION, IN_FLIGHT_METRIC
 from mimo.serving.llm import (GenerationLoop, LLMResponse, ServerShuttingDown, convert_llm_request, engine_config,
-                              is_stop_request)  # fmt: skip
+                              is_stop_request, stop_target)  # fmt: skip
 from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter, torch_dtype, torch_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -76,7 +76,7 @@ class TritonPythonModel:
         }
         # what the launcher's drain waits for (see mimo.serving.lifecycle)
         self.in_flight_family = pb_utils.MetricFamily(
-            name=IN_FLIGHT_METRIC, description="requests a model holds open (streams included)",
+            name=IN_FLIGHT_METRIC, description=IN_FLIGHT_DESCRIPTION,
             kind=pb_utils.MetricFamily.GAUGE,
         )  # fmt: skip
         self.in_flight = self.in_flight_family.Metric(labels={"model": "mimo_llm"})
@@ -109,8 +109,8 @@ class TritonPythonModel:
             try:
                 inputs = torch_inputs(request)
                 if is_stop_request(inputs):
-                    # an ensemble does not pass a client's cancellation on to this in-flight step; a stop does
-                    self.loop.abort_client_request(request.request_id())
+                    # the entry stops the generation of a client that left this way (2.51 BLS iterators cannot cancel)
+                    self.loop.abort_client_request(stop_target(request.request_id(), request.parameters()))
                     sink.send_final_empty()
                     continue
                 llm_request = convert_llm_request(inputs, self.engine.hidden_size)

@@ -1,0 +1,99 @@
+"""ensemble: the entry model clients call, a decoupled BLS model over preprocessing -> mimo_encoder -> mimo_llm.
+
+A Triton ensemble does not see its client leave; a decoupled Python model does (`request.is_cancelled()`), so the
+entry is this model and the logic is `mimo.serving.entry`.
+"""
+
+import json
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from mimo.serving.contract import MODELS
+from mimo.serving.detokenize import IncrementalDetokenizer
+from mimo.serving.entry import Entry, EntryError
+from mimo.serving.lifecycle import IN_FLIGHT_DESCRIPTION, IN_FLIGHT_METRIC
+from mimo.serving.loopback import LoopbackLLM
+from mimo.serving.triton_config import exit_stub_process, model_parameter
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CODES = ("INVALID_ARG", "UNAVAILABLE", "CANCELLED", "INTERNAL")  # mimo.serving.entry's codes = TritonError's names
+
+
+def triton_error(error: EntryError):
+    # pb_utils.TritonError exists only once the stub has loaded its C module (not at import time)
+    return pb_utils.TritonError(str(error), getattr(pb_utils.TritonError, error.code))
+
+
+def entry_error(error) -> EntryError:
+    code = next((name for name in CODES if getattr(pb_utils.TritonError, name) == error.code()), "INTERNAL")
+    return EntryError(error.message(), code)
+
+
+class TritonClient:
+    def __init__(self, request):
+        self._request = request
+        self._sender = request.get_response_sender()
+
+    def is_cancelled(self) -> bool:
+        return self._request.is_cancelled()
+
+    def send(self, outputs, final):
+        tensors = [pb_utils.Tensor(name, array) for name, array in outputs.items()]
+        self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
+
+    def send_error(self, error):
+        self._sender.send(pb_utils.InferenceResponse(error=triton_error(error)), flags=FINAL)
+
+
+class Steps(LoopbackLLM):
+    """preprocessing and mimo_encoder through BLS, their outputs passed on as the pb_utils.Tensor they came as;
+    mimo_llm over gRPC to this server (LoopbackLLM; mimo.serving.loopback says why not BLS)."""
+
+    def infer(self, model, inputs):
+        tensors = [value if isinstance(value, pb_utils.Tensor) else pb_utils.Tensor(name, value)
+                   for name, value in inputs.items()]  # fmt: skip
+        outputs = [tensor.name for tensor in MODELS[model].outputs]
+        response = pb_utils.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=outputs).exec()
+        if response.has_error():
+            raise entry_error(response.error())
+        return {tensor.name(): tensor for tensor in response.output_tensors()}
+
+    def stream(self, model, inputs, request_id):
+        arrays = {name: value if not isinstance(value, pb_utils.Tensor) else
+                  value.as_numpy() if value.is_cpu() else torch.from_dlpack(value.to_dlpack())
+                  for name, value in inputs.items()}  # fmt: skip
+        return super().stream(model, arrays, request_id)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException("the entry streams: set model_transaction_policy { decoupled: true }")
+        detokenizer = IncrementalDetokenizer.from_checkpoint(model_parameter(model_config, "checkpoint_dir"))
+        self.input_names = [tensor["name"] for tensor in model_config["input"]]
+        # what the launcher's drain waits for (see mimo.serving.lifecycle)
+        self.family = pb_utils.MetricFamily(name=IN_FLIGHT_METRIC, kind=pb_utils.MetricFamily.GAUGE,
+                                            description=IN_FLIGHT_DESCRIPTION)  # fmt: skip
+        self.gauge = self.family.Metric(labels={"model": "ensemble"})
+        period_s = model_parameter(model_config, "cancellation_check_period_ms", int) / 1000
+        workers = model_parameter(model_config, "workers", int)
+        self.entry = Entry(Steps(), detokenizer, period_s, workers, on_in_flight=self.gauge.set).start()
+        self.gauge.set(0)
+
+    def execute(self, requests):
+        for request in requests:
+            # copied now: a decoupled request's input buffers are released once execute returns
+            inputs = {}
+            for name in self.input_names:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    inputs[name] = np.array(tensor.as_numpy())
+            self.entry.submit(TritonClient(request), inputs)
+        return None
+
+    def finalize(self):
+        self.entry.shutdown()
+        exit_stub_process()  # a worker still blocked in a BLS call must not hold the stub (its threads are joined)
