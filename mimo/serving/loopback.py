@@ -28,7 +28,7 @@ from mimo.serving.contract import MODELS, STOP_REQUEST_ID
 from mimo.serving.lifecycle import SELF_GRPC_URL_ENV
 from mimo.serving.entry import CANCELLED, INTERNAL, INVALID_ARG, UNAVAILABLE, EntryError
 
-DEFAULT_SELF_GRPC_URL = "127.0.0.1:8001"  # tritonserver's default when the launcher did not say
+LOOPBACK_DEFAULT_URL = "127.0.0.1:8001"  # tritonserver's default when the launcher did not say
 ENTRY_CODES = {"StatusCode.INVALID_ARGUMENT": INVALID_ARG, "StatusCode.UNAVAILABLE": UNAVAILABLE,
                "StatusCode.CANCELLED": CANCELLED}  # fmt: skip
 
@@ -42,7 +42,7 @@ class LoopbackError(Exception):
 
 
 def self_grpc_url() -> str:
-    return os.environ.get(SELF_GRPC_URL_ENV) or DEFAULT_SELF_GRPC_URL
+    return os.environ.get(SELF_GRPC_URL_ENV) or LOOPBACK_DEFAULT_URL
 
 
 def wire_array(value: np.ndarray | torch.Tensor) -> np.ndarray:

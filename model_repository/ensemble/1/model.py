@@ -61,8 +61,8 @@ class Steps(LoopbackLLM):
         return {tensor.name(): tensor for tensor in response.output_tensors()}
 
     def stream(self, model, inputs, request_id):
-        arrays = {name: value if not isinstance(value, pb_utils.Tensor) else
-                  value.as_numpy() if value.is_cpu() else torch.from_dlpack(value.to_dlpack())
+        # DLPack for every step output: numpy has no bfloat16, and a GPU prompt table stays a tensor to the wire
+        arrays = {name: torch.from_dlpack(value.to_dlpack()) if isinstance(value, pb_utils.Tensor) else value
                   for name, value in inputs.items()}  # fmt: skip
         return super().stream(model, arrays, request_id)
 
