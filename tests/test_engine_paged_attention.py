@@ -99,3 +99,17 @@ def test_device_block_tables_copy_growth_and_refresh_replaced_tables():
     other.status = SequenceStatus.RUNNING
     manager.allocate(other, 2)
     assert tables.tables([other])[0].tolist() == [other.block_tables[LayerKind.FULL]]
+
+
+def test_device_block_tables_follow_a_trimmed_table():
+    """Rejected drafts give back a sequence's last full blocks; the next growth may bring other blocks there."""
+    manager = BlockManager(BLOCK_SIZE, {LayerKind.FULL: 4}, ring_tokens=None)
+    tables = DeviceBlockTables(LayerKind.FULL, num_rows=1, max_blocks=4, device=torch.device("cpu"))
+    seq = Sequence("a", [0] * 5, SamplingParams(max_tokens=3, temperature=0.0), None, None)
+    seq.status = SequenceStatus.RUNNING
+    manager.allocate(seq, 6)
+    assert tables.tables([seq])[0].tolist() == [[0, 1, 2]]
+    manager.trim(seq, 4)
+    assert seq.block_tables[LayerKind.FULL] == [0, 1] and manager.stats()["full"]["free_blocks"] == 2
+    manager.allocate(seq, 6)  # block 3 now, 2 went back to the end of the free list
+    assert tables.tables([seq])[0].tolist() == [[0, 1, 3]]

@@ -75,14 +75,15 @@ class BlockManager:
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Gives back the full-attention blocks past `seq`'s first `num_tokens` tokens (rejected draft tokens);
-        a sliding ring stays whole."""
+        a sliding ring stays whole. A trimmed table is a new list, as after `free`: the device copy is redone."""
         pool = self.pools.get(LayerKind.FULL)
         if pool is None:
             return
         table = seq.block_tables[LayerKind.FULL]
         keep = self.blocks_needed(LayerKind.FULL, seq, num_tokens)
-        pool.free(table[keep:])
-        del table[keep:]
+        if keep < len(table):
+            pool.free(table[keep:])
+            seq.block_tables[LayerKind.FULL] = table[:keep]
 
     def free(self, seq: Sequence) -> None:
         for kind, pool in self.pools.items():

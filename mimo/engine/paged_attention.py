@@ -72,10 +72,10 @@ class _Row:
 class DeviceBlockTables:
     """One pool's block tables of the running sequences, mirrored on the device, one row per sequence.
 
-    While a sequence runs its table grows at its end (or gives back its last blocks after rejected drafts), so a
-    step copies just the block ids appended since the previous step instead of every table. A sequence that
-    stopped running gives its row back; one readmitted after preemption holds a new table (the block manager
-    replaces the list when it frees) and is copied afresh.
+    While a sequence runs its table only grows, so a step copies just the block ids appended since the previous
+    step instead of every table. A sequence that stopped running gives its row back; one readmitted after
+    preemption, or whose table was trimmed after rejected drafts, holds a new table (the block manager replaces
+    the list) and is copied afresh.
     """
 
     def __init__(self, kind: LayerKind, num_rows: int, max_blocks: int, device: torch.device):
@@ -94,7 +94,6 @@ class DeviceBlockTables:
             row = self._rows.get(seq)
             if row is None or row.blocks is not table:
                 row = self._rows[seq] = _Row(self._free_rows.pop() if row is None else row.index, table, 0)
-            row.num_copied = min(row.num_copied, len(table))  # trimmed since the last step
             rows += [row.index] * (len(table) - row.num_copied)
             cols += range(row.num_copied, len(table))
             blocks += table[row.num_copied:]
