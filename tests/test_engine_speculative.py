@@ -7,6 +7,9 @@ test-only override ("replay": every draft accepted, bonus tokens), and those tok
 probability 0.4 ("partial": sequences at different accept lengths in one batch).
 """
 
+import dataclasses
+from collections import Counter
+
 import pytest
 import torch
 from hf_reference import randomize_weights, tiny_hub_config
@@ -14,6 +17,7 @@ from hf_reference import randomize_weights, tiny_hub_config
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, LLMEngine, SamplingParams, generate
 from mimo.engine.kv_cache import LayerKind
+from mimo.engine.sampling import Sampler
 from mimo.engine.scheduler import Scheduler
 from mimo.engine.speculative import ReplayDrafts
 from mimo.models.attention import NoCacheAttention
@@ -283,3 +287,99 @@ def test_bad_speculative_config(model, k, overrides, message):
 def test_override_needs_speculation(model):
     with pytest.raises(ValueError, match="test_draft_override needs EngineConfig.num_speculative_tokens > 0"):
         make_engine(model, 0, ReplayDrafts({}, VOCAB))
+
+
+TINY_VOCAB, CHI_PROMPT, CHI_TOKENS, CHI_RUNS = 8, [1, 2, 3], 4, 3000
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab_model() -> MiMoV2ForCausalLM:
+    model = MiMoV2ForCausalLM(MiMoV2Config.from_hf_config(tiny_hub_config(vocab_size=TINY_VOCAB,
+                                                                          num_nextn_predict_layers=2)))
+    randomize_weights(model, seed=1)
+    return model.requires_grad_(False).eval()
+
+
+def next_token_probs(model, prefixes: list[list[int]], params: SamplingParams) -> torch.Tensor:
+    """The target distribution after each prefix (no cache), under `params`' temperature / top-k / top-p: [N, V]."""
+    lengths = [len(p) for p in prefixes]
+    ends = torch.tensor(lengths).cumsum(0) - 1
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    hidden = model(positions, NoCacheAttention(lengths), model.embed(torch.tensor(sum(prefixes, []))))
+    logits = model.compute_logits(hidden[ends])
+    return Sampler(torch.Generator()).probs(logits, [params] * len(prefixes))
+
+
+def exact_joint(model, params: SamplingParams) -> dict[tuple[int, ...], float]:
+    """P(first CHI_TOKENS generated tokens) by the chain rule over every prefix."""
+    joint = {(): 1.0}
+    for _ in range(CHI_TOKENS):
+        prefixes = list(joint)
+        probs = next_token_probs(model, [CHI_PROMPT + list(p) for p in prefixes], params).tolist()
+        joint = {p + (t,): joint[p] * row[t] for p, row in zip(prefixes, probs) for t in range(TINY_VOCAB)}
+    return joint
+
+
+def chi_square_p_value(counts: dict[tuple[int, ...], int], expected: dict[tuple[int, ...], float]) -> float:
+    """Goodness of fit of `counts` (N samples) to `expected` probabilities; cells expecting < 5 pooled into one."""
+    n = sum(counts.values())
+    cells = sorted(expected, key=expected.get)
+    pooled_cells = []
+    while cells and (pooled_cells and sum(n * expected[c] for c in pooled_cells) < 5 or n * expected[cells[0]] < 5):
+        pooled_cells.append(cells.pop(0))
+    observed = [counts.get(c, 0) for c in cells] + [sum(counts.get(c, 0) for c in pooled_cells)]
+    wanted = [n * expected[c] for c in cells] + [n * sum(expected[c] for c in pooled_cells)]
+    statistic = sum((o - e) ** 2 / e for o, e in zip(observed, wanted))
+    df = len(observed) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+def greedy_chain_override(model, params: SamplingParams):
+    """Deterministic drafts: the target's most likely token after the prefix, chained (0 past the tabled length)."""
+    table = {}
+    prefixes = [()]
+    for _ in range(CHI_TOKENS):
+        probs = next_token_probs(model, [CHI_PROMPT + list(p) for p in prefixes], params)
+        table.update(zip(prefixes, probs.argmax(-1).tolist()))
+        prefixes = [p + (t,) for p in prefixes for t in range(TINY_VOCAB)]
+
+    def propose(request_id, token_ids, drafts):
+        generated = tuple(token_ids[len(CHI_PROMPT):])
+        proposed = []
+        for _ in drafts:
+            proposed.append(table.get(generated, 0))
+            generated += (proposed[-1],)
+        return proposed
+
+    return propose
+
+
+@pytest.mark.parametrize(("regime", "params"), [
+    ("off", SamplingParams(max_tokens=CHI_TOKENS, temperature=1.0)),
+    ("mtp", SamplingParams(max_tokens=CHI_TOKENS, temperature=1.0)),
+    ("greedy_chain", SamplingParams(max_tokens=CHI_TOKENS, temperature=0.5, top_k=5, top_p=0.95)),
+])
+def test_sampled_outputs_follow_the_target_distribution(tiny_vocab_model, regime, params):
+    """Seeded runs on an 8-token vocabulary: the joint frequency of the first 4 tokens fits the target's exact
+    distribution (chi-square, p > 1e-3), with MTP off, with k = 2 drafts of the MTP layers (q: their
+    distribution), and with deterministic drafts (the target's argmax chain: most accepted, bonus tokens)."""
+    model = tiny_vocab_model
+    k = 0 if regime == "off" else 2
+    override = greedy_chain_override(model, params) if regime == "greedy_chain" else None
+    engine = LLMEngine(model, EngineConfig(
+        max_num_seqs=CHI_RUNS, max_num_batched_tokens=4 * CHI_RUNS, block_size=4, max_model_len=8,
+        num_full_blocks=2 * CHI_RUNS, seed=0, num_speculative_tokens=k), test_draft_override=override)
+    for i in range(CHI_RUNS):
+        engine.add_request(f"s{i}", CHI_PROMPT, dataclasses.replace(params, seed=1000 * k + i))
+    tokens = {f"s{i}": [] for i in range(CHI_RUNS)}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    counts = Counter(tuple(t) for t in tokens.values())
+    assert chi_square_p_value(counts, exact_joint(model, params)) > 1e-3
+    stats = engine.speculative_stats()
+    if k:
+        assert stats["draft_tokens"] > stats["verifications"] > 0  # chains of 2 drafts verified
+        rate = stats["accepted_tokens"] / stats["draft_tokens"]
+        assert 0.2 < rate < 0.9 if regime == "mtp" else rate > 0.45
