@@ -6,6 +6,7 @@ disaggregated layout: prompt tables cross GPU to GPU). Imports happen inside the
 rest of the suite does not depend on the serving stack.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -16,11 +17,25 @@ LLM_GPU = int(os.environ.get("MIMO_SERVING_LLM_GPU", "0"))
 SERVED_MAX_MODEL_LEN = 1024
 
 
-def serving_settings(checkpoint):
+def serving_settings(checkpoint, **engine):
     from builders.repository import RepositorySettings
 
     return RepositorySettings(checkpoint=checkpoint, device=SERVING_DEVICE, max_batch=16, encoder_gpus=ENCODER_GPUS,
-                              llm_gpus=(LLM_GPU,), engine={"max_num_seqs": 32, "max_model_len": SERVED_MAX_MODEL_LEN})
+                              llm_gpus=(LLM_GPU,), engine={"max_num_seqs": 32, "max_model_len": SERVED_MAX_MODEL_LEN,
+                                                           **engine})  # fmt: skip
+
+
+@contextlib.contextmanager
+def running_server(settings, root):
+    """A real tritonserver over the repository rendered for `settings` under `root`; stopped cleanly at the end."""
+    from builders.repository import render_repository
+    from tools.server_process import TritonServer
+
+    command = render_repository(settings, root / "model_repository")
+    server = TritonServer(root / "model_repository", root / "tritonserver.log", extra_args=command[2:]).start()
+    yield server
+    assert server.is_ready(), server.log_tail()
+    assert server.stop() == 0, server.log_tail()
 
 
 @pytest.fixture(scope="session")
@@ -32,12 +47,5 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def triton_server(tiny_checkpoint, tmp_path_factory):
-    from builders.repository import render_repository
-    from tools.server_process import TritonServer
-
-    root = tmp_path_factory.mktemp("serving")
-    command = render_repository(serving_settings(tiny_checkpoint), root / "model_repository")
-    server = TritonServer(root / "model_repository", root / "tritonserver.log", extra_args=command[2:]).start()
-    yield server
-    assert server.is_ready(), server.log_tail()
-    assert server.stop() == 0, server.log_tail()
+    with running_server(serving_settings(tiny_checkpoint), tmp_path_factory.mktemp("serving")) as server:
+        yield server
