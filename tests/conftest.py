@@ -38,6 +38,34 @@ def running_server(settings, root):
     assert server.stop() == 0, server.log_tail()
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """The tiny models' ops are microseconds of work: intra-op threads only add synchronisation (10x on 2 cores).
+    A module takes it with `pytestmark = pytest.mark.usefixtures("single_torch_thread")`."""
+    import torch
+
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
+@pytest.fixture
+def preemptions(monkeypatch) -> list[str]:
+    """The ids of the sequences the engine's scheduler preempts during the test, in order."""
+    from mimo.engine.scheduler import Scheduler
+
+    preempted = []
+    preempt = Scheduler._preempt
+
+    def counting_preempt(self, seq):
+        preempted.append(seq.request_id)
+        preempt(self, seq)
+
+    monkeypatch.setattr(Scheduler, "_preempt", counting_preempt)
+    return preempted
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     from builders.tiny import build_checkpoint

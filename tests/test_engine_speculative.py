@@ -16,9 +16,7 @@ from hf_reference import randomize_weights, tiny_hub_config
 
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, LLMEngine, SamplingParams, generate
-from mimo.engine.kv_cache import LayerKind
 from mimo.engine.sampling import Sampler
-from mimo.engine.scheduler import Scheduler
 from mimo.engine.speculative import ReplayDrafts
 from mimo.models.attention import NoCacheAttention
 from mimo.models.language_model import MiMoV2ForCausalLM
@@ -28,12 +26,7 @@ GREEDY = SamplingParams(max_tokens=14, temperature=0.0)
 REGIMES = ("mtp", "replay", "partial")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -128,24 +121,16 @@ def test_greedy_tokens_equal_mtp_off(model, k, regime):
 
 
 @pytest.mark.parametrize("regime", ["mtp", "partial"])
-def test_preempted_speculative_sequences_recompute_their_mtp_state(model, monkeypatch, regime):
-    preempted = []
-    preempt = Scheduler._preempt
-
-    def counting_preempt(self, seq):
-        preempted.append(seq.request_id)
-        preempt(self, seq)
-
-    monkeypatch.setattr(Scheduler, "_preempt", counting_preempt)
+def test_preempted_speculative_sequences_recompute_their_mtp_state(model, preemptions, regime):
     requests = {f"r{i}": (prompt(n, i), SamplingParams(max_tokens=10 + i % 5, temperature=0.0), None)
                 for i, n in enumerate([5, 17, 9, 24, 3, 12])}
     small_kv = {"num_full_blocks": 18}  # 6 sequences of up to 38 tokens: preemption
     expected = run(make_engine(model, 0, **small_kv), requests)
     recorded = {rid: requests[rid][0] + tokens for rid, (tokens, _) in expected.items()}
-    preempted.clear()
+    preemptions.clear()
     engine = make_engine(model, 3, override_for(regime, recorded), **small_kv)
     assert run(engine, requests) == expected
-    assert preempted
+    assert preemptions
     assert_all_blocks_free(engine)
 
 

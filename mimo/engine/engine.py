@@ -101,9 +101,10 @@ class LLMEngine:
     replaces those drafts.
 
     Thread-safety: `add_request`, `abort`, `has_unfinished`, `wait_for_work`, `kv_stats` and `speculative_stats`
-    may be called from any thread while one loop thread calls `step()`. The step holds the engine lock only while it schedules and while it
-    applies the results, not during the forward: an abort then frees the request's blocks at once, and the forward
-    still in flight writes only into blocks that no other sequence can receive before the next `schedule()`.
+    may be called from any thread while one loop thread calls `step()`. The step holds the engine lock only while it
+    schedules and while it applies the results, not during the forward: an abort then frees the request's blocks at
+    once, and the forward still in flight writes only into blocks that no other sequence can receive before the next
+    `schedule()`.
     """
 
     def __init__(self, model: MiMoV2ForCausalLM, config: EngineConfig, *,
