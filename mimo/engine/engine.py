@@ -14,8 +14,8 @@ from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind, block_bytes, k
 from mimo.engine.model_runner import ModelRunner
 from mimo.engine.sampling import InvalidRequestError, Sampler, SamplingParams
 from mimo.engine.scheduler import Scheduler
-from mimo.engine.speculative import DraftOverride, SpeculativeStats
 from mimo.engine.sequence import FinishReason, Sequence
+from mimo.engine.speculative import DraftOverride, SpeculativeStats
 from mimo.models.language_model import MiMoV2ForCausalLM
 
 logger = logging.getLogger(__name__)

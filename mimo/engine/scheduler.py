@@ -44,8 +44,9 @@ class Scheduler:
 
     Running sequences go first, in admission order (a decode is one token, or 1 + k with k MTP drafts to verify;
     an unfinished prompt continues with its next chunk); then waiting ones are admitted first-come first-served
-    while their whole current length fits in the KV pools. A running sequence that cannot grow preempts the newest running one (possibly itself), which
-    returns to the front of the queue and is recomputed from scratch when readmitted.
+    while their whole current length fits in the KV pools. A running sequence that cannot grow preempts the newest
+    running one (possibly itself), which returns to the front of the queue and is recomputed from scratch when
+    readmitted.
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_chunk: int):
