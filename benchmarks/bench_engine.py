@@ -1,12 +1,23 @@
-"""Engine throughput: prefill and decode tokens/s of `LLMEngine`, against the memory-bandwidth bound.
+"""Engine throughput: prefill and decode tokens/s of `LLMEngine`, against the memory-bandwidth bound; with
+`--speculative-tokens K`, the cost of MTP speculative decoding and its tokens/s as a function of the accept rate.
 
 Decode of a MoE model at small batch is bound by reading weights: every step reads the attention, dense-MLP and
 LM-head weights once, plus the weights of every expert some token in the batch routed to. This benchmark counts
 those bytes from the routing it actually observes, divides by the measured step time, and reports the ratio to the
 device-to-device copy bandwidth measured in the same run (the practical HBM limit).
 
+MTP rows (one per `--accept-rates` value): the plain run's greedy tokens are replayed as drafts by the engine's
+test-only override (`ReplayDrafts`), each draft kept with the given probability and made wrong otherwise, so the
+accept rate is chosen, not the random weights' (which accept almost nothing); the tokens stay the plain run's. A
+decode step is then one verify forward (1 + K tokens per sequence, `verify_ms`) plus the K MTP layer passes
+(`draft_ms`); `plain_decode_step_ms` is the one-token decode step of the same batch. Timing each part synchronises
+the device around the MTP passes.
+
     python benchmarks/bench_engine.py --preset v2.5 --layers 4 --batch-sizes 1,8,32 --prompt-len 512
+    python benchmarks/bench_engine.py --preset v2.5 --layers 4 --batch-sizes 1,8 --speculative-tokens 3 \
+        --accept-rates 0,0.5,0.7,0.9,1
     python benchmarks/bench_engine.py --checkpoint DIR ...      # a checkpoint instead of random weights
+    python benchmarks/bench_engine.py --preset tiny --device cpu ...   # a smoke run (CPU numbers mean nothing)
 """
 
 from __future__ import annotations
@@ -23,10 +34,16 @@ from builders.presets import PRESETS, hub_config
 from builders.tiny import random_language_tensors
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, LLMEngine, SamplingParams
+from mimo.engine.speculative import ReplayDrafts
 from mimo.loading import build_module, load_language_model, load_language_weights
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.models.moe import MiMoV2MoE
 from mimo.processing.tokenizer_files import write_tiny_tokenizer
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 10) -> float:
@@ -35,11 +52,11 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 1
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         dst.copy_(src)
-    torch.cuda.synchronize(device)
+    synchronize(device)
     return repeats * 2 * src.numel() / (time.perf_counter() - start)
 
 
@@ -65,57 +82,94 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     moe_layers = [m for m in model.modules() if isinstance(m, MiMoV2MoE)]
     expert_total = sum(nbytes(m.experts) for m in moe_layers)
     num_experts = sum(len(m.local_experts) for m in moe_layers)
-    # an embedding lookup reads rows, not the table
-    dense = nbytes(model) - expert_total - nbytes(model.model.embed_tokens)
+    # an embedding lookup reads rows, not the table; a plain decode step does not run the MTP layers
+    mtp = 0 if model.model.mtp is None else nbytes(model.model.mtp)
+    dense = nbytes(model) - expert_total - nbytes(model.model.embed_tokens) - mtp
     return dense, expert_total // max(1, num_experts)
 
 
-def random_model(preset: str, num_layers: int, device: torch.device) -> MiMoV2ForCausalLM:
+def random_model(preset: str, num_layers: int, device: torch.device, with_mtp: bool) -> MiMoV2ForCausalLM:
     """A preset's geometry with random weights generated on `device` (no checkpoint on disk)."""
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         token_ids = write_tiny_tokenizer(tokenizer_dir)
     hub = hub_config(PRESETS[preset], num_layers=num_layers, token_ids=token_ids, fp8=False, fused_qkv=True)
-    # decode never reads the MTP layers; load_language_model leaves them out the same way
-    config = dataclasses.replace(MiMoV2Config.from_hf_config(hub), num_nextn_predict_layers=0)
+    config = MiMoV2Config.from_hf_config(hub)
+    if not with_mtp:  # plain decode never reads the MTP layers; load_language_model leaves them out the same way
+        config = dataclasses.replace(config, num_nextn_predict_layers=0)
     model = build_module(lambda: MiMoV2ForCausalLM(config), torch.bfloat16)  # meta
     return load_language_weights(model, dict(random_language_tensors(config, seed=0, device=device)), device)
 
 
+def timed(owner, method: str, device: torch.device, seconds: list[float]) -> None:
+    """Wraps `owner.method` (an instance attribute shadows the class's) to add each call's duration to `seconds`."""
+    wrapped = getattr(owner, method)
+
+    def run(*args, **kwargs):
+        synchronize(device)
+        start = time.perf_counter()
+        result = wrapped(*args, **kwargs)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        return result
+
+    setattr(owner, method, run)
+
+
+def prefill_and_decode(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int,
+                       device: torch.device) -> tuple[float, float, int, dict[str, list[int]]]:
+    """(prefill s until every request has its first token, decode s after that, decode steps, tokens per request)."""
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    generated: dict[str, list[int]] = {request_id: [] for request_id in prompts}
+
+    def step() -> None:
+        for output in engine.step():
+            generated[output.request_id] += output.new_token_ids
+
+    t0 = time.perf_counter()
+    while not all(generated.values()):
+        step()
+    synchronize(device)
+    prefill_s = time.perf_counter() - t0
+    steps, t0 = 0, time.perf_counter()
+    while engine.has_unfinished():
+        step()
+        steps += 1
+    synchronize(device)
+    return prefill_s, time.perf_counter() - t0, steps, generated
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
+    k = args.speculative_tokens
     if args.checkpoint:
-        model = load_language_model(args.checkpoint, dtype=torch.bfloat16, device=device)
+        model = load_language_model(args.checkpoint, dtype=torch.bfloat16, device=device, with_mtp=k > 0)
     else:
-        model = random_model(args.preset, args.layers, device)
+        model = random_model(args.preset, args.layers, device, with_mtp=k > 0)
     dense_bytes, expert_bytes = weight_bytes(model)
     counter = ExpertCounter(model)
-    peak = copy_bandwidth(device)
+    peak = copy_bandwidth(device, nbytes=args.copy_bytes)
     vocab = model.config.vocab_size
     results = []
+
+    def engine(batch: int, num_speculative_tokens: int = 0, override=None) -> LLMEngine:
+        return LLMEngine(model, EngineConfig(
+            max_num_seqs=batch, max_num_batched_tokens=max(args.prompt_len, batch * (1 + num_speculative_tokens)),
+            block_size=16, max_model_len=args.prompt_len + args.decode_len, kv_cache_memory_bytes=args.kv_gib << 30,
+            num_speculative_tokens=num_speculative_tokens), test_draft_override=override)  # fmt: skip
+
+    warmup = {"warmup": list(range(args.prompt_len))}  # first calls (allocator, kernels) stay out of the rows
+    prefill_and_decode(engine(1), warmup, 4, device)
+    if k:
+        prefill_and_decode(engine(1, k, ReplayDrafts({}, vocab)), warmup, 4, device)
     for batch in args.batch_sizes:
-        engine = LLMEngine(model, EngineConfig(
-            max_num_seqs=batch, max_num_batched_tokens=max(args.prompt_len, batch), block_size=16,
-            max_model_len=args.prompt_len + args.decode_len, kv_cache_memory_bytes=args.kv_gib << 30))
         gen = torch.Generator().manual_seed(batch)
-        for i in range(batch):
-            prompt = torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist()
-            engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=args.decode_len, temperature=0.0))
-        # prefill: until every request has its first token
-        started, t0 = set(), time.perf_counter()
-        while len(started) < batch:
-            started.update(o.request_id for o in engine.step() if o.new_token_ids)
-        torch.cuda.synchronize(device)
-        prefill_s = time.perf_counter() - t0
-        # decode: steady state, all `batch` sequences decoding one token per step
+        prompts = {f"r{i}": torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist() for i in range(batch)}
         counter.distinct.clear()
-        steps, t0 = 0, time.perf_counter()
-        while engine.has_unfinished():
-            engine.step()
-            steps += 1
-        torch.cuda.synchronize(device)
-        decode_s = time.perf_counter() - t0
+        prefill_s, decode_s, steps, generated = prefill_and_decode(engine(batch), prompts, args.decode_len, device)
+        # decode steady state: all `batch` sequences decoding one token per step
         moe_layers = sum(model.config.moe_layers)
-        experts_per_step = sum(counter.distinct) / max(1, steps)  # summed over layers
+        experts_per_step = sum(counter.distinct[-steps * moe_layers:]) / max(1, steps)  # summed over layers
         bytes_per_step = dense_bytes + experts_per_step * expert_bytes
         step_s = decode_s / max(1, steps)
         results.append({
@@ -132,6 +186,32 @@ def run(args: argparse.Namespace) -> list[dict]:
             "fraction_of_bandwidth_bound": round(bytes_per_step / step_s / peak, 4),
         })
         print(json.dumps(results[-1]), flush=True)
+        decoded = sum(len(tokens) - 1 for tokens in generated.values())  # after each request's first token
+        recorded = {rid: prompts[rid] + tokens for rid, tokens in generated.items()}
+        for accept_rate in args.accept_rates if k else []:
+            spec = engine(batch, k, ReplayDrafts(recorded, vocab, accept_rate, seed=batch))
+            draft_s: list[float] = []
+            timed(spec.runner.drafter, "step", device, draft_s)
+            _, spec_decode_s, spec_steps, spec_generated = prefill_and_decode(spec, prompts, args.decode_len, device)
+            assert spec_generated == generated, "the replayed run must generate the plain run's tokens"
+            stats = spec.speculative_stats()
+            decode_draft_s = sum(draft_s[-spec_steps:])
+            results.append({
+                "batch": batch,
+                "speculative_tokens": k,
+                "override_accept_rate": accept_rate,  # test-only override: not the model's own accept rate
+                "acceptance_rate": round(stats["accepted_tokens"] / max(1, stats["draft_tokens"]), 3),
+                "accept_length": round(1 + stats["accepted_tokens"] / max(1, stats["verifications"]), 3),
+                "decode_steps": spec_steps,
+                "decode_step_ms": round(spec_decode_s / spec_steps * 1e3, 3),
+                "verify_ms": round((spec_decode_s - decode_draft_s) / spec_steps * 1e3, 3),
+                "draft_ms": round(decode_draft_s / spec_steps * 1e3, 3),
+                "plain_decode_step_ms": round(step_s * 1e3, 3),
+                "decode_tok_s": round(decoded / spec_decode_s, 1),
+                "plain_decode_tok_s": round(decoded / decode_s, 1),
+                "speedup": round(decode_s / spec_decode_s, 3),
+            })
+            print(json.dumps(results[-1]), flush=True)
     return results
 
 
@@ -145,6 +225,10 @@ def main() -> None:
     parser.add_argument("--decode-len", type=int, default=64)
     parser.add_argument("--kv-gib", type=int, default=16)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--copy-bytes", type=int, default=2 << 30, help="bytes of the bandwidth probe's copy")
+    parser.add_argument("--speculative-tokens", type=int, default=0, help="MTP drafts per step (0: plain rows only)")
+    parser.add_argument("--accept-rates", type=lambda s: [float(x) for x in s.split(",")], default=[0, 0.5, 0.8, 1],
+                        help="draft accept probabilities of the test-only override, one MTP row each")
     run(parser.parse_args())
 
 

@@ -131,6 +131,9 @@ class RepositorySettings:
         if knobs["kv_cache_memory_bytes"] is None and knobs["num_full_blocks"] is None:
             knobs["kv_cache_memory_bytes"] = _DEVICE_DEFAULTS[self.device][1]
         EngineConfig(**knobs)  # raises ValueError naming a bad value
+        if knobs["num_speculative_tokens"] > config.num_nextn_predict_layers:
+            raise ValueError(f"num_speculative_tokens={knobs['num_speculative_tokens']} needs as many MTP layers; "
+                             f"{self.checkpoint} has {config.num_nextn_predict_layers}")
         return knobs
 
 

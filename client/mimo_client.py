@@ -97,7 +97,7 @@ def _check_number(name: str, value, kind: type, low=None, high=None):
 
 def request_arrays(text: str, media: dict[str, Sequence[bytes]], max_tokens: int, temperature: float | None,
                    top_k: int | None, top_p: float | None, seed: int | None, stop_words: Sequence[str],
-                   stream: bool) -> dict[str, np.ndarray]:  # fmt: skip
+                   stream: bool, speculative_decoding: bool | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """The ensemble's input tensors (batch dimension 1); optional ones only when given."""
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
@@ -123,6 +123,10 @@ def request_arrays(text: str, media: dict[str, Sequence[bytes]], max_tokens: int
         arrays["random_seed"] = np.array([[_check_number("seed", seed, int, 0, 2**63 - 1)]], dtype=np.uint64)
     if stop_words:
         arrays["stop_words"] = np.array([[w.encode() for w in stop_words]], dtype=np.object_)
+    if speculative_decoding is not None:
+        if not isinstance(speculative_decoding, bool):
+            raise ValueError(f"speculative_decoding must be a bool, got {speculative_decoding!r}")
+        arrays["speculative_decoding"] = np.array([[speculative_decoding]], dtype=bool)
     return arrays
 
 
@@ -199,10 +203,12 @@ class MiMoClient:
     def generate(self, text: str, images: Sequence[bytes] = (), audios: Sequence[bytes] = (),
                  videos: Sequence[bytes] = (), max_tokens: int = 64, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_words: Sequence[str] = (), stream: bool = True) -> Iterator[str | GenerationSummary]:  # fmt: skip
-        """Yields the reply's text pieces as they arrive, then one GenerationSummary; raises GenerationError."""
+                 stop_words: Sequence[str] = (), stream: bool = True,
+                 speculative_decoding: bool | None = None) -> Iterator[str | GenerationSummary]:  # fmt: skip
+        """Yields the reply's text pieces as they arrive, then one GenerationSummary; raises GenerationError.
+        `speculative_decoding=False` opts out of MTP drafting on a deployment that drafts."""
         arrays = request_arrays(text, {"images": images, "audios": audios, "videos": videos}, max_tokens,
-                                temperature, top_k, top_p, seed, stop_words, stream)  # fmt: skip
+                                temperature, top_k, top_p, seed, stop_words, stream, speculative_decoding)  # fmt: skip
         if self.protocol == "http":
             return self._generate_http(arrays, stream)
         return self._generate_grpc(arrays)

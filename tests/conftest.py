@@ -6,6 +6,7 @@ disaggregated layout: prompt tables cross GPU to GPU). Imports happen inside the
 rest of the suite does not depend on the serving stack.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -16,11 +17,53 @@ LLM_GPU = int(os.environ.get("MIMO_SERVING_LLM_GPU", "0"))
 SERVED_MAX_MODEL_LEN = 1024
 
 
-def serving_settings(checkpoint):
+def serving_settings(checkpoint, **engine):
     from builders.repository import RepositorySettings
 
     return RepositorySettings(checkpoint=checkpoint, device=SERVING_DEVICE, max_batch=16, encoder_gpus=ENCODER_GPUS,
-                              llm_gpus=(LLM_GPU,), engine={"max_num_seqs": 32, "max_model_len": SERVED_MAX_MODEL_LEN})
+                              llm_gpus=(LLM_GPU,), engine={"max_num_seqs": 32, "max_model_len": SERVED_MAX_MODEL_LEN,
+                                                           **engine})  # fmt: skip
+
+
+@contextlib.contextmanager
+def running_server(settings, root):
+    """A real tritonserver over the repository rendered for `settings` under `root`; stopped cleanly at the end."""
+    from builders.repository import render_repository
+    from tools.server_process import TritonServer
+
+    command = render_repository(settings, root / "model_repository")
+    server = TritonServer(root / "model_repository", root / "tritonserver.log", extra_args=command[2:]).start()
+    yield server
+    assert server.is_ready(), server.log_tail()
+    assert server.stop() == 0, server.log_tail()
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """The tiny models' ops are microseconds of work: intra-op threads only add synchronisation (10x on 2 cores).
+    A module takes it with `pytestmark = pytest.mark.usefixtures("single_torch_thread")`."""
+    import torch
+
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
+@pytest.fixture
+def preemptions(monkeypatch) -> list[str]:
+    """The ids of the sequences the engine's scheduler preempts during the test, in order."""
+    from mimo.engine.scheduler import Scheduler
+
+    preempted = []
+    preempt = Scheduler._preempt
+
+    def counting_preempt(self, seq):
+        preempted.append(seq.request_id)
+        preempt(self, seq)
+
+    monkeypatch.setattr(Scheduler, "_preempt", counting_preempt)
+    return preempted
 
 
 @pytest.fixture(scope="session")
@@ -32,12 +75,5 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def triton_server(tiny_checkpoint, tmp_path_factory):
-    from builders.repository import render_repository
-    from tools.server_process import TritonServer
-
-    root = tmp_path_factory.mktemp("serving")
-    command = render_repository(serving_settings(tiny_checkpoint), root / "model_repository")
-    server = TritonServer(root / "model_repository", root / "tritonserver.log", extra_args=command[2:]).start()
-    yield server
-    assert server.is_ready(), server.log_tail()
-    assert server.stop() == 0, server.log_tail()
+    with running_server(serving_settings(tiny_checkpoint), tmp_path_factory.mktemp("serving")) as server:
+        yield server

@@ -12,12 +12,12 @@ from mimo.serving.contract import ENTRY, numpy_type
 
 
 def test_request_arrays_match_the_ensemble_inputs():
-    arrays = request_arrays("Hi", {"images": [b"png"], "audios": []}, 8, 0.5, 4, 0.9, 7, ["stop"], True)
+    arrays = request_arrays("Hi", {"images": [b"png"], "audios": []}, 8, 0.5, 4, 0.9, 7, ["stop"], True, False)
     declared = {tensor.name: numpy_type(tensor.dtype).type for tensor in ENTRY.inputs}
     assert {name: array.dtype.type for name, array in arrays.items()} == {name: declared[name] for name in arrays}
     assert arrays["max_tokens"].dtype == np.int64 and arrays["top_k"].dtype == np.int64
     assert all(array.shape[0] == 1 for array in arrays.values())
-    assert arrays["image_bytes_input"].tolist() == [[b"png"]]
+    assert arrays["image_bytes_input"].tolist() == [[b"png"]] and arrays["speculative_decoding"].tolist() == [[False]]
     assert set(request_arrays("Hi", {}, 8, None, None, None, None, [], False)) == {"text_input", "max_tokens", "stream"}
 
 
@@ -26,7 +26,8 @@ def test_request_arrays_match_the_ensemble_inputs():
     [({"max_tokens": "8"}, "max_tokens must be an integer"), ({"max_tokens": 0}, "max_tokens must be in"),
      ({"max_tokens": 2**32 + 4}, "max_tokens must be in"), ({"top_k": 2**32 + 1}, "top_k must be in"),
      ({"temperature": "hot"}, "temperature must be a number"), ({"top_p": 1.5}, "top_p must be in"),
-     ({"seed": True}, "seed must be an integer"), ({"images": ["x.png"]}, "images must be encoded files as bytes")],
+     ({"seed": True}, "seed must be an integer"), ({"images": ["x.png"]}, "images must be encoded files as bytes"),
+     ({"speculative_decoding": 0}, "speculative_decoding must be a bool")],
 )  # fmt: skip
 def test_bad_parameters_fail_before_sending(kwargs, message):
     with pytest.raises(ValueError, match=message):

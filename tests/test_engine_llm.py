@@ -8,7 +8,6 @@ from hf_reference import mimo_greedy, randomize_weights, tiny_hub_config
 
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams, generate
-from mimo.engine.scheduler import Scheduler
 from mimo.models.attention import NoCacheAttention
 from mimo.models.language_model import MiMoV2ForCausalLM
 
@@ -17,13 +16,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The tiny model's ops are microseconds of work: intra-op threads only add synchronisation (10x on 2 cores)."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +63,7 @@ def test_greedy_matches_no_cache_recompute(model, length):
 
 
 @pytest.mark.parametrize("num_full_blocks", [160, 20], ids=["ample_kv", "preempting_kv"])
-def test_concurrent_requests_get_their_solo_outputs(model, monkeypatch, num_full_blocks):
-    preempted = []
-    preempt = Scheduler._preempt
-
-    def counting_preempt(self, seq):
-        preempted.append(seq.request_id)
-        preempt(self, seq)
-
-    monkeypatch.setattr(Scheduler, "_preempt", counting_preempt)
+def test_concurrent_requests_get_their_solo_outputs(model, preemptions, num_full_blocks):
     engine = make_engine(model, num_full_blocks=num_full_blocks, max_num_seqs=18, max_num_batched_tokens=48)
     lengths = [1, 5, 12, 30, 2, 17, 8, 25, 3, 11, 40, 6, 14, 9, 21, 4, 33, 7]
     requests = {f"r{i}": (prompt(n, i), SamplingParams(max_tokens=6 + i % 8, temperature=0.0))
@@ -98,7 +83,7 @@ def test_concurrent_requests_get_their_solo_outputs(model, monkeypatch, num_full
         num_steps += 1
     for rid, (p, params) in requests.items():
         assert tokens[rid] == mimo_greedy(model, p, params.max_tokens), rid
-    assert (len(preempted) > 0) == (num_full_blocks == 20)
+    assert (len(preemptions) > 0) == (num_full_blocks == 20)
     assert most_running >= (16 if num_full_blocks == 160 else 4)
     assert_all_blocks_free(engine)
 

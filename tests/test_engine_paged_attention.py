@@ -7,7 +7,7 @@ from mimo.engine.block_manager import BlockManager, sliding_ring_tokens
 from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind
 from mimo.engine.paged_attention import DeviceBlockTables, PagedAttention, PagedAttentionMetadata
 from mimo.engine.sampling import SamplingParams
-from mimo.engine.scheduler import Scheduler
+from mimo.engine.scheduler import ChunkResult, Scheduler
 from mimo.engine.sequence import Sequence, SequenceStatus
 from mimo.models.attention import attention_with_sinks
 
@@ -64,7 +64,7 @@ def test_matches_whole_history_attention_across_chunks_ring_wraps_and_preemption
                     k_pos=torch.arange(chunk.end), scale=0.3, sliding_window=LAYER_WINDOWS[layer_idx],
                     sinks=sinks[layer_idx])
                 torch.testing.assert_close(out[rows], expected, rtol=1e-5, atol=1e-6)
-        scheduler.postprocess(chunks, [1] * sum(c.samples for c in chunks))
+        scheduler.postprocess(chunks, [ChunkResult([1] if c.samples else []) for c in chunks])
     assert [h[0][0].shape[0] for h in history.values()] == [12, 17, 8]  # prompt + 6 tokens, minus the last
     assert num_recomputed > 0
 
@@ -99,3 +99,17 @@ def test_device_block_tables_copy_growth_and_refresh_replaced_tables():
     other.status = SequenceStatus.RUNNING
     manager.allocate(other, 2)
     assert tables.tables([other])[0].tolist() == [other.block_tables[LayerKind.FULL]]
+
+
+def test_device_block_tables_follow_a_trimmed_table():
+    """Rejected drafts give back a sequence's last full blocks; the next growth may bring other blocks there."""
+    manager = BlockManager(BLOCK_SIZE, {LayerKind.FULL: 4}, ring_tokens=None)
+    tables = DeviceBlockTables(LayerKind.FULL, num_rows=1, max_blocks=4, device=torch.device("cpu"))
+    seq = Sequence("a", [0] * 5, SamplingParams(max_tokens=3, temperature=0.0), None, None)
+    seq.status = SequenceStatus.RUNNING
+    manager.allocate(seq, 6)
+    assert tables.tables([seq])[0].tolist() == [[0, 1, 2]]
+    manager.trim(seq, 4)
+    assert seq.block_tables[LayerKind.FULL] == [0, 1] and manager.stats()["full"]["free_blocks"] == 2
+    manager.allocate(seq, 6)  # block 3 now, 2 went back to the end of the free list
+    assert tables.tables([seq])[0].tolist() == [[0, 1, 3]]

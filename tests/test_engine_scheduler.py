@@ -5,7 +5,7 @@ import pytest
 from mimo.engine.block_manager import BlockManager, BlockPool, sliding_ring_tokens
 from mimo.engine.kv_cache import LayerKind
 from mimo.engine.sampling import SamplingParams
-from mimo.engine.scheduler import Scheduler
+from mimo.engine.scheduler import ChunkResult, Scheduler
 from mimo.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 FULL, SLIDING = LayerKind.FULL, LayerKind.SLIDING
@@ -22,7 +22,7 @@ def make_scheduler(num_full=64, num_sliding=64, window=8, max_chunk=4, max_num_s
 
 def run_step(scheduler: Scheduler, token: int = 1):
     chunks = scheduler.schedule()
-    finished = scheduler.postprocess(chunks, [token] * sum(c.samples for c in chunks))
+    finished = scheduler.postprocess(chunks, [ChunkResult([token] if c.samples else []) for c in chunks])
     return chunks, finished
 
 
@@ -118,7 +118,7 @@ def test_postprocess_skips_sequences_finished_during_the_step():
     scheduler.add(seq)
     chunks = scheduler.schedule()
     scheduler.finish(seq, FinishReason.CANCELLED)  # an abort while the forward runs
-    assert scheduler.postprocess(chunks, [7]) == []
+    assert scheduler.postprocess(chunks, [ChunkResult([7])]) == []
     assert seq.output_ids == [] and seq.finish_reason is FinishReason.CANCELLED
 
 

@@ -199,15 +199,20 @@ def test_mtp_matches_hf_single_sliding_layer():
     assert (draft - reference).abs().max() <= 1e-4
 
 
-def test_mtp_requires_mtp_layers_and_clamps_prompt_ids():
+def test_mtp_requires_mtp_layers_and_embeds_prompt_ids_from_the_table():
+    """A multimodal position's next token is its prompt-table row for the MTP layers too, as for the target."""
     model = _model(num_nextn_predict_layers=1)
     hidden = torch.randn(2, model.config.hidden_size)
     attn = NoCacheAttention([2])
     vocab = model.config.vocab_size
+    table = torch.randn(6, model.config.hidden_size)
     with torch.no_grad():
-        placeholder = model.forward_mtp(0, torch.arange(2), attn, torch.tensor([3, vocab + 5]), hidden)
-        last_token = model.forward_mtp(0, torch.arange(2), attn, torch.tensor([3, vocab - 1]), hidden)
-    torch.testing.assert_close(placeholder, last_token)
+        placeholder = model.forward_mtp(0, torch.arange(2), attn, torch.tensor([3, vocab + 5]), hidden, table)
+        expected = model.model.mtp(0, torch.arange(2), attn, torch.stack([model.embed(torch.tensor([3]))[0],
+                                                                          table[5]]), hidden)  # fmt: skip
+        other_row = model.forward_mtp(0, torch.arange(2), attn, torch.tensor([3, vocab + 4]), hidden, table)
+    torch.testing.assert_close(placeholder, expected)
+    assert not torch.allclose(placeholder[1], other_row[1])
     with pytest.raises(ValueError, match="no MTP layers"):
         _model().forward_mtp(0, torch.arange(2), attn, torch.tensor([1, 2]), hidden)
 

@@ -57,13 +57,14 @@ def test_the_client_contract_and_tensorrt_llm_names_stay(repository):
     ensemble = repository["ensemble"]
     assert [t.name for t in ensemble.input] == ["text_input", "image_bytes_input", "audio_bytes_input",
                                                 "video_bytes_input", "max_tokens", "temperature", "top_k", "top_p",
-                                                "random_seed", "stream", "stop_words"]  # fmt: skip
+                                                "random_seed", "stream", "stop_words",
+                                                "speculative_decoding"]  # fmt: skip
     assert [t.name for t in ensemble.output] == ["text_output", "output_ids", "finish_reason"]
     llm = repository["mimo_llm"]
     assert [t.name for t in llm.input] == ["input_ids", "input_lengths", "request_output_len", "end_id", "pad_id",
                                            "stop_words_list", "runtime_top_k", "runtime_top_p", "temperature",
                                            "random_seed", "streaming", "prompt_embedding_table", "prompt_vocab_size",
-                                           "stop"]  # fmt: skip
+                                           "speculative_decoding", "stop"]  # fmt: skip
     assert [t.name for t in llm.output] == ["output_ids", "sequence_length", "preceding_ids", "finish_reason"]
     assert llm.model_transaction_policy.decoupled
 
@@ -119,6 +120,11 @@ def test_engine_knobs_have_one_default_flag_and_parameter(repository, tiny_check
         RepositorySettings(checkpoint=tiny_checkpoint, engine={"max_num_sequences": 4})
     with pytest.raises(ValueError, match="EngineConfig.block_size must be a positive int"):
         render_repository(RepositorySettings(checkpoint=tiny_checkpoint, engine={"block_size": 0}), tmp_path / "x")
+    # MTP speculative decoding: off by default, at most the checkpoint's 3 MTP layers
+    assert parameters["num_speculative_tokens"].string_value == "0"
+    with pytest.raises(ValueError, match="num_speculative_tokens=4 needs as many MTP layers; .* has 3"):
+        render_repository(RepositorySettings(checkpoint=tiny_checkpoint, engine={"num_speculative_tokens": 4}),
+                          tmp_path / "y")
 
 
 def test_declared_parameters_are_the_ones_the_models_read():

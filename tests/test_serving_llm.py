@@ -15,7 +15,7 @@ from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.serving.detokenize import DETOKENIZATION_WINDOW
 from mimo.serving.lifecycle import SHUTTING_DOWN
 from mimo.serving.llm import (GenerationLoop, LLMRequest, LLMResponse, ServerShuttingDown, convert_llm_request,
-                              parse_stop_words, stop_target)  # fmt: skip
+                              parse_stop_words, speculative_rates, stop_target)  # fmt: skip
 
 
 def tensors(**values) -> dict[str, torch.Tensor]:
@@ -35,6 +35,16 @@ def test_converts_tensorrt_llm_inputs():
         max_tokens=4, temperature=0.75, top_k=3, top_p=0.5, seed=11, end_id=9,
         stop_token_sequences=((1, 2), (3,)),
     )  # fmt: skip
+
+
+def test_speculative_decoding_opt_out_and_rates():
+    assert convert_llm_request(tensors(input_ids=[1], request_output_len=2)).sampling.speculative
+    opted_out = convert_llm_request(tensors(input_ids=[1], request_output_len=2, speculative_decoding=[False]))
+    assert not opted_out.sampling.speculative
+    assert speculative_rates({"verifications": 0, "draft_tokens": 0, "accepted_tokens": 0}) == {
+        "acceptance_rate": 0.0, "accept_length": 0.0}
+    assert speculative_rates({"verifications": 4, "draft_tokens": 8, "accepted_tokens": 6}) == {
+        "acceptance_rate": 0.75, "accept_length": 2.5}
 
 
 def test_defaults_and_prompt_table_rows():

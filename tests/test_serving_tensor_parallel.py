@@ -1,12 +1,14 @@
 """Serving a deployment artifact: the rendered repository (placement, parameters, CUDA pools) and the real
-tritonserver running mimo_llm as rank 0 of a TP 2 deployment on CPU (rank 1 a gloo worker it starts)."""
+tritonserver running mimo_llm as rank 0 of a TP 2 deployment on CPU (rank 1 a gloo worker it starts), with and
+without MTP speculative decoding."""
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import SERVING_DEVICE
-from golden import check_or_record
+from golden import check_or_record, golden
 from triton_harness import TritonServer, descendants
 
 from builders.convert import convert
@@ -50,11 +52,12 @@ def test_ranks_need_one_gpu_each(deploy_tp2):
             RepositorySettings.for_deploy(deploy_tp2, device="gpu", llm_gpus=llm_gpus)
 
 
-def test_tp2_deployment_serves_what_one_process_generates(deploy_tp2, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("k", [0, 2], ids=["plain", "mtp"])
+def test_tp2_deployment_serves_what_one_process_generates(deploy_tp2, tiny_checkpoint, tmp_path, k):
     gpu = SERVING_DEVICE == "gpu"  # GPU machines: rank r on cuda:r, NCCL
     placement = {"device": "gpu", "dtype": "float32", "llm_gpus": (0, 1)} if gpu else {}
-    settings = RepositorySettings.for_deploy(deploy_tp2, max_batch=4, engine={"max_num_seqs": 4, "max_model_len": 512},
-                                             **placement)  # fmt: skip
+    engine = {"max_num_seqs": 4, "max_model_len": 512, "num_speculative_tokens": k}
+    settings = RepositorySettings.for_deploy(deploy_tp2, max_batch=4, engine=engine, **placement)
     command = render_repository(settings, tmp_path / "repo")
     image = sample_image((200, 40, 40))
     # bf16 checkpoint, bf16 artifact: the offline pipeline on the source holds the same float32 weights
@@ -66,8 +69,12 @@ def test_tp2_deployment_serves_what_one_process_generates(deploy_tp2, tiny_check
         with MiMoClient(server.grpc_url, "grpc") as client:
             *_, summary = client.generate(QUESTION, images=[image], max_tokens=10, temperature=0.0)
         assert isinstance(summary, GenerationSummary) and summary.token_ids == expected
-        if not gpu:
+        if not gpu and k == 0:
             check_or_record("tp2_image", summary.token_ids)
+        elif not gpu:
+            assert summary.token_ids == golden()["tp2_image"]
+        if k:  # published after each step: the verifies before the last one are in
+            assert float(re.search(r"^mimo_spec_draft_tokens (\S+)$", server.metrics(), re.MULTILINE)[1]) > 0
     finally:
         assert server.stop() == 0, server.log_tail()
 

@@ -1,5 +1,7 @@
 """The continuous-batching engine over a TP 2 deployment (rank 0 drives a gloo worker) generates what one process
-generates from the source checkpoint, through chunked prefill, decode, sliding rings and a prompt table."""
+generates from the source checkpoint, through chunked prefill, decode, sliding rings and a prompt table, with and
+without MTP speculative decoding."""
+
 
 import pytest
 import torch
@@ -9,18 +11,23 @@ from builders.tiny import build_checkpoint
 from mimo.engine import EngineConfig, LLMEngine
 from mimo.engine.engine import generate
 from mimo.engine.sampling import SamplingParams
+from mimo.engine.speculative import ReplayDrafts
 from mimo.loading import load_language_model
 from mimo.parallel.rank_driver import TensorParallelRanks, rank_devices
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
 
-def engine_config():
+def engine_config(**overrides):
     # chunks of 8 tokens: prompts longer than the sliding window (16) prefill over several steps
-    return EngineConfig(max_num_seqs=4, max_num_batched_tokens=8, block_size=4, max_model_len=128, num_full_blocks=128)
+    return EngineConfig(**{"max_num_seqs": 4, "max_num_batched_tokens": 8, "block_size": 4, "max_model_len": 128,
+                           "num_full_blocks": 128} | overrides)
 
 
-def test_tp2_engine_matches_one_process(tmp_path):
+@pytest.mark.parametrize("k", [0, 2])
+def test_tp2_engine_matches_one_process(tmp_path, k):
+    """k = 2: MTP layers on both ranks (their forwards announced like the decoder's), drafting on their own and
+    then replaying the expected tokens (every draft accepted)."""
     checkpoint = build_checkpoint(tmp_path / "ckpt", fp8=True)
     deploy = convert(checkpoint, tmp_path / "deploy", tp=2, ep=2, progress=False)
     # The artifact stores bf16 weights; the reference holds the source in the same rounding.
@@ -33,12 +40,20 @@ def test_tp2_engine_matches_one_process(tmp_path):
     tables = [None, None, None, table]
     expected = generate(LLMEngine(reference, engine_config()), prompts, GREEDY, tables)
 
-    ranks = TensorParallelRanks(deploy, torch.device("cpu"), torch.float32)
+    ranks = TensorParallelRanks(deploy, torch.device("cpu"), torch.float32, with_mtp=k > 0)
     try:
-        engine = LLMEngine(ranks.model, engine_config())
+        engine = LLMEngine(ranks.model, engine_config(num_speculative_tokens=k))
         ranks.serve(engine.runner.kv_cache)
         assert engine.runner.kv_cache.k[0].shape[2] == 2  # full layers: 4 KV heads, 2 per rank
         assert generate(engine, prompts, GREEDY, tables) == expected
+        if k:
+            recorded = {f"generate-{i}": p + out for i, (p, out) in enumerate(zip(prompts, expected))}
+            engine.runner.drafter.test_draft_override = ReplayDrafts(recorded, vocab_size)
+            before = engine.speculative_stats()
+            assert generate(engine, prompts, GREEDY, tables) == expected
+            after = engine.speculative_stats()
+            accepted = after["accepted_tokens"] - before["accepted_tokens"]
+            assert accepted == after["draft_tokens"] - before["draft_tokens"] > 0
     finally:
         ranks.shutdown()
 

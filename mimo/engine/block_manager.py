@@ -28,13 +28,15 @@ class BlockPool:
         self._free.extend(blocks)
 
 
-def sliding_ring_tokens(sliding_window: int, max_chunk: int) -> int:
-    """Tokens a sequence's sliding ring holds.
+def sliding_ring_tokens(sliding_window: int, max_rows: int) -> int:
+    """Tokens a sequence's sliding ring holds, where one forward writes at most `max_rows` tokens of a sequence.
 
-    A step writes its new tokens before attending, so the ring must keep the `window` keys before a chunk plus the
-    chunk itself. Token at position p lives in ring block `(p // block_size) % ring_blocks`.
+    A forward writes its new tokens before attending, so the ring must keep the `window` keys before its first
+    token plus all it writes. `max_rows` is the prefill chunk, plus `num_speculative_tokens - 1` with MTP (an MTP
+    layer recomputes the rows it drafted from). Token at position p lives in ring block
+    `(p // block_size) % ring_blocks`.
     """
-    return sliding_window + max_chunk
+    return sliding_window + max_rows
 
 
 def blocks_per_sequence(kind: LayerKind, num_tokens: int, max_num_tokens: int, block_size: int,
@@ -70,6 +72,18 @@ class BlockManager:
         for kind, pool in self.pools.items():
             table = seq.block_tables[kind]
             table += pool.allocate(max(0, self.blocks_needed(kind, seq, num_tokens) - len(table)))
+
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Gives back the full-attention blocks past `seq`'s first `num_tokens` tokens (rejected draft tokens);
+        a sliding ring stays whole. A trimmed table is a new list, as after `free`: the device copy is redone."""
+        pool = self.pools.get(LayerKind.FULL)
+        if pool is None:
+            return
+        table = seq.block_tables[LayerKind.FULL]
+        keep = self.blocks_needed(LayerKind.FULL, seq, num_tokens)
+        if keep < len(table):
+            pool.free(table[keep:])
+            seq.block_tables[LayerKind.FULL] = table[:keep]
 
     def free(self, seq: Sequence) -> None:
         for kind, pool in self.pools.items():

@@ -15,6 +15,7 @@ from mimo.engine.model_runner import ModelRunner
 from mimo.engine.sampling import InvalidRequestError, Sampler, SamplingParams
 from mimo.engine.scheduler import Scheduler
 from mimo.engine.sequence import FinishReason, Sequence
+from mimo.engine.speculative import DraftOverride, SpeculativeStats
 from mimo.models.language_model import MiMoV2ForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = knob(None, "KV-cache budget in bytes, split between the pools "
                                              "(instead of num_full_blocks)")
     seed: int | None = knob(None, "seed of the stream unseeded sampling requests draw from (none: nondeterministic)")
+    num_speculative_tokens: int = knob(0, "MTP speculative decoding: tokens the MTP layers draft per sequence and "
+                                       "step, verified in one forward (0: off; at most the checkpoint's MTP layers, 3)")
     device: torch.device | str | None = None  # None = the model's; otherwise must be the model's
     dtype: torch.dtype | None = None  # None = the model's; otherwise must be the model's
 
@@ -53,6 +56,9 @@ class EngineConfig:
         for name in ("max_prefill_chunk", "num_full_blocks", "num_sliding_blocks", "kv_cache_memory_bytes"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"EngineConfig.num_speculative_tokens must be an int >= 0, got {k!r}")
         if (self.num_full_blocks is None) == (self.kv_cache_memory_bytes is None):
             raise ValueError("EngineConfig: give exactly one of num_full_blocks and kv_cache_memory_bytes, got "
                              f"{self.num_full_blocks} and {self.kv_cache_memory_bytes}")
@@ -61,6 +67,9 @@ class EngineConfig:
         if self.max_prefill_chunk > self.max_num_batched_tokens:
             raise ValueError(f"EngineConfig.max_prefill_chunk={self.max_prefill_chunk} exceeds "
                              f"max_num_batched_tokens={self.max_num_batched_tokens}")
+        if self.max_prefill_chunk < 1 + k:
+            raise ValueError(f"EngineConfig.max_prefill_chunk={self.max_prefill_chunk} is below the 1 + "
+                             f"num_speculative_tokens = {1 + k} tokens a verify computes for one sequence")
 
 
 def engine_knobs() -> dict[str, str]:
@@ -87,22 +96,35 @@ class RequestOutput:
 class LLMEngine:
     """Continuous batching over paged KV: requests join and leave the running batch at every step.
 
-    Thread-safety: `add_request`, `abort`, `has_unfinished`, `wait_for_work` and `kv_stats` may be called from any
-    thread while one loop thread calls `step()`. The step holds the engine lock only while it schedules and while it
-    applies the results, not during the forward: an abort then frees the request's blocks at once, and the forward
-    still in flight writes only into blocks that no other sequence can receive before the next `schedule()`.
+    With `num_speculative_tokens` k > 0 every sequence (unless its request opts out: `SamplingParams.speculative`)
+    verifies up to k MTP drafts per step (`mimo.engine.speculative`); `test_draft_override` (tests and benchmarks)
+    replaces those drafts.
+
+    Thread-safety: `add_request`, `abort`, `has_unfinished`, `wait_for_work`, `kv_stats` and `speculative_stats`
+    may be called from any thread while one loop thread calls `step()`. The step holds the engine lock only while it
+    schedules and while it applies the results, not during the forward: an abort then frees the request's blocks at
+    once, and the forward still in flight writes only into blocks that no other sequence can receive before the next
+    `schedule()`.
     """
 
-    def __init__(self, model: MiMoV2ForCausalLM, config: EngineConfig):
+    def __init__(self, model: MiMoV2ForCausalLM, config: EngineConfig, *,
+                 test_draft_override: DraftOverride | None = None):
         self.config = config
         model_config = model.config
         self.vocab_size = model_config.vocab_size
         self.hidden_size = model_config.hidden_size
         self.device, dtype = _model_device_dtype(model, config)
-        specs = kv_layer_specs(model_config)
+        num_spec = config.num_speculative_tokens
+        num_mtp_layers = 0 if model.model.mtp is None else len(model.model.mtp.layers)
+        if num_spec > num_mtp_layers:
+            raise ValueError(f"EngineConfig.num_speculative_tokens={num_spec} needs {num_spec} MTP layers, the model "
+                             f"has {num_mtp_layers} (load it with with_mtp=True)")
+        specs = kv_layer_specs(model_config, num_spec)
         kinds = layer_kinds(specs)
         sliding_window = model_config.sliding_attention.sliding_window if LayerKind.SLIDING in kinds else None
-        ring_tokens = None if sliding_window is None else sliding_ring_tokens(sliding_window, config.max_prefill_chunk)
+        # an MTP layer also recomputes up to k - 1 rows it had drafted from
+        rows_per_step = config.max_prefill_chunk + max(0, num_spec - 1)
+        ring_tokens = None if sliding_window is None else sliding_ring_tokens(sliding_window, rows_per_step)
         max_blocks_per_seq = {kind: blocks_per_sequence(kind, config.max_model_len, config.max_model_len,
                                                         config.block_size, ring_tokens) for kind in kinds}
         num_blocks = _pool_sizes(config, specs, max_blocks_per_seq, dtype)
@@ -116,7 +138,12 @@ class LLMEngine:
             generator.manual_seed(config.seed)
         kv_cache = KVCache(specs, num_blocks, config.block_size, dtype, self.device)
         self.runner = ModelRunner(model, kv_cache, Sampler(generator), sliding_window, config.max_num_seqs,
-                                  max_blocks_per_seq, self.device)
+                                  max_blocks_per_seq, self.device, num_spec)
+        if test_draft_override is not None:
+            if self.runner.drafter is None:
+                raise ValueError("test_draft_override needs EngineConfig.num_speculative_tokens > 0")
+            self.runner.drafter.test_draft_override = test_draft_override
+        self._speculative_stats = SpeculativeStats()
         self._sequences: dict[str, Sequence] = {}  # unfinished requests by id
         self._pending_outputs: list[RequestOutput] = []  # aborts, reported by the next step
         self._lock = threading.Lock()
@@ -136,7 +163,8 @@ class LLMEngine:
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        seq = Sequence(request_id, prompt_ids, sampling, prompt_table, generator)
+        num_spec = self.config.num_speculative_tokens if sampling.speculative else 0
+        seq = Sequence(request_id, prompt_ids, sampling, prompt_table, generator, num_spec)
         with self._lock:
             if request_id in self._sequences:
                 raise InvalidRequestError(f"request_id {request_id!r} is already in use by an unfinished request")
@@ -164,7 +192,7 @@ class LLMEngine:
                 return outputs
             inputs = self.runner.prepare(chunks)
         try:
-            sampled = self.runner.execute(inputs)
+            results = self.runner.execute(inputs)
         except Exception as exc:  # noqa: BLE001 - the batch's requests fail, the engine and later requests go on
             logger.exception("engine step failed; finishing its %d requests with an error", len(chunks))
             with self._lock:
@@ -175,7 +203,9 @@ class LLMEngine:
                                                  f"{type(exc).__name__}: {exc}"))
             return outputs
         with self._lock:
-            for seq, new_token_ids in self.scheduler.postprocess(chunks, sampled):
+            for chunk, result in zip(chunks, results):
+                self._speculative_stats.count(chunk.num_drafts, result.num_accepted)
+            for seq, new_token_ids in self.scheduler.postprocess(chunks, results):
                 reason = seq.finish_reason.value if seq.is_finished else None
                 outputs.append(RequestOutput(seq.request_id, new_token_ids, seq.is_finished, reason))
                 if seq.is_finished:
@@ -195,6 +225,13 @@ class LLMEngine:
         """`{"full" | "sliding": {"free_blocks": n, "total_blocks": n}}` for the pools this model has."""
         with self._lock:
             return self.block_manager.stats()
+
+    def speculative_stats(self) -> dict[str, int]:
+        """MTP counters since start: `verifications`, `draft_tokens`, `accepted_tokens` (`SpeculativeStats`)."""
+        with self._lock:
+            stats = self._speculative_stats
+            return {"verifications": stats.verifications, "draft_tokens": stats.draft_tokens,
+                    "accepted_tokens": stats.accepted_tokens}
 
     def _has_work(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending_outputs)

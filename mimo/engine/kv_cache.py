@@ -29,10 +29,11 @@ class KVLayerSpec:
     v_head_dim: int
 
 
-def kv_layer_specs(config: MiMoV2Config) -> list[KVLayerSpec]:
-    """Per-layer KV geometry of the language model's decoder layers."""
+def kv_layer_specs(config: MiMoV2Config, num_mtp_layers: int = 0) -> list[KVLayerSpec]:
+    """Per-layer KV geometry of the decoder layers, then of the first `num_mtp_layers` MTP layers (sliding layers
+    numbered `num_hidden_layers + k`, as `MiMoV2MTPLayer` calls the attention backend)."""
     specs = []
-    for layer_type in config.layer_types:
+    for layer_type in [*config.layer_types, *["sliding"] * num_mtp_layers]:
         attention = config.attention_spec(layer_type)
         specs.append(KVLayerSpec(LayerKind(layer_type), attention.num_kv_heads, attention.head_dim,
                                  attention.v_head_dim))

@@ -74,7 +74,8 @@ class DeviceBlockTables:
 
     While a sequence runs its table only grows, so a step copies just the block ids appended since the previous
     step instead of every table. A sequence that stopped running gives its row back; one readmitted after
-    preemption holds a new table (the block manager replaces the list when it frees) and is copied afresh.
+    preemption, or whose table was trimmed after rejected drafts, holds a new table (the block manager replaces
+    the list) and is copied afresh.
     """
 
     def __init__(self, kind: LayerKind, num_rows: int, max_blocks: int, device: torch.device):

@@ -22,6 +22,7 @@ class SamplingParams:
     temperature 0 (or top_k 1) is greedy: exact argmax of the logits. top_k 0 and top_p 1.0 disable those filters.
     `seed` gives the request its own random stream, so its samples do not depend on what it is batched with.
     The `end_id` token ends the request and is not reported; `stop_token_sequences` end it and are reported.
+    `speculative` False opts the request out of MTP drafting where the engine drafts (same tokens when greedy).
     """
 
     max_tokens: int = 16
@@ -31,6 +32,7 @@ class SamplingParams:
     seed: int | None = None
     end_id: int | None = None
     stop_token_sequences: tuple[tuple[int, ...], ...] = ()
+    speculative: bool = True
 
     def __post_init__(self):
         self._coerce("max_tokens", numbers.Integral, int, lambda x: x >= 1, "an int >= 1")
@@ -49,6 +51,8 @@ class SamplingParams:
             raise InvalidRequestError("SamplingParams.stop_token_sequences must be non-empty lists of token ids >= 0, "
                                       f"got {self.stop_token_sequences!r}")
         object.__setattr__(self, "stop_token_sequences", stops)
+        if not isinstance(self.speculative, bool):
+            raise InvalidRequestError(f"SamplingParams.speculative must be a bool, got {self.speculative!r}")
 
     def _coerce(self, field: str, kind: type, cast: type, valid, expected: str) -> None:
         value = getattr(self, field)
@@ -78,24 +82,87 @@ class Sampler:
         rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if not rows:
             return tokens
+        row_index = to_device(rows, logits.device)
+        probs = self.probs(logits.index_select(0, row_index), [params[i] for i in rows])
+        return tokens.index_copy(0, row_index, self.race(probs, [generators[i] for i in rows]))
+
+    def probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """The distribution each row samples from (temperature, then top-k and top-p): `[R, V]`, non-greedy rows."""
         device = logits.device
-        row_index = to_device(rows, device)
-        temperature = to_device([params[i].temperature for i in rows], device, logits.dtype)
-        scaled = logits.index_select(0, row_index) / temperature[:, None]  # [R, V]
-        if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
-            top_k = to_device([params[i].top_k or logits.shape[-1] for i in rows], device)
-            top_p = to_device([params[i].top_p for i in rows], device, logits.dtype)
+        temperature = to_device([p.temperature for p in params], device, logits.dtype)
+        scaled = logits / temperature[:, None]  # [R, V]
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            top_k = to_device([p.top_k or logits.shape[-1] for p in params], device)
+            top_p = to_device([p.top_p for p in params], device, logits.dtype)
             scaled = _mask_top_k_top_p(scaled, top_k, top_p)
-        probs = scaled.softmax(dim=-1)
-        noise = torch.empty_like(probs)
-        unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
+        return scaled.softmax(dim=-1)
+
+    def race(self, weights: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """One index per row of `weights` `[R, V]` (>= 0, not necessarily normalised), drawn in proportion to them."""
+        noise = torch.empty_like(weights)
+        unseeded = [j for j, g in enumerate(generators) if g is None]
         if unseeded:
-            noise_rows = torch.empty(len(unseeded), probs.shape[-1], device=device, dtype=probs.dtype)
-            noise[to_device(unseeded, device)] = noise_rows.exponential_(generator=self.generator)
-        for j, i in enumerate(rows):
-            if generators[i] is not None:
-                noise[j].exponential_(generator=generators[i])
-        return tokens.index_copy(0, row_index, probs.div_(noise).argmax(dim=-1))
+            noise_rows = torch.empty(len(unseeded), weights.shape[-1], device=weights.device, dtype=weights.dtype)
+            noise[to_device(unseeded, weights.device)] = noise_rows.exponential_(generator=self.generator)
+        for j, generator in enumerate(generators):
+            if generator is not None:
+                noise[j].exponential_(generator=generator)
+        return (weights / noise).argmax(dim=-1)
+
+    def verify(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+               drafts: list[list[int]], draft_probs: list[torch.Tensor | None]) -> list[tuple[list[int], int]]:
+        """Speculative verification: which drafts of each sequence the target accepts, and the token after them.
+
+        Sequence i owns `len(drafts[i]) + 1` consecutive rows of `logits` `[R, V]` (float32): the target's logits
+        after its last verified token and after each of its drafts. Greedy sequences accept drafts while they equal
+        the target's argmax, then take the argmax. The others accept draft x with probability min(1, p(x) / q(x))
+        (p: the target's distribution under the request's temperature / top-k / top-p; q: `draft_probs[i]`, the
+        rows the drafts were drawn from, None for deterministic drafts: q one-hot) and, at the first rejection,
+        draw from normalize(max(p - q, 0)), else the bonus token from p: the emitted tokens follow p exactly. A
+        sampled sequence with k drafts draws k uniforms and one race per step, whatever it accepts, from its own
+        generator. Returns per sequence (the accepted drafts followed by the corrected or bonus token, accepted).
+        """
+        device = logits.device
+        starts = [0]
+        for d in drafts:
+            starts.append(starts[-1] + len(d) + 1)
+        greedy = [i for i, p in enumerate(params) if p.is_greedy]
+        results: list[tuple[list[int], int]] = [([], 0)] * len(drafts)
+        if greedy:
+            argmax = logits.argmax(dim=-1).tolist()
+            for i in greedy:
+                target = argmax[starts[i]:starts[i + 1]]
+                accepted = next((j for j, d in enumerate(drafts[i]) if d != target[j]), len(drafts[i]))
+                results[i] = (drafts[i][:accepted] + [target[accepted]], accepted)
+        for i in (i for i, p in enumerate(params) if not p.is_greedy):
+            results[i] = self._verify_sampled(logits[starts[i]:starts[i + 1]], params[i], generators[i], drafts[i],
+                                              draft_probs[i])
+        return results
+
+    def _verify_sampled(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                        drafts: list[int], draft_probs: torch.Tensor | None) -> tuple[list[int], int]:
+        k = len(drafts)
+        p = self.probs(logits, [params] * (k + 1))  # [k + 1, V]
+        accepted = 0
+        if k:
+            rows = torch.arange(k, device=logits.device)
+            draft_ids = to_device(drafts, logits.device)
+            p_draft = p[rows, draft_ids]  # [k]
+            q_draft = torch.ones_like(p_draft) if draft_probs is None else draft_probs[rows, draft_ids]
+            u = torch.rand(k, device=logits.device, dtype=p.dtype, generator=generator or self.generator)
+            accept = (u * q_draft < p_draft).tolist()  # u < p / q without dividing by a q of 0
+            accepted = accept.index(False) if False in accept else k
+        if accepted < k:
+            if draft_probs is None:
+                residual = p[accepted].index_fill(0, draft_ids[accepted], 0.0)  # max(p - onehot, 0)
+            else:
+                residual = (p[accepted] - draft_probs[accepted]).clamp_(min=0.0)
+            # all zero only through rounding (p == q): then p itself, without a host sync
+            weights = torch.where(residual.sum() > 0, residual, p[accepted])
+        else:
+            weights = p[k]
+        token = int(self.race(weights[None], [generator])[0])
+        return drafts[:accepted] + [token], accepted
 
 
 def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -3,38 +3,50 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mimo.engine.block_manager import BlockManager
-from mimo.engine.sequence import FinishReason, Sequence, SequenceStatus
+from mimo.engine.sequence import DraftState, FinishReason, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True, slots=True)
 class ScheduledChunk:
-    """The next `num_tokens` uncomputed tokens of `seq`, from position `start`."""
+    """The next `num_tokens` uncomputed tokens of `seq` from position `start`: its own tokens, then (a verify)
+    its first `num_drafts` draft tokens."""
 
     seq: Sequence
     start: int
     num_tokens: int
-    samples: bool  # the chunk reaches the sequence's last token, so the step samples the next one
+    samples: bool  # the chunk reaches the sequence's last token, so the step samples (verifies) the next one
+    num_drafts: int = 0
 
     @classmethod
-    def next_of(cls, seq: Sequence, num_tokens: int) -> ScheduledChunk:
+    def next_of(cls, seq: Sequence, num_tokens: int, num_drafts: int = 0) -> ScheduledChunk:
         start = seq.num_computed_tokens
-        return cls(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
+        return cls(seq, start, num_tokens, start + num_tokens - num_drafts == seq.num_tokens, num_drafts)
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkResult:
+    """What one step gave one chunk."""
+
+    tokens: list[int] = field(default_factory=list)  # sampling chunk: accepted drafts, then the sampled token
+    num_accepted: int = 0  # drafts the target accepted (their KV stays; the rest is rolled back)
+    draft: DraftState | None = None  # a speculative sequence's MTP state after the step
+
+
 class Scheduler:
     """Waiting and running queues; every step mixes decodes and prefill chunks under a token and a sequence budget.
 
-    Running sequences go first, in admission order (a decode is one token, an unfinished prompt continues with its
-    next chunk); then waiting ones are admitted first-come first-served while their whole current length fits in
-    the KV pools. A running sequence that cannot grow preempts the newest running one (possibly itself), which
-    returns to the front of the queue and is recomputed from scratch when readmitted.
+    Running sequences go first, in admission order (a decode is one token, or 1 + k with k MTP drafts to verify;
+    an unfinished prompt continues with its next chunk); then waiting ones are admitted first-come first-served
+    while their whole current length fits in the KV pools. A running sequence that cannot grow preempts the newest
+    running one (possibly itself), which returns to the front of the queue and is recomputed from scratch when
+    readmitted.
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_chunk: int):
@@ -59,10 +71,13 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted for an earlier sequence in this loop
                 continue
-            n = self._chunk_size(seq, budget)
+            num_drafts = self._num_drafts(seq)
+            n = 1 + num_drafts if num_drafts else self._chunk_size(seq, budget)
+            if n > budget:  # a verify is never shortened: what a seeded request draws must not depend on the batch
+                break
             if self._make_room(seq, seq.num_computed_tokens + n):
                 self.block_manager.allocate(seq, seq.num_computed_tokens + n)
-                chunks.append(ScheduledChunk.next_of(seq, n))
+                chunks.append(ScheduledChunk.next_of(seq, n, num_drafts))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -80,6 +95,13 @@ class Scheduler:
     def _chunk_size(self, seq: Sequence, budget: int) -> int:
         return min(seq.num_tokens - seq.num_computed_tokens, budget, self.max_chunk)
 
+    @staticmethod
+    def _num_drafts(seq: Sequence) -> int:
+        """Drafts a decoding sequence verifies next: all it has, but none that could only follow its last token."""
+        if seq.draft is None or seq.num_tokens - seq.num_computed_tokens != 1:
+            return 0
+        return max(0, min(len(seq.draft.drafts), seq.max_num_tokens - seq.num_tokens - 1))
+
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempts the newest running sequences until `seq` can hold `num_tokens`; False if `seq` was preempted."""
         while not self.block_manager.can_allocate(seq, num_tokens):
@@ -93,28 +115,39 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_computed_tokens = 0
+        seq.drop_kv()
         self.waiting.appendleft(seq)
 
-    def postprocess(self, chunks: list[ScheduledChunk], sampled: list[int]) -> list[tuple[Sequence, list[int]]]:
-        """Advances the scheduled sequences; `sampled` has one token per sampling chunk, in order.
+    def postprocess(self, chunks: list[ScheduledChunk],
+                    results: list[ChunkResult]) -> list[tuple[Sequence, list[int]]]:
+        """Advances the scheduled sequences by their step's `results` (one per chunk, in order).
 
-        Returns (sequence, new token ids) for every sequence that sampled; finished ones have released their KV.
-        Sequences finished while the step ran (aborted) are skipped.
+        Tokens of a verify are appended one by one until one finishes the sequence (stop, end_id, max_tokens): the
+        rest is dropped. Rejected drafts are rolled back: KV counts only the accepted ones, and the full-attention
+        blocks past them go back to the pool. Returns (sequence, new token ids) for every sequence that sampled;
+        finished ones have released their KV. Sequences finished while the step ran (aborted) are skipped.
         """
-        results = []
-        tokens = iter(sampled)
-        for chunk in chunks:
+        outputs = []
+        for chunk, result in zip(chunks, results, strict=True):
             seq = chunk.seq
-            token = next(tokens) if chunk.samples else None
             if seq.is_finished:
                 continue
-            seq.num_computed_tokens = chunk.end
-            if token is not None:
-                results.append((seq, seq.append_token(token)))
+            seq.num_computed_tokens = chunk.end - chunk.num_drafts + result.num_accepted
+            if result.draft is not None:
+                seq.draft = result.draft
+            if not chunk.samples:
+                continue
+            new_token_ids = []
+            for token in result.tokens:
+                new_token_ids += seq.append_token(token)
                 if seq.is_finished:
-                    self._release(seq)
-        return results
+                    break
+            outputs.append((seq, new_token_ids))
+            if seq.is_finished:
+                self._release(seq)
+            elif result.num_accepted < chunk.num_drafts:
+                self.block_manager.trim(seq, seq.num_computed_tokens)
+        return outputs
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Ends a waiting or running sequence now, releasing its KV."""

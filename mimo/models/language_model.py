@@ -97,20 +97,21 @@ class MiMoV2ForCausalLM(nn.Module):
         attn: AttentionBackend,
         next_token_ids: torch.Tensor,
         target_hidden: torch.Tensor,
+        prompt_table: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Draft hidden state of MTP layer `mtp_idx` (feed it to `compute_logits`).
 
         Args:
             positions: [T] positions of the target tokens whose hidden states are given.
-            next_token_ids: [T] the token following each of those positions.
+            next_token_ids: [T] the token following each of those positions, embedded as `embed` does (ids >=
+                vocab_size, multimodal positions, read `prompt_table`: the embedding the target saw there).
             target_hidden: [T, H] the target model's pre-final-norm hidden states (`self.model(...)`).
         Returns:
             [T, H] final-normed hidden states predicting the token after `next_token_ids`.
         """
         if self.model.mtp is None:
             raise ValueError("this model has no MTP layers (config num_nextn_predict_layers = 0)")
-        # Prompt-table ids (multimodal placeholders) are outside the vocabulary; the draft sees token 0..V-1.
-        token_embeds = self._embed_tokens(next_token_ids.clamp(0, self.config.vocab_size - 1))
+        token_embeds = self.embed(next_token_ids, prompt_table)
         return self.model.mtp(mtp_idx, positions, attn, token_embeds, target_hidden)
 
     def _embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """The rank driver of a tensor-parallel model instance: rank 0 runs the engine, ranks 1..N-1 repeat its forwards.
 
 Rank 0 (the Triton model instance) keeps the scheduler, the KV block manager and sampling exactly as with one
-process. A forward pre-hook on its model first broadcasts the step (the token embeddings and the paged-attention
-index tensors); every other rank runs the same forward over its own KV cache, so all ranks meet at each all-reduce.
-Workers allocate KV pools of rank 0's block counts, so rank 0's block ids are valid on every rank. Embeddings are
-replicated, so prompt tables never leave rank 0; only rank 0 computes logits and samples.
+process. Forward pre-hooks on its decoder stack (`model.model`) and its MTP layers first broadcast the forward
+(the token embeddings, for an MTP layer also the target hidden states it reads, and the paged-attention index
+tensors); every other rank runs the same forward over its own KV cache, so all ranks meet at each all-reduce.
+Workers allocate KV pools of rank 0's block counts (and its MTP layers), so rank 0's block ids are valid on every
+rank. Embeddings are replicated, so prompt tables never leave rank 0; only rank 0 computes logits and samples.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mimo.engine.kv_cache import KVCache, LayerKind, kv_layer_specs, layer_kinds
+from mimo.engine.kv_cache import KVCache, LayerKind, kv_layer_specs
 from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata, PoolMetadata
 from mimo.engine.transfer import to_device
 from mimo.loading import load_rank_language_model
-from mimo.models.language_model import MiMoV2ForCausalLM
+from mimo.models.language_model import MiMoV2Model
+from mimo.models.mtp import MiMoV2MTP
 from mimo.parallel.deploy import DeployArtifact
 from mimo.parallel.distributed import RankContext, init_rank, open_store
 
@@ -30,11 +32,12 @@ _JOIN_TIMEOUT_S = 30  # a worker that got STOP exits at once; one stuck in a col
 
 class _Command(enum.IntEnum):
     STOP = 0
-    STEP = 1
+    STEP = 1  # the decoder layers: `model.model(positions, attn, input_embeds)`
+    MTP = 2  # one MTP layer: `model.model.mtp(mtp_idx, positions, attn, token_embeds, target_hidden)`
 
 
 class StepChannel:
-    """Rank 0 -> all ranks: one paged-attention forward (3 broadcasts: sizes, int64 indices, embeddings)."""
+    """Rank 0 -> all ranks: one paged-attention forward (3 broadcasts: sizes, int64 indices, the [T, H] inputs)."""
 
     def __init__(self, ctx: RankContext, kinds: list[LayerKind], hidden_size: int, dtype: torch.dtype):
         self.ctx = ctx
@@ -45,18 +48,16 @@ class StepChannel:
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         return _broadcast(self.ctx, tensor)
 
-    def send_step(self, metadata: PagedAttentionMetadata, input_embeds: torch.Tensor) -> None:
-        pools = [metadata.pools[kind] for kind in self.kinds]
-        device = input_embeds.device
-        sizes = [
-            _Command.STEP,
-            input_embeds.shape[0],
-            len(metadata.query_counts),
-            *(p.key_slots.numel() for p in pools),
-        ]
+    def send(self, command: _Command, metadata: PagedAttentionMetadata, inputs: list[torch.Tensor],
+             mtp_idx: int = 0) -> None:
+        """`inputs`: `[T, H]` each, the embeddings (STEP) or the token embeddings and target hidden states (MTP)."""
+        pools = [metadata.pools.get(kind) for kind in self.kinds]  # an MTP layer's step has the sliding pool only
+        device = inputs[0].device
+        sizes = [command, mtp_idx, inputs[0].shape[0], len(metadata.query_counts),
+                 *(-1 if p is None else p.key_slots.numel() for p in pools)]
         self._broadcast(to_device(sizes, device))
         parts = [metadata.query_positions, to_device(metadata.query_counts, device)]
-        for pool in pools:
+        for pool in (p for p in pools if p is not None):
             parts += [
                 pool.slot_mapping,
                 pool.key_slots,
@@ -64,28 +65,31 @@ class StepChannel:
                 to_device(pool.key_counts, device),
             ]
         self._broadcast(torch.cat([p.long() for p in parts]))
-        self._broadcast(input_embeds.contiguous())
+        self._broadcast(torch.cat(inputs, dim=1).contiguous())
 
     def send_stop(self) -> None:
-        self._broadcast(torch.tensor([_Command.STOP] + [0] * (2 + len(self.kinds)), device=self.ctx.device))
+        self._broadcast(torch.tensor([_Command.STOP] + [0] * (3 + len(self.kinds)), device=self.ctx.device))
 
-    def receive(self, sliding_window: int | None) -> tuple[PagedAttentionMetadata, torch.Tensor] | None:
-        """The next step, or None when rank 0 stops."""
-        sizes = self._broadcast(torch.empty(3 + len(self.kinds), dtype=torch.long, device=self.ctx.device)).tolist()
-        if sizes[0] == _Command.STOP:
+    def receive(self, sliding_window: int | None) -> tuple[_Command, int, PagedAttentionMetadata,
+                                                           list[torch.Tensor]] | None:
+        """The next forward (command, MTP layer, metadata, inputs), or None when rank 0 stops."""
+        header = torch.empty(4 + len(self.kinds), dtype=torch.long, device=self.ctx.device)
+        command, mtp_idx, num_tokens, num_seqs, *key_sizes = self._broadcast(header).tolist()
+        if command == _Command.STOP:
             return None
-        num_tokens, num_seqs, key_sizes = sizes[1], sizes[2], sizes[3:]
-        total = num_tokens + num_seqs + sum(num_tokens + 2 * k + num_seqs for k in key_sizes)
-        flat = self._broadcast(torch.empty(total, dtype=torch.long, device=self.ctx.device))
-        part_sizes = [num_tokens, num_seqs] + [n for keys in key_sizes for n in (num_tokens, keys, keys, num_seqs)]
+        present = [(kind, keys) for kind, keys in zip(self.kinds, key_sizes, strict=True) if keys >= 0]
+        part_sizes = [num_tokens, num_seqs] + [n for _, keys in present for n in (num_tokens, keys, keys, num_seqs)]
+        flat = self._broadcast(torch.empty(sum(part_sizes), dtype=torch.long, device=self.ctx.device))
         query_positions, query_counts, *pool_parts = flat.split(part_sizes)
         pools = {}
-        for i, kind in enumerate(self.kinds):
+        for i, (kind, _) in enumerate(present):
             slot_mapping, key_slots, key_positions, key_counts = pool_parts[4 * i : 4 * i + 4]
             pools[kind] = PoolMetadata(slot_mapping, key_slots, key_positions, key_counts.tolist())
-        input_embeds = torch.empty(num_tokens, self.hidden_size, dtype=self.dtype, device=self.ctx.device)
-        self._broadcast(input_embeds)
-        return PagedAttentionMetadata(query_positions, query_counts.tolist(), pools, sliding_window), input_embeds
+        num_inputs = 1 if command == _Command.STEP else 2
+        inputs = torch.empty(num_tokens, num_inputs * self.hidden_size, dtype=self.dtype, device=self.ctx.device)
+        self._broadcast(inputs)
+        metadata = PagedAttentionMetadata(query_positions, query_counts.tolist(), pools, sliding_window)
+        return _Command(command), mtp_idx, metadata, list(inputs.split(self.hidden_size, dim=1))
 
 
 def rank_devices(instance_device: torch.device, world_size: int, rank_gpus: Sequence[int] = ()) -> list[torch.device]:
@@ -105,11 +109,13 @@ class TensorParallelRanks:
     """Rank 0's side of a tensor-parallel model instance: starts ranks 1..N-1 and drives them.
 
     Usage: `ranks = TensorParallelRanks(deploy, device, dtype, rank_gpus)` (`device`: rank 0's, this process's;
-    `rank_gpus`: see `rank_devices`); build the engine on `ranks.model`; `ranks.serve(engine.runner.kv_cache)`;
-    `ranks.shutdown()` at the end. A one-rank artifact runs in this process alone.
+    `rank_gpus`: see `rank_devices`; `with_mtp`: load the MTP layers, for speculative decoding); build the engine
+    on `ranks.model`; `ranks.serve(engine.runner.kv_cache)`; `ranks.shutdown()` at the end. A one-rank artifact
+    runs in this process alone.
     """
 
-    def __init__(self, deploy: str | Path, device: torch.device, dtype: torch.dtype, rank_gpus: Sequence[int] = ()):
+    def __init__(self, deploy: str | Path, device: torch.device, dtype: torch.dtype, rank_gpus: Sequence[int] = (),
+                 *, with_mtp: bool = False):
         artifact = DeployArtifact.open(deploy)
         world_size = artifact.mapping.world_size
         devices = rank_devices(device, world_size, rank_gpus)
@@ -118,7 +124,7 @@ class TensorParallelRanks:
         self._workers = [
             spawn.Process(
                 target=_worker_main,
-                args=(rank, world_size, self._store.port, devices[rank], str(artifact.path), dtype),
+                args=(rank, world_size, self._store.port, devices[rank], str(artifact.path), dtype, with_mtp),
                 name=f"mimo-tp-rank{rank}",
                 daemon=True,
             )
@@ -129,7 +135,8 @@ class TensorParallelRanks:
             worker.start()
         try:
             self.ctx = init_rank(0, world_size, self._store.port, devices[0])
-            self.model = load_rank_language_model(artifact, 0, world_size, dtype, devices[0], group=self.ctx.group)
+            self.model = load_rank_language_model(artifact, 0, world_size, dtype, devices[0], group=self.ctx.group,
+                                                  with_mtp=with_mtp)
         except BaseException:
             self._terminate_workers()
             raise
@@ -139,17 +146,27 @@ class TensorParallelRanks:
         if not self._workers:
             return
         num_blocks = {spec.kind: k.shape[0] for spec, k in zip(kv_cache.specs, kv_cache.k, strict=True)}
-        sizes = [kv_cache.block_size, *(num_blocks[kind] for kind in kv_cache.kinds)]
+        num_mtp_layers = len(kv_cache.specs) - self.model.config.num_hidden_layers
+        sizes = [kv_cache.block_size, num_mtp_layers, *(num_blocks.get(kind, -1) for kind in LayerKind)]
         _broadcast(self.ctx, torch.tensor(sizes, device=self.ctx.device))
         self._channel = StepChannel(self.ctx, kv_cache.kinds, self.model.config.hidden_size, kv_cache.k[0].dtype)
-        self.model.register_forward_pre_hook(self._announce)
+        self.model.model.register_forward_pre_hook(self._announce_step)
+        if num_mtp_layers:
+            self.model.model.mtp.register_forward_pre_hook(self._announce_mtp)
 
-    def _announce(self, module: MiMoV2ForCausalLM, args: tuple) -> None:
+    def _announce_step(self, module: MiMoV2Model, args: tuple) -> None:
         positions, attn, input_embeds = args
+        self._channel.send(_Command.STEP, self._metadata(attn), [input_embeds])
+
+    def _announce_mtp(self, module: MiMoV2MTP, args: tuple) -> None:
+        mtp_idx, positions, attn, token_embeds, target_hidden = args
+        self._channel.send(_Command.MTP, self._metadata(attn), [token_embeds, target_hidden], mtp_idx)
+
+    def _metadata(self, attn) -> PagedAttentionMetadata:
         if not isinstance(attn, PagedAttention):
             raise TypeError(f"a tensor-parallel rank-0 model runs engine steps (PagedAttention), got {type(attn)}")
         self._check_workers()  # a collective would wait for a dead rank until the timeout
-        self._channel.send_step(attn.metadata, input_embeds)
+        return attn.metadata
 
     def _check_workers(self) -> None:
         for rank, worker in enumerate(self._workers, start=1):
@@ -183,17 +200,22 @@ def _broadcast(ctx: RankContext, tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _worker_main(rank: int, world_size: int, port: int, device: torch.device, deploy: str, dtype: torch.dtype) -> None:
+def _worker_main(rank: int, world_size: int, port: int, device: torch.device, deploy: str, dtype: torch.dtype,
+                 with_mtp: bool) -> None:
     ctx = init_rank(rank, world_size, port, device)
-    model = load_rank_language_model(deploy, rank, world_size, dtype, device, group=ctx.group)
-    specs = kv_layer_specs(model.config)
-    kinds = layer_kinds(specs)
-    block_size, *num_blocks = _broadcast(ctx, torch.empty(1 + len(kinds), dtype=torch.long, device=device)).tolist()
-    kv_cache = KVCache(specs, dict(zip(kinds, num_blocks, strict=True)), block_size, dtype, device)
-    channel = StepChannel(ctx, kinds, model.config.hidden_size, dtype)
-    sliding_window = model.config.sliding_attention.sliding_window if LayerKind.SLIDING in kinds else None
-    while (step := channel.receive(sliding_window)) is not None:
-        metadata, input_embeds = step
-        model(metadata.query_positions, PagedAttention(kv_cache, metadata), input_embeds)
+    model = load_rank_language_model(deploy, rank, world_size, dtype, device, group=ctx.group, with_mtp=with_mtp)
+    header = torch.empty(2 + len(LayerKind), dtype=torch.long, device=device)
+    block_size, num_mtp_layers, *num_blocks = _broadcast(ctx, header).tolist()
+    pools = {kind: n for kind, n in zip(LayerKind, num_blocks, strict=True) if n >= 0}
+    kv_cache = KVCache(kv_layer_specs(model.config, num_mtp_layers), pools, block_size, dtype, device)
+    channel = StepChannel(ctx, kv_cache.kinds, model.config.hidden_size, dtype)
+    sliding_window = model.config.sliding_attention.sliding_window if LayerKind.SLIDING in kv_cache.kinds else None
+    while (forward := channel.receive(sliding_window)) is not None:
+        command, mtp_idx, metadata, inputs = forward
+        attn = PagedAttention(kv_cache, metadata)
+        if command == _Command.STEP:
+            model.model(metadata.query_positions, attn, *inputs)
+        else:
+            model.model.mtp(mtp_idx, metadata.query_positions, attn, *inputs)
     dist.barrier(group=ctx.group)
     dist.destroy_process_group()

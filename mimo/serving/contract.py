@@ -81,6 +81,8 @@ def _int32(name: str, **kwargs) -> TensorSpec:
     return TensorSpec(name, "INT32", (1,), **kwargs)
 
 
+SPECULATIVE_DECODING = ("false: this request decodes without MTP drafts (default true; only a deployment with "
+                        "num_speculative_tokens > 0 drafts; greedy tokens are the same either way)")
 STOP_REQUEST_ID = "stop_request_id"  # request parameter of a mimo_llm `stop`: the id of the request to end
 CHECKPOINT_DIR = {"checkpoint_dir": "hub checkpoint (or a deployment's encoder/ folder) the model reads"}
 
@@ -137,6 +139,7 @@ MIMO_LLM = ModelSpec(
         TensorSpec("streaming", "BOOL", (1,), optional=True),
         TensorSpec("prompt_embedding_table", EMBEDDING, (-1, -1), optional=True),
         _int32("prompt_vocab_size", optional=True, scalar=True),
+        TensorSpec("speculative_decoding", "BOOL", (1,), optional=True, comment=SPECULATIVE_DECODING),
         TensorSpec("stop", "BOOL", (1,), optional=True,
                    comment="true: end the in-flight request that was sent with this request's id, or with the id "
                            "in the request parameter `stop_request_id` (BLS callers: python_backend routes decoupled "
@@ -196,6 +199,7 @@ ENTRY = ModelSpec(
         TensorSpec("random_seed", "UINT64", (1,), optional=True),
         TensorSpec("stream", "BOOL", (1,), optional=True),
         TensorSpec("stop_words", "BYTES", (-1,), optional=True),
+        TensorSpec("speculative_decoding", "BOOL", (1,), optional=True, comment=SPECULATIVE_DECODING),
     ),
     outputs=(
         TensorSpec("text_output", "BYTES", (1,)),

@@ -128,6 +128,7 @@ def convert_llm_request(inputs: Mapping[str, torch.Tensor], hidden_size: int | N
             seed=_single(inputs, "random_seed") if "random_seed" in inputs else None,
             end_id=_single(inputs, "end_id") if "end_id" in inputs else None,
             stop_token_sequences=parse_stop_words(stop_words) if stop_words is not None else (),
+            speculative=bool(_single(inputs, "speculative_decoding", True)),
         )
     except InvalidRequestError as error:
         # name the Triton input, not the engine field, in what the client reads
@@ -353,6 +354,16 @@ class GenerationLoop:
         )
         request.sent = len(request.generated)
         request.sink.send(response, final=bool(finish_reason))
+
+
+def speculative_rates(stats: Mapping[str, int]) -> dict[str, float]:
+    """The rates of the engine's MTP counters (`LLMEngine.speculative_stats`), 0 before any verification:
+    `acceptance_rate` = accepted / drafted, `accept_length` = tokens per verify of a sequence (bonus included)."""
+    verifications = stats["verifications"]
+    return {
+        "acceptance_rate": stats["accepted_tokens"] / stats["draft_tokens"] if stats["draft_tokens"] else 0.0,
+        "accept_length": 1 + stats["accepted_tokens"] / verifications if verifications else 0.0,
+    }
 
 
 def engine_config(model_config: Mapping, device: torch.device, dtype: torch.dtype) -> EngineConfig:

@@ -10,10 +10,17 @@ from mimo.loading import load_language_model
 from mimo.parallel.rank_driver import TensorParallelRanks
 from mimo.serving.lifecycle import IN_FLIGHT_DESCRIPTION, IN_FLIGHT_METRIC
 from mimo.serving.llm import (GenerationLoop, LLMResponse, ServerShuttingDown, convert_llm_request, engine_config,
-                              is_stop_request, stop_target)  # fmt: skip
+                              is_stop_request, speculative_rates, stop_target)  # fmt: skip
 from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter, torch_dtype, torch_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+_SPECULATIVE_METRICS = (  # published as mimo_spec_<name> with MTP on (LLMEngine.speculative_stats, speculative_rates)
+    ("verifications", "COUNTER", "sequence-steps of mimo_llm that verified MTP drafts"),
+    ("draft_tokens", "COUNTER", "MTP draft tokens mimo_llm verified"),
+    ("accepted_tokens", "COUNTER", "MTP draft tokens the target accepted"),
+    ("acceptance_rate", "GAUGE", "accepted / verified MTP draft tokens since start"),
+    ("accept_length", "GAUGE", "tokens per verify of a sequence since start (bonus included)"),
+)
 
 
 class TritonResponseSink:
@@ -48,14 +55,17 @@ class TritonPythonModel:
         device = instance_device(args)
         dtype = torch_dtype(model_parameter(model_config, "dtype"))
         deploy_dir = model_parameter(model_config, "deploy_dir")
+        config = engine_config(model_config, device, dtype)
+        with_mtp = config.num_speculative_tokens > 0
         self.ranks = None
         if deploy_dir:  # this instance is rank 0 of the artifact's tensor-parallel ranks and starts the others
             rank_gpus = [int(gpu) for gpu in model_parameter(model_config, "rank_gpus").split(",") if gpu]
-            self.ranks = TensorParallelRanks(deploy_dir, device, dtype, rank_gpus)
+            self.ranks = TensorParallelRanks(deploy_dir, device, dtype, rank_gpus, with_mtp=with_mtp)
             model = self.ranks.model
         else:
-            model = load_language_model(model_parameter(model_config, "checkpoint_dir"), dtype, device)
-        self.engine = LLMEngine(model, engine_config(model_config, device, dtype))
+            model = load_language_model(model_parameter(model_config, "checkpoint_dir"), dtype, device,
+                                        with_mtp=with_mtp)
+        self.engine = LLMEngine(model, config)
         if self.ranks is not None:
             self.ranks.serve(self.engine.runner.kv_cache)
         period_s = model_parameter(model_config, "cancellation_check_period_ms", int) / 1000
@@ -80,6 +90,12 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.GAUGE,
         )  # fmt: skip
         self.in_flight = self.in_flight_family.Metric(labels={"model": "mimo_llm"})
+        self.spec_families, self.spec_metrics, self.spec_published = [], {}, self.engine.speculative_stats()
+        if self.engine.config.num_speculative_tokens:
+            for name, kind, description in _SPECULATIVE_METRICS:
+                self.spec_families.append(pb_utils.MetricFamily(name=f"mimo_spec_{name}", description=description,
+                                                                kind=getattr(pb_utils.MetricFamily, kind)))
+                self.spec_metrics[name] = self.spec_families[-1].Metric(labels={})
         self._publish_gauges()
         # lets a GPU deployment check that prompt tables arrive on the GPU (no host round trip from the encoder)
         self.table_family = pb_utils.MetricFamily(
@@ -93,6 +109,13 @@ class TritonPythonModel:
         for pool, stats in self.engine.kv_stats().items():
             self.kv_gauges[pool, "free"].set(stats["free_blocks"])
             self.kv_gauges[pool, "total"].set(stats["total_blocks"])
+        if self.spec_metrics:
+            stats = self.engine.speculative_stats()
+            for name, value in stats.items():
+                self.spec_metrics[name].increment(value - self.spec_published[name])
+            self.spec_published = stats
+            for name, value in speculative_rates(stats).items():
+                self.spec_metrics[name].set(value)
 
     def _publish_in_flight(self):
         self.in_flight.set(self.loop.num_active())
