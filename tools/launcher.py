@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from mimo.serving.lifecycle import IN_FLIGHT_METRIC
+from mimo.serving.lifecycle import IN_FLIGHT_METRIC, SHM_PREFIX_ENV
 
 _PR_SET_PDEATHSIG = 1
 DRAIN_DEADLINE_S = 5.0  # longest the models get to end their streams before the server is signalled
@@ -157,9 +157,12 @@ def interpreter_library_dir() -> str | None:
     return sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
 
 
-def server_environment(bundle: ServerBundle, drain_file: Path, base: dict | None = None) -> dict[str, str]:
+def server_environment(bundle: ServerBundle, drain_file: Path, base: dict | None = None,
+                       shm_prefix: str | None = None) -> dict[str, str]:  # fmt: skip
     env = dict(os.environ if base is None else base)
     env["MIMO_DRAIN_FILE"] = str(drain_file)
+    if shm_prefix:
+        env[SHM_PREFIX_ENV] = shm_prefix  # regions the models create under it go with the server's
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]).rstrip(os.pathsep)
     library_path = [str(bundle.library_dir) if bundle.library_dir else None, interpreter_library_dir(),
                     env.get("LD_LIBRARY_PATH")]  # fmt: skip
@@ -358,7 +361,8 @@ def run(args: list[str]) -> int:
         with ShutdownSignals() as signals:
             server = subprocess.Popen(
                 server_command(bundle, args, backend_dir, own_shm_prefix),
-                env=server_environment(bundle, drain_file),
+                env=server_environment(bundle, drain_file, shm_prefix=own_shm_prefix
+                                       or _python_backend_config(args, "shm-region-prefix-name")),
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )

@@ -116,7 +116,8 @@ class ItemMetadata:
                     where: str = "item_metadata") -> ItemMetadata:  # fmt: skip
         """From a BYTES tensor holding exactly one JSON document (any leading dims of 1, e.g. the batch's)."""
         if array is None or array.size != 1:
-            raise MetadataError(f"{where} must hold exactly one JSON document, got {0 if array is None else array.size}")
+            count = 0 if array is None else array.size
+            raise MetadataError(f"{where} must hold exactly one JSON document, got {count}")
         raw = array.reshape(-1)[0]
         if not isinstance(raw, bytes):
             raise MetadataError(f"{where} must be BYTES, got {type(raw).__name__}")
@@ -132,7 +133,8 @@ class ItemMetadata:
                         raise MetadataError(f"{where}.sound.{sub}: {theirs} found {found[key][sub]}, "
                                             f"the metadata says {mine[key][sub]}")  # fmt: skip
             elif mine.get(key) != found.get(key):
-                raise MetadataError(f"{where}.{key}: {theirs} found {found.get(key)}, the metadata says {mine.get(key)}")
+                raise MetadataError(f"{where}.{key}: {theirs} found {found.get(key)}, "
+                                    f"the metadata says {mine.get(key)}")  # fmt: skip
 
     def _as_dict(self) -> dict:
         document = {"version": self.version, "modality": _MODALITY_NAMES[self.modality],
@@ -177,7 +179,8 @@ class ItemMetadata:
             return cls(modality, content_hash, num_tokens, grid_thw=grid)
         timestamps = tuple(_numbers(document, "video_timestamps", where, length=grid[0]))
         if any(t < 0 for t in timestamps) or list(timestamps) != sorted(timestamps):
-            raise MetadataError(f"{where}.video_timestamps must be non-negative and non-decreasing, got {list(timestamps)}")
+            raise MetadataError(f"{where}.video_timestamps must be non-negative and non-decreasing, "
+                                f"got {list(timestamps)}")  # fmt: skip
         second_per_grid_ts = _number(document, "second_per_grid_ts", where)
         if second_per_grid_ts <= 0:
             raise MetadataError(f"{where}.second_per_grid_ts must be > 0, got {second_per_grid_ts}")
@@ -203,7 +206,8 @@ def content_hash(modality: Modality, data: bytes, config: ProcessorConfig) -> st
 
 def _grid(grid_thw) -> tuple[int, int, int]:
     if grid_thw is None or tuple(grid_thw.shape) != (1, 3):
-        raise MetadataError(f"an item's grid must be one [t, h, w] row, got {None if grid_thw is None else list(grid_thw.shape)}")
+        shape = None if grid_thw is None else list(grid_thw.shape)
+        raise MetadataError(f"an item's grid must be one [t, h, w] row, got {shape}")
     return tuple(int(v) for v in grid_thw[0].tolist())
 
 

@@ -110,7 +110,8 @@ def _messages_and_budget(processor: MiMoProcessor, inputs: Mapping[str, np.ndarr
     return user_messages(text.reshape(-1)[0], media, processor.control_tokens), budget
 
 
-def _llm_outputs(processor: MiMoProcessor, input_ids: list[int], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _llm_outputs(processor: MiMoProcessor, input_ids: list[int],
+                 inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:  # fmt: skip
     tokenizer = processor.tokenizer
     words = list(inputs["stop_words"].reshape(-1)) if "stop_words" in inputs else []
     return {
