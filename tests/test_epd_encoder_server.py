@@ -16,9 +16,11 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from conftest import SERVING_DEVICE, serving_settings
-from mimo.epd.item_encoding import DTYPE_BYTES, ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE
+from mimo.epd.item_encoding import (
+    DTYPE_BYTES, ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE, check_encoded_item,
+)
 from mimo.epd.landing import LandingPool, SystemShmRegion
-from mimo.epd.metadata import ItemMetadata
+from mimo.epd.metadata import ItemMetadata, MetadataError
 from mimo.epd.plan import PlannedItem, plan_request
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.encode import PromptTableEncoder, load_multimodal_encoder
@@ -134,6 +136,18 @@ def test_rows_land_in_the_slice_equal_to_the_colocated_encoder(encoder_server, p
         assert response.raw_output_contents[index] == b""  # written into the slice, not sent back
         found = ItemMetadata.from_tensor(result.as_numpy(ENCODER_METADATA), processor.config)
         assert found == item.metadata
+        check_encoded_item(item.metadata, result.as_numpy(ENCODER_METADATA), output.shape, processor.config, hidden,
+                           encoder_server.grpc_url)  # what the language side checks before using the rows
+        forged = dataclasses.replace(found, content_hash="sha256:" + "0" * 64).to_tensor()
+        with pytest.raises(MetadataError, match=f"encoder_metadata.content_hash: {encoder_server.grpc_url} found "
+                                                "sha256:0000"):  # fmt: skip
+            check_encoded_item(item.metadata, forged, output.shape, processor.config, hidden, encoder_server.grpc_url)
+        with pytest.raises(MetadataError, match=f"{encoder_server.grpc_url}: encoder_metadata.num_tokens is 7"):
+            check_encoded_item(item.metadata, dataclasses.replace(found, num_tokens=7).to_tensor(), output.shape,
+                               processor.config, hidden, encoder_server.grpc_url)  # fmt: skip
+        with pytest.raises(MetadataError, match=r"prompt_embedding_table from .* is \[1, 5, 64\], the plan needs "):
+            check_encoded_item(item.metadata, result.as_numpy(ENCODER_METADATA), [1, 5, hidden], processor.config,
+                               hidden, encoder_server.grpc_url)  # fmt: skip
         (expected,) = reference.encode([[decoded]])
         assert expected.shape == (rows, hidden)
         assert_rows_equal(lease.view(dtype, (rows, hidden)).clone(), expected)

@@ -5,12 +5,13 @@ In order: the metadata is parsed and checked (`mimo.epd.metadata`); the landing 
 be exactly the planned rows x hidden_size x the encoder dtype's size (refused before decoding); the content hash of
 the bytes and this server's processor settings must be the plan's (another file, or servers whose processor
 settings differ); the item is decoded as the colocated preprocessing decodes it; what it gives must equal the plan
-field by field. Every refusal is a ProcessingError naming the field.
+field by field. Every refusal is a ProcessingError naming the field. The language side checks the response in turn
+(`check_encoded_item`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,18 @@ class ItemPreprocessor:
             raise MetadataError(f"{OUTPUT_BYTE_SIZE} is {byte_size}, but the item's embeddings are {expected} bytes "
                                 f"({ITEM_METADATA}.num_tokens {num_tokens} x hidden_size {self.hidden_size} x "
                                 f"{DTYPE_BYTES[self.dtype]} bytes of {self.dtype})")  # fmt: skip
+
+
+def check_encoded_item(planned: ItemMetadata, encoder_metadata: np.ndarray | None, rows_shape: Sequence[int],
+                       config: ProcessorConfig, hidden_size: int, server: str) -> None:  # fmt: skip
+    """The language side's check of an encode_item response before its rows are used: the metadata the encoder
+    found must be the plan, and prompt_embedding_table must be [1, num_tokens, hidden_size]. MetadataError names the
+    field and `server`."""
+    try:
+        found = ItemMetadata.from_tensor(encoder_metadata, config, ENCODER_METADATA)
+    except MetadataError as error:
+        raise MetadataError(f"{server}: {error}") from None
+    planned.check_matches(found, server, ENCODER_METADATA)
+    expected = [1, planned.num_tokens, hidden_size]
+    if list(rows_shape) != expected:
+        raise MetadataError(f"prompt_embedding_table from {server} is {list(rows_shape)}, the plan needs {expected}")

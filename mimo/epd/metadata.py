@@ -175,7 +175,7 @@ class ItemMetadata:
         if modality == Modality.IMAGE:
             if grid[0] != 1:
                 raise MetadataError(f"{where}.grid_thw {list(grid)}: an image has one temporal group (t = 1)")
-            _check_rows(num_tokens, vision_rows, f"t*h*w / {merge} = {vision_rows}", where)
+            _check_rows(num_tokens, vision_rows, f"grid_thw t*h*w / {merge}", where)
             return cls(modality, content_hash, num_tokens, grid_thw=grid)
         timestamps = tuple(_numbers(document, "video_timestamps", where, length=grid[0]))
         if any(t < 0 for t in timestamps) or list(timestamps) != sorted(timestamps):
@@ -187,7 +187,8 @@ class ItemMetadata:
         sound = _sound(_field(document, "sound", where), timestamps, f"{where}.sound")
         audio_rows = sum(sound.segment_lens) if sound else 0
         _check_rows(num_tokens, vision_rows + audio_rows,
-                    f"t*h*w / {merge} = {vision_rows} vision rows + {audio_rows} sound-track rows", where)  # fmt: skip
+                    f"{vision_rows} vision rows, grid_thw t*h*w / {merge}, + {audio_rows} rows of sound.segment_lens",
+                    where)  # fmt: skip
         return cls(modality, content_hash, num_tokens, grid_thw=grid, video_timestamps=timestamps,
                    second_per_grid_ts=second_per_grid_ts, sound=sound)  # fmt: skip
 
@@ -276,7 +277,7 @@ def _numbers(document: dict, key: str, where: str, length: int) -> list[float]:
 
 def _check_rows(num_tokens: int, rows: int, rule: str, where: str) -> None:
     if num_tokens != rows:
-        raise MetadataError(f"{where}.num_tokens is {num_tokens}, but the item has {rule} = {rows} rows")
+        raise MetadataError(f"{where}.num_tokens is {num_tokens}, but the item has {rows} rows ({rule})")
 
 
 def _sound(value, timestamps: tuple[float, ...], where: str) -> VideoSound | None:
