@@ -215,34 +215,22 @@ class LandingPool:
     def reserve(self, byte_size: int, timeout_s: float) -> Lease:
         """A slice of `byte_size` bytes, waiting at most `timeout_s` for room (LandingTimeout after that)."""
         event = threading.Event()
-        waiter = self._enqueue(byte_size, event.set)
-        if waiter.lease is not None:
-            return waiter.lease
-        deadline = self._clock() + timeout_s
+        waiter, deadline = self._enqueue(byte_size, timeout_s, event.set)
         while True:
-            with self._lock:
-                granted = self._settle_wait(waiter, deadline)
-                if granted is not None:
-                    return granted
-                event.clear()
-                wait_s = self._wait_s(deadline)
+            granted, wait_s = self._poll(waiter, deadline, event.clear)
+            if granted is not None:
+                return granted
             event.wait(wait_s)
 
     async def reserve_async(self, byte_size: int, timeout_s: float) -> Lease:
         """`reserve` for asyncio: the task waits, not the thread; a task cancelled while waiting takes nothing."""
         loop, event = asyncio.get_running_loop(), asyncio.Event()
-        waiter = self._enqueue(byte_size, lambda: loop.call_soon_threadsafe(event.set))
-        if waiter.lease is not None:
-            return waiter.lease
-        deadline = self._clock() + timeout_s
+        waiter, deadline = self._enqueue(byte_size, timeout_s, lambda: loop.call_soon_threadsafe(event.set))
         try:
             while True:
-                with self._lock:
-                    granted = self._settle_wait(waiter, deadline)
-                    if granted is not None:
-                        return granted
-                    event.clear()
-                    wait_s = self._wait_s(deadline)
+                granted, wait_s = self._poll(waiter, deadline, event.clear)
+                if granted is not None:
+                    return granted
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(event.wait(), wait_s)
         except asyncio.CancelledError:
@@ -280,8 +268,8 @@ class LandingPool:
 
     # --- internals: everything below runs under self._lock unless it says otherwise
 
-    def _enqueue(self, byte_size: int, wake: Callable[[], None]) -> _Waiter:
-        """A waiter holding its lease already, or queued (takes the lock)."""
+    def _enqueue(self, byte_size: int, timeout_s: float, wake: Callable[[], None]) -> tuple[_Waiter, float]:
+        """A waiter holding its lease already, or queued, and its deadline (takes the lock)."""
         if not isinstance(byte_size, int) or byte_size <= 0:
             raise ValueError(f"a landing slice needs a positive integer byte size, got {byte_size!r}")
         reserved = -(-byte_size // self.alignment) * self.alignment
@@ -297,7 +285,16 @@ class LandingPool:
             if waiter.lease is None:
                 self._waiters.append(waiter)
                 self._waits += 1
-        return waiter
+        return waiter, self._clock() + timeout_s
+
+    def _poll(self, waiter: _Waiter, deadline: float, clear: Callable[[], None]) -> tuple[Lease | None, float]:
+        """(its lease, or None and how long to wait before asking again; `clear` re-arms its wake-up) (takes the
+        lock; raises LandingTimeout past the deadline, LandingClosed once closed)."""
+        with self._lock:
+            granted = self._settle_wait(waiter, deadline)
+            if granted is None:
+                clear()  # under the lock: a grant after this sets it again
+            return granted, self._wait_s(deadline)
 
     def _settle_wait(self, waiter: _Waiter, deadline: float) -> Lease | None:
         self._reap()
