@@ -44,6 +44,9 @@ def test_a_role_missing_a_model_its_models_call_is_refused():
         broken.check()
     with pytest.raises(ContractError, match="its entry 'ensemble' is not one of its models"):
         dataclasses.replace(encoder, entry="ensemble").check()
+    odd = {**encoder.models, "mimo_encoder": dataclasses.replace(contract.MIMO_ENCODER, weights=("visual",))}
+    with pytest.raises(ContractError, match="mimo_encoder loads 'visual', not one of"):
+        dataclasses.replace(encoder, models=odd).check()
     wrong = dataclasses.replace(contract.ENCODE_ITEM, outputs=(contract.TensorSpec("pixels", "FP32", (-1,)),))
     with pytest.raises(ContractError, match="ensemble encode_item output 'pixels' is produced by no step"):
         contract.ensemble_steps(wrong, encoder.models)

@@ -360,6 +360,9 @@ class RoleSpec:
         if self.entry not in self.models:
             raise ContractError(f"role {self.name}: its entry {self.entry!r} is not one of its models")
         for spec in self.models.values():
+            unknown = sorted(set(spec.weights) - set(WEIGHTS))
+            if unknown:
+                raise ContractError(f"role {self.name}: {spec.name} loads {unknown[0]!r}, not one of {list(WEIGHTS)}")
             missing = [step for step in spec.steps if step not in self.models]
             if missing:
                 raise ContractError(f"role {self.name}: {spec.name} calls {missing[0]}, which the role does not have")
