@@ -4,6 +4,8 @@
 # torch: `torch==2.13.0` first (on the CPU machines here a local CPU build for Python 3.11; for other Pythons pip takes
 # PyPI's, which pulls the CUDA libraries, a few GB); an unpinned torch could resolve to a release outside the range.
 # Where the interpreter already has torch (GPU machines ship 2.11+cu130), the venv inherits it.
+# With UV=<path to uv>, packages are installed by uv instead of pip: uv hardlinks them from its cache, so several venvs
+# (scripts/test-other-pythons.sh) share one copy of the CUDA libraries instead of a few GB each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -24,8 +26,15 @@ if [ ! -x "$VENV"/bin/python ]; then
     "$PYTHON" -m venv "$VENV"
   fi
 fi
-"$VENV"/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-"$VENV"/bin/python -c "import torch" 2>/dev/null || "$VENV"/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
+install() {
+  if [ -n "${UV:-}" ]; then
+    "$UV" pip install -q --python "$VENV"/bin/python "$@"
+  else
+    "$VENV"/bin/python -m pip install -q "$@" 2>&1 | grep -v "is ignored" || true
+  fi
+}
+[ -n "${UV:-}" ] || install --upgrade pip
+"$VENV"/bin/python -c "import torch" 2>/dev/null || install torch==2.13.0
 "$VENV"/bin/python -W ignore -c "import torch" # fail loudly if torch did not install (numpy comes later)
-"$VENV"/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
+install -e '.[test]'
 "$VENV"/bin/python -I -c "import mimo, builders, client, numpy; assert numpy.__version__ < '2', numpy.__version__"

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from mimo.serving.lifecycle import SELF_GRPC_URL_ENV
 from tools import launcher
 from triton_harness import (TritonServer, descendants, pid_alive, server_binary_pid, server_environ, shm_prefix, shm_regions,
                             wait_gone)  # fmt: skip
@@ -167,10 +168,20 @@ def test_metrics_endpoint_follows_the_flags():
         launcher.metrics_endpoint(["--metrics-port=x"])
 
 
+def test_grpc_endpoint_follows_the_flags():
+    assert launcher.grpc_endpoint([]) == "127.0.0.1:8001"
+    assert launcher.grpc_endpoint(["--grpc-port", "9", "--grpc-address=::"]) == "[::1]:9"
+    assert launcher.grpc_endpoint(["--grpc-address=10.0.0.2", "--grpc-port=7"]) == "10.0.0.2:7"
+    assert launcher.grpc_endpoint(["--allow-grpc=false"]) is None
+    with pytest.raises(ValueError, match="--grpc-port must be a port number, got 'x'"):
+        launcher.grpc_endpoint(["--grpc-port=x"])
+
+
 def test_launcher_killed_outright_still_stops_server(echo_repository, tmp_path):
     server = TritonServer(echo_repository, tmp_path / "server.log").start()
     server_processes = descendants(server.process.pid)
     prefix, scratch = shm_prefix(server), Path(server_environ(server)["MIMO_DRAIN_FILE"]).parent
+    assert server_environ(server)[SELF_GRPC_URL_ENV] == f"127.0.0.1:{server.grpc_port}"  # what the entry streams to
     server.process.kill()
     server.process.wait()
     assert wait_gone(server_processes, 10) == set(), server.log_tail()

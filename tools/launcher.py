@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from mimo.serving.lifecycle import IN_FLIGHT_METRIC, SHM_PREFIX_ENV
+from mimo.serving.lifecycle import IN_FLIGHT_METRIC, SELF_GRPC_URL_ENV, SHM_PREFIX_ENV
 
 _PR_SET_PDEATHSIG = 1
 DRAIN_DEADLINE_S = 5.0  # longest the models get to end their streams before the server is signalled
@@ -132,6 +132,20 @@ def metrics_endpoint(args: list[str]) -> tuple[str, int] | None:
     return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address), int(port)
 
 
+def grpc_endpoint(args: list[str]) -> str | None:
+    """host:port where this server's gRPC service can be reached from here (the entry model streams mimo_llm
+    through it, mimo.serving.loopback); None when `--allow-grpc` is off."""
+    allow = _flag_values(args, "--allow-grpc")
+    if allow and allow[-1].lower() in ("false", "off", "0"):
+        return None
+    address = (_flag_values(args, "--grpc-address") or ["0.0.0.0"])[-1]
+    port = (_flag_values(args, "--grpc-port") or ["8001"])[-1]
+    if not port.isdigit():
+        raise ValueError(f"--grpc-port must be a port number, got {port!r}")
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(address, address)
+    return f"{host}:{port}"
+
+
 def in_flight(endpoint: tuple[str, int]) -> int | None:
     """Requests the server still holds: Triton's pending requests plus every model's `IN_FLIGHT_METRIC` gauge.
 
@@ -158,11 +172,13 @@ def interpreter_library_dir() -> str | None:
 
 
 def server_environment(bundle: ServerBundle, drain_file: Path, base: dict | None = None,
-                       shm_prefix: str | None = None) -> dict[str, str]:  # fmt: skip
+                       shm_prefix: str | None = None, grpc_url: str | None = None) -> dict[str, str]:  # fmt: skip
     env = dict(os.environ if base is None else base)
     env["MIMO_DRAIN_FILE"] = str(drain_file)
     if shm_prefix:
         env[SHM_PREFIX_ENV] = shm_prefix  # regions the models create under it go with the server's
+    if grpc_url is not None:
+        env[SELF_GRPC_URL_ENV] = grpc_url
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]).rstrip(os.pathsep)
     library_path = [str(bundle.library_dir) if bundle.library_dir else None, interpreter_library_dir(),
                     env.get("LD_LIBRARY_PATH")]  # fmt: skip
@@ -361,7 +377,7 @@ def run(args: list[str]) -> int:
         with ShutdownSignals() as signals:
             server = subprocess.Popen(
                 server_command(bundle, args, backend_dir, own_shm_prefix),
-                env=server_environment(bundle, drain_file, shm_prefix=own_shm_prefix
+                env=server_environment(bundle, drain_file, grpc_url=grpc_endpoint(args), shm_prefix=own_shm_prefix
                                        or _python_backend_config(args, "shm-region-prefix-name")),
                 start_new_session=True,
                 preexec_fn=_die_with_parent,

@@ -29,3 +29,5 @@ def draining() -> bool:
     """True once the launcher created $MIMO_DRAIN_FILE (False when the variable is unset); one stat."""
     path = os.environ.get("MIMO_DRAIN_FILE")
     return bool(path) and os.path.exists(path)
+# the server's own gRPC address (host:port), set by the launcher from its flags: the entry streams mimo_llm through it
+SELF_GRPC_URL_ENV = "MIMO_SELF_GRPC_URL"

@@ -5,15 +5,16 @@ entry is this model and the logic is `mimo.serving.entry`.
 """
 
 import json
-import uuid
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
-from mimo.serving.contract import MODELS, STOP_REQUEST_ID
+from mimo.serving.contract import MODELS
 from mimo.serving.detokenize import IncrementalDetokenizer
 from mimo.serving.entry import Entry, EntryError
 from mimo.serving.lifecycle import IN_FLIGHT_DESCRIPTION, IN_FLIGHT_METRIC
+from mimo.serving.loopback import LoopbackLLM
 from mimo.serving.triton_config import exit_stub_process, model_parameter
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -46,39 +47,24 @@ class TritonClient:
         self._sender.send(pb_utils.InferenceResponse(error=triton_error(error)), flags=FINAL)
 
 
-class BlsSteps:
-    """The steps through BLS. Step outputs are passed on as the pb_utils.Tensor they came as: a prompt table the
-    encoder left on its GPU reaches mimo_llm (FORCE_CPU_ONLY_INPUT_TENSORS=no) without a host copy."""
+class Steps(LoopbackLLM):
+    """preprocessing and mimo_encoder through BLS, their outputs passed on as the pb_utils.Tensor they came as;
+    mimo_llm over gRPC to this server (LoopbackLLM; mimo.serving.loopback says why not BLS)."""
 
     def infer(self, model, inputs):
-        response = self._request(model, inputs).exec()
-        self._raise_error(model, response)
-        return {tensor.name(): tensor for tensor in response.output_tensors()}
-
-    def stream(self, model, inputs, request_id):
-        for response in self._request(model, inputs, request_id).exec(decoupled=True):
-            self._raise_error(model, response)
-            yield {tensor.name(): tensor.as_numpy() for tensor in response.output_tensors()}
-
-    def stop(self, model, request_id):
-        # the target goes in a parameter: python_backend routes a decoupled BLS request's responses by its request
-        # id, so a stop sent under the generation's own id would take over that generation's response stream
-        stop = self._request(model, {"stop": np.array([[True]])}, uuid.uuid4().hex, {STOP_REQUEST_ID: request_id})
-        for response in stop.exec(decoupled=True):
-            self._raise_error(model, response)
-
-    @staticmethod
-    def _request(model, inputs, request_id="", parameters=None):
         tensors = [value if isinstance(value, pb_utils.Tensor) else pb_utils.Tensor(name, value)
                    for name, value in inputs.items()]  # fmt: skip
         outputs = [tensor.name for tensor in MODELS[model].outputs]
-        return pb_utils.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=outputs,
-                                         request_id=request_id, parameters=parameters or {})  # fmt: skip
-
-    @staticmethod
-    def _raise_error(model, response):
+        response = pb_utils.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=outputs).exec()
         if response.has_error():
             raise entry_error(response.error())
+        return {tensor.name(): tensor for tensor in response.output_tensors()}
+
+    def stream(self, model, inputs, request_id):
+        # DLPack for every step output: numpy has no bfloat16, and a GPU prompt table stays a tensor to the wire
+        arrays = {name: torch.from_dlpack(value.to_dlpack()) if isinstance(value, pb_utils.Tensor) else value
+                  for name, value in inputs.items()}  # fmt: skip
+        return super().stream(model, arrays, request_id)
 
 
 class TritonPythonModel:
@@ -94,7 +80,7 @@ class TritonPythonModel:
         self.gauge = self.family.Metric(labels={"model": "ensemble"})
         period_s = model_parameter(model_config, "cancellation_check_period_ms", int) / 1000
         workers = model_parameter(model_config, "workers", int)
-        self.entry = Entry(BlsSteps(), detokenizer, period_s, workers, on_in_flight=self.gauge.set).start()
+        self.entry = Entry(Steps(), detokenizer, period_s, workers, on_in_flight=self.gauge.set).start()
         self.gauge.set(0)
 
     def execute(self, requests):

@@ -1,0 +1,245 @@
+"""Time to first token under open-loop multimodal load: Poisson arrivals of requests with a random number of images.
+
+The seeds' EPD table (`../shared/seeds/003_*`): requests of 1-8 images of 1920x1080, a short text, 16 output
+tokens, Poisson arrivals at fixed rates, the same request stream (same seed) for every configuration; mean, median
+and P99 TTFT, images/s and requests/s per configuration and rate. The stream depends only on --seed, --images and
+--image-size, so two configurations given the same flags get the same requests in the same order at the same times.
+
+    # against a running server (any layout: colocated ensemble, or a language server with encoder servers)
+    python -m benchmarks.bench_ttft --url localhost:8001 --rates 0.5,1,2 --requests 64
+    # the colocated layout started here (random weights, real encoder widths on a GPU machine)
+    python -m benchmarks.bench_ttft --launch colocated --device gpu --preset v2.5 --layers 2 --rates 1,2,4
+    # image-light traffic (0-1 small images): where disaggregation stops paying
+    python -m benchmarks.bench_ttft --url ... --images 0-1 --image-size 448x448
+
+Each request's images are distinct (no cache or dedup can serve one request from another's), drawn from a pool of
+seeded noise-and-gradient JPEGs. A request that fails counts as an error, not as a latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from client import GenerationSummary, MiMoClient
+
+TEXT = "Describe these images in one sentence."
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRequest:
+    at_s: float  # arrival time after the start of its rate's run
+    images: tuple[int, ...]  # indices into the image pool
+
+
+@dataclasses.dataclass
+class RateResult:
+    rate: float
+    requests: int
+    errors: list[str]
+    ttft_s: list[float]
+    images: int  # images of the requests that completed
+    wall_s: float  # first arrival -> last completion
+
+    def summary(self) -> dict:
+        done = len(self.ttft_s)
+        ttft = sorted(self.ttft_s)
+        return {
+            "rate_rps": self.rate, "requests": self.requests, "completed": done, "errors": len(self.errors),
+            "ttft_mean_ms": 1000 * statistics.fmean(ttft) if ttft else None,
+            "ttft_median_ms": 1000 * statistics.median(ttft) if ttft else None,
+            "ttft_p99_ms": 1000 * percentile(ttft, 0.99) if ttft else None,
+            "requests_per_s": done / self.wall_s if self.wall_s > 0 else None,
+            "images_per_s": self.images / self.wall_s if self.wall_s > 0 else None,
+            "first_errors": self.errors[:3],
+        }  # fmt: skip
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    rank = max(0, min(len(sorted_values) - 1, int(np.ceil(q * len(sorted_values))) - 1))
+    return sorted_values[rank]
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    low, high = int(low), int(high or low)
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH with 0 <= LOW <= HIGH, got {text!r}")
+    return low, high
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    return int(width), int(height)
+
+
+def image_pool(count: int, size: tuple[int, int], seed: int) -> list[bytes]:
+    """`count` distinct JPEGs: a gradient (so resizing has structure to keep) plus seeded noise."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    pool = []
+    for _ in range(count):
+        noise = rng.integers(0, 64, (height, width, 3), dtype=np.uint8)
+        pixels = np.clip(ramp * rng.uniform(0.3, 1.0, 3) + noise, 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        pool.append(buffer.getvalue())
+    return pool
+
+
+def plan(rate: float, requests: int, images: tuple[int, int], pool_size: int, seed: int) -> list[PlannedRequest]:
+    """The request stream of one rate: exponential gaps, uniform image counts, images not repeated in a request."""
+    rng = random.Random(f"{seed}-{rate}")
+    at, planned = 0.0, []
+    for _ in range(requests):
+        count = rng.randint(*images)
+        planned.append(PlannedRequest(at, tuple(rng.sample(range(pool_size), count))))
+        at += rng.expovariate(rate)
+    return planned
+
+
+def run_rate(url: str, rate: float, planned: list[PlannedRequest], pool: list[bytes], max_tokens: int,
+             timeout_s: float) -> RateResult:  # fmt: skip
+    """Sends the planned stream open-loop (each request on its own thread at its arrival time)."""
+    result = RateResult(rate, len(planned), [], [], 0, 0.0)
+    lock = threading.Lock()
+    ends: list[float] = []
+
+    def send(request: PlannedRequest) -> None:
+        try:
+            with MiMoClient(url, "grpc", response_timeout_s=timeout_s) as client:
+                *_, summary = client.generate(TEXT, images=[pool[i] for i in request.images], max_tokens=max_tokens,
+                                              temperature=0.0)  # fmt: skip
+            assert isinstance(summary, GenerationSummary)
+            with lock:
+                result.ttft_s.append(summary.ttft_s)
+                result.images += len(request.images)
+        except Exception as error:  # noqa: BLE001 - refusals, timeouts (queue.Empty), lost connections alike
+            with lock:
+                result.errors.append(f"{type(error).__name__}: {error}")
+        finally:
+            with lock:
+                ends.append(time.monotonic())
+
+    threads = []
+    start = time.monotonic()
+    for request in planned:
+        delay = start + request.at_s - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        thread = threading.Thread(target=send, args=(request,), daemon=True)
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    result.wall_s = (max(ends) if ends else start) - start
+    return result
+
+
+class GpuUtilization:
+    """Mean utilization per GPU over a run, from `nvidia-smi` sampled every 200 ms (absent without nvidia-smi)."""
+
+    def __init__(self):
+        self.samples: dict[int, list[float]] = {}
+        self._process = None
+        self._reader = None
+
+    def __enter__(self) -> GpuUtilization:
+        if shutil.which("nvidia-smi"):
+            self._process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE, text=True)  # fmt: skip
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            index, _, value = line.partition(",")
+            if value.strip():
+                self.samples.setdefault(int(index), []).append(float(value))
+
+    def __exit__(self, *exc) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait()
+
+    def means(self) -> dict[str, float]:
+        return {f"gpu{index}": statistics.fmean(values) for index, values in sorted(self.samples.items()) if values}
+
+
+def launch_colocated(args, workdir: Path):
+    from builders.repository import RepositorySettings, render_repository
+    from builders.tiny import build_checkpoint
+    from tools.server_process import TritonServer
+
+    checkpoint = build_checkpoint(workdir / "checkpoint", preset=args.preset, num_layers=args.layers)
+    command = render_repository(RepositorySettings(checkpoint=checkpoint, device=args.device),
+                                workdir / "model_repository")  # fmt: skip
+    return TritonServer(workdir / "model_repository", workdir / "tritonserver.log", extra_args=command[2:]).start()
+
+
+LAUNCHERS = {"colocated": launch_colocated}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="gRPC address of a running server's entry model")
+    target.add_argument("--launch", choices=sorted(LAUNCHERS), help="start this layout here first")
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1.0],
+                        help="request rates (requests/s), comma-separated")
+    parser.add_argument("--requests", type=int, default=64, help="requests per rate")
+    parser.add_argument("--images", type=parse_range, default=(1, 8), help="images per request, LOW-HIGH")
+    parser.add_argument("--image-size", type=parse_size, default=(1920, 1080), help="WIDTHxHEIGHT")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout-s", type=float, default=300.0, help="longest wait for one response")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="with --launch")
+    parser.add_argument("--preset", default="tiny", help="with --launch: builders tiny --preset (tiny | v2.5)")
+    parser.add_argument("--layers", type=int, default=None, help="with --launch: builders tiny --layers")
+    parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench_ttft"))
+    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    args = parser.parse_args(argv)
+
+    pool_size = max(args.images[1], 1) * 4
+    pool = image_pool(pool_size, args.image_size, args.seed)
+    server = LAUNCHERS[args.launch](args, args.workdir) if args.launch else None
+    url = server.grpc_url if server else args.url
+    try:
+        with MiMoClient(url, "grpc") as client:  # one warm-up request: first-call compilation is not the load
+            list(client.generate(TEXT, images=pool[:1], max_tokens=2, temperature=0.0))
+        rows = []
+        for rate in args.rates:
+            planned = plan(rate, args.requests, args.images, pool_size, args.seed)
+            with GpuUtilization() as gpus:
+                result = run_rate(url, rate, planned, pool, args.max_tokens, args.timeout_s)
+            rows.append({**result.summary(), "gpu_utilization_pct": gpus.means()})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    report = {"layout": args.launch or args.url, "images": args.images, "image_size": args.image_size,
+              "max_tokens": args.max_tokens, "seed": args.seed, "rows": rows}  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+    return 1 if any(row["errors"] for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

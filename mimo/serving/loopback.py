@@ -1,0 +1,152 @@
+"""The entry's gRPC streams to mimo_llm on its own server (tritonclient), instead of a decoupled BLS call.
+
+Why not BLS: with python_backend 2.51, a decoupled BLS stream open inside a request whose client cancels corrupts
+the calling stub's heap ("corrupted size vs. prev_size", "Stub process 'ensemble_0_0' is not healthy") or crashes
+tritonserver, within seconds under vanishing clients; the same load with non-decoupled BLS only, or with the
+decoupled step called over gRPC, ran thousands of requests clean (docs/ARCHITECTURE.md "Entry model"). These
+streams are never cancelled either (cancelling a gRPC stream with responses in flight is the other 2.51 crash):
+a generation is ended with a `stop` request and its stream read to its final response.
+
+The server's own gRPC address comes from the launcher (`SELF_GRPC_URL_ENV`), which knows the flags it was given.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from mimo.serving.contract import MODELS, STOP_REQUEST_ID
+from mimo.serving.lifecycle import SELF_GRPC_URL_ENV
+from mimo.serving.entry import CANCELLED, INTERNAL, INVALID_ARG, UNAVAILABLE, EntryError
+
+LOOPBACK_DEFAULT_URL = "127.0.0.1:8001"  # tritonserver's default when the launcher did not say
+ENTRY_CODES = {"StatusCode.INVALID_ARGUMENT": INVALID_ARG, "StatusCode.UNAVAILABLE": UNAVAILABLE,
+               "StatusCode.CANCELLED": CANCELLED}  # fmt: skip
+
+
+class LoopbackError(Exception):
+    """A stream failed: `status` is Triton's gRPC status name (e.g. StatusCode.INVALID_ARGUMENT)."""
+
+    def __init__(self, message: str, status: str | None):
+        super().__init__(message)
+        self.status = status
+
+
+def self_grpc_url() -> str:
+    return os.environ.get(SELF_GRPC_URL_ENV) or LOOPBACK_DEFAULT_URL
+
+
+def wire_array(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A step input as numpy for the wire; a torch tensor (a GPU prompt table) is copied to the host, bfloat16 kept
+    as ml_dtypes.bfloat16 (Triton BF16). The landing pool of the disaggregated layout removes this host copy."""
+    if isinstance(value, np.ndarray):
+        return value
+    value = value.detach().cpu()
+    if value.dtype == torch.bfloat16:
+        return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return value.numpy()
+
+
+def infer_input(name: str, value: np.ndarray | torch.Tensor) -> grpcclient.InferInput:
+    array = wire_array(value)
+    tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+class LoopbackStreams:
+    """Decoupled requests to models of this server, each on its own gRPC stream; clients (one stream each) are
+    kept for reuse, so a request costs no new connection."""
+
+    def __init__(self, url: str | None = None):
+        self.url = url or self_grpc_url()
+        self._idle: list[grpcclient.InferenceServerClient] = []
+        self._lock = threading.Lock()
+
+    def stream(self, model: str, inputs: Mapping[str, grpcclient.InferInput], request_id: str,
+               outputs: tuple[str, ...], parameters: Mapping[str, str] | None = None
+               ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+        """The responses of one request (a response without tensors: {}), up to and including the final one.
+
+        Raises LoopbackError for an error response. Leaving the loop early still reads the stream to its end in the
+        background of `close` (no cancellation, see the module docstring).
+        """
+        client = self._take()
+        responses: queue.SimpleQueue = queue.SimpleQueue()
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        try:
+            client.async_stream_infer(model, list(inputs.values()), request_id=request_id,
+                                      outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
+                                      parameters=dict(parameters or {}), enable_empty_final_response=True)  # fmt: skip
+            while True:
+                result, error = responses.get()
+                if error is not None:
+                    raise _loopback_error(error)
+                response = result.get_response()
+                arrays = {tensor.name: result.as_numpy(tensor.name) for tensor in response.outputs}
+                yield arrays
+                if response.parameters["triton_final_response"].bool_param:
+                    return
+        finally:
+            self._finish(client)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for client in idle:
+            client.close()
+
+    def _take(self) -> grpcclient.InferenceServerClient:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return grpcclient.InferenceServerClient(self.url)
+
+    def _finish(self, client: grpcclient.InferenceServerClient) -> None:
+        try:
+            client.stop_stream()  # waits for the request's remaining responses; never cancels
+        except InferenceServerException:
+            client.close()
+            return
+        with self._lock:
+            self._idle.append(client)
+
+
+class LoopbackLLM:
+    """The entry's `Steps.stream` / `Steps.stop` (mimo.serving.entry) for mimo_llm, over `LoopbackStreams`."""
+
+    def __init__(self, streams: LoopbackStreams | None = None):
+        self.streams = streams or LoopbackStreams()
+
+    def stream(self, model: str, inputs: Mapping[str, np.ndarray | torch.Tensor], request_id: str
+               ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+        yield from self._responses(model, {name: infer_input(name, value) for name, value in inputs.items()},
+                                   request_id)  # fmt: skip
+
+    def stop(self, model: str, request_id: str) -> None:
+        # a request of its own with the target in a parameter (mimo.serving.llm.stop_target)
+        stop = {"stop": infer_input("stop", np.array([[True]]))}
+        for _ in self._responses(model, stop, uuid.uuid4().hex, {STOP_REQUEST_ID: request_id}):
+            pass
+
+    def _responses(self, model, inputs, request_id, parameters=None):
+        outputs = tuple(tensor.name for tensor in MODELS[model].outputs)
+        try:
+            yield from self.streams.stream(model, inputs, request_id, outputs, parameters)
+        except LoopbackError as error:
+            raise EntryError(str(error), ENTRY_CODES.get(error.status, INTERNAL)) from None
+
+
+def _loopback_error(error: Exception) -> LoopbackError:
+    if isinstance(error, InferenceServerException):
+        return LoopbackError(error.message(), error.status())
+    return LoopbackError(str(error), None)

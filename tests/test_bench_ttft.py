@@ -1,0 +1,38 @@
+"""The TTFT load benchmark (benchmarks/bench_ttft.py): its request stream and a short run on the suite's server."""
+
+import io
+
+from PIL import Image
+
+from benchmarks.bench_ttft import image_pool, percentile, plan, run_rate
+
+
+def test_the_request_stream_depends_only_on_the_seed():
+    first = plan(2.0, 50, (1, 8), 32, seed=7)
+    assert first == plan(2.0, 50, (1, 8), 32, seed=7)
+    assert first != plan(2.0, 50, (1, 8), 32, seed=8)
+    assert all(1 <= len(r.images) <= 8 and len(set(r.images)) == len(r.images) for r in first)
+    gaps = [b.at_s - a.at_s for a, b in zip(first, first[1:])]
+    assert all(gap >= 0 for gap in gaps) and 0.2 < sum(gaps) / len(gaps) < 1.0  # mean gap 1/rate = 0.5 s
+
+
+def test_images_are_distinct_jpegs_of_the_size_asked():
+    pool = image_pool(4, (96, 64), seed=0)
+    assert len(set(pool)) == 4
+    assert Image.open(io.BytesIO(pool[0])).size == (96, 64)
+
+
+def test_percentile_is_nearest_rank():
+    values = list(range(1, 101))
+    assert percentile(values, 0.99) == 99 and percentile(values, 0.5) == 50 and percentile([3.0], 0.99) == 3.0
+
+
+def test_a_short_run_completes_every_request(triton_server):
+    pool = image_pool(8, (64, 48), seed=1)
+    planned = plan(8.0, 6, (0, 2), len(pool), seed=1)
+    result = run_rate(triton_server.grpc_url, 8.0, planned, pool, max_tokens=4, timeout_s=60.0)
+    assert result.errors == []
+    assert len(result.ttft_s) == 6 and all(t > 0 for t in result.ttft_s)
+    assert result.images == sum(len(r.images) for r in planned)
+    summary = result.summary()
+    assert summary["completed"] == 6 and summary["ttft_p99_ms"] >= summary["ttft_median_ms"] > 0
