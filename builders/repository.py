@@ -90,6 +90,12 @@ class RepositorySettings:
     entry_workers: int = setting(64, "requests the entry model (`ensemble`) runs at once; later ones wait")
     max_media_tokens: int = setting(16384, "prompt-table rows one request may need (sizes the CUDA memory pool on "
                                            "gpu)")  # fmt: skip
+    encoder_urls: str = setting("", "--role language: the encoder servers' gRPC host:port addresses, comma-separated")
+    encoder_urls_file: str = setting("", "--role language: a file of more encoder server addresses, re-read when it "
+                                         "changes (the list changes without a restart)")  # fmt: skip
+    encoder_timeout_ms: int = setting(30000, "--role language: the deadline of one encode_item request")
+    encoder_attempts: int = setting(3, "--role language: rounds of encoding a request's items before it fails")
+    landing_pool_mb: int = setting(64, "--role language: the landing pool (MiB of system shared memory)")
     engine: Mapping[str, int] = field(default_factory=dict)  # EngineConfig knobs that differ from their defaults
 
     def __post_init__(self):
@@ -190,7 +196,21 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
             "checkpoint_dir": checkpoint,
             "cancellation_check_period_ms": settings.cancellation_check_period_ms,
             "workers": settings.entry_workers,
+            **(language_parameters(settings, knobs) if settings.role == "language" else {}),
         }),
+    }
+
+
+def language_parameters(settings: RepositorySettings, knobs: Mapping[str, int | None]) -> dict[str, object]:
+    """The language entry's own parameters (contract.LANGUAGE_PARAMETERS)."""
+    return {
+        "max_model_len": knobs["max_model_len"],
+        "dtype": settings.resolved_dtype,
+        "encoder_urls": settings.encoder_urls,
+        "encoder_urls_file": str(Path(settings.encoder_urls_file).resolve()) if settings.encoder_urls_file else "",
+        "encoder_timeout_ms": settings.encoder_timeout_ms,
+        "encoder_attempts": settings.encoder_attempts,
+        "landing_pool_bytes": settings.landing_pool_mb << 20,
     }
 
 

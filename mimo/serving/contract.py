@@ -258,8 +258,21 @@ ENCODE_ITEM = ModelSpec(
     platform="ensemble",
 )
 
+# the language entry's parameters (contract.LANGUAGE_ENTRY; builders repository --role language flags)
+LANGUAGE_PARAMETERS = {
+    "max_model_len": "mimo_llm's max_model_len (the same value): the plan refuses what cannot fit",
+    "dtype": "the prompt-table dtype (the encoder servers' and mimo_llm's)",
+    "encoder_urls": "the encoder servers' gRPC host:port addresses, comma-separated",
+    "encoder_urls_file": "a file of more encoder server addresses (one per line or comma-separated, # comments), "
+                         "re-read when its mtime changes; empty: none",
+    "encoder_timeout_ms": "the deadline of one encode_item request; past it the item is retried on another server",
+    "encoder_attempts": "rounds of encoding a request's items (a failed item is retried on a server it has not "
+                        "failed on) before the request fails",
+    "landing_pool_bytes": "the landing pool (system shared memory registered with every encoder server)",
+}
+
 LANGUAGE_ENTRY = dataclasses.replace(
-    ENTRY, steps=("mimo_llm",),
+    ENTRY, steps=("mimo_llm",), parameters={**ENTRY.parameters, **LANGUAGE_PARAMETERS},
     comment="the serving contract (README \"Ensemble contract\") on the language server: the same inputs and "
             "outputs as the colocated entry; it plans the prompt and has its items encoded by the encoder servers "
             "(encode_item), then calls mimo_llm (streamed) and detokenizes in-process",
