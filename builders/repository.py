@@ -33,6 +33,7 @@ from pathlib import Path
 
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, engine_knobs
+from mimo.epd.orchestrate import parse_urls
 from mimo.parallel.deploy import ENCODER_DIR, DeployArtifact
 from mimo.serving import contract
 from mimo.serving.contract import EMBEDDING, ModelSpec, TensorSpec
@@ -106,6 +107,9 @@ class RepositorySettings:
         unknown = sorted(set(self.engine) - set(engine_knobs()))
         if unknown:
             raise ValueError(f"engine settings {unknown} are not EngineConfig knobs ({', '.join(engine_knobs())})")
+        if self.role == "language" and not (self.encoder_urls or self.encoder_urls_file):
+            raise ValueError("--role language needs its encoder servers: --encoder-urls or --encoder-urls-file")
+        parse_urls(self.encoder_urls, "--encoder-urls")  # raises naming the address that is not host:port
         if not self.encoder_gpus or len(set(self.encoder_gpus)) != len(self.encoder_gpus):
             raise ValueError(f"encoder_gpus must list distinct GPU ids, got {list(self.encoder_gpus)}")
         ranks = self.world_size

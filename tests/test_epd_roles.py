@@ -85,7 +85,8 @@ def test_rendered_repositories_follow_the_roles(tiny_checkpoint, tmp_path):
     rendered = {}
     for name in ROLES:
         out = tmp_path / name
-        assert render_repository(RepositorySettings(checkpoint=tiny_checkpoint, role=name), out)[1:] == \
+        servers = {"encoder_urls": "localhost:8101,localhost:8201"} if name == "language" else {}
+        assert render_repository(RepositorySettings(checkpoint=tiny_checkpoint, role=name, **servers), out)[1:] == \
             [f"--model-repository={out.resolve()}"]
         rendered[name] = out
         assert sorted(p.name for p in out.iterdir()) == sorted(ROLES[name].models)
@@ -103,7 +104,14 @@ def test_rendered_repositories_follow_the_roles(tiny_checkpoint, tmp_path):
     assert "dynamic_batching" not in media and 'key: "dtype" value { string_value: "float32" }' in media
     language = parsed(rendered["language"])
     assert language["mimo_llm"] == parsed(default)["mimo_llm"]
-    assert language["ensemble"].split("\nname:")[1] == parsed(default)["ensemble"].split("\nname:")[1]
+    # the colocated entry's config, and the language parameters after it
+    entry, colocated_entry = language["ensemble"].split("\nname:")[1], parsed(default)["ensemble"].split("\nname:")[1]
+    assert entry.startswith(colocated_entry)
+    added = re.findall(r'parameters \{ key: "(\w+)" value \{ string_value: "([^"]*)" \} \}', entry[len(colocated_entry):])
+    assert [key for key, _ in added] == list(contract.LANGUAGE_PARAMETERS)
+    assert dict(added)["encoder_urls"] == "localhost:8101,localhost:8201"
+    with pytest.raises(ValueError, match="--role language needs its encoder servers: --encoder-urls or "):
+        RepositorySettings(checkpoint=tiny_checkpoint, role="language")
 
 
 def test_the_role_flag(tiny_checkpoint, tmp_path, capsys):
