@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
@@ -16,11 +15,10 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from conftest import SERVING_DEVICE, serving_settings
-from mimo.epd.item_encoding import (
-    DTYPE_BYTES, ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE, check_encoded_item,
-)
+from mimo.epd.item_encoding import DTYPE_BYTES, ENCODER_METADATA, check_encoded_item
 from mimo.epd.landing import LandingPool, SystemShmRegion
 from mimo.epd.metadata import ItemMetadata, MetadataError
+from mimo.epd.orchestrate import encode_inputs
 from mimo.epd.plan import PlannedItem, plan_request
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.encode import PromptTableEncoder, load_multimodal_encoder
@@ -90,16 +88,7 @@ def planned(processor, kind: str, data: bytes) -> tuple[PlannedItem, object]:
 
 
 def item_inputs(module, item: PlannedItem, byte_size: int | None, metadata: bytes | None = None) -> list:
-    arrays = {MEDIA_BYTES: np.array([[item.data]], dtype=np.object_),
-              ITEM_METADATA: np.array([[metadata or item.metadata.to_json()]], dtype=np.object_)}  # fmt: skip
-    if byte_size is not None:
-        arrays[OUTPUT_BYTE_SIZE] = np.array([[byte_size]], dtype=np.int64)
-    inputs = []
-    for name, array in arrays.items():
-        tensor = module.InferInput(name, list(array.shape), "BYTES" if array.dtype == np.object_ else "INT64")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+    return encode_inputs(module, item.data, metadata or item.metadata.to_json(), byte_size)
 
 
 def slice_outputs(module, lease) -> list:

@@ -150,26 +150,28 @@ def test_a_hung_encoder_server_is_survived_within_the_deadline(layout, triton_se
         os.kill(pid, signal.SIGCONT)
     assert metric(language, "mimo_epd_retries_total") > retries
     before = encoded_items(encoders[1])
-    for _ in range(2):
+    for _ in range(10):  # probed in the background (each second): ready again, it takes work again
         assert tokens(language, **kwargs) == expected
-    assert encoded_items(encoders[1]) > before  # back in use
+        if encoded_items(encoders[1]) > before:
+            break
+    assert encoded_items(encoders[1]) > before, "the resumed server was not used again"
     assert_no_slice_in_use(language)
 
 
 def test_sigkill_of_an_encoder_server_mid_run_loses_no_request(layout, triton_server):
-    """Last in this module: one encoder server is killed while requests run; every request still gets the
-    colocated tokens (its items retried on the other server)."""
+    """Last in this module: one encoder server is killed while requests run; every one of 12 requests still gets
+    the colocated tokens (its items retried on the other server)."""
     encoders, language, _ = layout
     kwargs = {"images": IMAGES, "audios": [TONE], "max_tokens": 4, "temperature": 0.0}
     expected = tokens(triton_server, **kwargs)
     retries = metric(language, "mimo_epd_retries_total")
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(tokens, language, **kwargs) for _ in range(8)]
-        time.sleep(0.5)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(tokens, language, **kwargs) for _ in range(12)]
+        futures[0].result(timeout=300)  # mid-run: the others are queued or in flight
         os.kill(server_binary_pid(encoders[0]), signal.SIGKILL)  # the tritonserver binary itself
         results = [f.result(timeout=300) for f in futures]
     encoders[0].process.wait(60)
-    assert results == [expected] * 8
+    assert results == [expected] * 12
     assert metric(language, "mimo_epd_retries_total") > retries
     assert tokens(language, **kwargs) == expected  # the dead server stays down; the other serves
     assert_no_slice_in_use(language)

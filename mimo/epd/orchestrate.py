@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 ENCODE_MODEL = "encode_item"
 TABLE = "prompt_embedding_table"
 PROBE_TIMEOUT_S = 2.0
+PROBE_PERIOD_S = 1.0  # how often servers marked down are probed
 
 
 class EncodeError(RuntimeError):
@@ -105,6 +106,7 @@ class EncoderServer:
     outstanding_tokens: int = 0
     down: bool = False  # failed: probed (server ready) before it is used again
     registered: bool = False  # the landing region is registered with it
+    registering: asyncio.Lock = field(default_factory=asyncio.Lock)  # one (re-)registration at a time
 
 
 class EncoderServers:
@@ -143,13 +145,16 @@ class EncoderServers:
                 self.servers[url] = EncoderServer(url, grpcaio.InferenceServerClient(url))
 
     def candidates(self, exclude: set[str]) -> list[EncoderServer]:
-        """Servers not in `exclude`, fewest outstanding tokens first (ties: round robin)."""
+        """Servers not in `exclude`: those up first, each group by fewest outstanding tokens (ties: round robin)."""
         servers = [s for s in self.servers.values() if s.url not in exclude]
         if not servers:
             return []
         start = next(self._turn) % len(servers)
         rotated = servers[start:] + servers[:start]
         return sorted(rotated, key=lambda s: (s.down, s.outstanding_tokens))
+
+    def down(self) -> list[EncoderServer]:
+        return [s for s in self.servers.values() if s.down]
 
     def add_tokens(self, server: EncoderServer, tokens: int) -> None:
         server.outstanding_tokens += tokens
@@ -197,7 +202,18 @@ class Orchestrator:
     async def _make_servers(self) -> EncoderServers:
         servers = EncoderServers(self._urls, self._urls_file, self.metrics)
         servers.refresh()
+        self._prober = asyncio.ensure_future(self._probe_down(servers))
         return servers
+
+    async def _probe_down(self, servers: EncoderServers) -> None:
+        """Servers marked down are probed in the background: one found ready is used again (re-registered)."""
+        while True:
+            await asyncio.sleep(PROBE_PERIOD_S)
+            try:
+                servers.refresh()
+                await asyncio.gather(*(self._probe(server) for server in servers.down()))
+            except Exception:  # noqa: BLE001 - the prober must not die
+                logger.exception("probing encoder servers failed")
 
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -215,6 +231,7 @@ class Orchestrator:
 
     def close(self) -> None:
         if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._prober.cancel)
             self._call(self.servers.close())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
@@ -317,7 +334,7 @@ class Orchestrator:
         rows = item.metadata.num_tokens
         offset = lease.offset + item.first_row * self.row_bytes
         byte_size = rows * self.row_bytes
-        inputs = _inputs(item, byte_size)
+        inputs = encode_inputs(grpcaio, item.data, item.metadata.to_json(), byte_size)
         table = grpcaio.InferRequestedOutput(TABLE)
         table.set_shared_memory(self.pool.region.name, byte_size, offset)
         outputs = [table, grpcaio.InferRequestedOutput(ENCODER_METADATA)]
@@ -355,7 +372,9 @@ class Orchestrator:
                 continue
             if not server.registered:
                 try:
-                    await self._register(server)
+                    async with server.registering:
+                        if not server.registered:
+                            await self._register(server)
                 except InferenceServerException as error:
                     logger.warning("registering the landing region with %s failed: %s", server.url, error)
                     server.down = True
@@ -382,14 +401,15 @@ class Orchestrator:
         server.registered = True
 
 
-def _inputs(item: PlannedItem, byte_size: int) -> list:
-    arrays = {MEDIA_BYTES: np.array([[item.data]], dtype=np.object_),
-              ITEM_METADATA: np.array([[item.metadata.to_json()]], dtype=np.object_),
-              OUTPUT_BYTE_SIZE: np.array([[byte_size]], dtype=np.int64)}  # fmt: skip
+def encode_inputs(module, data: bytes, metadata: bytes, byte_size: int | None) -> list:
+    """encode_item's inputs for one item (`module`: tritonclient.grpc or tritonclient.grpc.aio); `byte_size`: of its
+    landing slice, None for rows sent back in the response."""
+    arrays = {MEDIA_BYTES: np.array([[data]], dtype=np.object_), ITEM_METADATA: np.array([[metadata]], dtype=np.object_)}
+    if byte_size is not None:
+        arrays[OUTPUT_BYTE_SIZE] = np.array([[byte_size]], dtype=np.int64)
     inputs = []
     for name, array in arrays.items():
-        tensor = grpcaio.InferInput(name, list(array.shape), "BYTES" if array.dtype == np.object_ else "INT64")
+        tensor = module.InferInput(name, list(array.shape), "BYTES" if array.dtype == np.object_ else "INT64")
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
-
