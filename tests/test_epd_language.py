@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 from client import MiMoClient
 from client.sample_media import sample_image, sample_tone
-from conftest import serving_settings
+from conftest import SERVED_MAX_MODEL_LEN, serving_settings
+from mimo.serving.contract import triton_type
 from processing_media import encode_video
+from tools import traffic
 from triton_harness import free_ports, server_binary_pid
 
 QUESTION = "What do you see and hear?"
@@ -156,6 +161,38 @@ def test_a_hung_encoder_server_is_survived_within_the_deadline(layout, triton_se
             break
     assert encoded_items(encoders[1]) > before, "the resumed server was not used again"
     assert_no_slice_in_use(language)
+
+
+@pytest.mark.parametrize("tokens_first", [0, 3])
+def test_a_client_that_leaves_frees_its_slice_and_kv(layout, tokens_first):
+    """Cancelled while its items are encoded (0 tokens seen) or while it generates: nothing stays held."""
+    _, language, _ = layout
+    client = grpcclient.InferenceServerClient(language.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    arrays = {"text_input": np.array([[QUESTION.encode()]], dtype=np.object_),
+              "image_bytes_input": np.array([IMAGES], dtype=np.object_),
+              "max_tokens": np.array([[SERVED_MAX_MODEL_LEN // 2]], dtype=np.int64),
+              "temperature": np.array([[0.0]], dtype=np.float32), "stream": np.array([[True]])}  # fmt: skip
+    inputs = []
+    for name, array in arrays.items():
+        inputs.append(grpcclient.InferInput(name, list(array.shape), triton_type(array.dtype)))
+        inputs[-1].set_data_from_numpy(array)
+    client.async_stream_infer("ensemble", inputs)
+    for _ in range(tokens_first):
+        result, error = responses.get(timeout=120)
+        assert error is None, error
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert_no_slice_in_use(language, timeout_s=60)
+    deadline = time.monotonic() + 60
+    while True:
+        blocks = traffic.kv_blocks(language.metrics())
+        if blocks and all(blocks[pool, "free"] == blocks[pool, "total"] for pool, _ in blocks):
+            break
+        assert time.monotonic() < deadline, f"KV blocks still held: {blocks}"
+        time.sleep(0.1)
+
 
 
 def test_sigkill_of_an_encoder_server_mid_run_loses_no_request(layout, triton_server):
