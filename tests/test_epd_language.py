@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 
 from client import MiMoClient
@@ -192,6 +193,43 @@ def test_a_client_that_leaves_frees_its_slice_and_kv(layout, tokens_first):
             break
         assert time.monotonic() < deadline, f"KV blocks still held: {blocks}"
         time.sleep(0.1)
+
+
+
+def test_an_item_every_server_refuses_fails_the_request_naming_each_cause(layout, tiny_checkpoint):
+    """The orchestrator in-process over the two encoder servers: a plan whose grid the bytes do not give is refused
+    by the first server, retried on the other, refused again; the error names both servers and the field, and the
+    request's slice is back."""
+    from mimo.config import MiMoV2Config
+    from mimo.epd.landing import LandingPool, SystemShmRegion
+    from mimo.epd.orchestrate import EncodeError, Orchestrator
+    from mimo.epd.plan import RequestPlan, plan_request
+    from mimo.processing.processor import MiMoProcessor
+
+    encoders, _, _ = layout
+    processor = MiMoProcessor.from_checkpoint(tiny_checkpoint)
+    messages = [{"role": "user", "content": [{"type": "image", "image": IMAGES[1]}, {"type": "text", "text": "?"}]}]
+    plan = plan_request(processor, messages)
+    (item,) = plan.items
+    t, h, w = item.metadata.grid_thw
+    forged = dataclasses.replace(item, metadata=dataclasses.replace(item.metadata, grid_thw=(t, w, h)))
+    assert (h, w) != (w, h), "the image must not be square"
+    pool = LandingPool(SystemShmRegion(1 << 20, key_prefix="mimo_test_"))
+    orchestrator = Orchestrator(pool, [e.grpc_url for e in encoders], None, processor.config,
+                                MiMoV2Config.from_pretrained(tiny_checkpoint).hidden_size, torch.float32,
+                                timeout_s=30, attempts=2)  # fmt: skip
+    try:
+        with pytest.raises(EncodeError) as error:
+            orchestrator.encode(RequestPlan(plan.input_ids, [forged]))
+        message = str(error.value)
+        assert all(e.grpc_url in message for e in encoders) and message.count("grid_thw") == 2, message
+        assert pool.stats().slices_in_use == 0
+        lease = orchestrator.encode(plan)  # the true plan encodes (the servers are probed back up)
+        assert orchestrator.table(lease, plan).shape == (1, item.metadata.num_tokens, orchestrator.hidden_size)
+        lease.release()
+    finally:
+        orchestrator.close()
+        pool.close()
 
 
 
