@@ -350,9 +350,13 @@ class Orchestrator:
             # an answer from Triton (an error response) means nothing writes the slice any more
             answered = answered or status not in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE",
                                                   "StatusCode.CANCELLED", "")  # fmt: skip
-            self._failed(server, failed_on)
+            # an error answer (bad metadata, a refused slice) leaves the server up; one about the region means it
+            # has forgotten the registration (it restarted): registered again before its next use
+            self._failed(server, failed_on, down=not answered)
+            if "shared memory" in error.message():
+                server.registered = False
             raise _ItemFailure(f"{server.url}: {status or 'error'}: {error.message()}", answered) from None
-        except MetadataError as error:
+        except MetadataError as error:  # an answer this side refuses: the server is suspect
             self._failed(server, failed_on)
             raise _ItemFailure(str(error), answered=True) from None
         except asyncio.CancelledError:
@@ -362,8 +366,10 @@ class Orchestrator:
             self.servers.add_tokens(server, -rows)
         self.metrics.count("handoff_bytes", byte_size)
 
-    def _failed(self, server: EncoderServer, failed_on: set[str]) -> None:
-        server.down, server.registered = True, False
+    def _failed(self, server: EncoderServer, failed_on: set[str], down: bool = True) -> None:
+        """This item tries `server` no more; `down`: nobody uses it until a probe finds it ready."""
+        if down:
+            server.down, server.registered = True, False
         failed_on.add(server.url)
 
     async def _choose(self, exclude: set[str]) -> EncoderServer | None:
