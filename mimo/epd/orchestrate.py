@@ -260,7 +260,7 @@ class Orchestrator:
                 pending = [key for key in groups if key not in done]
                 results = await asyncio.gather(*(self._encode_item(lease, groups[key][0], failed_on[key])
                                                   for key in pending), return_exceptions=True)  # fmt: skip
-                unanswered = False
+                unanswered = False  # this round left a request unanswered: its server may still write `lease`
                 for key, result in zip(pending, results):
                     if result is None:
                         done.add(key)
@@ -271,6 +271,7 @@ class Orchestrator:
                         raise result
                 if len(done) == len(groups):
                     break
+                lease.writing = lease.writing or unanswered  # released into quarantine, whatever comes next
                 if attempt + 1 == self.attempts:
                     raise EncodeError("; ".join(f"item {groups[key][0].metadata.modality} {key[:19]}: "
                                                 + " then ".join(causes[key]) for key in groups if key not in done))
@@ -280,7 +281,6 @@ class Orchestrator:
                     for key in done:
                         first = groups[key][0]
                         self._rows(fresh, first).copy_(self._rows(lease, first))
-                    lease.writing = True  # released into quarantine
                     lease.release()
                     lease = fresh
                     self.publish_slices()
