@@ -1,9 +1,9 @@
 """The language role's entry step (`mimo.serving.entry.Prepare`): plan the request here, have its items encoded by
 the encoder servers into one landing slice (`mimo.epd.orchestrate`), hand mimo_llm the planned ids and that table.
 
-The table reaches mimo_llm over the entry's loopback gRPC stream as bytes read from the slice (no concatenation
-copy: the items landed side by side in prompt order); the slice is released when the stream ends, on an error or
-a cancellation too.
+The table reaches mimo_llm over the entry's loopback gRPC stream as bytes read from the slice once, into the request
+(no concatenation copy: the items landed side by side in prompt order); the slice is released as soon as the request
+holds them, before mimo_llm generates (on an error before that too).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from mimo.epd.orchestrate import EncodeError, Metrics, Orchestrator, parse_urls
 from mimo.processing.errors import ProcessingError
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.entry import INVALID_ARG, UNAVAILABLE, EntryError
+from mimo.serving.loopback import infer_input
 from mimo.serving.preprocess import plan_preprocessing
 
 
@@ -51,15 +52,13 @@ class LanguagePrepare:
             lease = self.orchestrator.encode(plan)
         except (EncodeError, LandingError) as error:
             raise EntryError(f"encoding the request's media failed: {error}", UNAVAILABLE) from None
-        try:
-            if lease is not None:
-                llm_inputs["prompt_embedding_table"] = self.orchestrator.table(lease, plan)
-                llm_inputs["prompt_vocab_size"] = np.array([[plan.total_rows]], dtype=np.int32)
-            yield llm_inputs
-        finally:
-            if lease is not None:
-                lease.release()
-                self.orchestrator.publish_slices()
+        if lease is not None:
+            with lease:  # the rows are copied into mimo_llm's request here: the slice is free before it generates
+                table = infer_input("prompt_embedding_table", self.orchestrator.table(lease, plan))
+            self.orchestrator.publish_slices()
+            llm_inputs["prompt_embedding_table"] = table
+            llm_inputs["prompt_vocab_size"] = np.array([[plan.total_rows]], dtype=np.int32)
+        yield llm_inputs
 
     def close(self) -> None:
         self.orchestrator.close()
