@@ -9,6 +9,7 @@ and P99 TTFT, images/s and requests/s per configuration and rate. The stream dep
     python -m benchmarks.bench_ttft --url localhost:8001 --rates 0.5,1,2 --requests 64
     # the colocated layout started here (random weights, real encoder widths on a GPU machine)
     python -m benchmarks.bench_ttft --launch colocated --device gpu --preset v2.5 --layers 2 --rates 1,2,4
+    python -m benchmarks.bench_ttft --launch epd --encoders 3 --device gpu --preset v2.5 --layers 2 --rates 1,2,4
     # image-light traffic (0-1 small images): where disaggregation stops paying
     python -m benchmarks.bench_ttft --url ... --images 0-1 --image-size 448x448
 
@@ -194,7 +195,48 @@ def launch_colocated(args, workdir: Path):
     return TritonServer(workdir / "model_repository", workdir / "tritonserver.log", extra_args=command[2:]).start()
 
 
-LAUNCHERS = {"colocated": launch_colocated}
+class Layout:
+    """Servers started together, stopped in reverse order; clients call the last one (the language server)."""
+
+    def __init__(self, servers):
+        self.servers = servers
+        self.grpc_url = servers[-1].grpc_url
+
+    def stop(self) -> int:
+        return max(server.stop() for server in reversed(self.servers))
+
+
+def launch_epd(args, workdir: Path):
+    """`--encoders N` encoder servers (on a GPU each with --device gpu: GPUs 1..N, the language model on GPU 0) and
+    one language server listing them."""
+    from builders.repository import RepositorySettings, render_repository
+    from builders.tiny import build_checkpoint
+    from tools.server_process import TritonServer
+
+    checkpoint = build_checkpoint(workdir / "checkpoint", preset=args.preset, num_layers=args.layers)
+    servers = []
+    try:
+        for index in range(args.encoders):
+            root = workdir / f"encoder{index}"
+            gpus = {"encoder_gpus": (index + 1,)} if args.device == "gpu" else {}
+            command = render_repository(RepositorySettings(checkpoint=checkpoint, device=args.device, role="encoder",
+                                                           **gpus), root / "model_repository")  # fmt: skip
+            servers.append(TritonServer(root / "model_repository", root / "tritonserver.log",
+                                        extra_args=command[2:]).start())  # fmt: skip
+        root = workdir / "language"
+        settings = RepositorySettings(checkpoint=checkpoint, device=args.device, role="language",
+                                      encoder_urls=",".join(server.grpc_url for server in servers))  # fmt: skip
+        command = render_repository(settings, root / "model_repository")
+        servers.append(TritonServer(root / "model_repository", root / "tritonserver.log",
+                                    extra_args=command[2:]).start())  # fmt: skip
+    except BaseException:
+        for server in reversed(servers):
+            server.stop()
+        raise
+    return Layout(servers)
+
+
+LAUNCHERS = {"colocated": launch_colocated, "epd": launch_epd}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="with --launch")
     parser.add_argument("--preset", default="tiny", help="with --launch: builders tiny --preset (tiny | v2.5)")
     parser.add_argument("--layers", type=int, default=None, help="with --launch: builders tiny --layers")
+    parser.add_argument("--encoders", type=int, default=2, help="with --launch epd: encoder servers")
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench_ttft"))
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
@@ -234,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
-    report = {"layout": args.launch or args.url, "images": args.images, "image_size": args.image_size,
+    layout = f"epd ({args.encoders} encoder servers)" if args.launch == "epd" else args.launch
+    report = {"layout": layout or args.url, "images": args.images, "image_size": args.image_size,
               "max_tokens": args.max_tokens, "seed": args.seed, "rows": rows}  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

@@ -1,20 +1,22 @@
 """Render the Triton model repository for a checkpoint and print the `tritonserver` command that serves it.
 
-    python -m builders repository (--checkpoint DIR | --deploy DEPLOY) --out REPO [--device cpu|gpu]
-                                  [--encoder-instances K] [--encoder-gpus 0,1] [--llm-gpus 2,3] [--max-batch N]
-                                  [--max-num-seqs N] [--max-model-len N] [--kv-cache-memory-bytes B] ...
+    python -m builders repository (--checkpoint DIR | --deploy DEPLOY) --out REPO [--role colocated|encoder|language]
+                                  [--device cpu|gpu] [--encoder-instances K] [--encoder-gpus 0,1] [--llm-gpus 2,3]
+                                  [--max-batch N] [--max-num-seqs N] [--max-model-len N] [--kv-cache-memory-bytes B] ...
 
-Writes every `config.pbtxt` from the graph declared in `mimo.serving.contract` (tensors, ensemble maps, parameter
-names) with this deployment's values, and copies each `model_repository/<model>/1/model.py`. The flags are the
-fields of `RepositorySettings` and the knobs of `mimo.engine.EngineConfig`, each with the default and help of its
-field. `--device gpu` puts mimo_encoder and mimo_llm on KIND_GPU and lets the prompt table reach mimo_llm in GPU
-memory; the printed command then sizes Triton's CUDA memory pool for the prompt tables that can be in flight
-between the two. GPU instances are placed explicitly (`gpus: [...]`): Triton would otherwise put `count` instances
-on every GPU, and several mimo_llm instances are several independent engines.
+Writes the `config.pbtxt` of every model of the role (`mimo.serving.contract.ROLES`: colocated, the default, is the
+whole pipeline; encoder is `encode_item` = media_preprocessing -> mimo_encoder; language is the entry, mimo_llm and
+postprocessing) from the graph declared in `mimo.serving.contract` (tensors, ensemble maps, parameter names) with
+this deployment's values, and copies each `model_repository/<model>/1/model.py` (a Triton ensemble has none). The
+flags are the fields of `RepositorySettings` and the knobs of `mimo.engine.EngineConfig`, each with the default and
+help of its field. `--device gpu` puts mimo_encoder and mimo_llm on KIND_GPU and lets the prompt table reach
+mimo_llm in GPU memory; the printed command then sizes Triton's CUDA memory pool for the prompt tables that can be
+in flight between the two. GPU instances are placed explicitly (`gpus: [...]`): Triton would otherwise put `count`
+instances on every GPU, and several mimo_llm instances are several independent engines.
 
 `--deploy` serves a deployment artifact (`python -m builders convert`): preprocessing, mimo_encoder and
-postprocessing read its `encoder/` folder; mimo_llm's one instance is rank 0 of the artifact's tensor-parallel
-ranks and starts the others itself (rank r on `--llm-gpus[r]` with `--device gpu`, all on the host with cpu).
+postprocessing read its `encoder/` folder; mimo_llm's one instance is rank 0 of the artifact's tensor-parallel ranks
+and starts the others itself (rank r on `--llm-gpus[r]` with `--device gpu`, all on the host with cpu).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, engine_knobs
+from mimo.epd.orchestrate import parse_urls
 from mimo.parallel.deploy import ENCODER_DIR, DeployArtifact
 from mimo.serving import contract
 from mimo.serving.contract import EMBEDDING, ModelSpec, TensorSpec
@@ -67,6 +70,8 @@ def setting(default, help: str, **argument):
 class RepositorySettings:
     checkpoint: Path  # a hub checkpoint; with `deploy`, the artifact's encoder/ folder (`for_deploy`)
     deploy: Path | None = None  # a deployment artifact whose tensor-parallel ranks mimo_llm runs
+    role: str = setting("colocated", "which server: the whole pipeline, an encoder server or the language server",
+                        choices=tuple(contract.ROLES))  # fmt: skip
     device: str = setting("cpu", "where mimo_encoder and mimo_llm run", choices=tuple(_DEVICE_DEFAULTS))
     dtype: str | None = setting(None, "weights and prompt tables (default: float32 on cpu, bfloat16 on gpu)",
                                 type=str, choices=tuple(_DTYPE_BYTES))  # fmt: skip
@@ -86,14 +91,25 @@ class RepositorySettings:
     entry_workers: int = setting(64, "requests the entry model (`ensemble`) runs at once; later ones wait")
     max_media_tokens: int = setting(16384, "prompt-table rows one request may need (sizes the CUDA memory pool on "
                                            "gpu)")  # fmt: skip
+    encoder_urls: str = setting("", "--role language: the encoder servers' gRPC host:port addresses, comma-separated")
+    encoder_urls_file: str = setting("", "--role language: a file of more encoder server addresses, re-read when it "
+                                         "changes (the list changes without a restart)")  # fmt: skip
+    encoder_timeout_ms: int = setting(30000, "--role language: the deadline of one encode_item request")
+    encoder_attempts: int = setting(3, "--role language: rounds of encoding a request's items before it fails")
+    landing_pool_mb: int = setting(64, "--role language: the landing pool (MiB of system shared memory)")
     engine: Mapping[str, int] = field(default_factory=dict)  # EngineConfig knobs that differ from their defaults
 
     def __post_init__(self):
+        if self.role not in contract.ROLES:
+            raise ValueError(f"role must be one of {sorted(contract.ROLES)}, got {self.role!r}")
         if self.device not in _DEVICE_DEFAULTS:
             raise ValueError(f"device must be one of {sorted(_DEVICE_DEFAULTS)}, got {self.device!r}")
         unknown = sorted(set(self.engine) - set(engine_knobs()))
         if unknown:
             raise ValueError(f"engine settings {unknown} are not EngineConfig knobs ({', '.join(engine_knobs())})")
+        if self.role == "language" and not (self.encoder_urls or self.encoder_urls_file):
+            raise ValueError("--role language needs its encoder servers: --encoder-urls or --encoder-urls-file")
+        parse_urls(self.encoder_urls, "--encoder-urls")  # raises naming the address that is not host:port
         if not self.encoder_gpus or len(set(self.encoder_gpus)) != len(self.encoder_gpus):
             raise ValueError(f"encoder_gpus must list distinct GPU ids, got {list(self.encoder_gpus)}")
         ranks = self.world_size
@@ -162,6 +178,9 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
         # execute() works through a batch request by request: batching would make each wait for the slowest
         "preprocessing": Deployment(None, instance_group(settings.preprocessing_instances, None),
                                     {"checkpoint_dir": checkpoint, "max_model_len": knobs["max_model_len"]}),
+        # the encoder role's: one item per request, decoding on the CPU as preprocessing does
+        "media_preprocessing": Deployment(None, instance_group(settings.preprocessing_instances, None),
+                                          {"checkpoint_dir": checkpoint, "dtype": settings.resolved_dtype}),
         "mimo_encoder": Deployment(
             settings.encoder_queue_delay_us,
             instance_group(settings.encoder_instances, settings.encoder_gpus if gpu else None),
@@ -184,7 +203,21 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
             "checkpoint_dir": checkpoint,
             "cancellation_check_period_ms": settings.cancellation_check_period_ms,
             "workers": settings.entry_workers,
+            **(language_parameters(settings, knobs) if settings.role == "language" else {}),
         }),
+    }
+
+
+def language_parameters(settings: RepositorySettings, knobs: Mapping[str, int | None]) -> dict[str, object]:
+    """The language entry's own parameters (contract.LANGUAGE_PARAMETERS)."""
+    return {
+        "max_model_len": knobs["max_model_len"],
+        "dtype": settings.resolved_dtype,
+        "encoder_urls": settings.encoder_urls,
+        "encoder_urls_file": str(Path(settings.encoder_urls_file).resolve()) if settings.encoder_urls_file else "",
+        "encoder_timeout_ms": settings.encoder_timeout_ms,
+        "encoder_attempts": settings.encoder_attempts,
+        "landing_pool_bytes": settings.landing_pool_mb << 20,
     }
 
 
@@ -239,6 +272,23 @@ def model_config_text(spec: ModelSpec, deployment: Deployment, max_batch_size: i
     return "\n".join(lines) + "\n"
 
 
+def ensemble_config_text(spec: ModelSpec, models: Mapping[str, ModelSpec], max_batch_size: int, embedding: str) -> str:
+    """The config.pbtxt of a Triton ensemble (`platform: "ensemble"`), its maps from `contract.ensemble_steps`."""
+    lines = [*_comment(f"{spec.name}: {spec.comment}"), f'name: "{spec.name}"', 'platform: "ensemble"',
+             f"max_batch_size: {max_batch_size}", ""]  # fmt: skip
+    lines += _tensor_lines("input", spec.inputs, embedding)
+    lines += _tensor_lines("output", spec.outputs, embedding)
+    lines += ["", "ensemble_scheduling {", "  step ["]
+    steps = contract.ensemble_steps(spec, models)
+    for index, step in enumerate(steps):
+        lines += ["    {", f'      model_name: "{step.model}"', "      model_version: -1"]
+        for section, mapping in (("input_map", step.input_map), ("output_map", step.output_map)):
+            entries = [f'        {{ key: "{key}" value: "{value}" }}' for key, value in mapping.items()]
+            lines += [f"      {section} [", ",\n".join(entries), "      ]"]
+        lines.append("    }," if index < len(steps) - 1 else "    }")
+    return "\n".join(lines + ["  ]", "}"]) + "\n"
+
+
 def cuda_memory_pool_bytes(settings: RepositorySettings, hidden_size: int) -> int:
     """Per GPU: room for every prompt table one round of encoder batches can have in flight to mimo_llm, twice over."""
     table_bytes = settings.max_media_tokens * hidden_size * _DTYPE_BYTES[settings.resolved_dtype]
@@ -247,17 +297,22 @@ def cuda_memory_pool_bytes(settings: RepositorySettings, hidden_size: int) -> in
 
 
 def render_repository(settings: RepositorySettings, out: Path, model_files: Path = MODEL_FILES) -> list[str]:
-    """Write the repository into `out` (replacing it); returns the tritonserver command line that serves it."""
+    """Write the repository of `settings.role` into `out` (replacing it); returns the tritonserver command line that
+    serves it."""
+    role = contract.ROLES[settings.role]
+    role.check()
     values = deployments(settings)
     embedding = _TRITON_TYPES[settings.resolved_dtype]
-    configs = {name: model_config_text(spec, values[name], settings.max_batch, embedding)
-               for name, spec in contract.MODELS.items()}  # fmt: skip
+    configs = {name: ensemble_config_text(spec, role.models, settings.max_batch, embedding)
+               if spec.platform == "ensemble" else model_config_text(spec, values[name], settings.max_batch, embedding)
+               for name, spec in role.models.items()}  # fmt: skip
     if out.exists():
         shutil.rmtree(out)
     for name, text in configs.items():
         (out / name / "1").mkdir(parents=True)
         (out / name / "config.pbtxt").write_text(text)
-        shutil.copy2(model_files / name / "1" / "model.py", out / name / "1" / "model.py")
+        if role.models[name].platform != "ensemble":
+            shutil.copy2(model_files / name / "1" / "model.py", out / name / "1" / "model.py")
     command = ["tritonserver", f"--model-repository={out.resolve()}"]
     if settings.device == "gpu":
         hidden = MiMoV2Config.from_pretrained(settings.checkpoint).hidden_size

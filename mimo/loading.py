@@ -365,16 +365,17 @@ def load_audio_encoder(
 
 
 def load_audio_tokenizer(
-    checkpoint_dir: str | Path, dtype: torch.dtype, device: torch.device | str
+    checkpoint_dir: str | Path, dtype: torch.dtype, device: torch.device | str, *, ckpt: HubCheckpoint | None = None
 ) -> MiMoAudioTokenizer:
-    """The audio tokenizer from its own folder `audio_tokenizer/{config.json,model.safetensors}` (ref §2.5)."""
+    """The audio tokenizer from its own folder `audio_tokenizer/{config.json,model.safetensors}` (ref §2.5);
+    `ckpt`: that folder opened by the caller (whose `accessed` then records the reads)."""
     folder = Path(checkpoint_dir) / AUDIO_TOKENIZER_DIR
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} does not exist")
     config = AudioTokenizerConfig.from_dict(json.loads(config_path.read_text()))
     model = build_module(lambda: MiMoAudioTokenizer(config), dtype)
-    ckpt = HubCheckpoint(folder)
+    ckpt = ckpt or HubCheckpoint(folder)
     return _load(model, ckpt, ckpt.names(), device)
 
 

@@ -1,10 +1,11 @@
 """The TTFT load benchmark (benchmarks/bench_ttft.py): its request stream and a short run on the suite's server."""
 
 import io
+import json
 
 from PIL import Image
 
-from benchmarks.bench_ttft import image_pool, percentile, plan, run_rate
+from benchmarks.bench_ttft import image_pool, main, percentile, plan, run_rate
 
 
 def test_the_request_stream_depends_only_on_the_seed():
@@ -36,3 +37,14 @@ def test_a_short_run_completes_every_request(triton_server):
     assert result.images == sum(len(r.images) for r in planned)
     summary = result.summary()
     assert summary["completed"] == 6 and summary["ttft_p99_ms"] >= summary["ttft_median_ms"] > 0
+
+
+def test_the_epd_layout_serves_a_short_run(tmp_path):
+    """--launch epd: two encoder servers and a language server, every request answered (exit 0), the report says
+    the layout."""
+    out = tmp_path / "report.json"
+    assert main(["--launch", "epd", "--encoders", "2", "--rates", "4", "--requests", "3", "--images", "1-2",
+                 "--image-size", "64x48", "--max-tokens", "2", "--workdir", str(tmp_path / "run"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["layout"] == "epd (2 encoder servers)" and report["rows"][0]["completed"] == 3

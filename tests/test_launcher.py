@@ -221,6 +221,9 @@ def test_environment_puts_this_interpreter_and_bundle_libraries_first():
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     expected = [str(bundle.library_dir), launcher.interpreter_library_dir(), "/opt/lib"]
     assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [p for p in expected if p]
+    assert "MIMO_SHM_PREFIX" not in env
+    # the models' own regions (landing pools) go under the server's prefix, so its cleanup covers them
+    assert launcher.server_environment(bundle, Path("/tmp/d"), {}, shm_prefix="p_")["MIMO_SHM_PREFIX"] == "p_"
 
 
 def test_missing_binary_is_a_clear_error(monkeypatch, capsys):

@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from mimo.serving.lifecycle import IN_FLIGHT_METRIC, SELF_GRPC_URL_ENV
+from mimo.serving.lifecycle import IN_FLIGHT_METRIC, SELF_GRPC_URL_ENV, SHM_PREFIX_ENV
 
 _PR_SET_PDEATHSIG = 1
 DRAIN_DEADLINE_S = 5.0  # longest the models get to end their streams before the server is signalled
@@ -172,9 +172,11 @@ def interpreter_library_dir() -> str | None:
 
 
 def server_environment(bundle: ServerBundle, drain_file: Path, base: dict | None = None,
-                       grpc_url: str | None = None) -> dict[str, str]:  # fmt: skip
+                       shm_prefix: str | None = None, grpc_url: str | None = None) -> dict[str, str]:  # fmt: skip
     env = dict(os.environ if base is None else base)
     env["MIMO_DRAIN_FILE"] = str(drain_file)
+    if shm_prefix:
+        env[SHM_PREFIX_ENV] = shm_prefix  # regions the models create under it go with the server's
     if grpc_url is not None:
         env[SELF_GRPC_URL_ENV] = grpc_url
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]).rstrip(os.pathsep)
@@ -375,7 +377,8 @@ def run(args: list[str]) -> int:
         with ShutdownSignals() as signals:
             server = subprocess.Popen(
                 server_command(bundle, args, backend_dir, own_shm_prefix),
-                env=server_environment(bundle, drain_file, grpc_url=grpc_endpoint(args)),
+                env=server_environment(bundle, drain_file, grpc_url=grpc_endpoint(args), shm_prefix=own_shm_prefix
+                                       or _python_backend_config(args, "shm-region-prefix-name")),
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )

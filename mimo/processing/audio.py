@@ -9,6 +9,7 @@ which bounds the work for files whose metadata understates the duration or decla
 """
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
@@ -79,10 +80,35 @@ def probe_audio_tokens(data: bytes, config: ProcessorConfig, limit: DurationLimi
 def decode_audio_stream(
     container: av.container.InputContainer, stream: av.audio.AudioStream, limit: DurationLimit
 ) -> tuple[torch.Tensor, int]:
+    """The stream's samples: (waveform float32 [channels, samples], sample_rate)."""
+    chunks, sample_rate = [], None
+    for converted in _converted_frames(container, stream, limit):
+        chunks.append(converted.to_ndarray())
+        sample_rate = converted.sample_rate
+    return torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32)), sample_rate
+
+
+def count_audio_samples(
+    container: av.container.InputContainer, stream: av.audio.AudioStream, limit: DurationLimit
+) -> tuple[int, int]:
+    """(samples per channel, sample_rate) exactly as `decode_audio_stream` yields them, keeping no sample: the
+    stream is decoded (compressed containers do not declare their decoded length: encoder delay, padding), but
+    neither resampled nor turned into a mel."""
+    num_samples, sample_rate = 0, None
+    for converted in _converted_frames(container, stream, limit):
+        num_samples += converted.samples
+        sample_rate = converted.sample_rate
+    return num_samples, sample_rate
+
+
+def _converted_frames(
+    container: av.container.InputContainer, stream: av.audio.AudioStream, limit: DurationLimit
+) -> Iterator[av.AudioFrame]:
+    """The stream decoded to planar float frames at its own rate and layout; refused once longer than `limit`, on
+    a change of rate or layout midway, and when it holds no sample at all."""
     check_codec(stream, ALLOWED_AUDIO_CODECS)
     # Planar float at the source rate and layout: every sample format becomes [-1, 1] floats per channel.
     resampler = av.AudioResampler(format="fltp")
-    chunks: list[np.ndarray] = []
     num_samples, source = 0, None
     for frame in container.decode(stream):
         if source is None:
@@ -93,15 +119,16 @@ def decode_audio_stream(
                 f"{frame.layout.nb_channels} channels midway; re-encode it with one format"
             )
         for converted in resampler.resample(frame):
-            chunks.append(converted.to_ndarray())
             num_samples += converted.samples
+            yield converted
         if num_samples > limit.seconds * source[0]:
             raise MediaLimitError(f"audio is longer than {limit.reason}")
     if source is not None:
-        chunks.extend(converted.to_ndarray() for converted in resampler.resample(None))
-    if sum(chunk.shape[1] for chunk in chunks) == 0:
+        for converted in resampler.resample(None):
+            num_samples += converted.samples
+            yield converted
+    if num_samples == 0:
         raise MediaDecodeError("audio stream contains no samples (empty or zero-length audio)")
-    return torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32)), source[0]
 
 
 def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
@@ -117,10 +144,14 @@ def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Ten
     shape = waveform.shape
     flat = waveform.reshape(-1, 1, shape[-1])
     padded = torch.nn.functional.pad(flat, (width, width + orig))
-    out = torch.nn.functional.conv1d(padded, kernel, stride=orig)  # [B, new, frames]
+    out = torch.nn.functional.conv1d(padded, kernel, stride=orig)  # [B, new, floor(N / orig) + 1] >= the target
     out = out.transpose(1, 2).reshape(flat.shape[0], -1)
-    target_len = math.ceil(new * shape[-1] / orig)
-    return out[:, :target_len].reshape(*shape[:-1], -1)
+    return out[:, :resampled_length(shape[-1], orig_rate, new_rate)].reshape(*shape[:-1], -1)
+
+
+def resampled_length(num_samples: int, orig_rate: int, new_rate: int) -> int:
+    """Samples `resample` gives for `num_samples` at orig_rate: ceil(N * new / orig)."""
+    return -(-num_samples * new_rate // orig_rate)
 
 
 def _sinc_resample_kernel(orig: int, new: int, width: int) -> torch.Tensor:
@@ -175,16 +206,11 @@ def log_mel_spectrogram(
     end: cuFFT in float64).
     """
     n_fft, hop = config.audio_nfft, config.audio_hop_length
-    if waveform.numel() <= n_fft // 2:
-        raise MediaDecodeError(
-            f"audio is too short: {waveform.numel()} samples at {config.audio_sampling_rate} Hz, "
-            f"need more than {n_fft // 2}"
-        )
+    num_frames = mel_frame_count(waveform.numel(), config)
     device = waveform.device
     window = torch.hann_window(config.audio_window_size, periodic=True, dtype=torch.float64, device=device)
     filters = mel_filter_bank(n_fft // 2 + 1, config.audio_n_mels, config.audio_sampling_rate).T.to(device)
     padded = torch.nn.functional.pad(waveform.double()[None, None], (n_fft // 2, n_fft // 2), mode="reflect")[0, 0]
-    num_frames = 1 + waveform.numel() // hop
     chunks = []
     for first in range(0, num_frames, chunk_frames):
         count = min(chunk_frames, num_frames - first)
@@ -195,6 +221,17 @@ def log_mel_spectrogram(
         ).abs()  # [n_fft // 2 + 1, count]
         chunks.append(torch.log(torch.clamp(filters @ spectrum, min=_LOG_MEL_FLOOR)).T.float())
     return torch.cat(chunks)
+
+
+def mel_frame_count(num_samples: int, config: ProcessorConfig) -> int:
+    """Frames of the log-mel of `num_samples` at the processor rate (centred STFT: 1 + N // hop); audio with no
+    more than n_fft / 2 samples is refused."""
+    if num_samples <= config.audio_nfft // 2:
+        raise MediaDecodeError(
+            f"audio is too short: {num_samples} samples at {config.audio_sampling_rate} Hz, "
+            f"need more than {config.audio_nfft // 2}"
+        )
+    return 1 + num_samples // config.audio_hop_length
 
 
 def waveform_to_mel(waveform: torch.Tensor, sample_rate: int, config: ProcessorConfig) -> torch.Tensor:
@@ -217,6 +254,26 @@ def audio_tokens_for_mel(num_frames: int, config: ProcessorConfig) -> int:
         num_frames, segment_size=config.audio_segment_size, stride_size=config.audio_stride_size,
         avg_pooler=config.audio_avg_pooler, group_size=config.audio_group_size,
     )
+
+
+def audio_tokens_for_samples(num_samples: int, sample_rate: int, config: ProcessorConfig) -> int:
+    """The exact tokens of `num_samples` decoded at `sample_rate`, as `preprocess_audio` counts them: resampled to
+    the processor rate, mel frames, then `audio_tokens_for_mel`."""
+    resampled = resampled_length(num_samples, sample_rate, config.audio_sampling_rate)
+    return audio_tokens_for_mel(mel_frame_count(resampled, config), config)
+
+
+def audio_tokens(data: bytes, config: ProcessorConfig, limit: DurationLimit | None = None) -> int:
+    """The exact token count of an encoded audio without its mel: the stream is decoded only to count its samples
+    (`count_audio_samples`); refused as `preprocess_audio` would refuse it (declared or decoded duration over
+    `limit`, too short, corrupt)."""
+    limit = limit or DurationLimit.of(config)
+    with open_media(data, "audio") as container:
+        stream = _audio_stream(container)
+        check_codec(stream, ALLOWED_AUDIO_CODECS)
+        declared_seconds(container, stream, limit)  # refuses a declared duration over the limit before decoding
+        num_samples, sample_rate = count_audio_samples(container, stream, limit)
+    return audio_tokens_for_samples(num_samples, sample_rate, config)
 
 
 def audio_tokens_for_seconds(seconds: float, config: ProcessorConfig) -> int:

@@ -9,13 +9,14 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from mimo.processing.config import ProcessorConfig
 from mimo.processing.errors import MediaDecodeError, MediaLimitError
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 MAX_ASPECT_RATIO = 200
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations whose exif_transpose swaps width and height
 
 
 def open_image(data: bytes, *, max_source_pixels: int) -> Image.Image:
@@ -115,14 +116,27 @@ def image_size(height: int, width: int, config: ProcessorConfig) -> tuple[int, i
                         max_pixels=config.image_max_pixels)  # fmt: skip
 
 
-def image_tokens(data: bytes, config: ProcessorConfig) -> int:
-    """The exact token count of an encoded image from its header alone, without decoding it.
+def image_grid(data: bytes, config: ProcessorConfig) -> tuple[int, int, int]:
+    """The exact `grid_thw` row `preprocess_image` gives an encoded image, from its header alone (no pixel decoded).
 
-    An EXIF rotation swaps height and width, which leaves the count unchanged (smart_resize is symmetric).
+    The size is the header's, width and height swapped for an EXIF orientation that transposes (read as
+    `ImageOps.exif_transpose` reads it, EXIF or XMP, but only from what the header holds: a PNG's eXIf chunk after
+    its pixel data is not seen, and its grid then comes out transposed; the token count never changes, since
+    smart_resize is symmetric).
     """
-    width, height = open_image(data, max_source_pixels=config.max_source_pixels).size
+    image = open_image(data, max_source_pixels=config.max_source_pixels)
+    width, height = image.size
+    # Image.getexif itself, not a plugin's override: PNG's loads the whole image to look past the pixel data
+    if Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1) in TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
     h, w = image_size(height, width, config)
-    return h * w // config.image_factor**2
+    return 1, h // config.patch_size, w // config.patch_size  # T = temporal_patch_size copies: one frame group
+
+
+def image_tokens(data: bytes, config: ProcessorConfig) -> int:
+    """The exact token count of an encoded image from its header alone, without decoding it."""
+    grid_t, grid_h, grid_w = image_grid(data, config)
+    return grid_t * grid_h * grid_w // config.merge_size**2
 
 
 def preprocess_image(data: bytes, config: ProcessorConfig) -> tuple[torch.Tensor, torch.Tensor]:

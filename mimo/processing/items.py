@@ -53,7 +53,8 @@ class MediaItem:
 
     @property
     def has_sound(self) -> bool:
-        return self.modality == Modality.VIDEO and self.mel is not None
+        # segment_lens, not mel: a planned item (`MiMoProcessor.process(decode=False)`) has its units but no mel
+        return self.modality == Modality.VIDEO and self.segment_lens is not None
 
 
 # wire field -> (dtype, rank)

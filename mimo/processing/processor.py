@@ -9,15 +9,15 @@ from transformers import PreTrainedTokenizerFast
 
 from mimo.engine import context_overflow
 from mimo.processing.audio import (
-    DurationLimit, audio_tokens_for_mel, max_seconds_for_tokens, preprocess_audio, probe_audio_tokens,
+    DurationLimit, audio_tokens, audio_tokens_for_mel, max_seconds_for_tokens, preprocess_audio, probe_audio_tokens,
 )
 from mimo.processing.chat import MediaPart, control_token_pattern, render_chat, split_media
 from mimo.processing.config import ProcessorConfig
 from mimo.processing.errors import ProcessingError
-from mimo.processing.image import image_tokens, preprocess_image
+from mimo.processing.image import image_grid, image_tokens, preprocess_image
 from mimo.processing.items import MediaItem, Modality
 from mimo.processing.placeholders import PromptTableIds, assign_prompt_table_ids, expand_placeholders
-from mimo.processing.video import preprocess_video, probe_video_tokens
+from mimo.processing.video import plan_video, preprocess_video, probe_video_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,29 @@ class ContextBudget:
 class ProcessedPrompt:
     input_ids: list[int]  # placeholder runs expanded to their exact token counts
     items: list[MediaItem]  # in prompt order
+    media: list[MediaPart]  # the encoded file of each item, in the same order
+
+
+def read_checkpoint_config(checkpoint_dir: str | Path) -> tuple[dict, dict | None]:
+    """(config.json, audio_tokenizer/config.json or None) of a checkpoint; `model_type` and `vocab_size` must be set."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config_path = checkpoint_dir / "config.json"
+    if not config_path.is_file():
+        raise ProcessingError(f"{config_path} not found")
+    hf_config = json.loads(config_path.read_text())
+    for key in ("model_type", "vocab_size"):
+        if key not in hf_config:
+            raise ProcessingError(f"{config_path}: '{key}' must be set")
+    tokenizer_config_path = checkpoint_dir / "audio_tokenizer" / "config.json"
+    audio_tokenizer_config = None
+    if tokenizer_config_path.is_file():
+        audio_tokenizer_config = json.loads(tokenizer_config_path.read_text())
+    return hf_config, audio_tokenizer_config
+
+
+def processor_config_from_checkpoint(checkpoint_dir: str | Path) -> ProcessorConfig:
+    """The processor settings of a checkpoint, without its tokenizer (what the encoder role needs)."""
+    return ProcessorConfig.from_hf_config(*read_checkpoint_config(checkpoint_dir))
 
 
 class MiMoProcessor:
@@ -57,21 +80,10 @@ class MiMoProcessor:
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> "MiMoProcessor":
         """Tokenizer files, config.json (`processor_config`, encoder configs, `model_type`, `vocab_size`) and,
         if present, `audio_tokenizer/config.json`."""
-        checkpoint_dir = Path(checkpoint_dir)
-        config_path = checkpoint_dir / "config.json"
-        if not config_path.is_file():
-            raise ProcessingError(f"{config_path} not found")
-        hf_config = json.loads(config_path.read_text())
-        for key in ("model_type", "vocab_size"):
-            if key not in hf_config:
-                raise ProcessingError(f"{config_path}: '{key}' must be set")
-        tokenizer_config_path = checkpoint_dir / "audio_tokenizer" / "config.json"
-        audio_tokenizer_config = None
-        if tokenizer_config_path.is_file():
-            audio_tokenizer_config = json.loads(tokenizer_config_path.read_text())
+        hf_config, audio_tokenizer_config = read_checkpoint_config(checkpoint_dir)
         # The fast-tokenizer class reads tokenizer.json + tokenizer_config.json only; AutoTokenizer would also
         # resolve config.json's model_type, which transformers does not know for MiMo-V2.
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(checkpoint_dir), local_files_only=True)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(Path(checkpoint_dir)), local_files_only=True)
         return cls(
             tokenizer, ProcessorConfig.from_hf_config(hf_config, audio_tokenizer_config),
             model_type=hf_config["model_type"], vocab_size=int(hf_config["vocab_size"]),
@@ -82,13 +94,16 @@ class MiMoProcessor:
 
     def process(
         self, messages: list[dict], *, enable_thinking: bool = True, add_generation_prompt: bool = True,
-        tools: list[dict] | None = None, budget: ContextBudget | None = None,
+        tools: list[dict] | None = None, budget: ContextBudget | None = None, decode: bool = True,
     ) -> ProcessedPrompt:
         """Messages -> input_ids with expanded placeholders + media items.
 
         With a `budget`, a prompt that cannot fit it is refused as early as its length is known: from the text and
         what the media declare (image headers, container durations, demuxed frame counts) before any decoding, while
         decoding an audio (stopped once its samples alone are too long), and exactly at the end.
+
+        `decode=False` plans instead (the language role, before any encoder runs): the same input_ids and items with
+        the same token counts, grids, timestamps and units, but without encoder inputs (`plan_media`).
         """
         rendered, parts = split_media(messages, max_media_items=self.config.max_media_items,
                                       control_tokens=self.control_tokens)  # fmt: skip
@@ -108,11 +123,11 @@ class MiMoProcessor:
             room = None
             if budget is not None:
                 room = budget.room(text_tokens + sum(item.num_tokens for item in items) + sum(known[index + 1:]))
-            items.append(self.preprocess_media(part, room=room))
+            items.append(self.preprocess_media(part, room=room) if decode else self.plan_media(part, room=room))
         input_ids = expand_placeholders(ids, items, self.config, self.encode_text)
         if budget is not None:
             budget.check(len(input_ids))
-        return ProcessedPrompt(input_ids, items)
+        return ProcessedPrompt(input_ids, items, parts)
 
     @property
     def _pad_tokens(self) -> set[int]:
@@ -129,28 +144,11 @@ class MiMoProcessor:
 
     def preprocess_media(self, part: MediaPart, room: int | None = None) -> MediaItem:
         """Decode one item; an audio is refused as soon as it has more than `room` tokens (None: no such bound)."""
-        config = self.config
-        patches_per_token = config.merge_size**2
-        if part.modality == Modality.IMAGE:
-            pixel_values, grid_thw = preprocess_image(part.data, config)
-            return MediaItem(Modality.IMAGE, int(grid_thw.prod()) // patches_per_token,
-                             pixel_values=pixel_values, grid_thw=grid_thw)
-        if part.modality == Modality.AUDIO:
-            mel = preprocess_audio(part.data, config, self._audio_limit(room))
-            num_tokens = audio_tokens_for_mel(mel.shape[0], config)
-            return MediaItem(Modality.AUDIO, num_tokens, mel=mel, audio_token_len=_scalar(num_tokens))
-        video = preprocess_video(part.data, config)
-        sound = video.soundtrack
-        video_tokens = int(video.video_grid_thw.prod()) // patches_per_token
-        return MediaItem(
-            Modality.VIDEO, video_tokens + (int(sound.segment_lens.sum()) if sound else 0),
-            pixel_values_videos=video.pixel_values_videos, video_grid_thw=video.video_grid_thw,
-            video_timestamps=video.video_timestamps, second_per_grid_ts=_scalar(video.second_per_grid_ts),
-            mel=sound.mel if sound else None,
-            audio_token_len=_scalar(sound.audio_token_len) if sound else None,
-            segment_starts=sound.segment_starts if sound else None,
-            segment_lens=sound.segment_lens if sound else None,
-        )
+        return preprocess_media(part, self.config, self._audio_limit(room))
+
+    def plan_media(self, part: MediaPart, room: int | None = None) -> MediaItem:
+        """`preprocess_media` without the encoder inputs, from the file's header and container (see `plan_media`)."""
+        return plan_media(part, self.config, self._audio_limit(room))
 
     def _audio_limit(self, room: int | None) -> DurationLimit:
         limit = DurationLimit.of(self.config)
@@ -164,6 +162,67 @@ class MiMoProcessor:
         """Pad tokens -> `vocab_size + row` (row order: `mimo.processing.placeholders`), plus the rows each
         item must get from the encoders (check them with `placeholders.check_encoder_rows`)."""
         return assign_prompt_table_ids(prompt.input_ids, prompt.items, self.config, self.vocab_size)
+
+
+def preprocess_media(part: MediaPart, config: ProcessorConfig, audio_limit: DurationLimit | None = None) -> MediaItem:
+    """One item decoded into its encoder inputs; an audio is refused once longer than `audio_limit`."""
+    if part.modality == Modality.IMAGE:
+        pixel_values, grid_thw = preprocess_image(part.data, config)
+        return _image_item(grid_thw, config, pixel_values=pixel_values)
+    if part.modality == Modality.AUDIO:
+        mel = preprocess_audio(part.data, config, audio_limit)
+        return _audio_item(audio_tokens_for_mel(mel.shape[0], config), mel=mel)
+    video = preprocess_video(part.data, config)
+    sound = video.soundtrack
+    return _video_item(
+        video.video_grid_thw, video.video_timestamps, video.second_per_grid_ts, config,
+        audio_token_len=sound.audio_token_len if sound else None,
+        segment_starts=sound.segment_starts if sound else None, segment_lens=sound.segment_lens if sound else None,
+        pixel_values_videos=video.pixel_values_videos, mel=sound.mel if sound else None,
+    )
+
+
+def plan_media(part: MediaPart, config: ProcessorConfig, audio_limit: DurationLimit | None = None) -> MediaItem:
+    """What `preprocess_media` gives for the item, exactly, less its encoder inputs (pixels, mel): the token count,
+    grid, video timestamps and audio units, from the image header, the audio samples counted (not turned into a
+    mel) and the video's demuxed frames, first frame and counted sound track. Refused as preprocess_media would
+    refuse it, so what this accepts an encoder accepts."""
+    if part.modality == Modality.IMAGE:
+        return _image_item(torch.tensor([image_grid(part.data, config)]), config)
+    if part.modality == Modality.AUDIO:
+        return _audio_item(audio_tokens(part.data, config, audio_limit))
+    video = plan_video(part.data, config)
+    sound = video.soundtrack
+    return _video_item(
+        torch.tensor([video.video_grid_thw]), torch.tensor(video.video_timestamps, dtype=torch.float64),
+        video.second_per_grid_ts, config, audio_token_len=sound.audio_token_len if sound else None,
+        segment_starts=torch.tensor(sound.segment_starts) if sound else None,
+        segment_lens=torch.tensor(sound.segment_lens) if sound else None,
+    )
+
+
+def _image_item(grid_thw: torch.Tensor, config: ProcessorConfig, pixel_values: torch.Tensor | None = None) -> MediaItem:
+    return MediaItem(Modality.IMAGE, int(grid_thw.prod()) // config.merge_size**2,
+                     pixel_values=pixel_values, grid_thw=grid_thw)  # fmt: skip
+
+
+def _audio_item(num_tokens: int, mel: torch.Tensor | None = None) -> MediaItem:
+    return MediaItem(Modality.AUDIO, num_tokens, mel=mel, audio_token_len=_scalar(num_tokens))
+
+
+def _video_item(
+    grid_thw: torch.Tensor, timestamps: torch.Tensor, second_per_grid_ts: float, config: ProcessorConfig, *,
+    audio_token_len: int | None, segment_starts: torch.Tensor | None, segment_lens: torch.Tensor | None,
+    pixel_values_videos: torch.Tensor | None = None, mel: torch.Tensor | None = None,
+) -> MediaItem:
+    video_tokens = int(grid_thw.prod()) // config.merge_size**2
+    return MediaItem(
+        Modality.VIDEO, video_tokens + (int(segment_lens.sum()) if segment_lens is not None else 0),
+        pixel_values_videos=pixel_values_videos, video_grid_thw=grid_thw, video_timestamps=timestamps,
+        second_per_grid_ts=_scalar(second_per_grid_ts), mel=mel,
+        audio_token_len=_scalar(audio_token_len) if audio_token_len is not None else None,
+        segment_starts=segment_starts, segment_lens=segment_lens,
+    )
 
 
 def _scalar(value: int | float) -> torch.Tensor:

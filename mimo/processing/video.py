@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from mimo.processing.audio import (
-    DurationLimit, audio_tokens_for_mel, audio_tokens_for_seconds, decode_audio_stream, declared_seconds,
-    waveform_to_mel,
+    DurationLimit, audio_tokens_for_mel, audio_tokens_for_samples, audio_tokens_for_seconds, count_audio_samples,
+    decode_audio_stream, declared_seconds, waveform_to_mel,
 )
 from mimo.processing.config import ProcessorConfig
 from mimo.processing.container import ALLOWED_VIDEO_CODECS, check_codec, open_media, stream_seconds
@@ -27,6 +27,23 @@ class VideoSoundtrack:
     audio_token_len: int  # rows the audio encoder produces for the whole track
     segment_starts: torch.Tensor  # [grid_t] int64, first audio token of each unit
     segment_lens: torch.Tensor  # [grid_t] int64, audio tokens each unit takes
+
+
+@dataclass(frozen=True, slots=True)
+class SoundtrackLayout:
+    audio_token_len: int  # rows the audio encoder produces for the whole track
+    segment_starts: list[int]  # per unit (temporal group): its first audio token
+    segment_lens: list[int]  # per unit: the audio tokens it takes
+
+
+@dataclass(frozen=True, slots=True)
+class VideoLayout:
+    """Everything about a video's encoder rows and placeholder run, known before a frame is processed."""
+
+    video_grid_thw: tuple[int, int, int]
+    video_timestamps: list[float]  # seconds, first frame of each temporal group
+    second_per_grid_ts: float
+    soundtrack: SoundtrackLayout | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +99,7 @@ def _decode_frames(
     for ordinal, frame in enumerate(container.decode(stream)):
         if ordinal != next_index:
             continue
-        rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # [3, H, W] uint8
-        if frame.rotation:  # display matrix (phone videos): counter-clockwise degrees
-            rgb = torch.rot90(rgb, k=round(frame.rotation / 90) % 4, dims=(1, 2))
+        rgb = _displayed_rgb(frame)
         if size is None:
             size = frame_size(rgb.shape[1], rgb.shape[2], len(indices), config)
         frames.append(resize_and_normalize(rgb.unsqueeze(0), size, config))
@@ -96,6 +111,14 @@ def _decode_frames(
             f"corrupt or truncated video: {num_frames_declared} frames in the stream, frame {next_index} undecodable"
         )
     return torch.cat(frames)
+
+
+def _displayed_rgb(frame: av.VideoFrame) -> torch.Tensor:
+    """[3, H, W] uint8 as displayed: the display matrix (phone videos; counter-clockwise degrees) applied."""
+    rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
+    if frame.rotation:
+        rgb = torch.rot90(rgb, k=round(frame.rotation / 90) % 4, dims=(1, 2))
+    return rgb
 
 
 def build_audio_units(
@@ -196,13 +219,17 @@ def _decode_soundtrack(data: bytes, timestamps: list[float], config: ProcessorCo
     )
 
 
+def _second_per_grid_ts(num_sampled: int, probe: _VideoProbe, config: ProcessorConfig) -> float:
+    sample_fps = num_sampled / probe.total_frames * probe.fps
+    return config.temporal_patch_size / sample_fps
+
+
 def preprocess_video(data: bytes, config: ProcessorConfig) -> VideoInputs:
     """Encoded video -> frames patchified for the vision tower, timestamps, and the sound track if any."""
     probe = _probe_video(data, config)
     indices = sample_frame_indices(probe.total_frames, probe.fps, config)
     with open_media(data, "video") as container:
         frames = _decode_frames(container, container.streams.video[0], indices, probe.total_frames, config)
-    sample_fps = len(indices) / probe.total_frames * probe.fps
     padded, timestamps = _group_timestamps(indices, probe.fps, config)
     frames = torch.cat([frames, frames[-1:].expand(len(padded) - len(indices), -1, -1, -1)])
     pixel_values, grid_thw = patchify(frames, config)
@@ -210,6 +237,31 @@ def preprocess_video(data: bytes, config: ProcessorConfig) -> VideoInputs:
         pixel_values_videos=pixel_values,
         video_grid_thw=grid_thw,
         video_timestamps=torch.tensor(timestamps, dtype=torch.float64),
-        second_per_grid_ts=config.temporal_patch_size / sample_fps,
+        second_per_grid_ts=_second_per_grid_ts(len(indices), probe, config),
         soundtrack=_decode_soundtrack(data, timestamps, config) if probe.sound_seconds is not None else None,
     )
+
+
+def plan_video(data: bytes, config: ProcessorConfig) -> VideoLayout:
+    """What `preprocess_video` will give, exactly, without processing the clip: frames are counted by demuxing and
+    only the first is decoded (its displayed size, rotation applied, sets every frame's); the sound track is decoded
+    only to count its samples (`count_audio_samples`: no resampling, no mel)."""
+    probe = _probe_video(data, config)
+    indices = sample_frame_indices(probe.total_frames, probe.fps, config)
+    with open_media(data, "video") as container:
+        first = next(container.decode(container.streams.video[0]), None)
+        if first is None:
+            raise MediaDecodeError(f"corrupt or truncated video: {probe.total_frames} frames in the stream, "
+                                   "frame 0 undecodable")  # fmt: skip
+        _, height, width = _displayed_rgb(first).shape
+    h, w = frame_size(height, width, len(indices), config)
+    padded, timestamps = _group_timestamps(indices, probe.fps, config)
+    soundtrack = None
+    if probe.sound_seconds is not None:
+        with open_media(data, "video") as container:
+            samples, rate = count_audio_samples(container, container.streams.audio[0], DurationLimit.of(config))
+        audio_token_len = audio_tokens_for_samples(samples, rate, config)
+        starts, lens = build_audio_units(timestamps, audio_token_len, config)
+        soundtrack = SoundtrackLayout(audio_token_len, starts, lens)
+    grid = (len(padded) // config.temporal_patch_size, h // config.patch_size, w // config.patch_size)
+    return VideoLayout(grid, timestamps, _second_per_grid_ts(len(indices), probe, config), soundtrack)

@@ -1,6 +1,8 @@
-"""The Triton model graph, declared once: each model's tensors and parameters, and the steps the entry calls.
+"""The Triton model graph, declared once: each model's tensors and parameters, the steps the entry calls, the roles.
 
-`python -m builders repository` renders every config.pbtxt from this module. The entry model clients call
+`python -m builders repository` renders every config.pbtxt from this module, for one role (`ROLES`): `colocated`
+(the whole pipeline in one server), `encoder` (the media path of one item: encode_item = media_preprocessing ->
+mimo_encoder, a Triton ensemble) or `language` (the entry, mimo_llm, postprocessing). The entry model clients call
 (`ensemble`, a decoupled Python BLS model) calls its `steps` in order; the inputs of each step are derived
 (`entry_steps`): a step input reads the output of that name of the latest earlier step, else the entry's input of
 that name (or of its client name, `CLIENT_NAMES`). The media tensors from preprocessing to mimo_encoder are
@@ -11,12 +13,14 @@ entry's inputs and outputs are the client contract (README "Ensemble contract").
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from mimo.engine import engine_knobs
+from mimo.epd.item_encoding import ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE
 from mimo.processing.items import PACKED_MEDIA_TENSORS
 from mimo.serving.preprocess import MEDIA_INPUTS
 
@@ -46,6 +50,10 @@ class TensorSpec:
         return -1 in self.dims
 
 
+# the parts of a checkpoint a model's instances read (mimo.weights.checkpoint roles; the audio tokenizer's folder)
+WEIGHTS = ("language", "vision", "audio", "audio_tokenizer")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -54,7 +62,9 @@ class ModelSpec:
     outputs: tuple[TensorSpec, ...]
     parameters: Mapping[str, str]  # string parameters model.py reads -> what they are (rendered as comments)
     decoupled: bool = False
-    steps: tuple[str, ...] = ()  # a BLS model: the models it calls, in order
+    steps: tuple[str, ...] = ()  # a BLS model: the models it calls, in order; an ensemble: its steps
+    platform: str = "python"  # or "ensemble": a Triton ensemble over `steps` (no model.py, no parameters)
+    weights: tuple[str, ...] = ()  # of WEIGHTS: what its instances load (the roles' loading tests count them)
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,7 @@ MIMO_ENCODER = ModelSpec(
         _int32("prompt_vocab_size"),
     ),
     parameters={**CHECKPOINT_DIR, "dtype": "weights and prompt tables"},
+    weights=("vision", "audio", "audio_tokenizer"),
 )
 
 MIMO_LLM = ModelSpec(
@@ -163,6 +174,7 @@ MIMO_LLM = ModelSpec(
                                         "host round trip)",
     },
     decoupled=True,
+    weights=("language",),
 )
 
 POSTPROCESSING = ModelSpec(
@@ -215,20 +227,76 @@ ENTRY = ModelSpec(
     steps=("preprocessing", "mimo_encoder", "mimo_llm"),
 )
 
+_ITEM_INPUTS = (
+    TensorSpec(MEDIA_BYTES, "BYTES", (1,), comment="the raw encoded file of ONE media item (never patches or a mel)"),
+    TensorSpec(ITEM_METADATA, "BYTES", (1,), comment="the language side's plan of the item: mimo.epd.metadata JSON "
+                                                     "(version, modality, content_hash, num_tokens, grids, video "
+                                                     "timestamps and units); checked against what the bytes give"),
+    TensorSpec(OUTPUT_BYTE_SIZE, "INT64", (1,), optional=True,
+               comment="the byte size of the landing slice the output goes to: must be num_tokens x hidden x the "
+                       "dtype's size, checked before any decoding"),
+)
+
+MEDIA_PREPROCESSING = ModelSpec(
+    name="media_preprocessing",
+    comment="the encoder role's media step: one item's raw bytes + its planned metadata -> its packed encoder "
+            "inputs, after checking the bytes give exactly the plan (content hash, rows, grid, timestamps, units)",
+    inputs=_ITEM_INPUTS,
+    outputs=(*_packed(), TensorSpec(ENCODER_METADATA, "BYTES", (1,), comment="the item's metadata as the encoder "
+                                                                               "found it (equal to the plan)")),
+    parameters={**CHECKPOINT_DIR, "dtype": "mimo_encoder's: the size of a row of the output, with hidden_size"},
+)
+
+ENCODE_ITEM = ModelSpec(
+    name="encode_item",
+    comment="what the language server calls, one media item per request: media_preprocessing -> mimo_encoder. "
+            "Name a landing slice as the output region of prompt_embedding_table (system or CUDA shared memory "
+            "registered with this server) and Triton writes the rows there",
+    inputs=_ITEM_INPUTS,
+    outputs=(
+        TensorSpec("prompt_embedding_table", EMBEDDING, (-1, -1), comment="[1, num_tokens, hidden]: the item's rows"),
+        TensorSpec(ENCODER_METADATA, "BYTES", (1,)),
+    ),
+    parameters={},
+    steps=("media_preprocessing", "mimo_encoder"),
+    platform="ensemble",
+)
+
+# the language entry's parameters (contract.LANGUAGE_ENTRY; builders repository --role language flags)
+LANGUAGE_PARAMETERS = {
+    "max_model_len": "mimo_llm's max_model_len (the same value): the plan refuses what cannot fit",
+    "dtype": "the prompt-table dtype (the encoder servers' and mimo_llm's)",
+    "encoder_urls": "the encoder servers' gRPC host:port addresses, comma-separated",
+    "encoder_urls_file": "a file of more encoder server addresses (one per line or comma-separated, # comments), "
+                         "re-read when its mtime changes; empty: none",
+    "encoder_timeout_ms": "the deadline of one encode_item request; past it the item is retried on another server",
+    "encoder_attempts": "rounds of encoding a request's items (a failed item is retried on a server it has not "
+                        "failed on) before the request fails",
+    "landing_pool_bytes": "the landing pool (system shared memory registered with every encoder server)",
+}
+
+LANGUAGE_ENTRY = dataclasses.replace(
+    ENTRY, steps=("mimo_llm",), parameters={**ENTRY.parameters, **LANGUAGE_PARAMETERS},
+    comment="the serving contract (README \"Ensemble contract\") on the language server: the same inputs and "
+            "outputs as the colocated entry; it plans the prompt and has its items encoded by the encoder servers "
+            "(encode_item), then calls mimo_llm (streamed) and detokenizes in-process",
+)
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec for spec in (PREPROCESSING, MIMO_ENCODER, MIMO_LLM, POSTPROCESSING, ENTRY)
-}
+}  # the colocated graph, which the entry runs
 # step input -> the entry input it reads where the names differ (TensorRT-LLM names vs the client's)
 CLIENT_NAMES = {"request_output_len": "max_tokens", "runtime_top_k": "top_k", "runtime_top_p": "top_p",
                 "streaming": "stream"}  # fmt: skip
 
 
-def entry_steps(entry: ModelSpec = ENTRY, models: Mapping[str, ModelSpec] = MODELS) -> list[Step]:
+def entry_steps(entry: ModelSpec = ENTRY, models: Mapping[str, ModelSpec] = MODELS, *,
+                narrowing: bool = True) -> list[Step]:  # fmt: skip
     """The entry's steps with the source of each step input, derived from the declared tensors.
 
-    An entry input may be a wider integer than the step input it feeds (the entry range-checks and narrows it);
-    otherwise dtype and dims must match. Raises ContractError for a required input that nothing provides or a wire
-    whose dtype or dims differ.
+    An entry input may be a wider integer than the step input it feeds (the entry range-checks and narrows it;
+    not in a Triton ensemble: `narrowing=False`); otherwise dtype and dims must match. Raises ContractError for a
+    required input that nothing provides or a wire whose dtype or dims differ.
     """
     # tensor name -> (its spec, its source key, whether an entry input)
     available: dict[str, tuple[TensorSpec, str, bool]] = {t.name: (t, t.name, True) for t in entry.inputs}
@@ -243,12 +311,98 @@ def entry_steps(entry: ModelSpec = ENTRY, models: Mapping[str, ModelSpec] = MODE
                     raise ContractError(f"{model_name} input {tensor.name!r} is required but nothing provides it")
                 continue
             spec, key, from_client = source
-            _check_wire(spec, tensor, f"{model_name} input {tensor.name!r}", narrowing=from_client)
+            _check_wire(spec, tensor, f"{model_name} input {tensor.name!r}", narrowing=narrowing and from_client)
             input_map[tensor.name] = key
         for tensor in model.outputs:
             available[tensor.name] = (tensor, f"{model_name}.{tensor.name}", False)
         steps.append(Step(model_name, input_map))
     return steps
+
+
+@dataclass(frozen=True)
+class EnsembleStep:
+    model: str
+    input_map: dict[str, str]  # step input -> ensemble tensor
+    output_map: dict[str, str]  # step output -> ensemble tensor
+
+
+def ensemble_steps(ensemble: ModelSpec, models: Mapping[str, ModelSpec]) -> list[EnsembleStep]:
+    """A Triton ensemble's steps with their input and output maps, derived as `entry_steps` derives a BLS entry's.
+
+    A step output is mapped where a later step reads it (ensemble tensor `_<model>_<output>`) and, under the
+    ensemble output's own name, where it is the latest producer of that name. Raises ContractError for a
+    decoupled step, an ensemble output no step produces, or anything `entry_steps` refuses.
+    """
+    decoupled = [name for name in ensemble.steps if models[name].decoupled]
+    if decoupled:
+        raise ContractError(f"ensemble {ensemble.name}: step {decoupled[0]} is decoupled (not supported here)")
+    plan = entry_steps(ensemble, models, narrowing=False)
+
+    def tensor(source: str) -> str:
+        return "_" + source.replace(".", "_") if "." in source else source
+
+    steps = [EnsembleStep(step.model, {k: tensor(v) for k, v in step.input_map.items()}, {}) for step in plan]
+    consumed = {value for step in steps for value in step.input_map.values()}
+    for step in steps:
+        for output in models[step.model].outputs:
+            if tensor(f"{step.model}.{output.name}") in consumed:
+                step.output_map[output.name] = tensor(f"{step.model}.{output.name}")
+    for output in ensemble.outputs:
+        producer = next((step for step in reversed(steps) if any(o.name == output.name for o in
+                                                                  models[step.model].outputs)), None)  # fmt: skip
+        if producer is None:
+            raise ContractError(f"ensemble {ensemble.name} output {output.name!r} is produced by no step")
+        produced = next(o for o in models[producer.model].outputs if o.name == output.name)
+        _check_wire(produced, output, f"ensemble {ensemble.name} output {output.name!r}")
+        producer.output_map[output.name] = output.name
+    return steps
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """What one kind of server runs: its models (rendered by `builders repository --role`), the one its clients
+    call, and so the checkpoint parts it loads."""
+
+    name: str
+    comment: str
+    models: Mapping[str, ModelSpec]
+    entry: str
+
+    @property
+    def weights(self) -> frozenset[str]:
+        return frozenset(part for spec in self.models.values() for part in spec.weights)
+
+    def check(self) -> None:
+        """Every model a model of the role calls is in the role, and every step's wires line up (ContractError)."""
+        if self.entry not in self.models:
+            raise ContractError(f"role {self.name}: its entry {self.entry!r} is not one of its models")
+        for spec in self.models.values():
+            unknown = sorted(set(spec.weights) - set(WEIGHTS))
+            if unknown:
+                raise ContractError(f"role {self.name}: {spec.name} loads {unknown[0]!r}, not one of {list(WEIGHTS)}")
+            missing = [step for step in spec.steps if step not in self.models]
+            if missing:
+                raise ContractError(f"role {self.name}: {spec.name} calls {missing[0]}, which the role does not have")
+            if spec.platform == "ensemble":
+                ensemble_steps(spec, self.models)
+            elif spec.steps:
+                entry_steps(spec, self.models)
+
+
+def _role(name: str, comment: str, entry: str, *specs: ModelSpec) -> RoleSpec:
+    return RoleSpec(name, comment, {spec.name: spec for spec in specs}, entry)
+
+
+ROLES: dict[str, RoleSpec] = {role.name: role for role in (
+    _role("colocated", "the whole pipeline in one server (clients call ensemble)", "ensemble",
+          *MODELS.values()),
+    _role("encoder", "an encoder server: one media item's raw bytes + metadata in, its rows out (encode_item); "
+                     "loads the vision tower, audio tower and audio tokenizer only", "encode_item",
+          MEDIA_PREPROCESSING, MIMO_ENCODER, ENCODE_ITEM),
+    _role("language", "the language server clients call (ensemble, the same contract as colocated): plans the "
+                      "prompt, has the items encoded by encoder servers, generates; loads no encoder tensor",
+          "ensemble", LANGUAGE_ENTRY, MIMO_LLM, POSTPROCESSING),
+)}  # fmt: skip
 
 
 _INTEGERS = {"INT8", "INT32", "INT64", "UINT64"}

@@ -19,15 +19,20 @@ from mimo.loading import load_audio_encoder, load_audio_tokenizer, load_vision_t
 from mimo.models.multimodal_encoder import MiMoMultimodalEncoder
 from mimo.processing.items import MediaItem, Modality, unpack_items
 from mimo.processing.placeholders import check_encoder_rows
+from mimo.weights.checkpoint import HubCheckpoint
 
 logger = logging.getLogger(__name__)
 
 
-def load_multimodal_encoder(checkpoint_dir: str | Path, dtype: torch.dtype, device: torch.device) -> MiMoMultimodalEncoder:
+def load_multimodal_encoder(checkpoint: str | Path | HubCheckpoint, dtype: torch.dtype, device: torch.device, *,
+                            audio_tokenizer: HubCheckpoint | None = None) -> MiMoMultimodalEncoder:  # fmt: skip
+    """The three towers, reading only the vision and audio tensors of `checkpoint` and its audio tokenizer's folder
+    (`audio_tokenizer`: that folder opened by the caller, to count the reads)."""
+    ckpt = checkpoint if isinstance(checkpoint, HubCheckpoint) else HubCheckpoint(checkpoint)
     return MiMoMultimodalEncoder(
-        load_vision_tower(checkpoint_dir, dtype, device),
-        load_audio_encoder(checkpoint_dir, dtype, device),
-        load_audio_tokenizer(checkpoint_dir, dtype, device),
+        load_vision_tower(ckpt, dtype, device),
+        load_audio_encoder(ckpt, dtype, device),
+        load_audio_tokenizer(ckpt.path, dtype, device, ckpt=audio_tokenizer),
     ).eval()
 
 

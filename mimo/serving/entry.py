@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +104,12 @@ class Client(Protocol):
         """Ends the request with an error response."""
 
 
+# the language role's first step, run on the entry's worker (mimo.serving.language): the request's inputs ->
+# mimo_llm inputs that no declared step gives (its planned input_ids, its prompt table from the encoder servers),
+# held (the landing slice) until the mimo_llm stream ends
+Prepare = Callable[[Mapping[str, np.ndarray]], contextlib.AbstractContextManager[Mapping[str, object]]]
+
+
 class Steps(Protocol):
     """The models the entry calls (BLS in model.py). Inputs are the entry's numpy arrays or earlier step outputs,
     passed on as they came (a GPU prompt table stays where it is); a failed step raises EntryError."""
@@ -141,8 +148,9 @@ class Entry:
 
     def __init__(self, steps: Steps, detokenizer: IncrementalDetokenizer, check_period_s: float, workers: int,
                  on_in_flight: Callable[[int], None] | None = None, entry: ModelSpec = ENTRY,
-                 models: Mapping[str, ModelSpec] = MODELS):  # fmt: skip
+                 models: Mapping[str, ModelSpec] = MODELS, prepare: Prepare | None = None):  # fmt: skip
         self.steps, self.detokenizer, self.check_period_s = steps, detokenizer, check_period_s
+        self.prepare = prepare
         self.on_in_flight = on_in_flight
         self.inputs = entry.inputs
         self.plan = entry_steps(entry, models)
@@ -214,20 +222,23 @@ class Entry:
     def _serve(self, job: _InFlight) -> None:
         available: dict[str, object] = dict(job.inputs)  # entry input names, then `<model>.<output>`
         *before, llm = self.plan
-        for step in before:
-            self._check_wanted(job)
-            outputs = self.steps.infer(step.model, self._step_inputs(step, available))
-            available.update({f"{step.model}.{name}": tensor for name, tensor in outputs.items()})
-        with self._lock:  # the watcher sends stops only once this is set
-            self._check_wanted(job)
-            job.llm_started = True
-        try:
-            for response in self.steps.stream(llm.model, self._step_inputs(llm, available), job.llm_id):
-                if response:
-                    self._forward(job, response)
-        except EntryError:
-            self._check_wanted(job)  # we stopped it: say why
-            raise
+        self._check_wanted(job)
+        with self.prepare(job.inputs) if self.prepare else contextlib.nullcontext({}) as prepared:
+            for step in before:
+                self._check_wanted(job)
+                outputs = self.steps.infer(step.model, self._step_inputs(step, available))
+                available.update({f"{step.model}.{name}": tensor for name, tensor in outputs.items()})
+            with self._lock:  # the watcher sends stops only once this is set
+                self._check_wanted(job)
+                job.llm_started = True
+            try:
+                inputs = {**self._step_inputs(llm, available), **prepared}
+                for response in self.steps.stream(llm.model, inputs, job.llm_id):
+                    if response:
+                        self._forward(job, response)
+            except EntryError:
+                self._check_wanted(job)  # we stopped it: say why
+                raise
         if not job.final_sent:
             self._check_wanted(job)  # a generation we stopped ends with finish_reason "cancelled", not forwarded
             raise EntryError(f"{llm.model} ended the stream without a final response", INTERNAL)

@@ -2,6 +2,9 @@
 
 A model holding open streams asks `draining()` in its loop; once true it ends every open stream with a final
 error response carrying `SHUTTING_DOWN` (Triton code UNAVAILABLE) and refuses new requests with it.
+
+The launcher also gives the models `$MIMO_SHM_PREFIX`, the server's shared-memory prefix: a region a model creates
+under it (a landing pool, `mimo.epd.landing`) is removed with the server's own if the server dies.
 """
 
 from __future__ import annotations
@@ -12,6 +15,14 @@ SHUTTING_DOWN = "server is shutting down"
 # a gauge (label `model`) of the requests each stream-holding model has open; the launcher's drain waits for 0
 IN_FLIGHT_METRIC = "mimo_requests_in_flight"
 IN_FLIGHT_DESCRIPTION = "requests a model holds open (streams included)"  # one text: the models share the family
+
+
+SHM_PREFIX_ENV = "MIMO_SHM_PREFIX"
+
+
+def shm_prefix(default: str = "mimo_") -> str:
+    """The server's shared-memory prefix ($MIMO_SHM_PREFIX), `default` outside a launched server."""
+    return os.environ.get(SHM_PREFIX_ENV) or default
 
 
 def draining() -> bool:

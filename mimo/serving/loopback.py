@@ -56,7 +56,10 @@ def wire_array(value: np.ndarray | torch.Tensor) -> np.ndarray:
     return value.numpy()
 
 
-def infer_input(name: str, value: np.ndarray | torch.Tensor) -> grpcclient.InferInput:
+def infer_input(name: str, value: np.ndarray | torch.Tensor | grpcclient.InferInput) -> grpcclient.InferInput:
+    """The wire tensor (its bytes copied into the request now); one already made is passed on."""
+    if isinstance(value, grpcclient.InferInput):
+        return value
     array = wire_array(value)
     tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
     tensor.set_data_from_numpy(array)

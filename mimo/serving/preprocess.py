@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mimo.epd.plan import RequestPlan, plan_request
 from mimo.processing.chat import check_plain_text
 from mimo.processing.errors import ProcessingError
 from mimo.processing.items import pack_items
@@ -79,6 +80,25 @@ def preprocess_request(processor: MiMoProcessor, inputs: Mapping[str, np.ndarray
     is refused here, before any encoder work, with the engine's message; as early as that is known, before any media
     decoding where the media's headers and containers tell (`MiMoProcessor.process`).
     """
+    messages, budget = _messages_and_budget(processor, inputs, max_model_len)
+    prompt = processor.process(messages, budget=budget)
+    outputs = _llm_outputs(processor, processor.assign_prompt_table_ids(prompt).input_ids, inputs)
+    outputs.update({name: array[np.newaxis] for name, array in pack_items(prompt.items).items()})
+    return outputs
+
+
+def plan_preprocessing(processor: MiMoProcessor, inputs: Mapping[str, np.ndarray],
+                       max_model_len: int) -> tuple[dict[str, np.ndarray], RequestPlan]:  # fmt: skip
+    """The language role's `preprocess_request`: the same mimo_llm inputs (input_ids with prompt-table ids, ...)
+    without decoding any media, and the plan of the items the encoder servers are to encode (`mimo.epd.plan`);
+    refused where preprocess_request refuses."""
+    messages, budget = _messages_and_budget(processor, inputs, max_model_len)
+    plan = plan_request(processor, messages, budget)
+    return _llm_outputs(processor, plan.input_ids, inputs), plan
+
+
+def _messages_and_budget(processor: MiMoProcessor, inputs: Mapping[str, np.ndarray],
+                         max_model_len: int) -> tuple[list[dict], ContextBudget]:  # fmt: skip
     text = inputs.get("text_input")
     if text is None or text.size != 1:
         raise ProcessingError(f"text_input must hold exactly one string, got {0 if text is None else text.size}")
@@ -87,15 +107,17 @@ def preprocess_request(processor: MiMoProcessor, inputs: Mapping[str, np.ndarray
         raise ProcessingError(f"max_tokens must hold exactly one value, got {max_tokens.size}")
     budget = ContextBudget(max_model_len, int(max_tokens.reshape(-1)[0]))
     media = {name: list(inputs[name].reshape(-1)) for name in MEDIA_INPUTS if name in inputs}
-    prompt = processor.process(user_messages(text.reshape(-1)[0], media, processor.control_tokens), budget=budget)
-    table_ids = processor.assign_prompt_table_ids(prompt)
+    return user_messages(text.reshape(-1)[0], media, processor.control_tokens), budget
+
+
+def _llm_outputs(processor: MiMoProcessor, input_ids: list[int],
+                 inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:  # fmt: skip
     tokenizer = processor.tokenizer
-    outputs = {
-        "input_ids": np.array([table_ids.input_ids], dtype=np.int32),
-        "input_lengths": np.array([[len(table_ids.input_ids)]], dtype=np.int32),
+    words = list(inputs["stop_words"].reshape(-1)) if "stop_words" in inputs else []
+    return {
+        "input_ids": np.array([input_ids], dtype=np.int32),
+        "input_lengths": np.array([[len(input_ids)]], dtype=np.int32),
         "end_id": np.array([[tokenizer.eos_token_id]], dtype=np.int32),
         "pad_id": np.array([[tokenizer.pad_token_id]], dtype=np.int32),
-        "stop_words_list": stop_words_list(processor, list(inputs["stop_words"].reshape(-1)) if "stop_words" in inputs else []),
+        "stop_words_list": stop_words_list(processor, words),
     }
-    outputs.update({name: array[np.newaxis] for name, array in pack_items(prompt.items).items()})
-    return outputs

@@ -1,12 +1,18 @@
-"""What the model.py adapters share: config.pbtxt parameters, instance device, dtype, DLPack inputs, stub exit."""
+"""What the model.py adapters share: config.pbtxt parameters, instance device, dtype, DLPack inputs, per-request
+responses of the CPU processing models, stub exit. (The stub's `triton_python_backend_utils` is passed in where
+needed: mimo imports no Triton module.)"""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+import traceback
+from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
+
+from mimo.processing.errors import ProcessingError
 
 
 def model_parameter(model_config: Mapping, name: str, cast: type = str):
@@ -45,6 +51,26 @@ def torch_dtype(name: str) -> torch.dtype:
 def torch_inputs(request) -> dict[str, torch.Tensor]:
     """A Triton request's numeric input tensors via DLPack, on the device Triton placed them (no copy)."""
     return {tensor.name(): torch.from_dlpack(tensor) for tensor in request.inputs()}
+
+
+def processing_response(pb_utils, request, input_names: list[str],
+                        process: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], what: str):  # fmt: skip
+    """One request of a model that works request by request (preprocessing, media_preprocessing): `process` of its
+    inputs as the response, or its error: a ProcessingError (bad input) as INVALID_ARG with its message, anything
+    else logged and INTERNAL; either fails this request only."""
+    inputs = {}
+    for name in input_names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            inputs[name] = tensor.as_numpy()
+    try:
+        outputs = process(inputs)
+    except ProcessingError as error:
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+    except Exception as error:  # noqa: BLE001 - fail this request only; the batch and the model go on
+        pb_utils.Logger.log_error(f"{what} failed: {traceback.format_exc()}")
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{what} failed: {error}"))
+    return pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in outputs.items()])
 
 
 def exit_stub_process() -> None:

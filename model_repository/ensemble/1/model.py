@@ -1,7 +1,8 @@
 """ensemble: the entry model clients call, a decoupled BLS model over preprocessing -> mimo_encoder -> mimo_llm.
 
 A Triton ensemble does not see its client leave; a decoupled Python model does (`request.is_cancelled()`), so the
-entry is this model and the logic is `mimo.serving.entry`.
+entry is this model and the logic is `mimo.serving.entry`. On the language server (its config has the language
+parameters, contract.LANGUAGE_PARAMETERS) the media go to the encoder servers instead (`mimo.serving.language`).
 """
 
 import json
@@ -10,12 +11,16 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from mimo.serving.contract import MODELS
+from mimo.config import MiMoV2Config
+from mimo.epd.orchestrate import COUNTERS
+from mimo.processing.processor import MiMoProcessor
+from mimo.serving.contract import ENTRY, LANGUAGE_ENTRY, LANGUAGE_PARAMETERS, MODELS
 from mimo.serving.detokenize import IncrementalDetokenizer
 from mimo.serving.entry import Entry, EntryError
-from mimo.serving.lifecycle import IN_FLIGHT_DESCRIPTION, IN_FLIGHT_METRIC
+from mimo.serving.language import LanguagePrepare
+from mimo.serving.lifecycle import IN_FLIGHT_DESCRIPTION, IN_FLIGHT_METRIC, shm_prefix
 from mimo.serving.loopback import LoopbackLLM
-from mimo.serving.triton_config import exit_stub_process, model_parameter
+from mimo.serving.triton_config import exit_stub_process, model_parameter, torch_dtype
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CODES = ("INVALID_ARG", "UNAVAILABLE", "CANCELLED", "INTERNAL")  # mimo.serving.entry's codes = TritonError's names
@@ -67,12 +72,48 @@ class Steps(LoopbackLLM):
         return super().stream(model, arrays, request_id)
 
 
+class EncoderMetrics:
+    """mimo.epd.orchestrate.Metrics on the metrics port."""
+
+    def __init__(self):
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        # the families are kept: a Metric whose family was deleted refuses every operation
+        self.tokens = pb_utils.MetricFamily(name="mimo_epd_encoder_outstanding_tokens", kind=gauge,
+                                            description="prompt-table rows in flight on each encoder server")
+        self.slices_family = pb_utils.MetricFamily(name="mimo_epd_landing_slices_in_use", kind=gauge,
+                                                   description="landing-pool slices held by requests")
+        self.slices = self.slices_family.Metric(labels={})
+        self.families = {name: pb_utils.MetricFamily(name=f"mimo_epd_{name}_total", kind=counter, description=text)
+                         for name, text in COUNTERS.items()}  # fmt: skip
+        self.counters = {name: family.Metric(labels={}) for name, family in self.families.items()}
+        self._servers = {}
+
+    def outstanding_tokens(self, url, tokens):
+        if url not in self._servers:
+            self._servers[url] = self.tokens.Metric(labels={"encoder": url})
+        self._servers[url].set(tokens)
+
+    def count(self, name, value=1):
+        self.counters[name].increment(value)
+
+    def slices_in_use(self, slices):
+        self.slices.set(slices)
+
+
+def language_prepare(model_config, checkpoint):
+    parameters = {name: model_parameter(model_config, name) for name in LANGUAGE_PARAMETERS}
+    hidden = MiMoV2Config.from_pretrained(checkpoint).hidden_size
+    return LanguagePrepare.build(MiMoProcessor.from_checkpoint(checkpoint), parameters, hidden,
+                                 torch_dtype(parameters["dtype"]), shm_prefix(), EncoderMetrics())  # fmt: skip
+
+
 class TritonPythonModel:
     def initialize(self, args):
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("the entry streams: set model_transaction_policy { decoupled: true }")
-        detokenizer = IncrementalDetokenizer.from_checkpoint(model_parameter(model_config, "checkpoint_dir"))
+        checkpoint = model_parameter(model_config, "checkpoint_dir")
+        detokenizer = IncrementalDetokenizer.from_checkpoint(checkpoint)
         self.input_names = [tensor["name"] for tensor in model_config["input"]]
         # what the launcher's drain waits for (see mimo.serving.lifecycle)
         self.family = pb_utils.MetricFamily(name=IN_FLIGHT_METRIC, kind=pb_utils.MetricFamily.GAUGE,
@@ -80,7 +121,11 @@ class TritonPythonModel:
         self.gauge = self.family.Metric(labels={"model": "ensemble"})
         period_s = model_parameter(model_config, "cancellation_check_period_ms", int) / 1000
         workers = model_parameter(model_config, "workers", int)
-        self.entry = Entry(Steps(), detokenizer, period_s, workers, on_in_flight=self.gauge.set).start()
+        # the language server: its config has the language parameters (contract.LANGUAGE_ENTRY)
+        language = "encoder_urls" in model_config.get("parameters", {})
+        self.prepare = language_prepare(model_config, checkpoint) if language else None
+        self.entry = Entry(Steps(), detokenizer, period_s, workers, on_in_flight=self.gauge.set,
+                           entry=LANGUAGE_ENTRY if language else ENTRY, prepare=self.prepare).start()
         self.gauge.set(0)
 
     def execute(self, requests):
@@ -96,4 +141,6 @@ class TritonPythonModel:
 
     def finalize(self):
         self.entry.shutdown()
+        if self.prepare is not None:
+            self.prepare.close()
         exit_stub_process()  # a worker still blocked in a BLS call must not hold the stub (its threads are joined)

@@ -1,14 +1,12 @@
 """preprocessing: user text + encoded media -> prompt-table input_ids for mimo_llm and packed inputs for mimo_encoder."""
 
 import json
-import traceback
 
 import triton_python_backend_utils as pb_utils
 
-from mimo.processing.errors import ProcessingError
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.preprocess import preprocess_request
-from mimo.serving.triton_config import exit_stub_process, model_parameter
+from mimo.serving.triton_config import exit_stub_process, model_parameter, processing_response
 
 
 class TritonPythonModel:
@@ -22,19 +20,8 @@ class TritonPythonModel:
         exit_stub_process()  # see there: the stub's own teardown takes seconds, past the launcher's exit grace
 
     def execute(self, requests):
-        return [self._preprocess(request) for request in requests]
+        return [processing_response(pb_utils, request, self.input_names, self._preprocess, "preprocessing")
+                for request in requests]  # fmt: skip
 
-    def _preprocess(self, request):
-        inputs = {}
-        for name in self.input_names:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                inputs[name] = tensor.as_numpy()
-        try:
-            outputs = preprocess_request(self.processor, inputs, self.max_model_len)
-        except ProcessingError as error:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
-        except Exception as error:  # noqa: BLE001 - fail this request only; the batch and the model go on
-            pb_utils.Logger.log_error(f"preprocessing failed: {traceback.format_exc()}")
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocessing failed: {error}"))
-        return pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in outputs.items()])
+    def _preprocess(self, inputs):
+        return preprocess_request(self.processor, inputs, self.max_model_len)

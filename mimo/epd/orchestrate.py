@@ -1,0 +1,421 @@
+"""The language server's side of encoder disaggregation: one request's items encoded by the encoder servers into one
+landing slice, in prompt order, with retries, health, dedup and counters.
+
+`EncoderServers` is the list of encoder servers (gRPC URLs from the model config plus a watched file, re-read when
+its mtime changes), each with its outstanding tokens (the rows of its requests in flight), its health (a server
+that failed is down and is probed with `server ready` before it is used again; a probe that finds it ready again
+re-registers the landing region, since a restarted server has forgotten it) and its asyncio gRPC client.
+
+`Orchestrator.encode(plan)` (from any worker thread; the coroutines run on one event-loop thread it owns) reserves
+ONE landing slice for the request's whole prompt table; item i's rows are its bytes
+[first_row x row_bytes, (first_row + rows) x row_bytes) of that slice, so the table is contiguous in prompt order with
+no concatenation copy. Items with the same content hash are encoded once (within a request: the first item's rows
+are copied into the others' ranges; across requests: an item already in flight for another request is awaited and
+its rows copied here by the request that encodes it, before that request can release its slice). Each item goes to
+the server with the fewest outstanding tokens (ties: round robin), all items of a request at once. Every response
+is checked (`check_encoded_item`). A failed item (connection refused, deadline exceeded, a Triton error, wrong
+metadata or shape) is retried on a server it has not failed on; when a failed request may still be written by its
+server (no response came: deadline, cancel), the whole table moves to a fresh slice (the answered items' rows are
+copied over) and the old slice is released into quarantine (`mimo.epd.landing`). After `attempts` rounds the request
+fails with every cause named. The caller gets the slice only when every item's rows are checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+from mimo.epd.item_encoding import ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE, check_encoded_item
+from mimo.epd.landing import Lease, LandingPool
+from mimo.epd.metadata import MetadataError
+from mimo.epd.plan import PlannedItem, RequestPlan
+from mimo.processing.config import ProcessorConfig
+
+logger = logging.getLogger(__name__)
+
+ENCODE_MODEL = "encode_item"
+TABLE = "prompt_embedding_table"
+PROBE_TIMEOUT_S = 2.0
+PROBE_PERIOD_S = 1.0  # how often servers marked down are probed
+
+
+class EncodeError(RuntimeError):
+    """A request's items could not be encoded: the message names every cause."""
+
+
+class Metrics(Protocol):
+    """Where the orchestrator reports (pb_utils metric families in model.py)."""
+
+    def outstanding_tokens(self, url: str, tokens: int) -> None: ...
+
+    def count(self, name: str, value: int = 1) -> None:
+        """name: one of COUNTERS."""
+
+    def slices_in_use(self, slices: int) -> None: ...
+
+
+COUNTERS = {
+    "handoff_bytes": "bytes of prompt-table rows encoder servers wrote into the landing pool",
+    "retries": "encode_item requests retried on another encoder server",
+    "dedup_hits": "media items whose rows were copied from an identical item's encoding instead of encoded",
+}
+
+
+class NoMetrics:
+    def outstanding_tokens(self, url, tokens):
+        pass
+
+    def count(self, name, value=1):
+        pass
+
+    def slices_in_use(self, slices):
+        pass
+
+
+def parse_urls(text: str, where: str) -> list[str]:
+    """Comma- or newline-separated host:port gRPC URLs (`#` starts a comment in a file); refuses anything else."""
+    urls = []
+    for line in text.splitlines():
+        for url in line.split("#", 1)[0].split(","):
+            url = url.strip()
+            if not url:
+                continue
+            host, sep, port = url.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{where}: {url!r} is not a host:port gRPC address")
+            if url not in urls:
+                urls.append(url)
+    return urls
+
+
+@dataclass
+class EncoderServer:
+    url: str
+    client: grpcaio.InferenceServerClient
+    outstanding_tokens: int = 0
+    down: bool = False  # failed: probed (server ready) before it is used again
+    registered: bool = False  # the landing region is registered with it
+    registering: asyncio.Lock = field(default_factory=asyncio.Lock)  # one (re-)registration at a time
+
+
+class EncoderServers:
+    """The configured encoder servers (`urls`, plus those in `urls_file` when it exists, re-read on mtime change)."""
+
+    def __init__(self, urls: Sequence[str], urls_file: str | None, metrics: Metrics):
+        self.static = list(urls)
+        self.urls_file = Path(urls_file) if urls_file else None
+        self.metrics = metrics
+        self._mtime: float | None = None
+        self._file_urls: list[str] = []
+        self.servers: dict[str, EncoderServer] = {}
+        self._turn = itertools.count()
+
+    def refresh(self) -> None:
+        """Re-reads the file when its mtime changed; keeps the state of servers still listed (event-loop thread)."""
+        if self.urls_file is not None:
+            try:
+                mtime = self.urls_file.stat().st_mtime_ns
+            except FileNotFoundError:
+                mtime = None
+            if mtime != self._mtime:
+                self._mtime = mtime
+                try:
+                    text = self.urls_file.read_text() if mtime is not None else ""
+                    self._file_urls = parse_urls(text, str(self.urls_file))
+                except (OSError, ValueError) as error:  # keep the last good list, say why
+                    logger.error("encoder URL file not used: %s", error)
+        wanted = list(dict.fromkeys([*self.static, *self._file_urls]))
+        for url in list(self.servers):
+            if url not in wanted:
+                server = self.servers.pop(url)
+                asyncio.ensure_future(server.client.close())
+        for url in wanted:
+            if url not in self.servers:
+                self.servers[url] = EncoderServer(url, grpcaio.InferenceServerClient(url))
+
+    def candidates(self, exclude: set[str]) -> list[EncoderServer]:
+        """Servers not in `exclude`: those up first, each group by fewest outstanding tokens (ties: round robin)."""
+        servers = [s for s in self.servers.values() if s.url not in exclude]
+        if not servers:
+            return []
+        start = next(self._turn) % len(servers)
+        rotated = servers[start:] + servers[:start]
+        return sorted(rotated, key=lambda s: (s.down, s.outstanding_tokens))
+
+    def down(self) -> list[EncoderServer]:
+        return [s for s in self.servers.values() if s.down]
+
+    def add_tokens(self, server: EncoderServer, tokens: int) -> None:
+        server.outstanding_tokens += tokens
+        self.metrics.outstanding_tokens(server.url, server.outstanding_tokens)
+
+    async def close(self) -> None:
+        for server in self.servers.values():
+            await server.client.close()
+        self.servers.clear()
+
+
+class _ItemFailure(Exception):
+    def __init__(self, message: str, answered: bool):
+        super().__init__(message)
+        self.answered = answered  # False: the server may still write the slice (no response came)
+
+
+@dataclass
+class _Shared:
+    """An item encoding in flight that other requests with the same content hash wait for."""
+
+    done: asyncio.Future
+    destinations: list[torch.Tensor] = field(default_factory=list)  # uint8 views its rows are copied into
+
+
+class Orchestrator:
+    """Encodes requests' items on the encoder servers into `pool` (see the module docstring)."""
+
+    def __init__(self, pool: LandingPool, servers_urls: Sequence[str], urls_file: str | None, config: ProcessorConfig,
+                 hidden_size: int, row_dtype: torch.dtype, *, timeout_s: float, attempts: int = 3,
+                 reserve_timeout_s: float = 60.0, metrics: Metrics | None = None):  # fmt: skip
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
+        self.pool, self.config, self.hidden_size, self.row_dtype = pool, config, hidden_size, row_dtype
+        self.row_bytes = hidden_size * torch.empty(0, dtype=row_dtype).element_size()
+        self.timeout_s, self.attempts, self.reserve_timeout_s = timeout_s, attempts, reserve_timeout_s
+        self.metrics = metrics or NoMetrics()
+        self._urls, self._urls_file = list(servers_urls), urls_file
+        self._shared: dict[str, _Shared] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mimo-epd-loop", daemon=True)
+        self._thread.start()
+        self.servers: EncoderServers = self._call(self._make_servers())
+
+    async def _make_servers(self) -> EncoderServers:
+        servers = EncoderServers(self._urls, self._urls_file, self.metrics)
+        servers.refresh()
+        self._prober = asyncio.ensure_future(self._probe_down(servers))
+        return servers
+
+    async def _probe_down(self, servers: EncoderServers) -> None:
+        """Servers marked down are probed in the background: one found ready is used again (re-registered)."""
+        while True:
+            await asyncio.sleep(PROBE_PERIOD_S)
+            try:
+                servers.refresh()
+                await asyncio.gather(*(self._probe(server) for server in servers.down()))
+            except Exception:  # noqa: BLE001 - the prober must not die
+                logger.exception("probing encoder servers failed")
+
+    def _call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def encode(self, plan: RequestPlan) -> Lease | None:
+        """The request's prompt table in one slice ([total_rows, hidden] of row_dtype; the caller releases it), or
+        None for a request without media. Raises EncodeError."""
+        if not plan.items:
+            return None
+        return self._call(self._encode(plan))
+
+    def table(self, lease: Lease, plan: RequestPlan) -> torch.Tensor:
+        """[1, total_rows, hidden] over the slice, no copy."""
+        return lease.view(self.row_dtype, (1, plan.total_rows, self.hidden_size))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._prober.cancel)
+            self._call(self.servers.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+    def publish_slices(self) -> None:
+        self.metrics.slices_in_use(self.pool.stats().slices_in_use)
+
+    # -- the event loop's side ---------------------------------------------------------------------------------
+
+    async def _encode(self, plan: RequestPlan) -> Lease:
+        self.servers.refresh()
+        groups: dict[str, list[PlannedItem]] = {}
+        for item in plan.items:
+            groups.setdefault(item.metadata.content_hash, []).append(item)
+        hits = len(plan.items) - len(groups)
+        if hits:
+            self.metrics.count("dedup_hits", hits)
+        byte_size = plan.total_rows * self.row_bytes
+        lease = await self.pool.reserve_async(byte_size, self.reserve_timeout_s)
+        self.publish_slices()
+        done: set[str] = set()
+        failed_on: dict[str, set[str]] = {key: set() for key in groups}
+        causes: dict[str, list[str]] = {key: [] for key in groups}
+        try:
+            for attempt in range(self.attempts):
+                pending = [key for key in groups if key not in done]
+                results = await asyncio.gather(*(self._encode_item(lease, groups[key][0], failed_on[key])
+                                                  for key in pending), return_exceptions=True)  # fmt: skip
+                unanswered = False  # this round left a request unanswered: its server may still write `lease`
+                for key, result in zip(pending, results):
+                    if result is None:
+                        done.add(key)
+                    elif isinstance(result, _ItemFailure):
+                        causes[key].append(str(result))
+                        unanswered |= not result.answered
+                    else:
+                        raise result
+                if len(done) == len(groups):
+                    break
+                lease.writing = lease.writing or unanswered  # released into quarantine, whatever comes next
+                if attempt + 1 == self.attempts:
+                    raise EncodeError("; ".join(f"item {groups[key][0].metadata.modality} {key[:19]}: "
+                                                + " then ".join(causes[key]) for key in groups if key not in done))
+                self.metrics.count("retries", len(groups) - len(done))
+                if unanswered:  # a server may still write this slice: the table moves to a fresh one
+                    fresh = await self.pool.reserve_async(byte_size, self.reserve_timeout_s)
+                    for key in done:
+                        first = groups[key][0]
+                        self._rows(fresh, first).copy_(self._rows(lease, first))
+                    lease.release()
+                    lease = fresh
+                    self.publish_slices()
+            for items in groups.values():
+                for item in items[1:]:
+                    self._rows(lease, item).copy_(self._rows(lease, items[0]))
+            return lease
+        except BaseException:
+            lease.release()
+            self.publish_slices()
+            raise
+
+    def _rows(self, lease: Lease, item: PlannedItem) -> torch.Tensor:
+        start, size = item.first_row * self.row_bytes, item.metadata.num_tokens * self.row_bytes
+        return self.pool.region.view(lease.offset + start, size)
+
+    async def _encode_item(self, lease: Lease, item: PlannedItem, failed_on: set[str]) -> None:
+        """Item's rows into its range of `lease`; raises _ItemFailure (the server is added to `failed_on`)."""
+        key = item.metadata.content_hash
+        destination = self._rows(lease, item)
+        shared = self._shared.get(key)
+        if shared is not None and not shared.done.done():  # the same item in flight for another request
+            shared.destinations.append(destination)
+            try:
+                if await asyncio.shield(shared.done):
+                    self.metrics.count("dedup_hits")
+                    return
+            finally:
+                if destination in shared.destinations:
+                    shared.destinations.remove(destination)
+        shared = _Shared(asyncio.get_running_loop().create_future())
+        self._shared[key] = shared
+        ok = False
+        try:
+            await self._encode_on_a_server(lease, item, failed_on)
+            for other in shared.destinations:
+                other.copy_(destination)
+            shared.destinations.clear()
+            ok = True
+        finally:
+            shared.done.set_result(ok)
+            if self._shared.get(key) is shared:
+                del self._shared[key]
+
+    async def _encode_on_a_server(self, lease: Lease, item: PlannedItem, failed_on: set[str]) -> None:
+        server = await self._choose(failed_on)
+        if server is None:
+            tried = ", ".join(sorted(failed_on)) or "none"
+            raise _ItemFailure(f"no encoder server left to try (configured: {', '.join(self.servers.servers) or 'none'};"
+                               f" failed: {tried})", answered=True)  # fmt: skip
+        rows = item.metadata.num_tokens
+        offset = lease.offset + item.first_row * self.row_bytes
+        byte_size = rows * self.row_bytes
+        inputs = encode_inputs(grpcaio, item.data, item.metadata.to_json(), byte_size)
+        table = grpcaio.InferRequestedOutput(TABLE)
+        table.set_shared_memory(self.pool.region.name, byte_size, offset)
+        outputs = [table, grpcaio.InferRequestedOutput(ENCODER_METADATA)]
+        self.servers.add_tokens(server, rows)
+        answered = False
+        try:
+            result = await server.client.infer(ENCODE_MODEL, inputs, outputs=outputs, client_timeout=self.timeout_s)
+            answered = True
+            check_encoded_item(item.metadata, result.as_numpy(ENCODER_METADATA), result.get_output(TABLE).shape,
+                               self.config, self.hidden_size, server.url)  # fmt: skip
+        except InferenceServerException as error:
+            status = error.status() or ""
+            # an answer from Triton (an error response) means nothing writes the slice any more
+            answered = answered or status not in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE",
+                                                  "StatusCode.CANCELLED", "")  # fmt: skip
+            # an error answer (bad metadata, a refused slice) leaves the server up; one about the region means it
+            # has forgotten the registration (it restarted): registered again before its next use
+            self._failed(server, failed_on, down=not answered)
+            if "shared memory" in error.message():
+                server.registered = False
+            raise _ItemFailure(f"{server.url}: {status or 'error'}: {error.message()}", answered) from None
+        except MetadataError as error:  # an answer this side refuses: the server is suspect
+            self._failed(server, failed_on)
+            raise _ItemFailure(str(error), answered=True) from None
+        except asyncio.CancelledError:
+            self._failed(server, failed_on)
+            raise
+        finally:
+            self.servers.add_tokens(server, -rows)
+        self.metrics.count("handoff_bytes", byte_size)
+
+    def _failed(self, server: EncoderServer, failed_on: set[str], down: bool = True) -> None:
+        """This item tries `server` no more; `down`: nobody uses it until a probe finds it ready."""
+        if down:
+            server.down, server.registered = True, False
+        failed_on.add(server.url)
+
+    async def _choose(self, exclude: set[str]) -> EncoderServer | None:
+        for server in self.servers.candidates(exclude):
+            if server.down and not await self._probe(server):
+                continue
+            if not server.registered:
+                try:
+                    async with server.registering:
+                        if not server.registered:
+                            await self._register(server)
+                except InferenceServerException as error:
+                    logger.warning("registering the landing region with %s failed: %s", server.url, error)
+                    server.down = True
+                    continue
+            return server
+        return None
+
+    async def _probe(self, server: EncoderServer) -> bool:
+        try:
+            ready = await server.client.is_server_ready(client_timeout=PROBE_TIMEOUT_S)
+        except InferenceServerException:
+            return False
+        if ready:
+            server.down, server.registered = False, False  # it may have restarted: register again
+        return bool(ready)
+
+    async def _register(self, server: EncoderServer) -> None:
+        region = self.pool.region
+        try:  # a region left from before (this server kept it while we thought it down)
+            await region.unregister(server.client)
+        except InferenceServerException:
+            pass
+        await region.register(server.client)
+        server.registered = True
+
+
+def encode_inputs(module, data: bytes, metadata: bytes, byte_size: int | None) -> list:
+    """encode_item's inputs for one item (`module`: tritonclient.grpc or tritonclient.grpc.aio); `byte_size`: of its
+    landing slice, None for rows sent back in the response."""
+    arrays = {MEDIA_BYTES: np.array([[data]], dtype=np.object_), ITEM_METADATA: np.array([[metadata]], dtype=np.object_)}
+    if byte_size is not None:
+        arrays[OUTPUT_BYTE_SIZE] = np.array([[byte_size]], dtype=np.int64)
+    inputs = []
+    for name, array in arrays.items():
+        tensor = module.InferInput(name, list(array.shape), "BYTES" if array.dtype == np.object_ else "INT64")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
