@@ -120,30 +120,32 @@ def _python_backend_config(args: list[str], key: str) -> str | None:
     return None
 
 
-def metrics_endpoint(args: list[str]) -> tuple[str, int] | None:
-    """(host, port) where this server's metrics can be read from here; None when `--allow-metrics` is off."""
-    allow = _flag_values(args, "--allow-metrics")
+def _local_endpoint(args: list[str], service: str, default_port: int) -> tuple[str, int] | None:
+    """(host, port) where this server's `service` (metrics, grpc) can be reached from here; None when
+    `--allow-<service>` is off. A wildcard address is reached through loopback."""
+    allow = _flag_values(args, f"--allow-{service}")
     if allow and allow[-1].lower() in ("false", "off", "0"):
         return None
-    address = (_flag_values(args, "--metrics-address") or ["0.0.0.0"])[-1]
-    port = (_flag_values(args, "--metrics-port") or ["8002"])[-1]
+    address = (_flag_values(args, f"--{service}-address") or ["0.0.0.0"])[-1]
+    port = (_flag_values(args, f"--{service}-port") or [str(default_port)])[-1]
     if not port.isdigit():
-        raise ValueError(f"--metrics-port must be a port number, got {port!r}")
+        raise ValueError(f"--{service}-port must be a port number, got {port!r}")
     return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address), int(port)
 
 
+def metrics_endpoint(args: list[str]) -> tuple[str, int] | None:
+    """(host, port) of this server's metrics; None when `--allow-metrics` is off."""
+    return _local_endpoint(args, "metrics", 8002)
+
+
 def grpc_endpoint(args: list[str]) -> str | None:
-    """host:port where this server's gRPC service can be reached from here (the entry model streams mimo_llm
-    through it, mimo.serving.loopback); None when `--allow-grpc` is off."""
-    allow = _flag_values(args, "--allow-grpc")
-    if allow and allow[-1].lower() in ("false", "off", "0"):
+    """host:port of this server's gRPC service (the entry model streams mimo_llm through it, mimo.serving.loopback);
+    None when `--allow-grpc` is off."""
+    endpoint = _local_endpoint(args, "grpc", 8001)
+    if endpoint is None:
         return None
-    address = (_flag_values(args, "--grpc-address") or ["0.0.0.0"])[-1]
-    port = (_flag_values(args, "--grpc-port") or ["8001"])[-1]
-    if not port.isdigit():
-        raise ValueError(f"--grpc-port must be a port number, got {port!r}")
-    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(address, address)
-    return f"{host}:{port}"
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def in_flight(endpoint: tuple[str, int]) -> int | None:
