@@ -59,14 +59,15 @@ class Metrics(Protocol):
 
     def outstanding_tokens(self, url: str, tokens: int) -> None: ...
 
-    def count(self, name: str, value: int = 1) -> None:
+    def count(self, name: str, value: int = 1, labels: dict[str, str] | None = None) -> None:
         """name: one of COUNTERS."""
 
     def slices_in_use(self, slices: int) -> None: ...
 
 
 COUNTERS = {
-    "handoff_bytes": "bytes of prompt-table rows encoder servers wrote into the landing pool",
+    "handoff_bytes": "bytes of prompt-table rows encoder servers wrote into the landing pool, by the pool's memory "
+                     "(cuda: the LM GPU's, written device to device through CUDA IPC; system: host shared memory)",
     "retries": "encode_item requests retried on another encoder server",
     "dedup_hits": "media items whose rows were copied from an identical item's encoding instead of encoded",
 }
@@ -76,7 +77,7 @@ class NoMetrics:
     def outstanding_tokens(self, url, tokens):
         pass
 
-    def count(self, name, value=1):
+    def count(self, name, value=1, labels=None):
         pass
 
     def slices_in_use(self, slices):
@@ -192,6 +193,7 @@ class Orchestrator:
         self.row_bytes = hidden_size * torch.empty(0, dtype=row_dtype).element_size()
         self.timeout_s, self.attempts, self.reserve_timeout_s = timeout_s, attempts, reserve_timeout_s
         self.metrics = metrics or NoMetrics()
+        pool.on_release = self.publish_slices
         self._urls, self._urls_file = list(servers_urls), urls_file
         self._shared: dict[str, _Shared] = {}
         self._loop = asyncio.new_event_loop()
@@ -283,14 +285,12 @@ class Orchestrator:
                         self._rows(fresh, first).copy_(self._rows(lease, first))
                     lease.release()
                     lease = fresh
-                    self.publish_slices()
             for items in groups.values():
                 for item in items[1:]:
                     self._rows(lease, item).copy_(self._rows(lease, items[0]))
             return lease
         except BaseException:
             lease.release()
-            self.publish_slices()
             raise
 
     def _rows(self, lease: Lease, item: PlannedItem) -> torch.Tensor:
@@ -364,7 +364,7 @@ class Orchestrator:
             raise
         finally:
             self.servers.add_tokens(server, -rows)
-        self.metrics.count("handoff_bytes", byte_size)
+        self.metrics.count("handoff_bytes", byte_size, {"memory": self.pool.region.kind})
 
     def _failed(self, server: EncoderServer, failed_on: set[str], down: bool = True) -> None:
         """This item tries `server` no more; `down`: nobody uses it until a probe finds it ready."""

@@ -1,9 +1,11 @@
 """The language role's entry step (`mimo.serving.entry.Prepare`): plan the request here, have its items encoded by
 the encoder servers into one landing slice (`mimo.epd.orchestrate`), hand mimo_llm the planned ids and that table.
 
-The table reaches mimo_llm over the entry's loopback gRPC stream as bytes read from the slice once, into the request
-(no concatenation copy: the items landed side by side in prompt order); the slice is released as soon as the request
-holds them, before mimo_llm generates (on an error before that too).
+The landing region lives where mimo_llm reads its table (`landing_device`: system shared memory on a CPU
+deployment, the LM GPU's memory on a GPU one) and is registered with this server too, so the table goes to mimo_llm
+by reference (`mimo.serving.loopback.SlicedInput`): on a GPU, encoder server -> landing slice -> mimo_llm's input is
+device to device all the way. The slice is released once mimo_llm answered (it has taken its input by then), before
+it generates; on an error before that too.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from mimo.epd.landing import LandingError, LandingPool, SystemShmRegion
+from mimo.epd.landing import LandingError, LandingPool
 from mimo.epd.orchestrate import EncodeError, Metrics, Orchestrator, parse_urls
 from mimo.processing.errors import ProcessingError
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.entry import INVALID_ARG, UNAVAILABLE, EntryError
-from mimo.serving.loopback import infer_input
+from mimo.serving.loopback import SlicedInput
 from mimo.serving.preprocess import plan_preprocessing
 
 
@@ -30,13 +32,12 @@ class LanguagePrepare:
 
     @classmethod
     def build(cls, processor: MiMoProcessor, parameters: Mapping[str, str], hidden_size: int, row_dtype,
-              shm_prefix: str, metrics: Metrics | None = None) -> LanguagePrepare:  # fmt: skip
-        """From the entry's parameters (contract.LANGUAGE_PARAMETERS, as strings)."""
+              pool: LandingPool, metrics: Metrics | None = None) -> LanguagePrepare:  # fmt: skip
+        """From the entry's parameters (contract.LANGUAGE_PARAMETERS, as strings) and its landing pool."""
         urls = parse_urls(parameters["encoder_urls"], "parameter encoder_urls")
         urls_file = parameters["encoder_urls_file"] or None
         if not urls and not urls_file:
             raise ValueError("the language entry needs encoder servers: set encoder_urls or encoder_urls_file")
-        pool = LandingPool(SystemShmRegion(int(parameters["landing_pool_bytes"]), key_prefix=shm_prefix))
         orchestrator = Orchestrator(pool, urls, urls_file, processor.config, hidden_size, row_dtype,
                                     timeout_s=int(parameters["encoder_timeout_ms"]) / 1000,
                                     attempts=int(parameters["encoder_attempts"]), metrics=metrics)  # fmt: skip
@@ -52,14 +53,14 @@ class LanguagePrepare:
             lease = self.orchestrator.encode(plan)
         except (EncodeError, LandingError) as error:
             raise EntryError(f"encoding the request's media failed: {error}", UNAVAILABLE) from None
-        if lease is not None:
-            with lease:  # the rows are copied into mimo_llm's request here: the slice is free before it generates
-                table = infer_input("prompt_embedding_table", self.orchestrator.table(lease, plan))
-            self.orchestrator.publish_slices()
-            llm_inputs["prompt_embedding_table"] = table
+        if lease is None:
+            yield llm_inputs
+            return
+        with lease:  # LoopbackLLM releases it at mimo_llm's first response; here at the latest
+            llm_inputs["prompt_embedding_table"] = SlicedInput(lease, self.orchestrator.row_dtype,
+                                                               (1, plan.total_rows, self.orchestrator.hidden_size))
             llm_inputs["prompt_vocab_size"] = np.array([[plan.total_rows]], dtype=np.int32)
-        yield llm_inputs
+            yield llm_inputs
 
     def close(self) -> None:
-        self.orchestrator.close()
-        self.orchestrator.pool.close()
+        self.orchestrator.close()  # the pool is the entry's
