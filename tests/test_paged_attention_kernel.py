@@ -1,0 +1,174 @@
+"""The Triton paged-attention kernel equals the reference path (gather + `attention_with_sinks`) of `PagedAttention`.
+
+Without CUDA the kernel runs under Triton's interpreter on the CPU (TRITON_INTERPRET=1, set before triton is
+imported), so shapes stay small; on a GPU machine the same cases run compiled on the device. Every case draws fresh
+random pools (all slots filled, so a wrong slot reads a wrong value), scattered block tables, and a step of several
+sequences of different lengths, then attends the step's new tokens with both paths over the same cache.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run in numpy on the CPU
+triton = pytest.importorskip("triton", reason="the Triton kernel needs the triton package (scripts/setup.sh installs it)")
+
+from mimo.engine.attention_kernel import paged_attention  # noqa: E402
+from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind  # noqa: E402
+from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata, use_attention_kernel  # noqa: E402
+from mimo.models.attention import attention_with_sinks  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BLOCK_SIZE = 4
+
+
+def make_step(generator: torch.Generator, spec: KVLayerSpec, starts: list[int], counts: list[int],
+              window: int | None, num_blocks: int, dtype: torch.dtype):
+    """A KV cache of one layer with random contents, scattered tables for the sequences, and both metadatas."""
+    kv_cache = KVCache([spec], {spec.kind: num_blocks}, BLOCK_SIZE, dtype, DEVICE)
+    kv_cache.k[0].copy_(torch.randn(kv_cache.k[0].shape, generator=generator))
+    kv_cache.v[0].copy_(torch.randn(kv_cache.v[0].shape, generator=generator))
+    if spec.kind is LayerKind.FULL:
+        lengths = [math.ceil((s + n) / BLOCK_SIZE) for s, n in zip(starts, counts)]
+    else:  # one ring of window + chunk per sequence, as the block manager sizes it
+        ring = math.ceil((window + max(counts)) / BLOCK_SIZE)
+        lengths = [min(ring, math.ceil((s + n) / BLOCK_SIZE)) for s, n in zip(starts, counts)]
+    physical = torch.randperm(num_blocks, generator=generator)
+    assert sum(lengths) <= num_blocks
+    width = max(lengths) + 2  # stale columns past each table's length must not be read
+    table = torch.randint(0, num_blocks, (len(starts), width), generator=generator)
+    offset = 0
+    for i, n in enumerate(lengths):
+        table[i, :n] = physical[offset:offset + n]
+        offset += n
+    tables = {spec.kind: (table.to(DEVICE), torch.tensor(lengths).to(DEVICE))}
+    return kv_cache, [PagedAttentionMetadata.build(starts, counts, tables, BLOCK_SIZE, window, DEVICE, use_kernel)
+                      for use_kernel in (False, True)]
+
+
+def compare(spec: KVLayerSpec, num_q_heads: int, starts: list[int], counts: list[int], *, window: int | None,
+            with_sinks: bool, dtype: torch.dtype = torch.float32, num_splits: int | None = None, seed: int = 0,
+            num_blocks: int = 64):
+    generator = torch.Generator().manual_seed(seed)
+    kv_cache, (reference, kernel) = make_step(generator, spec, starts, counts, window, num_blocks, dtype)
+    num_tokens = sum(counts)
+    q = torch.randn(num_tokens, num_q_heads, spec.head_dim, generator=generator).to(DEVICE, dtype)
+    k = torch.randn(num_tokens, spec.num_kv_heads, spec.head_dim, generator=generator).to(DEVICE, dtype)
+    v = torch.randn(num_tokens, spec.num_kv_heads, spec.v_head_dim, generator=generator).to(DEVICE, dtype)
+    sinks = torch.randn(num_q_heads, generator=generator).to(DEVICE) if with_sinks else None
+    scale = spec.head_dim**-0.5
+    expected = PagedAttention(kv_cache, reference).attend(0, q, k, v, sliding_window=window, sinks=sinks, scale=scale)
+    pool = kernel.pools[spec.kind]
+    out = paged_attention(
+        q, kv_cache.k[0], kv_cache.v[0], block_table=pool.block_table, table_lens=pool.table_lens,
+        cu_q=kernel.cu_query, seq_ends=kernel.seq_ends, query_counts=counts, key_counts=pool.key_counts,
+        scale=scale, sliding_window=window, sinks=sinks, num_splits=num_splits,
+    )  # fmt: skip
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    tolerance = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(out, expected, **tolerance)
+    return out
+
+
+# (starts, counts): decodes of different lengths; decode + speculative verify + prefill chunks; one prefill from 0
+STEPS = {
+    "decode": ([37, 5, 18], [1, 1, 1]),
+    "mixed": ([33, 0, 11, 50], [4, 9, 1, 6]),
+    "prefill": ([0], [23]),
+}
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("kind", [LayerKind.FULL, LayerKind.SLIDING])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_kernel_matches_reference_full_and_sliding(step, kind, with_sinks):
+    starts, counts = STEPS[step]
+    compare(KVLayerSpec(kind, 2, 48, 32), 8, starts, counts, window=7 if kind is LayerKind.SLIDING else None,
+            with_sinks=with_sinks)
+
+
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(4, 4), (6, 2), (16, 1), (32, 2), (40, 1)])
+def test_gqa_ratios(num_q_heads, num_kv_heads):
+    """Groups of 1, 3, 16, 16 and 40 query heads per kv head (40: a tile holds one token, 64 rows)."""
+    starts, counts = STEPS["mixed"]
+    for kind, window in ((LayerKind.FULL, None), (LayerKind.SLIDING, 6)):
+        compare(KVLayerSpec(kind, num_kv_heads, 32, 16), num_q_heads, starts, counts, window=window,
+                with_sinks=True, seed=num_q_heads)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_split_keys_combine_through_the_log_sum_exp(num_splits):
+    """Flash decoding: shares of the key blocks (some empty for the shortest sequences) merged with the sink."""
+    starts, counts = [61, 3, 29], [1, 2, 4]
+    for kind, window in ((LayerKind.FULL, None), (LayerKind.SLIDING, 9)):
+        compare(KVLayerSpec(kind, 2, 48, 32), 8, starts, counts, window=window, with_sinks=True,
+                num_splits=num_splits, seed=num_splits)
+
+
+def test_sliding_ring_wraps_several_times():
+    """Positions far past the ring (8 blocks of 4 for window 13 + chunk 5 ... 19 tokens): only the window is read."""
+    compare(KVLayerSpec(LayerKind.SLIDING, 1, 32, 32), 4, [201, 90, 400], [5, 1, 3], window=13, with_sinks=True)
+
+
+@pytest.mark.parametrize(("head_dim", "v_head_dim"), [(12, 8), (40, 24), (64, 64)])
+def test_head_dims_padded_and_split(head_dim, v_head_dim):
+    """q/k dims below a dot's 16, with a padded rest (40 = 32 + 8 of 16), and equal powers of two; v padded."""
+    starts, counts = STEPS["mixed"]
+    compare(KVLayerSpec(LayerKind.FULL, 2, head_dim, v_head_dim), 4, starts, counts, window=None, with_sinks=True)
+
+
+def test_bfloat16():
+    starts, counts = STEPS["mixed"]
+    compare(KVLayerSpec(LayerKind.SLIDING, 2, 48, 32), 8, starts, counts, window=7, with_sinks=True,
+            dtype=torch.bfloat16, num_splits=2)
+
+
+def test_kernel_is_what_paged_attention_runs_when_chosen():
+    """`use_kernel` metadata routes `PagedAttention.attend` to the kernel (no gathered key slots are built)."""
+    spec = KVLayerSpec(LayerKind.SLIDING, 2, 32, 16)
+    generator = torch.Generator().manual_seed(3)
+    starts, counts = STEPS["mixed"]
+    kv_cache, (reference, kernel) = make_step(generator, spec, starts, counts, 5, 64, torch.float32)
+    assert kernel.pools[spec.kind].key_slots is None and reference.pools[spec.kind].key_slots is not None
+    q = torch.randn(sum(counts), 4, 32, generator=generator).to(DEVICE)
+    k = torch.randn(sum(counts), 2, 32, generator=generator).to(DEVICE)
+    v = torch.randn(sum(counts), 2, 16, generator=generator).to(DEVICE)
+    sinks = torch.randn(4, generator=generator).to(DEVICE)
+    outs = [PagedAttention(kv_cache, metadata).attend(0, q, k, v, sliding_window=5, sinks=sinks, scale=0.2)
+            for metadata in (reference, kernel)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-5, atol=2e-5)
+
+
+def test_against_attention_with_sinks_directly():
+    """One sequence whose cache holds exactly its history: the kernel equals `attention_with_sinks` itself."""
+    generator = torch.Generator().manual_seed(4)
+    spec = KVLayerSpec(LayerKind.FULL, 2, 48, 32)
+    history, new = 21, 3
+    kv_cache = KVCache([spec], {LayerKind.FULL: 8}, BLOCK_SIZE, torch.float32, DEVICE)
+    keys = torch.randn(history + new, 2, 48, generator=generator).to(DEVICE)
+    values = torch.randn(history + new, 2, 32, generator=generator).to(DEVICE)
+    table = torch.tensor([[5, 2, 7, 0, 3, 6, 1]], device=DEVICE)
+    slots = table[0, torch.arange(history + new, device=DEVICE) // BLOCK_SIZE] * BLOCK_SIZE + torch.arange(
+        history + new, device=DEVICE) % BLOCK_SIZE
+    kv_cache.write(0, slots, keys, values)
+    q = torch.randn(new, 8, 48, generator=generator).to(DEVICE)
+    sinks = torch.randn(8, generator=generator).to(DEVICE)
+    out = paged_attention(q, kv_cache.k[0], kv_cache.v[0], block_table=table, table_lens=torch.tensor([7], device=DEVICE),
+                          cu_q=torch.tensor([0, new], dtype=torch.int32, device=DEVICE),
+                          seq_ends=torch.tensor([history + new], dtype=torch.int32, device=DEVICE),
+                          query_counts=[new], key_counts=[history + new], scale=0.15, sliding_window=None, sinks=sinks)
+    positions = torch.arange(history + new, device=DEVICE)
+    expected = attention_with_sinks(q, keys, values, q_pos=positions[history:], k_pos=positions, scale=0.15,
+                                    sliding_window=None, sinks=sinks)
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_choice_of_kernel():
+    assert use_attention_kernel("reference", torch.device("cuda")) is False
+    assert use_attention_kernel("auto", torch.device("cpu")) is False
+    assert use_attention_kernel("auto", torch.device("cuda")) is True
+    with pytest.raises(ValueError, match="attention kernel 'flash' is not one of auto, triton, reference"):
+        use_attention_kernel("flash", DEVICE)
