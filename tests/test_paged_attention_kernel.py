@@ -16,10 +16,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run in numpy on the CPU
 triton = pytest.importorskip("triton", reason="the Triton kernel needs the triton package (scripts/setup.sh installs it)")
 
+from hf_reference import randomize_weights, tiny_hub_config  # noqa: E402
+
+from mimo.config import MiMoV2Config  # noqa: E402
+from mimo.engine import EngineConfig, LLMEngine, SamplingParams, generate  # noqa: E402
 from mimo.engine.attention_kernel import paged_attention  # noqa: E402
+from mimo.engine.speculative import ReplayDrafts  # noqa: E402
 from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind  # noqa: E402
 from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata, use_attention_kernel  # noqa: E402
 from mimo.models.attention import attention_with_sinks  # noqa: E402
+from mimo.models.language_model import MiMoV2ForCausalLM  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BLOCK_SIZE = 4
@@ -166,9 +172,45 @@ def test_against_attention_with_sinks_directly():
     torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
 
 
-def test_choice_of_kernel():
+def test_choice_of_kernel(monkeypatch):
     assert use_attention_kernel("reference", torch.device("cuda")) is False
     assert use_attention_kernel("auto", torch.device("cpu")) is False
     assert use_attention_kernel("auto", torch.device("cuda")) is True
     with pytest.raises(ValueError, match="attention kernel 'flash' is not one of auto, triton, reference"):
         use_attention_kernel("flash", DEVICE)
+    with pytest.raises(ValueError, match="EngineConfig.attention_kernel='flash' is not one of"):
+        EngineConfig(num_full_blocks=8, attention_kernel="flash")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="runs only under Triton's interpreter"):
+        use_attention_kernel("triton", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> MiMoV2ForCausalLM:
+    # full and sliding layers (4 and 8 kv heads, sinks on sliding ones), window 8 in blocks of 4, 3 MTP layers
+    model = MiMoV2ForCausalLM(MiMoV2Config.from_hf_config(tiny_hub_config(num_nextn_predict_layers=3)))
+    randomize_weights(model, seed=0)
+    return model.requires_grad_(False).eval().to(DEVICE)
+
+
+@pytest.mark.parametrize("num_speculative_tokens", [0, 2])
+def test_engine_greedy_tokens_equal_the_reference_path(tiny_model, num_speculative_tokens):
+    """The whole engine with the kernel (decodes, 6-token prefill chunks, rings wrapped, MTP verify of 1 + 2 tokens
+    and the MTP layers' own attention) emits the reference path's greedy tokens."""
+    vocab = tiny_model.config.vocab_size
+    prompts = [[(salt * 31 + 7 * i) % vocab for i in range(n)] for salt, n in enumerate([3, 13, 21])]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+
+    def run(attention_kernel: str, override=None) -> list[list[int]]:
+        config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, max_prefill_chunk=6, block_size=4,
+                              max_model_len=64, num_full_blocks=64, seed=0, attention_kernel=attention_kernel,
+                              num_speculative_tokens=num_speculative_tokens)
+        engine = LLMEngine(tiny_model, config, test_draft_override=override)
+        assert engine.runner.use_attention_kernel is (attention_kernel == "triton")
+        return generate(engine, prompts, greedy)
+
+    expected = run("reference")
+    override = None
+    if num_speculative_tokens:  # drafts that are mostly right, so verifies keep several tokens
+        override = ReplayDrafts({f"generate-{i}": p + t for i, (p, t) in enumerate(zip(prompts, expected))}, vocab, 0.7)
+    assert run("triton", override) == expected
