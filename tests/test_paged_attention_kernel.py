@@ -32,39 +32,45 @@ BLOCK_SIZE = 4
 
 
 def make_step(generator: torch.Generator, spec: KVLayerSpec, starts: list[int], counts: list[int],
-              window: int | None, num_blocks: int, dtype: torch.dtype):
+              window: int | None, num_blocks: int | None, dtype: torch.dtype, block_size: int = BLOCK_SIZE):
     """A KV cache of one layer with random contents, scattered tables for the sequences, and both metadatas."""
-    kv_cache = KVCache([spec], {spec.kind: num_blocks}, BLOCK_SIZE, dtype, DEVICE)
-    kv_cache.k[0].copy_(torch.randn(kv_cache.k[0].shape, generator=generator))
-    kv_cache.v[0].copy_(torch.randn(kv_cache.v[0].shape, generator=generator))
     if spec.kind is LayerKind.FULL:
-        lengths = [math.ceil((s + n) / BLOCK_SIZE) for s, n in zip(starts, counts)]
+        lengths = [math.ceil((s + n) / block_size) for s, n in zip(starts, counts)]
     else:  # one ring of window + chunk per sequence, as the block manager sizes it
-        ring = math.ceil((window + max(counts)) / BLOCK_SIZE)
-        lengths = [min(ring, math.ceil((s + n) / BLOCK_SIZE)) for s, n in zip(starts, counts)]
-    physical = torch.randperm(num_blocks, generator=generator)
+        ring = math.ceil((window + max(counts)) / block_size)
+        lengths = [min(ring, math.ceil((s + n) / block_size)) for s, n in zip(starts, counts)]
+    num_blocks = num_blocks or sum(lengths) + 8
     assert sum(lengths) <= num_blocks
+    kv_cache = KVCache([spec], {spec.kind: num_blocks}, block_size, dtype, DEVICE)
+    for pool in (kv_cache.k[0], kv_cache.v[0]):
+        pool.copy_(torch.randn(pool.shape, generator=generator, device=DEVICE))
+    physical = torch.randperm(num_blocks, generator=generator, device=DEVICE)
     width = max(lengths) + 2  # stale columns past each table's length must not be read
-    table = torch.randint(0, num_blocks, (len(starts), width), generator=generator)
+    table = torch.randint(0, num_blocks, (len(starts), width), generator=generator, device=DEVICE)
     offset = 0
     for i, n in enumerate(lengths):
         table[i, :n] = physical[offset:offset + n]
         offset += n
-    tables = {spec.kind: (table.to(DEVICE), torch.tensor(lengths).to(DEVICE))}
-    return kv_cache, [PagedAttentionMetadata.build(starts, counts, tables, BLOCK_SIZE, window, DEVICE, use_kernel)
+    tables = {spec.kind: (table, torch.tensor(lengths, device=DEVICE))}
+    return kv_cache, [PagedAttentionMetadata.build(starts, counts, tables, block_size, window, DEVICE, use_kernel)
                       for use_kernel in (False, True)]
+
+
+def randn(generator: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=DEVICE).to(dtype)
 
 
 def compare(spec: KVLayerSpec, num_q_heads: int, starts: list[int], counts: list[int], *, window: int | None,
             with_sinks: bool, dtype: torch.dtype = torch.float32, num_splits: int | None = None, seed: int = 0,
-            num_blocks: int = 64):
-    generator = torch.Generator().manual_seed(seed)
-    kv_cache, (reference, kernel) = make_step(generator, spec, starts, counts, window, num_blocks, dtype)
+            num_blocks: int | None = None, block_size: int = BLOCK_SIZE):
+    """Returns the kernel's output and the reference path's."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    kv_cache, (reference, kernel) = make_step(generator, spec, starts, counts, window, num_blocks, dtype, block_size)
     num_tokens = sum(counts)
-    q = torch.randn(num_tokens, num_q_heads, spec.head_dim, generator=generator).to(DEVICE, dtype)
-    k = torch.randn(num_tokens, spec.num_kv_heads, spec.head_dim, generator=generator).to(DEVICE, dtype)
-    v = torch.randn(num_tokens, spec.num_kv_heads, spec.v_head_dim, generator=generator).to(DEVICE, dtype)
-    sinks = torch.randn(num_q_heads, generator=generator).to(DEVICE) if with_sinks else None
+    q = randn(generator, num_tokens, num_q_heads, spec.head_dim, dtype=dtype)
+    k = randn(generator, num_tokens, spec.num_kv_heads, spec.head_dim, dtype=dtype)
+    v = randn(generator, num_tokens, spec.num_kv_heads, spec.v_head_dim, dtype=dtype)
+    sinks = randn(generator, num_q_heads) if with_sinks else None
     scale = spec.head_dim**-0.5
     expected = PagedAttention(kv_cache, reference).attend(0, q, k, v, sliding_window=window, sinks=sinks, scale=scale)
     pool = kernel.pools[spec.kind]
@@ -74,9 +80,16 @@ def compare(spec: KVLayerSpec, num_q_heads: int, starts: list[int], counts: list
         scale=scale, sliding_window=window, sinks=sinks, num_splits=num_splits,
     )  # fmt: skip
     assert out.shape == expected.shape and out.dtype == expected.dtype
-    tolerance = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    torch.testing.assert_close(out, expected, **tolerance)
-    return out
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    return out, expected
+
+
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    assert torch.isfinite(out).all()
+    error = float((out.double() - expected.double()).norm() / expected.double().norm())
+    print(f"relative error {error:.2e}")  # the GPU run's log records the margins (pytest -s)
+    return error
 
 
 # (starts, counts): decodes of different lengths; decode + speculative verify + prefill chunks; one prefill from 0
@@ -128,21 +141,20 @@ def test_head_dims_padded_and_split(head_dim, v_head_dim):
 
 def test_bfloat16():
     starts, counts = STEPS["mixed"]
-    compare(KVLayerSpec(LayerKind.SLIDING, 2, 48, 32), 8, starts, counts, window=7, with_sinks=True,
-            dtype=torch.bfloat16, num_splits=2)
+    out, expected = compare(KVLayerSpec(LayerKind.SLIDING, 2, 48, 32), 8, starts, counts, window=7,
+                            with_sinks=True, dtype=torch.bfloat16, num_splits=2)
+    assert relative_error(out, expected) < 1e-2
 
 
 def test_kernel_is_what_paged_attention_runs_when_chosen():
     """`use_kernel` metadata routes `PagedAttention.attend` to the kernel (no gathered key slots are built)."""
     spec = KVLayerSpec(LayerKind.SLIDING, 2, 32, 16)
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator(device=DEVICE).manual_seed(3)
     starts, counts = STEPS["mixed"]
-    kv_cache, (reference, kernel) = make_step(generator, spec, starts, counts, 5, 64, torch.float32)
+    kv_cache, (reference, kernel) = make_step(generator, spec, starts, counts, 5, None, torch.float32)
     assert kernel.pools[spec.kind].key_slots is None and reference.pools[spec.kind].key_slots is not None
-    q = torch.randn(sum(counts), 4, 32, generator=generator).to(DEVICE)
-    k = torch.randn(sum(counts), 2, 32, generator=generator).to(DEVICE)
-    v = torch.randn(sum(counts), 2, 16, generator=generator).to(DEVICE)
-    sinks = torch.randn(4, generator=generator).to(DEVICE)
+    q, k, v = randn(generator, sum(counts), 4, 32), randn(generator, sum(counts), 2, 32), randn(generator, sum(counts), 2, 16)
+    sinks = randn(generator, 4)
     outs = [PagedAttention(kv_cache, metadata).attend(0, q, k, v, sliding_window=5, sinks=sinks, scale=0.2)
             for metadata in (reference, kernel)]
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-5, atol=2e-5)
@@ -150,18 +162,16 @@ def test_kernel_is_what_paged_attention_runs_when_chosen():
 
 def test_against_attention_with_sinks_directly():
     """One sequence whose cache holds exactly its history: the kernel equals `attention_with_sinks` itself."""
-    generator = torch.Generator().manual_seed(4)
+    generator = torch.Generator(device=DEVICE).manual_seed(4)
     spec = KVLayerSpec(LayerKind.FULL, 2, 48, 32)
     history, new = 21, 3
     kv_cache = KVCache([spec], {LayerKind.FULL: 8}, BLOCK_SIZE, torch.float32, DEVICE)
-    keys = torch.randn(history + new, 2, 48, generator=generator).to(DEVICE)
-    values = torch.randn(history + new, 2, 32, generator=generator).to(DEVICE)
+    keys, values = randn(generator, history + new, 2, 48), randn(generator, history + new, 2, 32)
     table = torch.tensor([[5, 2, 7, 0, 3, 6, 1]], device=DEVICE)
     slots = table[0, torch.arange(history + new, device=DEVICE) // BLOCK_SIZE] * BLOCK_SIZE + torch.arange(
         history + new, device=DEVICE) % BLOCK_SIZE
     kv_cache.write(0, slots, keys, values)
-    q = torch.randn(new, 8, 48, generator=generator).to(DEVICE)
-    sinks = torch.randn(8, generator=generator).to(DEVICE)
+    q, sinks = randn(generator, new, 8, 48), randn(generator, 8)
     out = paged_attention(q, kv_cache.k[0], kv_cache.v[0], block_table=table, table_lens=torch.tensor([7], device=DEVICE),
                           cu_q=torch.tensor([0, new], dtype=torch.int32, device=DEVICE),
                           seq_ends=torch.tensor([history + new], dtype=torch.int32, device=DEVICE),
@@ -214,3 +224,60 @@ def test_engine_greedy_tokens_equal_the_reference_path(tiny_model, num_speculati
     if num_speculative_tokens:  # drafts that are mostly right, so verifies keep several tokens
         override = ReplayDrafts({f"generate-{i}": p + t for i, (p, t) in enumerate(zip(prompts, expected))}, vocab, 0.7)
     assert run("triton", override) == expected
+
+
+# V2.5 widths (ref §1.2): 64 query heads; full layers 4 kv heads, sliding layers 8 with sinks and window 128;
+# q/k head dim 192, v 128; the engine's 16-token blocks
+V2_5_LAYERS = {"full": (KVLayerSpec(LayerKind.FULL, 4, 192, 128), None, False),
+               "sliding": (KVLayerSpec(LayerKind.SLIDING, 8, 192, 128), 128, True)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="V2.5-width kernel parity in bf16: needs a CUDA device")
+@pytest.mark.parametrize("layer", V2_5_LAYERS)
+@pytest.mark.parametrize("context", [512, 4096])
+@pytest.mark.parametrize("batch", [1, 8, 64])
+@pytest.mark.parametrize("query_len", [1, 4], ids=["decode", "verify_1+3"])
+def test_v2_5_widths_bf16_on_gpu(layer, context, batch, query_len):
+    """Decode (and MTP verify) steps of `batch` sequences around `context` tokens, lengths staggered, against the
+    reference path in bf16 (float32 scores there): the kernel stays within bf16 rounding of it."""
+    spec, window, with_sinks = V2_5_LAYERS[layer]
+    ends = [context - 37 * i % 200 for i in range(batch)]
+    out, expected = compare(spec, 64, [e - query_len for e in ends], [query_len] * batch, window=window,
+                            with_sinks=with_sinks, dtype=torch.bfloat16, block_size=16, seed=context + batch)
+    assert relative_error(out, expected) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="V2.5-width kernel parity in bf16: needs a CUDA device")
+@pytest.mark.parametrize("layer", V2_5_LAYERS)
+def test_v2_5_widths_prefill_chunks_on_gpu(layer):
+    """Chunked prefill at V2.5 widths: a 512-token chunk after 3,584 cached tokens, beside a fresh 300-token prompt
+    and two decodes, in one varlen step."""
+    spec, window, with_sinks = V2_5_LAYERS[layer]
+    out, expected = compare(spec, 64, [3584, 0, 700, 4000], [512, 300, 1, 1], window=window, with_sinks=with_sinks,
+                            dtype=torch.bfloat16, block_size=16, seed=1)
+    assert relative_error(out, expected) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture: needs a CUDA device")
+def test_attend_captures_in_a_cuda_graph():
+    """No host synchronisation inside `attend` (cache write + kernel, split-K and combine included): it captures in a
+    CUDA graph, and a replay on new q/k/v equals an eager call."""
+    spec, window, _ = V2_5_LAYERS["full"]
+    generator = torch.Generator(device=DEVICE).manual_seed(5)
+    starts, counts = [1000, 3000], [1, 1]
+    kv_cache, (_, metadata) = make_step(generator, spec, starts, counts, window, None, torch.bfloat16, 16)
+    backend = PagedAttention(kv_cache, metadata)
+    q, k, v = (randn(generator, 2, h, d, dtype=torch.bfloat16) for h, d in ((64, 192), (4, 192), (4, 128)))
+
+    def attend():
+        return backend.attend(0, q, k, v, sliding_window=None, sinks=None, scale=192**-0.5)
+
+    attend()  # compiles the kernels before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attend()
+    for tensor in (q, k, v):
+        tensor.copy_(randn(generator, *tensor.shape, dtype=torch.bfloat16))
+    graph.replay()
+    torch.testing.assert_close(captured, attend(), rtol=0, atol=0)

@@ -47,8 +47,8 @@ def _attention_kernel(
     split = tl.program_id(2)
 
     # sequence i owns query tiles [cu_q[i] // BLOCK_Q + i, ...): find the last start <= q_tile
-    left = 0
-    right = num_seqs
+    left: tl.int32 = 0
+    right: tl.int32 = num_seqs
     while left < right:
         mid = (left + right) // 2
         if tl.load(cu_q_ptr + mid) // BLOCK_Q + mid <= q_tile:
