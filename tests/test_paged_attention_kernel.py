@@ -6,8 +6,13 @@ random pools (all slots filled, so a wrong slot reads a wrong value), scattered 
 sequences of different lengths, then attends the step's new tokens with both paths over the same cache.
 """
 
+import json
 import math
 import os
+import re
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -20,7 +25,7 @@ from hf_reference import randomize_weights, tiny_hub_config  # noqa: E402
 
 from mimo.config import MiMoV2Config  # noqa: E402
 from mimo.engine import EngineConfig, LLMEngine, SamplingParams, generate  # noqa: E402
-from mimo.engine.attention_kernel import paged_attention  # noqa: E402
+from mimo.engine.attention_kernel import _attention_kernel, _combine_kernel, kernel_config, paged_attention  # noqa: E402
 from mimo.engine.speculative import ReplayDrafts  # noqa: E402
 from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind  # noqa: E402
 from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata, use_attention_kernel  # noqa: E402
@@ -281,3 +286,72 @@ def test_attend_captures_in_a_cuda_graph():
         tensor.copy_(randn(generator, *tensor.shape, dtype=torch.bfloat16))
     graph.replay()
     torch.testing.assert_close(captured, attend(), rtol=0, atol=0)
+
+
+def compile_for_sm90(kernel, signature: dict[str, str], config: dict) -> dict[str, int]:
+    """Compiles a kernel for an H100/H200 (sm_90) on this machine with the wheel's ptxas, as the launch at V2.5 shapes
+    would (pointers and strides 16-divisible); returns the cubin's resource usage."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    options = {name: config.pop(name) for name in ("num_warps", "num_stages") if name in config}
+    signature = signature | dict.fromkeys(config, "constexpr")
+    divisible = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+                 if kind.startswith("*") or (name.startswith("stride") and name != "stride_table")}
+    source = ASTSource(JITFunction(kernel.fn), signature, config, divisible)  # .fn: the Python function, interpreted or not
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        report = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                                check=True).stdout
+    return {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL):(\d+)", report)}
+
+
+ATTENTION_SIGNATURE = {
+    **dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "out_ptr"], "*bf16"),
+    **dict.fromkeys(["part_out_ptr", "part_m_ptr", "part_l_ptr"], "*fp32"),
+    "block_table_ptr": "*i64", "table_lens_ptr": "*i64", "cu_q_ptr": "*i32", "seq_ends_ptr": "*i32",
+    "sinks_ptr": "*bf16", "num_seqs": "i32", "num_q_heads": "i32", "scale_log2": "fp32", "window": "i32",
+    **dict.fromkeys(["stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
+                     "stride_vh", "stride_ot", "stride_oh", "stride_table"], "i32"),
+}  # fmt: skip
+
+
+# (layer, query tokens per sequence, num_splits) of the launches checked: batch-1 decode split over the keys, an MTP
+# verify of 1 + 3 tokens with sinks, a prefill chunk (128-row tiles, 8 warps)
+SM90_CASES = [("full", 1, 16), ("sliding", 4, 1), ("full", 512, 1)]
+
+
+def sm90_resource_usage() -> list[dict[str, int]]:
+    """Resource usage of each SM90_CASES launch, then of the split combine (run with the interpreter off)."""
+    usages = []
+    for layer, query_len, num_splits in SM90_CASES:
+        spec, window, with_sinks = V2_5_LAYERS[layer]
+        config = kernel_config(64, spec.num_kv_heads, spec.head_dim, spec.v_head_dim, 16, query_len, block_n=64,
+                               num_splits=num_splits, sliding=window is not None, has_sinks=with_sinks,
+                               dtype=torch.bfloat16, on_gpu=True)
+        usages.append(compile_for_sm90(_attention_kernel, ATTENTION_SIGNATURE, config))
+    combine = {"out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
+               "sinks_ptr": "*bf16", "num_q_heads": "i32", "stride_ot": "i32", "stride_oh": "i32"}
+    usages.append(compile_for_sm90(_combine_kernel, combine, dict(V_HEAD_DIM=128, DV_PAD=128, NUM_SPLITS=23,
+                                                                  SPLITS_PAD=32, HAS_SINKS=True)))
+    return usages
+
+
+def test_kernel_compiles_for_h200_without_spills():
+    """The compiled GPU path, which the interpreter does not exercise, builds for sm_90 at V2.5 widths and keeps its
+    tiles in registers (no stack, no local memory). Compiled in a child process: the interpreter, once it has run
+    here, leaves triton.language patched for itself."""
+    pytest.importorskip("triton.backends.nvidia", reason="needs triton's NVIDIA backend (its ptxas)")
+    script = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_paged_attention_kernel as t; "
+              "print(json.dumps(t.sm90_resource_usage()))")
+    child = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], capture_output=True, text=True,
+                           env=os.environ | {"TRITON_INTERPRET": "0"}, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    usages = json.loads(child.stdout.strip().splitlines()[-1])
+    print(usages)
+    for usage in usages:
+        assert usage["STACK"] == 0 and usage["LOCAL"] == 0, usages

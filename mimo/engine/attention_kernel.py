@@ -203,6 +203,26 @@ def choose_num_splits(num_query_tiles: int, num_kv_heads: int, max_key_count: in
     return min(triton.cdiv(target, programs), max_splits)
 
 
+def kernel_config(num_q_heads: int, num_kv_heads: int, head_dim: int, v_head_dim: int, kv_block_size: int,
+                  max_query_count: int, *, block_n: int, num_splits: int, sliding: bool, has_sinks: bool,
+                  dtype: torch.dtype, on_gpu: bool) -> dict:
+    """The attention kernel's constexprs and launch options (num_warps, num_stages on the GPU) for one call."""
+    block_m, block_q = tile_shape(num_q_heads, num_kv_heads, max_query_count)
+    d_a = max(16, 1 << (head_dim.bit_length() - 1))
+    config = dict(
+        KV_BLOCK_SIZE=kv_block_size, GROUP=num_q_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_Q=block_q,
+        BLOCK_N=block_n, HEAD_DIM=head_dim, D_A=d_a,
+        D_B=0 if d_a >= head_dim else max(16, triton.next_power_of_2(head_dim - d_a)),
+        V_HEAD_DIM=v_head_dim, DV_PAD=max(16, triton.next_power_of_2(v_head_dim)),
+        SLIDING=sliding, HAS_SINKS=has_sinks, NUM_SPLITS=num_splits,
+        # the interpreter (CPU) multiplies bfloat16 operands wrongly (its dot reads their bits): it gets float32 ones
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", DOT_FP32=not on_gpu,
+    )  # fmt: skip
+    if on_gpu:
+        config.update(num_warps=8 if block_m >= 128 else 4, num_stages=2)
+    return config
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -244,15 +264,17 @@ def paged_attention(
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("paged_attention: the KV pools must be contiguous in their last dim")
     num_seqs = len(query_counts)
-    block_m, block_q = tile_shape(num_q_heads, num_kv_heads, max(query_counts))
+    on_gpu = q.device.type == "cuda"
     if block_n is None:
-        block_n = 64 if q.device.type == "cuda" else 16
+        block_n = 64 if on_gpu else 16
+    block_m, block_q = tile_shape(num_q_heads, num_kv_heads, max(query_counts))
     if num_splits is None:
         num_query_tiles = sum(triton.cdiv(n, block_q) for n in query_counts)
         num_splits = choose_num_splits(num_query_tiles, num_kv_heads, max(key_counts), block_n, q.device)
-    d_a = max(16, 1 << (head_dim.bit_length() - 1))
-    d_b = 0 if d_a >= head_dim else max(16, triton.next_power_of_2(head_dim - d_a))
-    dv_pad = max(16, triton.next_power_of_2(v_head_dim))
+    config = kernel_config(num_q_heads, num_kv_heads, head_dim, v_head_dim, kv_block_size, max(query_counts),
+                           block_n=block_n, num_splits=num_splits, sliding=sliding_window is not None,
+                           has_sinks=sinks is not None, dtype=q.dtype, on_gpu=on_gpu)
+    dv_pad = config["DV_PAD"]
 
     out = torch.empty(num_tokens, num_q_heads, v_head_dim, dtype=v_cache.dtype, device=q.device)
     if num_splits > 1:
@@ -263,19 +285,13 @@ def paged_attention(
         part_m = part_l = part_out = out  # not read
     sinks_arg = sinks if sinks is not None else out
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
-    on_gpu = q.device.type == "cuda"
     _attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_m, part_l,
         block_table, table_lens, cu_q, seq_ends, sinks_arg,
         num_seqs, num_q_heads, scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_table.stride(0),
-        KV_BLOCK_SIZE=kv_block_size, GROUP=num_q_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_Q=block_q,
-        BLOCK_N=block_n, HEAD_DIM=head_dim, D_A=d_a, D_B=d_b, V_HEAD_DIM=v_head_dim, DV_PAD=dv_pad,
-        SLIDING=sliding_window is not None, HAS_SINKS=sinks is not None, NUM_SPLITS=num_splits,
-        # the interpreter (CPU) multiplies bfloat16 operands wrongly (its dot reads their bits): it gets float32 ones
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT_FP32=not on_gpu,
-        **({"num_warps": 8 if block_m >= 128 else 4, "num_stages": 2} if on_gpu else {}),
+        **config,
     )  # fmt: skip
     if num_splits > 1:
         _combine_kernel[(num_tokens, num_q_heads)](
