@@ -355,3 +355,28 @@ def test_kernel_compiles_for_h200_without_spills():
     print(usages)
     for usage in usages:
         assert usage["STACK"] == 0 and usage["LOCAL"] == 0, usages
+
+
+def test_tensor_parallel_ranks_run_the_kernel(tmp_path):
+    """TP 2 with the kernel on every rank (the workers get rank 0's choice with the step's tables) generates what one
+    process generates on the reference path, MTP drafting included."""
+    from builders.convert import convert
+    from builders.tiny import build_checkpoint
+    from mimo.loading import load_language_model
+    from mimo.parallel.rank_driver import TensorParallelRanks
+
+    checkpoint = build_checkpoint(tmp_path / "ckpt", fp8=True)
+    deploy = convert(checkpoint, tmp_path / "deploy", tp=2, ep=2, progress=False)
+    reference = load_language_model(checkpoint, torch.bfloat16, "cpu", dequantize_fp8=True).float()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, reference.config.vocab_size, (n,), generator=generator).tolist() for n in (5, 23)]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    config = dict(max_num_seqs=4, max_num_batched_tokens=8, block_size=4, max_model_len=64, num_full_blocks=64)
+    expected = generate(LLMEngine(reference, EngineConfig(**config, attention_kernel="reference")), prompts, greedy)
+    ranks = TensorParallelRanks(deploy, torch.device("cpu"), torch.float32, with_mtp=True)
+    try:
+        engine = LLMEngine(ranks.model, EngineConfig(**config, attention_kernel="triton", num_speculative_tokens=2))
+        ranks.serve(engine.runner.kv_cache)
+        assert generate(engine, prompts, greedy) == expected
+    finally:
+        ranks.shutdown()
