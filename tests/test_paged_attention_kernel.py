@@ -116,7 +116,8 @@ def test_kernel_matches_reference_full_and_sliding(step, kind, with_sinks):
 
 @pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(4, 4), (6, 2), (16, 1), (32, 2), (40, 1)])
 def test_gqa_ratios(num_q_heads, num_kv_heads):
-    """Groups of 1, 3, 16, 16 and 40 query heads per kv head (40: a tile holds one token, 64 rows)."""
+    """Groups of 1, 3, 16, 16 and 40 query heads per kv head (3 and 40 leave rows of a tile unused: 40 puts 3 tokens
+    in 128 rows)."""
     starts, counts = STEPS["mixed"]
     for kind, window in ((LayerKind.FULL, None), (LayerKind.SLIDING, 6)):
         compare(KVLayerSpec(kind, num_kv_heads, 32, 16), num_q_heads, starts, counts, window=window,
