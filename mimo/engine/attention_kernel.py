@@ -16,6 +16,8 @@ a CUDA graph.
 Flash decoding: with `num_splits` > 1 each program covers one share of its tile's key blocks and stores its
 unnormalised output with its running max and sum; `_combine_kernel` then merges the shares through their
 log-sum-exp and adds the sink there. That is what fills the GPU at batch 1, where there are only Hk programs.
+The split count and tile shape come from host lists (rows and keys per sequence); the shares themselves from the
+device lengths, so a graph captured with one split count stays exact for any lengths at the same T and B.
 """
 
 from __future__ import annotations
