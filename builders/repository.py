@@ -33,6 +33,7 @@ from pathlib import Path
 
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, engine_knobs
+from mimo.epd.handoff import HANDOFF_MODES
 from mimo.epd.orchestrate import parse_urls
 from mimo.parallel.deploy import ENCODER_DIR, DeployArtifact
 from mimo.serving import contract
@@ -96,10 +97,15 @@ class RepositorySettings:
                                          "changes (the list changes without a restart)")  # fmt: skip
     encoder_timeout_ms: int = setting(30000, "--role language: the deadline of one encode_item request")
     encoder_attempts: int = setting(3, "--role language: rounds of encoding a request's items before it fails")
-    landing_pool_mb: int = setting(64, "--role language: the landing pool (MiB of system shared memory)")
+    landing_pool_mb: int = setting(64, "--role language: the landing pool (MiB)")
+    handoff: str = setting("shm", "--role language: how rows reach the landing pool: shm (Triton shared memory, "
+                                  "same host), nixl (the encoder server WRITEs them with NIXL, across hosts), grpc "
+                                  "(in the response, copied in; nothing to install)", choices=HANDOFF_MODES)  # fmt: skip
     engine: Mapping[str, int] = field(default_factory=dict)  # EngineConfig knobs that differ from their defaults
 
     def __post_init__(self):
+        if self.handoff not in HANDOFF_MODES:
+            raise ValueError(f"handoff must be one of {', '.join(HANDOFF_MODES)}, got {self.handoff!r}")
         if self.role not in contract.ROLES:
             raise ValueError(f"role must be one of {sorted(contract.ROLES)}, got {self.role!r}")
         if self.device not in _DEVICE_DEFAULTS:
@@ -195,6 +201,9 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
             "cancellation_check_period_ms": settings.cancellation_check_period_ms,
             "FORCE_CPU_ONLY_INPUT_TENSORS": "no" if gpu else "yes",
         }),  # fmt: skip
+        # as many as media_preprocessing: each holds its request through encode_item (BLS) and the WRITE
+        "encode_item_nixl": Deployment(None, instance_group(settings.preprocessing_instances, None),
+                                       {"transfer_timeout_ms": settings.encoder_timeout_ms}),
         # one instance: each streamed mimo_llm response reaches it as a request of its own, and two instances
         # could hand a stream's pieces back out of order
         "postprocessing": Deployment(settings.queue_delay_us, instance_group(1, None), {"checkpoint_dir": checkpoint}),
@@ -218,6 +227,8 @@ def language_parameters(settings: RepositorySettings, knobs: Mapping[str, int | 
         "encoder_timeout_ms": settings.encoder_timeout_ms,
         "encoder_attempts": settings.encoder_attempts,
         "landing_pool_bytes": settings.landing_pool_mb << 20,
+        "handoff": settings.handoff,
+        "landing_device": f"cuda:{settings.llm_gpus[0]}" if settings.device == "gpu" else "cpu",
     }
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from mimo.epd.handoff import make_handoff
 from mimo.epd.landing import LandingError, LandingPool, SystemShmRegion
 from mimo.epd.orchestrate import EncodeError, Metrics, Orchestrator, parse_urls
 from mimo.processing.errors import ProcessingError
@@ -36,10 +37,14 @@ class LanguagePrepare:
         urls_file = parameters["encoder_urls_file"] or None
         if not urls and not urls_file:
             raise ValueError("the language entry needs encoder servers: set encoder_urls or encoder_urls_file")
-        pool = LandingPool(SystemShmRegion(int(parameters["landing_pool_bytes"]), key_prefix=shm_prefix))
+        region, handoff = make_handoff(parameters["handoff"], int(parameters["landing_pool_bytes"]),
+                                       lambda size: SystemShmRegion(size, key_prefix=shm_prefix),
+                                       parameters["landing_device"])  # fmt: skip
+        pool = LandingPool(region)
         orchestrator = Orchestrator(pool, urls, urls_file, processor.config, hidden_size, row_dtype,
                                     timeout_s=int(parameters["encoder_timeout_ms"]) / 1000,
-                                    attempts=int(parameters["encoder_attempts"]), metrics=metrics)  # fmt: skip
+                                    attempts=int(parameters["encoder_attempts"]), metrics=metrics,
+                                    handoff=handoff)  # fmt: skip
         return cls(processor, int(parameters["max_model_len"]), orchestrator)
 
     @contextlib.contextmanager
@@ -62,4 +67,5 @@ class LanguagePrepare:
 
     def close(self) -> None:
         self.orchestrator.close()
+        self.orchestrator.handoff.close()
         self.orchestrator.pool.close()

@@ -73,9 +73,9 @@ class Steps(LoopbackLLM):
 
 
 class EncoderMetrics:
-    """mimo.epd.orchestrate.Metrics on the metrics port."""
+    """mimo.epd.orchestrate.Metrics on the metrics port (handoff_bytes labelled with the handoff mode)."""
 
-    def __init__(self):
+    def __init__(self, mode: str):
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         # the families are kept: a Metric whose family was deleted refuses every operation
         self.tokens = pb_utils.MetricFamily(name="mimo_epd_encoder_outstanding_tokens", kind=gauge,
@@ -85,7 +85,8 @@ class EncoderMetrics:
         self.slices = self.slices_family.Metric(labels={})
         self.families = {name: pb_utils.MetricFamily(name=f"mimo_epd_{name}_total", kind=counter, description=text)
                          for name, text in COUNTERS.items()}  # fmt: skip
-        self.counters = {name: family.Metric(labels={}) for name, family in self.families.items()}
+        self.counters = {name: family.Metric(labels={"mode": mode} if name == "handoff_bytes" else {})
+                         for name, family in self.families.items()}  # fmt: skip
         self._servers = {}
 
     def outstanding_tokens(self, url, tokens):
@@ -104,7 +105,8 @@ def language_prepare(model_config, checkpoint):
     parameters = {name: model_parameter(model_config, name) for name in LANGUAGE_PARAMETERS}
     hidden = MiMoV2Config.from_pretrained(checkpoint).hidden_size
     return LanguagePrepare.build(MiMoProcessor.from_checkpoint(checkpoint), parameters, hidden,
-                                 torch_dtype(parameters["dtype"]), shm_prefix(), EncoderMetrics())  # fmt: skip
+                                 torch_dtype(parameters["dtype"]), shm_prefix(),
+                                 EncoderMetrics(parameters["handoff"]))  # fmt: skip
 
 
 class TritonPythonModel:
