@@ -17,20 +17,21 @@ import torch
 
 from mimo.epd import handoff
 from mimo.epd.handoff import LocalRegion, make_handoff
-from mimo.epd.nixl_transfer import DRAM, Descriptor, LandingAgent, NixlUnavailable, RowWriter, TransferError
+from mimo.epd.nixl_transfer import DRAM, VRAM, Descriptor, LandingAgent, NixlUnavailable, RowWriter, TransferError
 
 REGION_BYTES = 1 << 16
 FILL = 0xAB
 REPO = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
 
 
 class Peer:
     """tests/nixl_peer.py: the landing side, in a process of its own."""
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "nixl_peer.py"), str(REGION_BYTES)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        command = [sys.executable, str(REPO / "tests" / "nixl_peer.py"), str(REGION_BYTES), device]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         info = json.loads(self._reply())
         self.name, self.metadata = info["name"], bytes.fromhex(info["metadata"])
         self.region = Descriptor.from_array(np.array(info["descriptor"], dtype=np.int64))
@@ -42,7 +43,7 @@ class Peer:
         raise AssertionError(f"the peer ended (rc {self.process.wait()})")
 
     def slice(self, offset: int, byte_size: int) -> Descriptor:
-        return Descriptor(self.region.address + offset, byte_size, 0, DRAM)
+        return Descriptor(self.region.address + offset, byte_size, self.region.device_id, self.region.memory_kind)
 
     def read(self, offset: int, byte_size: int) -> bytes:
         self.process.stdin.write(f"read {offset} {byte_size}\n")
@@ -57,9 +58,10 @@ class Peer:
 
 @pytest.fixture(scope="module")
 def ucx_tcp():
-    """UCX's TCP transport only (the peer inherits it; a UCX context reads it when an agent starts)."""
+    """UCX's TCP transport only (the peer inherits it; a UCX context reads it when an agent starts); with a GPU,
+    cuda_ipc and cuda_copy too (MIMO_TEST_UCX_TLS overrides)."""
     saved = os.environ.get("UCX_TLS")
-    os.environ["UCX_TLS"] = "tcp"
+    os.environ["UCX_TLS"] = os.environ.get("MIMO_TEST_UCX_TLS", "tcp,cuda_ipc,cuda_copy" if CUDA else "tcp")
     yield
     if saved is None:
         del os.environ["UCX_TLS"]
@@ -157,6 +159,25 @@ def test_the_agent_cache_is_bounded_and_released(peer, ucx_tcp):
 
 def test_the_landing_agent_deregisters_and_the_peer_exits_cleanly(peer):
     assert peer.close() == 0
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (CPU CI moves DRAM; the lead's GPU check runs this)")
+def test_vram_to_vram_between_two_processes(ucx_tcp, writer):
+    """A landing region in GPU memory of another process, rows in GPU memory here: VRAM descriptors, the bytes land
+    (UCX's cuda_ipc on one host)."""
+    peer = Peer("cuda:0")
+    try:
+        assert (peer.region.memory_kind, peer.region.device_id) == (VRAM, 0)
+        writer.add_remote(peer.name, peer.metadata)
+        rows = rows_of(4096, 6).to("cuda:0")
+        writer.write(rows, peer.name, peer.slice(4096, 16384), 16384)
+        assert peer.read(4096, 16384) == rows.cpu().numpy().tobytes()
+        assert peer.read(0, 4096) == bytes([FILL]) * 4096
+        assert peer.close() == 0
+    finally:
+        if peer.process.poll() is None:
+            peer.process.kill()
+            peer.process.wait()
 
 
 def test_descriptors_travel_as_four_int64_values():

@@ -106,7 +106,7 @@ class GrpcHandoff(ShmHandoff):
     mode, model, registers = "grpc", ENCODE_ITEM, False
 
     def request(self, module, data, metadata, offset, byte_size):
-        outputs = [module.InferRequestedOutput(TABLE, binary_data=True), module.InferRequestedOutput(ENCODER_METADATA)]
+        outputs = [module.InferRequestedOutput(TABLE), module.InferRequestedOutput(ENCODER_METADATA)]
         return item_inputs(module, data, metadata, byte_size), outputs
 
     def land(self, result, destination):

@@ -197,6 +197,8 @@ class RowWriter:
             if remote not in self._remote:
                 raise TransferError(f"NIXL agent {remote!r} is unknown here")
         self._reap_stuck()
+        if rows.is_cuda:  # UCX's CUDA transports work in the current device's context
+            torch.cuda.set_device(rows.device)
         registered = self.agent.register_memory([source.registration()], source.memory_type)
         handle = None
         try:

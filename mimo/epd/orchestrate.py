@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
