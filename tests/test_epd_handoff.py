@@ -148,9 +148,8 @@ def test_encode_item_nixl_refuses_a_wrong_descriptor_and_writes_the_rows_encode_
         (0, exact - 256, exact - 256, f"output_byte_size is {exact - 256}, but the item's embeddings are {exact}"),
     ):  # fmt: skip
         descriptor = agent.descriptor(offset, size).to_array()
-        with pytest.raises(InferenceServerException, match=message) as error:
+        with pytest.raises(InferenceServerException, match=message):
             client.infer(ENCODE_ITEM_NIXL, nixl_inputs(item, agent, descriptor, declared), client_timeout=TIMEOUT_S)
-        assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert bool((region.view(0, region.byte_size) == 0xAB).all()), "a refused request wrote the region"
     offset = 4096
     result = client.infer(ENCODE_ITEM_NIXL, nixl_inputs(item, agent, agent.descriptor(offset, exact).to_array(),

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,36 @@ def test_the_agent_cache_is_bounded_and_released(peer, ucx_tcp):
         writer.close()
         second.close()
     assert writer.remote_agents() == []
+
+
+def test_a_write_that_times_out_in_flight_says_so_and_is_released_once_it_ends(ucx_tcp):
+    """timeout_s=0: a 32 MiB WRITE is still in flight when it is checked. The error says the slice must stay
+    quarantined (what the orchestrator looks for: NixlHandoff.may_still_write); its rows stay registered until NIXL
+    says it ended, and the next write releases them."""
+    big = 32 << 20
+    region = LocalRegion(big + 4096)
+    landing = LandingAgent(region)
+    writer = RowWriter(timeout_s=0.0)
+    try:
+        writer.add_remote(landing.name, landing.metadata)
+        rows = torch.ones(big, dtype=torch.uint8)
+        with pytest.raises(TransferError, match="did not complete in 0.0 s") as error:
+            writer.write(rows, landing.name, landing.descriptor(0, rows.numel()), rows.numel())
+        assert error.value.in_flight and handoff.NixlHandoff.may_still_write(None, str(error.value))
+        assert writer.in_flight() == 1
+        writer.timeout_s = 30.0
+        deadline = time.monotonic() + 30
+        while True:  # the next write reaps it once it ended
+            writer.write(torch.zeros(256, dtype=torch.uint8), landing.name, landing.descriptor(big, 256), 256)
+            if writer.in_flight() == 0:
+                break
+            assert time.monotonic() < deadline, "the timed-out WRITE never ended"
+            time.sleep(0.05)
+        assert bool((region.view(0, big) == 1).all())  # it did land, in the end
+    finally:
+        writer.close()
+        landing.close()
+    assert not handoff.ShmHandoff.may_still_write(None, str(error.value))  # shm: Triton's own writes, no such case
 
 
 def test_the_landing_agent_deregisters_and_the_peer_exits_cleanly(peer):

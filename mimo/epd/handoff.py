@@ -23,7 +23,7 @@ import torch
 
 from mimo.epd.item_encoding import ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE
 from mimo.epd.metadata import MetadataError
-from mimo.epd.nixl_transfer import NixlUnavailable
+from mimo.epd.nixl_transfer import MAY_STILL_LAND, NixlUnavailable
 
 HANDOFF_MODES = ("shm", "nixl", "grpc")
 TABLE = "prompt_embedding_table"
@@ -98,6 +98,10 @@ class ShmHandoff:
         they are not there yet; returns the NIXL WRITE's seconds, None for other modes."""
         return None
 
+    def may_still_write(self, message: str) -> bool:
+        """An error answer after which the encoder server may still write the slice."""
+        return False
+
     def close(self) -> None:
         pass
 
@@ -136,6 +140,9 @@ class NixlHandoff:
                    _tensor(module, NIXL_DESCRIPTOR, descriptor)]  # fmt: skip
         outputs = [module.InferRequestedOutput(name) for name in (ENCODER_METADATA, TABLE_SHAPE, NIXL_TRANSFER_US)]
         return inputs, outputs
+
+    def may_still_write(self, message):
+        return MAY_STILL_LAND in message
 
     def rows_shape(self, result) -> list[int]:
         shape = result.as_numpy(TABLE_SHAPE)

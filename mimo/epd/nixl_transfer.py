@@ -29,6 +29,9 @@ import torch
 DRAM, VRAM = 0, 1  # Descriptor.memory_kind
 MEMORY_TYPES = {DRAM: "DRAM", VRAM: "VRAM"}
 DEFAULT_MAX_REMOTE_AGENTS = 64
+# ends the message of a WRITE that timed out in flight: the caller's sign to keep the slice quarantined (the Python
+# backend answers INTERNAL whatever error code a model gives, so the code cannot carry it)
+MAY_STILL_LAND = "(the WRITE may still land: keep the slice quarantined)"
 
 
 class NixlUnavailable(RuntimeError):
@@ -216,8 +219,8 @@ class RowWriter:
                     with self._lock:
                         self._stuck.append((handle, registered, rows))
                     handle = registered = None
-                    raise TransferError(f"the NIXL WRITE to {remote} did not complete in {self.timeout_s} s",
-                                        in_flight=True)  # fmt: skip
+                    raise TransferError(f"the NIXL WRITE to {remote} did not complete in {self.timeout_s} s "
+                                        f"{MAY_STILL_LAND}", in_flight=True)  # fmt: skip
                 time.sleep(0)  # the progress thread completes it
                 state = self.agent.check_xfer_state(handle)
             if state != "DONE":

@@ -353,6 +353,7 @@ class Orchestrator:
             # an answer from Triton (an error response) means nothing writes the slice any more
             answered = answered or status not in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE",
                                                   "StatusCode.CANCELLED", "")  # fmt: skip
+            answered = answered and not self.handoff.may_still_write(error.message())  # a NIXL WRITE timed out
             # an error answer (bad metadata, a refused slice) leaves the server up; one about the region means it
             # has forgotten the registration (it restarted): registered again before its next use
             self._failed(server, failed_on, down=not answered)

@@ -285,8 +285,8 @@ ENCODE_ITEM_NIXL = ModelSpec(
         TensorSpec(TABLE_SHAPE, "INT64", (3,), comment="the shape of the rows written: [1, num_tokens, hidden]"),
         TensorSpec(NIXL_TRANSFER_US, "INT64", (1,), comment="the WRITE's time from post to completion"),
     ),
-    parameters={"transfer_timeout_ms": "how long a WRITE may take; past it the request fails as UNAVAILABLE (the "
-                                       "language side then keeps the slice quarantined: the WRITE may still land)"},
+    parameters={"transfer_timeout_ms": "how long a WRITE may take; past it the request fails saying the WRITE may "
+                                       "still land (the language side then keeps the slice quarantined)"},
     steps=("encode_item",),
 )
 

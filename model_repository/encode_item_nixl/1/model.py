@@ -2,8 +2,8 @@
 caller's landing slice (`mimo.epd.nixl_transfer`); the response carries the metadata and the rows' shape only.
 
 The descriptor and the caller's agent are checked before anything is encoded; a WRITE that times out in flight is
-answered UNAVAILABLE (the caller then keeps the slice quarantined). An instance whose NIXL cannot start loads, logs
-why, and answers every request UNAVAILABLE naming the cause (the encoder role serves shm and grpc all the same).
+answered with an error ending in nixl_transfer.MAY_STILL_LAND (the caller then keeps the slice quarantined). An instance whose NIXL cannot start loads, logs
+why, and answers every request with an error naming the cause (the encoder role serves shm and grpc all the same).
 """
 
 import json
