@@ -95,7 +95,8 @@ class RepositorySettings:
     encoder_urls: str = setting("", "--role language: the encoder servers' gRPC host:port addresses, comma-separated")
     encoder_urls_file: str = setting("", "--role language: a file of more encoder server addresses, re-read when it "
                                          "changes (the list changes without a restart)")  # fmt: skip
-    encoder_timeout_ms: int = setting(30000, "--role language: the deadline of one encode_item request")
+    encoder_timeout_ms: int = setting(30000, "--role language: the deadline of one encode_item request; --role "
+                                              "encoder: how long a NIXL WRITE may take")  # fmt: skip
     encoder_attempts: int = setting(3, "--role language: rounds of encoding a request's items before it fails")
     landing_pool_mb: int = setting(64, "--role language: the landing pool (MiB)")
     handoff: str = setting("shm", "--role language: how rows reach the landing pool: shm (Triton shared memory, "

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
@@ -24,6 +25,7 @@ from mimo.epd.item_encoding import DTYPE_BYTES, ENCODER_METADATA
 from mimo.epd.nixl_transfer import LandingAgent
 from mimo.epd.plan import plan_request
 from mimo.processing.processor import MiMoProcessor
+from mimo.serving.triton_config import torch_dtype
 from test_epd_language import IMAGES, REQUESTS, TONE, assert_no_slice_in_use, metric, start_server, tokens
 
 TIMEOUT_S = 120
@@ -157,7 +159,8 @@ def test_encode_item_nixl_refuses_a_wrong_descriptor_and_writes_the_rows_encode_
     assert result.as_numpy(TABLE_SHAPE).tolist() == [[1, rows, hidden]]
     assert result.as_numpy(NIXL_TRANSFER_US)[0, 0] > 0
     assert result.as_numpy(ENCODER_METADATA) is not None and result.as_numpy(TABLE) is None  # no rows sent back
-    # the very bytes encode_item answers with (its rows as tritonclient decodes them)
-    assert region.view(offset, exact).numpy().tobytes() == expected.tobytes()
+    # the very rows encode_item answers with (tritonclient decodes BF16 as float32: exact, and back)
+    expected = torch.from_numpy(np.asarray(expected, dtype=np.float32)).to(torch_dtype(dtype))
+    assert region.view(offset, exact).numpy().tobytes() == expected.view(torch.uint8).numpy().tobytes()
     assert bool((region.view(0, offset) == 0xAB).all()) and bool((region.view(offset + exact, 4096) == 0xAB).all())
     client.close()
