@@ -160,7 +160,7 @@ def test_encode_item_nixl_refuses_a_wrong_descriptor_and_writes_the_rows_encode_
     assert result.as_numpy(NIXL_TRANSFER_US)[0, 0] > 0
     assert result.as_numpy(ENCODER_METADATA) is not None and result.as_numpy(TABLE) is None  # no rows sent back
     # the very rows encode_item answers with (tritonclient decodes BF16 as float32: exact, and back)
-    expected = torch.from_numpy(np.asarray(expected, dtype=np.float32)).to(torch_dtype(dtype))
+    expected = torch.from_numpy(np.array(expected, dtype=np.float32)).to(torch_dtype(dtype))
     assert region.view(offset, exact).numpy().tobytes() == expected.view(torch.uint8).numpy().tobytes()
     assert bool((region.view(0, offset) == 0xAB).all()) and bool((region.view(offset + exact, 4096) == 0xAB).all())
     client.close()
