@@ -33,6 +33,7 @@ from pathlib import Path
 
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, engine_knobs
+from mimo.epd.handoff import HANDOFF_MODES
 from mimo.epd.orchestrate import parse_urls
 from mimo.parallel.deploy import ENCODER_DIR, DeployArtifact
 from mimo.serving import contract
@@ -94,14 +95,20 @@ class RepositorySettings:
     encoder_urls: str = setting("", "--role language: the encoder servers' gRPC host:port addresses, comma-separated")
     encoder_urls_file: str = setting("", "--role language: a file of more encoder server addresses, re-read when it "
                                          "changes (the list changes without a restart)")  # fmt: skip
-    encoder_timeout_ms: int = setting(30000, "--role language: the deadline of one encode_item request")
+    encoder_timeout_ms: int = setting(30000, "--role language: the deadline of one encode_item request; --role "
+                                              "encoder: how long a NIXL WRITE may take")  # fmt: skip
     encoder_attempts: int = setting(3, "--role language: rounds of encoding a request's items before it fails")
     landing_pool_mb: int = setting(0, "the landing pool in MiB, where prompt tables reach mimo_llm by reference "
                                       "(system shared memory on cpu, mimo_llm's GPU memory on gpu); 0: 64 on cpu, "
                                       "room for 4 requests of --max-media-tokens rows on gpu")  # fmt: skip
+    handoff: str = setting("shm", "--role language: how rows reach the landing pool: shm (Triton shared memory, "
+                                  "same host), nixl (the encoder server WRITEs them with NIXL, across hosts), grpc "
+                                  "(in the response, copied in; nothing to install)", choices=HANDOFF_MODES)  # fmt: skip
     engine: Mapping[str, int] = field(default_factory=dict)  # EngineConfig knobs that differ from their defaults
 
     def __post_init__(self):
+        if self.handoff not in HANDOFF_MODES:
+            raise ValueError(f"handoff must be one of {', '.join(HANDOFF_MODES)}, got {self.handoff!r}")
         if self.role not in contract.ROLES:
             raise ValueError(f"role must be one of {sorted(contract.ROLES)}, got {self.role!r}")
         if self.device not in _DEVICE_DEFAULTS:
@@ -197,6 +204,9 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
             "cancellation_check_period_ms": settings.cancellation_check_period_ms,
             "FORCE_CPU_ONLY_INPUT_TENSORS": "no" if gpu else "yes",
         }),  # fmt: skip
+        # as many as media_preprocessing: each holds its request through encode_item (BLS) and the WRITE
+        "encode_item_nixl": Deployment(None, instance_group(settings.preprocessing_instances, None),
+                                       {"transfer_timeout_ms": settings.encoder_timeout_ms}),
         # one instance: each streamed mimo_llm response reaches it as a request of its own, and two instances
         # could hand a stream's pieces back out of order
         "postprocessing": Deployment(settings.queue_delay_us, instance_group(1, None), {"checkpoint_dir": checkpoint}),
@@ -221,6 +231,7 @@ def language_parameters(settings: RepositorySettings, knobs: Mapping[str, int | 
         "encoder_urls_file": str(Path(settings.encoder_urls_file).resolve()) if settings.encoder_urls_file else "",
         "encoder_timeout_ms": settings.encoder_timeout_ms,
         "encoder_attempts": settings.encoder_attempts,
+        "handoff": settings.handoff,
     }
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The set-up and a fast subset (image, audio and video decoding; the main job's served multimodal request) on every
-# supported Python other than the one .venv was made with, each in a temporary .venv-pyX.Y. Pythons that this machine
-# lacks are reported and left out; set MIMO_REQUIRE_PYTHONS=1 to fail on them instead.
+# The set-up and a fast subset (image, audio and video decoding; the main job's served multimodal request; NIXL
+# WRITEs between two processes) on every supported Python other than the one .venv was made with, each in a temporary
+# .venv-pyX.Y. Pythons that this machine lacks are reported and left out; set MIMO_REQUIRE_PYTHONS=1 to fail on them
+# instead.
 # Disk: PyPI's torch for these Pythons is a CUDA build (~5 GB installed). uv installs it, hardlinking from one cache on
 # the repository's file system, so the CUDA libraries are stored once; each Python's own torch/triton are dropped from
 # the cache and its venv removed once its subset has run (peak ~6 GB instead of ~5 GB per Python kept).
@@ -9,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SUPPORTED=(3.10 3.11 3.12 3.13)  # pyproject's requires-python and the classifiers say the same
 SUBSET=(tests/test_processing_image.py tests/test_processing_audio.py tests/test_processing_video.py
-        tests/test_processing_corrupt_media.py tests/test_serving_demo.py)
+        tests/test_processing_corrupt_media.py tests/test_serving_demo.py
+        tests/test_epd_nixl.py)  # nixl-cu13 has a wheel for each: its transfers run on each
 PER_PYTHON=(torch triton)  # the big cp3X-specific wheels; the py3-none CUDA libraries stay cached for the next Python
 default=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 .venv/bin/python -m pip install -q uv 2>&1 | grep -v "is ignored" || true

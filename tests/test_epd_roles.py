@@ -19,7 +19,7 @@ from mimo.weights.checkpoint import HubCheckpoint, Role
 def test_the_roles_and_their_models():
     assert {name: sorted(role.models) for name, role in ROLES.items()} == {
         "colocated": sorted(contract.MODELS),  # today's repository
-        "encoder": ["encode_item", "media_preprocessing", "mimo_encoder"],
+        "encoder": ["encode_item", "encode_item_nixl", "media_preprocessing", "mimo_encoder"],
         "language": ["ensemble", "mimo_llm", "postprocessing"],
     }
     assert {name: role.entry for name, role in ROLES.items()} == {
@@ -118,7 +118,8 @@ def test_the_role_flag(tiny_checkpoint, tmp_path, capsys):
     builders_main(["repository", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "r"), "--role",
                    "encoder"])  # fmt: skip
     assert capsys.readouterr().out.strip() == f"tritonserver --model-repository={(tmp_path / 'r').resolve()}"
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["encode_item", "media_preprocessing", "mimo_encoder"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["encode_item", "encode_item_nixl",
+                                                                  "media_preprocessing", "mimo_encoder"]
     with pytest.raises(SystemExit):
         builders_main(["repository", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--role",
                        "decoder"])  # fmt: skip

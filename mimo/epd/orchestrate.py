@@ -17,7 +17,8 @@ is checked (`check_encoded_item`). A failed item (connection refused, deadline e
 metadata or shape) is retried on a server it has not failed on; when a failed request may still be written by its
 server (no response came: deadline, cancel), the whole table moves to a fresh slice (the answered items' rows are
 copied over) and the old slice is released into quarantine (`mimo.epd.landing`). After `attempts` rounds the request
-fails with every cause named. The caller gets the slice only when every item's rows are checked.
+fails with every cause named. The caller gets the slice only when every item's rows are checked. How the rows reach
+the slice (Triton shared memory, a NIXL WRITE, or the gRPC response copied in) is the `handoff` (`mimo.epd.handoff`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from mimo.epd.item_encoding import ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE, check_encoded_item
+from mimo.epd.handoff import ShmHandoff
+from mimo.epd.handoff import item_inputs as encode_inputs  # noqa: F401 - the name tests and callers use
+from mimo.epd.item_encoding import ENCODER_METADATA, check_encoded_item
 from mimo.epd.landing import Lease, LandingPool
 from mimo.epd.metadata import MetadataError
 from mimo.epd.plan import PlannedItem, RequestPlan
@@ -44,8 +46,6 @@ from mimo.processing.config import ProcessorConfig
 
 logger = logging.getLogger(__name__)
 
-ENCODE_MODEL = "encode_item"
-TABLE = "prompt_embedding_table"
 PROBE_TIMEOUT_S = 2.0
 PROBE_PERIOD_S = 1.0  # how often servers marked down are probed
 
@@ -66,8 +66,11 @@ class Metrics(Protocol):
 
 
 COUNTERS = {
-    "handoff_bytes": "bytes of prompt-table rows encoder servers wrote into the landing pool, by the pool's memory "
-                     "(cuda: the LM GPU's, written device to device through CUDA IPC; system: host shared memory)",
+    "handoff_bytes": "bytes of prompt-table rows that reached the landing pool from encoder servers (label mode: "
+                     "shm, nixl or grpc; label memory: the pool's, cuda = the LM GPU's, written device to device, "
+                     "system = host memory)",
+    "nixl_transfers": "NIXL WRITEs of rows into the landing pool (handoff nixl)",
+    "nixl_transfer_microseconds": "time of those WRITEs from post to completion, on the encoder servers",
     "retries": "encode_item requests retried on another encoder server",
     "dedup_hits": "media items whose rows were copied from an identical item's encoding instead of encoded",
 }
@@ -186,7 +189,7 @@ class Orchestrator:
 
     def __init__(self, pool: LandingPool, servers_urls: Sequence[str], urls_file: str | None, config: ProcessorConfig,
                  hidden_size: int, row_dtype: torch.dtype, *, timeout_s: float, attempts: int = 3,
-                 reserve_timeout_s: float = 60.0, metrics: Metrics | None = None):  # fmt: skip
+                 reserve_timeout_s: float = 60.0, metrics: Metrics | None = None, handoff=None):  # fmt: skip
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         self.pool, self.config, self.hidden_size, self.row_dtype = pool, config, hidden_size, row_dtype
@@ -194,6 +197,7 @@ class Orchestrator:
         self.timeout_s, self.attempts, self.reserve_timeout_s = timeout_s, attempts, reserve_timeout_s
         self.metrics = metrics or NoMetrics()
         pool.on_release = self.publish_slices
+        self.handoff = handoff or ShmHandoff(pool.region)  # mimo.epd.handoff: how the rows reach the slice
         self._urls, self._urls_file = list(servers_urls), urls_file
         self._shared: dict[str, _Shared] = {}
         self._loop = asyncio.new_event_loop()
@@ -334,22 +338,22 @@ class Orchestrator:
         rows = item.metadata.num_tokens
         offset = lease.offset + item.first_row * self.row_bytes
         byte_size = rows * self.row_bytes
-        inputs = encode_inputs(grpcaio, item.data, item.metadata.to_json(), byte_size)
-        table = grpcaio.InferRequestedOutput(TABLE)
-        table.set_shared_memory(self.pool.region.name, byte_size, offset)
-        outputs = [table, grpcaio.InferRequestedOutput(ENCODER_METADATA)]
+        inputs, outputs = self.handoff.request(grpcaio, item.data, item.metadata.to_json(), offset, byte_size)
         self.servers.add_tokens(server, rows)
         answered = False
         try:
-            result = await server.client.infer(ENCODE_MODEL, inputs, outputs=outputs, client_timeout=self.timeout_s)
+            result = await server.client.infer(self.handoff.model, inputs, outputs=outputs,
+                                               client_timeout=self.timeout_s)  # fmt: skip
             answered = True
-            check_encoded_item(item.metadata, result.as_numpy(ENCODER_METADATA), result.get_output(TABLE).shape,
+            check_encoded_item(item.metadata, result.as_numpy(ENCODER_METADATA), self.handoff.rows_shape(result),
                                self.config, self.hidden_size, server.url)  # fmt: skip
+            transfer_s = self.handoff.land(result, self.pool.region.view(offset, byte_size))
         except InferenceServerException as error:
             status = error.status() or ""
             # an answer from Triton (an error response) means nothing writes the slice any more
             answered = answered or status not in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE",
                                                   "StatusCode.CANCELLED", "")  # fmt: skip
+            answered = answered and not self.handoff.may_still_write(error.message())  # a NIXL WRITE timed out
             # an error answer (bad metadata, a refused slice) leaves the server up; one about the region means it
             # has forgotten the registration (it restarted): registered again before its next use
             self._failed(server, failed_on, down=not answered)
@@ -364,7 +368,10 @@ class Orchestrator:
             raise
         finally:
             self.servers.add_tokens(server, -rows)
-        self.metrics.count("handoff_bytes", byte_size, {"memory": self.pool.region.kind})
+        self.metrics.count("handoff_bytes", byte_size, {"mode": self.handoff.mode, "memory": self.pool.region.kind})
+        if transfer_s is not None:
+            self.metrics.count("nixl_transfers")
+            self.metrics.count("nixl_transfer_microseconds", round(transfer_s * 1e6))
 
     def _failed(self, server: EncoderServer, failed_on: set[str], down: bool = True) -> None:
         """This item tries `server` no more; `down`: nobody uses it until a probe finds it ready."""
@@ -376,7 +383,7 @@ class Orchestrator:
         for server in self.servers.candidates(exclude):
             if server.down and not await self._probe(server):
                 continue
-            if not server.registered:
+            if self.handoff.registers and not server.registered:
                 try:
                     async with server.registering:
                         if not server.registered:
@@ -406,16 +413,3 @@ class Orchestrator:
         await region.register(server.client)
         server.registered = True
 
-
-def encode_inputs(module, data: bytes, metadata: bytes, byte_size: int | None) -> list:
-    """encode_item's inputs for one item (`module`: tritonclient.grpc or tritonclient.grpc.aio); `byte_size`: of its
-    landing slice, None for rows sent back in the response."""
-    arrays = {MEDIA_BYTES: np.array([[data]], dtype=np.object_), ITEM_METADATA: np.array([[metadata]], dtype=np.object_)}
-    if byte_size is not None:
-        arrays[OUTPUT_BYTE_SIZE] = np.array([[byte_size]], dtype=np.int64)
-    inputs = []
-    for name, array in arrays.items():
-        tensor = module.InferInput(name, list(array.shape), "BYTES" if array.dtype == np.object_ else "INT64")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs

@@ -20,13 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from mimo.engine import engine_knobs
+from mimo.epd.handoff import (ENCODE_ITEM_NIXL as ENCODE_ITEM_NIXL_NAME, HANDOFF_MODES, NIXL_AGENT,
+                               NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, NIXL_TRANSFER_US, TABLE_SHAPE)  # fmt: skip
 from mimo.epd.item_encoding import ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE
 from mimo.processing.items import PACKED_MEDIA_TENSORS
 from mimo.serving.preprocess import MEDIA_INPUTS
 
 EMBEDDING = "EMBEDDING"  # dtype placeholder: the deployment's weight / prompt-table dtype
 _NUMPY_TYPES = {
-    np.dtype(np.int8): "INT8", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
+    np.dtype(np.int8): "INT8", np.dtype(np.uint8): "UINT8", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
     np.dtype(np.uint64): "UINT64", np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
     np.dtype(np.bool_): "BOOL", np.dtype(np.object_): "BYTES",
 }
@@ -266,6 +268,32 @@ ENCODE_ITEM = ModelSpec(
     platform="ensemble",
 )
 
+ENCODE_ITEM_NIXL = ModelSpec(
+    name=ENCODE_ITEM_NIXL_NAME,
+    comment="what the language server calls with handoff nixl, one media item per request: encode_item (BLS), then "
+            "a NIXL WRITE of its rows into the caller's landing slice (mimo.epd.nixl_transfer), complete before the "
+            "response, which carries the metadata and the rows' shape only",
+    inputs=(
+        *_ITEM_INPUTS[:2],
+        dataclasses.replace(_ITEM_INPUTS[2], optional=False,
+                            comment="the byte size of the landing slice: must be num_tokens x hidden x the dtype's "
+                                    "size and nixl_descriptor's"),  # fmt: skip
+        TensorSpec(NIXL_AGENT, "BYTES", (1,), comment="the language server's NIXL agent: its name, its metadata "
+                                                      "(NIXL's binary encoding, loaded once per agent name) and the "
+                                                      "slice [address, byte size, device id, 0 DRAM / 1 VRAM]"),
+        TensorSpec(NIXL_AGENT_METADATA, "UINT8", (-1,), comment=""),
+        TensorSpec(NIXL_DESCRIPTOR, "INT64", (4,), comment=""),
+    ),
+    outputs=(
+        TensorSpec(ENCODER_METADATA, "BYTES", (1,)),
+        TensorSpec(TABLE_SHAPE, "INT64", (3,), comment="the shape of the rows written: [1, num_tokens, hidden]"),
+        TensorSpec(NIXL_TRANSFER_US, "INT64", (1,), comment="the WRITE's time from post to completion"),
+    ),
+    parameters={"transfer_timeout_ms": "how long a WRITE may take; past it the request fails saying the WRITE may "
+                                       "still land (the language side then keeps the slice quarantined)"},
+    steps=("encode_item",),
+)
+
 # the language entry's parameters (contract.LANGUAGE_ENTRY; builders repository --role language flags)
 LANGUAGE_PARAMETERS = {
     "max_model_len": "mimo_llm's max_model_len (the same value): the plan refuses what cannot fit",
@@ -276,7 +304,10 @@ LANGUAGE_PARAMETERS = {
     "encoder_timeout_ms": "the deadline of one encode_item request; past it the item is retried on another server",
     "encoder_attempts": "rounds of encoding a request's items (a failed item is retried on a server it has not "
                         "failed on) before the request fails",
-
+    "handoff": f"how encoder servers' rows reach the landing pool ({' / '.join(HANDOFF_MODES)}): shm, same host "
+               "(Triton shared memory: system, or CUDA IPC on a GPU); nixl, across hosts (the encoder WRITEs into the "
+               "pool with NIXL, DRAM or VRAM; refused at load if NIXL cannot start here); grpc, anywhere (rows in the "
+               "response, copied in)",
 }
 
 LANGUAGE_ENTRY = dataclasses.replace(
@@ -402,7 +433,7 @@ ROLES: dict[str, RoleSpec] = {role.name: role for role in (
           *MODELS.values()),
     _role("encoder", "an encoder server: one media item's raw bytes + metadata in, its rows out (encode_item); "
                      "loads the vision tower, audio tower and audio tokenizer only", "encode_item",
-          MEDIA_PREPROCESSING, MIMO_ENCODER, ENCODE_ITEM),
+          MEDIA_PREPROCESSING, MIMO_ENCODER, ENCODE_ITEM, ENCODE_ITEM_NIXL),
     _role("language", "the language server clients call (ensemble, the same contract as colocated): plans the "
                       "prompt, has the items encoded by encoder servers, generates; loads no encoder tensor",
           "ensemble", LANGUAGE_ENTRY, MIMO_LLM, POSTPROCESSING),

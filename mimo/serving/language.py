@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from mimo.epd.handoff import make_handoff
 from mimo.epd.landing import LandingError, LandingPool
 from mimo.epd.orchestrate import EncodeError, Metrics, Orchestrator, parse_urls
 from mimo.processing.errors import ProcessingError
@@ -38,9 +39,11 @@ class LanguagePrepare:
         urls_file = parameters["encoder_urls_file"] or None
         if not urls and not urls_file:
             raise ValueError("the language entry needs encoder servers: set encoder_urls or encoder_urls_file")
+        handoff = make_handoff(parameters["handoff"], pool.region)
         orchestrator = Orchestrator(pool, urls, urls_file, processor.config, hidden_size, row_dtype,
                                     timeout_s=int(parameters["encoder_timeout_ms"]) / 1000,
-                                    attempts=int(parameters["encoder_attempts"]), metrics=metrics)  # fmt: skip
+                                    attempts=int(parameters["encoder_attempts"]), metrics=metrics,
+                                    handoff=handoff)  # fmt: skip
         return cls(processor, int(parameters["max_model_len"]), orchestrator)
 
     @contextlib.contextmanager
@@ -63,4 +66,5 @@ class LanguagePrepare:
             yield llm_inputs
 
     def close(self) -> None:
-        self.orchestrator.close()  # the pool is the entry's
+        self.orchestrator.close()
+        self.orchestrator.handoff.close()  # the pool is the entry's
