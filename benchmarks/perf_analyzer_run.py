@@ -42,7 +42,14 @@ def run_perf_analyzer(binary: str, grpc_url: str, inputs: Path, concurrency: int
         "--stability-percentage", "25", "--max-trials", "6", "-f", str(csv_path),
     ]  # fmt: skip
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    csv_path.unlink(missing_ok=True)
+    run = subprocess.run(command, capture_output=True, text=True)
+    print(run.stdout, end="", flush=True)
+    if run.returncode != 0 or not csv_path.exists():
+        # e.g. "Failed to obtain stable measurement within 6 measurement windows": recorded, not raised
+        lines = [line.strip() for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "stable" in line.lower()), lines[-1] if lines else "")
+        return {"concurrency": concurrency, "error": f"perf_analyzer exited {run.returncode}: {reason}"}
     with open(csv_path) as f:
         row = next(csv.DictReader(f))
     return {
@@ -85,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tritonserver stopped (exit status {returncode})")
     print("\n| requests | concurrency | inferences/s | TTFT p50 ms | p90 ms | p99 ms |\n|---|---|---|---|---|---|")
     for r in results:
+        if "error" in r:
+            print(f"| {r['requests']} | {r['concurrency']} | — | — | — | {r['error']} |")
+            continue
         print(f"| {r['requests']} | {r['concurrency']} | {r['inferences_per_s']:.1f} | {r['ttft_p50_ms']:.1f} "
               f"| {r['ttft_p90_ms']:.1f} | {r['ttft_p99_ms']:.1f} |")
-    return 0
+    return 1 if all("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":
