@@ -25,6 +25,7 @@ from mimo.models.vision_tower import VisionConfig
 from mimo.processing.config import TOKEN_ID_KEYS
 from mimo.weights.checkpoint import INDEX_FILE, CheckpointError, HubCheckpoint, Role
 from mimo.weights.fused_qkv import fused_rows, layer_qkv_geometry
+from tools.__main__ import main as tools_main
 
 # ref §1.1 keys read by sglang (plus hub-only keys the release configs carry)
 HUB_KEYS = {
@@ -220,7 +221,7 @@ def test_unknown_layout_and_missing_shard_fail_loading(fused_fp8, tmp_path):
 def test_logits_subcommand(fused_fp8, tmp_path):
     ids = np.array([5, 17, 300, 42, 7] * 5, dtype=np.int64)  # 25 tokens: longer than the 16-token window
     np.save(tmp_path / "ids.npy", ids)
-    builders_main(
+    tools_main(
         [
             "logits",
             "--checkpoint",
@@ -237,7 +238,7 @@ def test_logits_subcommand(fused_fp8, tmp_path):
     assert len(set(logits.argmax(-1).tolist())) > 5
     np.save(tmp_path / "bad.npy", ids.reshape(5, 5))
     with pytest.raises(ValueError, match=r"expected a non-empty 1-D integer array, found dtype int64 shape \(5, 5\)"):
-        builders_main(
+        tools_main(
             [
                 "logits",
                 "--checkpoint",
