@@ -1,8 +1,9 @@
 """Encoder forwards at MiMo-V2.5 widths against the bf16 matrix rate of the same GPU, measured in the same run.
 
 Rows (issue 11): the vision tower on one 1920x1080 image (grid 68 x 120 = 8160 patches), on a batch of eight
-1024x1024 images in one forward (8 x 4096 patches), and the audio tokenizer + audio tower on one 30 s clip. Each
-row times, on the same weights and inputs: today's reference path (float32 score blocks per segment, eager
+1024x1024 images in one forward (8 x 4096 patches), and the audio tokenizer + audio tower on one 30 s clip; and on
+the CPU (`preprocess1080`, no GPU needed) `preprocess_request` for one 1920x1080 JPEG at V2.5 processor settings
+with the bytes of the media tensors it ships to mimo_encoder. Each GPU row times, on the same weights and inputs: today's reference path (float32 score blocks per segment, eager
 layers), FlexAttention with eager layers, and the default CUDA path (`attention_impl="auto"`: FlexAttention in
 torch.compile'd blocks / layer stack), plus audio experiments (compiled tower; `--cuda-graphs`). It counts the
 FLOPs the forward must do (matrix products plus the attention pairs each query really sees) and divides by the
@@ -10,6 +11,7 @@ bf16 GEMM rate measured first. Each path's line prints as soon as it is measured
 
     python benchmarks/bench_encoders.py                         # all rows, JSON to stdout's last line
     python benchmarks/bench_encoders.py --rows audio30 --profile --cuda-graphs --out results.json
+    python benchmarks/bench_encoders.py --rows preprocess1080 --threads 1     # CPU only
 
 Weights are random (throughput does not depend on their values); sinks and biases are drawn non-zero.
 """
@@ -17,23 +19,33 @@ Weights are random (throughput does not depend on their values); sinks and biase
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from builders.presets import V2_5
+from builders.presets import V2_5, hub_config
 from mimo.loading import build_module
 from mimo.models.audio_tokenizer import AudioTokenizerConfig, MiMoAudioTokenizer, segment_lengths
 from mimo.models.audio_tower import AudioConfig, MiMoAudioEncoder
 from mimo.models.vision_tower import MiMoVisionTransformer, VisionConfig
 from mimo.processing.audio import log_mel_spectrogram
 from mimo.processing.config import ProcessorConfig, SpecialTokenIds
+from mimo.processing.items import PACKED_MEDIA_TENSORS
+from mimo.processing.processor import MiMoProcessor
+from mimo.processing.tokenizer_files import write_tiny_tokenizer
+from mimo.serving.preprocess import preprocess_request
 
-ROWS = ("vit1080", "vit8x1024", "audio30")
+CPU_ROWS = ("preprocess1080",)
+ROWS = ("vit1080", "vit8x1024", "audio30", *CPU_ROWS)
 
 
 def gemm_rate(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
@@ -254,6 +266,55 @@ def audio_row(name: str, seconds: float, device, rate: float, args) -> dict:
     return row
 
 
+def photo_jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    """A JPEG (quality 90) of smooth colour gradients plus noise: decodes and resizes like a photo of that size."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // (width - 1), y * 255 // (height - 1), (x + y) % 256], axis=-1)
+    pixels = np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def v2_5_processor(directory: Path) -> MiMoProcessor:
+    """A processor with the V2.5 preset's processor settings (and the tiny tokenizer: text does not matter here)."""
+    config = hub_config(V2_5, num_layers=1, token_ids=write_tiny_tokenizer(directory), fp8=False, fused_qkv=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "audio_tokenizer").mkdir()
+    (directory / "audio_tokenizer" / "config.json").write_text(json.dumps(V2_5.audio_tokenizer_config))
+    return MiMoProcessor.from_checkpoint(directory)
+
+
+def preprocess_row(name: str, args) -> dict:
+    """`preprocess_request` of one user turn with a 1920x1080 JPEG: milliseconds on `--threads` CPU threads (the
+    median of `--repeats` calls, after `--warmup`), and the bytes of every media tensor it ships to mimo_encoder."""
+    torch.set_num_threads(args.threads)
+    jpeg = photo_jpeg(1920, 1080)
+    inputs = {"text_input": np.array([[b"What is in the picture?"]], dtype=np.object_),
+              "image_bytes_input": np.array([[jpeg]], dtype=np.object_)}  # fmt: skip
+    with tempfile.TemporaryDirectory() as directory:
+        processor = v2_5_processor(Path(directory))
+        max_model_len = 32768
+        for _ in range(args.warmup):
+            preprocess_request(processor, inputs, max_model_len)
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            outputs = preprocess_request(processor, inputs, max_model_len)
+            runs.append((time.perf_counter() - start) * 1e3)
+    shipped = {tensor: int(outputs[tensor].nbytes) for tensor in PACKED_MEDIA_TENSORS}
+    grid = outputs["grid_thw"].reshape(-1, 3)[0].tolist()
+    resized_uint8 = 3 * grid[1] * grid[2] * processor.config.patch_size**2  # the resized RGB image, one byte a value
+    row = {"row": name, "threads": args.threads, "jpeg_bytes": len(jpeg), "grid_thw": grid, "ms": runs,
+           "median_ms": statistics.median(runs), "shipped_bytes": sum(shipped.values()),
+           "shipped_bytes_per_tensor": {k: v for k, v in shipped.items() if v}, "resized_uint8_bytes": resized_uint8}
+    print(f"{name:10s} preprocess_request {row['median_ms']:.1f} ms (median of {len(runs)}, {args.threads} thread(s)); "
+          f"ships {row['shipped_bytes'] / 2**20:.2f} MiB = {row['shipped_bytes'] / resized_uint8:.1f}x the resized "
+          f"uint8 image ({resized_uint8 / 2**20:.2f} MiB); grid {grid}, JPEG {len(jpeg) / 2**10:.0f} KiB", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
@@ -262,20 +323,24 @@ def main() -> None:
     parser.add_argument("--reference-repeats", type=int, default=3)
     parser.add_argument("--cuda-graphs", action="store_true", help="audio: also time the compiled regions as CUDA graphs")
     parser.add_argument("--profile", action="store_true", help="audio: print a torch.profiler table of one call")
+    parser.add_argument("--threads", type=int, default=1, help="preprocess1080: torch CPU threads")
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()
     rows = args.rows.split(",")
     if unknown := set(rows) - set(ROWS):
         parser.error(f"unknown rows {sorted(unknown)}; known: {ROWS}")
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_encoders needs a CUDA device")
-    device = torch.device("cuda")
-    rate = gemm_rate(device)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "gemm_tflop_per_s": rate / 1e12,
-              "date": time.strftime("%Y-%m-%d", time.gmtime()), "rows": []}
-    print(f"bf16 GEMM 8192^3: {rate / 1e12:.0f} TFLOP/s on {result['device']}", flush=True)
+    result = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d", time.gmtime()), "rows": []}
+    if set(rows) - set(CPU_ROWS):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"bench_encoders needs a CUDA device for the rows other than {CPU_ROWS}")
+        device = torch.device("cuda")
+        rate = gemm_rate(device)
+        result |= {"device": torch.cuda.get_device_name(), "gemm_tflop_per_s": rate / 1e12}
+        print(f"bf16 GEMM 8192^3: {rate / 1e12:.0f} TFLOP/s on {result['device']}", flush=True)
     for name in rows:
-        if name == "vit1080":
+        if name == "preprocess1080":
+            row = preprocess_row(name, args)
+        elif name == "vit1080":
             row = vision_row(name, [(1, 68, 120)], device, rate, args)
         elif name == "vit8x1024":
             row = vision_row(name, [(1, 64, 64)] * 8, device, rate, args)

@@ -8,11 +8,12 @@ Writes the `config.pbtxt` of every model of the role (`mimo.serving.contract.ROL
 whole pipeline; encoder is `encode_item` = media_preprocessing -> mimo_encoder; language is the entry, mimo_llm and
 postprocessing) from the graph declared in `mimo.serving.contract` (tensors, ensemble maps, parameter names) with
 this deployment's values, and copies each `model_repository/<model>/1/model.py` (a Triton ensemble has none). The
-flags are the fields of `RepositorySettings` and the knobs of `mimo.engine.EngineConfig`, each with the default and
-help of its field. `--device gpu` puts mimo_encoder and mimo_llm on KIND_GPU and lets the prompt table reach
-mimo_llm in GPU memory; the printed command then sizes Triton's CUDA memory pool for the prompt tables that can be
-in flight between the two. GPU instances are placed explicitly (`gpus: [...]`): Triton would otherwise put `count`
-instances on every GPU, and several mimo_llm instances are several independent engines.
+flags are the fields of `RepositorySettings` and the knobs of `mimo.engine.EngineConfig` (mimo_llm) and
+`mimo.serving.encode.EncoderConfig` (mimo_encoder), each with the default and help of its field. `--device gpu`
+puts mimo_encoder and mimo_llm on KIND_GPU and lets the prompt table reach mimo_llm in GPU memory; the printed
+command then sizes Triton's CUDA memory pool for the prompt tables that can be in flight between the two. GPU
+instances are placed explicitly (`gpus: [...]`): Triton would otherwise put `count` instances on every GPU, and
+several mimo_llm instances are several independent engines.
 
 `--deploy` serves a deployment artifact (`python -m builders convert`): preprocessing, mimo_encoder and
 postprocessing read its `encoder/` folder; mimo_llm's one instance is rank 0 of the artifact's tensor-parallel ranks
@@ -33,10 +34,12 @@ from pathlib import Path
 
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, engine_knobs
+from mimo.engine.engine import knob_help
 from mimo.epd.orchestrate import parse_urls
 from mimo.parallel.deploy import ENCODER_DIR, DeployArtifact
 from mimo.serving import contract
 from mimo.serving.contract import EMBEDDING, ModelSpec, TensorSpec
+from mimo.serving.encode import EncoderConfig, encoder_knobs
 
 MODEL_FILES = Path(__file__).resolve().parents[1] / "model_repository"  # <model>/1/model.py
 MODELS = tuple(contract.MODELS)
@@ -47,7 +50,9 @@ _DEVICE_DEFAULTS = {  # dtype, KV-cache bytes
     "cpu": ("float32", 256 * 2**20),
     "gpu": ("bfloat16", 16 * 2**30),
 }
-_ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+# RepositorySettings field -> the config whose `knob` fields it overrides (each knob a flag and a model parameter)
+KNOB_CONFIGS = {"engine": EngineConfig, "encoder": EncoderConfig}
+_KNOB_DEFAULTS = {f.name: f.default for config in KNOB_CONFIGS.values() for f in dataclasses.fields(config)}
 _SERVED_DEFAULT_NOTES = {  # where the served value is not the EngineConfig default itself
     "max_model_len": "at most the checkpoint's max_position_embeddings",
     "kv_cache_memory_bytes": "256 MiB on cpu, 16 GiB on gpu, unless --num-full-blocks",
@@ -98,15 +103,17 @@ class RepositorySettings:
     encoder_attempts: int = setting(3, "--role language: rounds of encoding a request's items before it fails")
     landing_pool_mb: int = setting(64, "--role language: the landing pool (MiB of system shared memory)")
     engine: Mapping[str, int] = field(default_factory=dict)  # EngineConfig knobs that differ from their defaults
+    encoder: Mapping[str, int] = field(default_factory=dict)  # EncoderConfig knobs that differ from their defaults
 
     def __post_init__(self):
         if self.role not in contract.ROLES:
             raise ValueError(f"role must be one of {sorted(contract.ROLES)}, got {self.role!r}")
         if self.device not in _DEVICE_DEFAULTS:
             raise ValueError(f"device must be one of {sorted(_DEVICE_DEFAULTS)}, got {self.device!r}")
-        unknown = sorted(set(self.engine) - set(engine_knobs()))
-        if unknown:
-            raise ValueError(f"engine settings {unknown} are not EngineConfig knobs ({', '.join(engine_knobs())})")
+        for group, config in KNOB_CONFIGS.items():
+            unknown, knobs = sorted(set(getattr(self, group)) - set(knob_help(config))), ", ".join(knob_help(config))
+            if unknown:
+                raise ValueError(f"{group} settings {unknown} are not {config.__name__} knobs ({knobs})")
         if self.role == "language" and not (self.encoder_urls or self.encoder_urls_file):
             raise ValueError("--role language needs its encoder servers: --encoder-urls or --encoder-urls-file")
         parse_urls(self.encoder_urls, "--encoder-urls")  # raises naming the address that is not host:port
@@ -141,7 +148,7 @@ class RepositorySettings:
 
     def engine_knobs(self, config: MiMoV2Config) -> dict[str, int | None]:
         """Every served EngineConfig knob: the override, else its default (see _SERVED_DEFAULT_NOTES); validated."""
-        knobs = {name: self.engine.get(name, _ENGINE_DEFAULTS[name]) for name in engine_knobs()}
+        knobs = {name: self.engine.get(name, _KNOB_DEFAULTS[name]) for name in engine_knobs()}
         if "max_model_len" not in self.engine:
             knobs["max_model_len"] = min(config.max_position_embeddings, knobs["max_model_len"])
         if knobs["kv_cache_memory_bytes"] is None and knobs["num_full_blocks"] is None:
@@ -150,6 +157,12 @@ class RepositorySettings:
         if knobs["num_speculative_tokens"] > config.num_nextn_predict_layers:
             raise ValueError(f"num_speculative_tokens={knobs['num_speculative_tokens']} needs as many MTP layers; "
                              f"{self.checkpoint} has {config.num_nextn_predict_layers}")
+        return knobs
+
+    def encoder_knobs(self) -> dict[str, int]:
+        """Every served EncoderConfig knob: the override, else its default; validated."""
+        knobs = {name: self.encoder.get(name, _KNOB_DEFAULTS[name]) for name in encoder_knobs()}
+        EncoderConfig(**knobs)  # raises ValueError naming a bad value
         return knobs
 
 
@@ -184,7 +197,7 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
         "mimo_encoder": Deployment(
             settings.encoder_queue_delay_us,
             instance_group(settings.encoder_instances, settings.encoder_gpus if gpu else None),
-            {"checkpoint_dir": checkpoint, "dtype": settings.resolved_dtype},
+            {"checkpoint_dir": checkpoint, "dtype": settings.resolved_dtype, **settings.encoder_knobs()},
         ),
         "mimo_llm": Deployment(settings.queue_delay_us, instance_group(1, settings.llm_gpus[:1] if gpu else None), {
             "checkpoint_dir": "" if settings.deploy else checkpoint,
@@ -339,20 +352,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         parser.add_argument(_flag(f.name), type=options.pop("type", type(f.default)), default=f.default,
                             help=f.metadata["help"] + ("" if f.default is None else f" (default: {shown})"), **options)
-    engine = parser.add_argument_group("engine (mimo.engine.EngineConfig)")
-    for name, help_text in engine_knobs().items():
-        shown = [str(_ENGINE_DEFAULTS[name])] if _ENGINE_DEFAULTS[name] is not None else []
-        shown += [_SERVED_DEFAULT_NOTES[name]] if name in _SERVED_DEFAULT_NOTES else []
-        default = f" (default: {', '.join(shown)})" if shown else ""
-        engine.add_argument(_flag(name), type=int, default=None, help=help_text + default)
+    for group, config in KNOB_CONFIGS.items():
+        arguments = parser.add_argument_group(f"{group} ({config.__module__}.{config.__name__})")
+        for name, help_text in knob_help(config).items():
+            shown = [str(_KNOB_DEFAULTS[name])] if _KNOB_DEFAULTS[name] is not None else []
+            shown += [_SERVED_DEFAULT_NOTES[name]] if name in _SERVED_DEFAULT_NOTES else []
+            default = f" (default: {', '.join(shown)})" if shown else ""
+            arguments.add_argument(_flag(name), type=int, default=None, help=help_text + default)
 
 
 def settings_from_args(args: argparse.Namespace) -> RepositorySettings:
     values = {f.name: getattr(args, f.name) for f in _setting_fields()}
-    engine = {name: getattr(args, name) for name in engine_knobs() if getattr(args, name) is not None}
+    for group, config in KNOB_CONFIGS.items():
+        values[group] = {name: getattr(args, name) for name in knob_help(config) if getattr(args, name) is not None}
     if args.deploy is not None:
-        return RepositorySettings.for_deploy(args.deploy, engine=engine, **values)
-    return RepositorySettings(checkpoint=args.checkpoint, engine=engine, **values)
+        return RepositorySettings.for_deploy(args.deploy, **values)
+    return RepositorySettings(checkpoint=args.checkpoint, **values)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from mimo.engine import engine_knobs
 from mimo.epd.item_encoding import ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE
 from mimo.processing.items import PACKED_MEDIA_TENSORS
+from mimo.serving.encode import encoder_knobs
 from mimo.serving.preprocess import MEDIA_INPUTS
 
 EMBEDDING = "EMBEDDING"  # dtype placeholder: the deployment's weight / prompt-table dtype
@@ -128,7 +129,7 @@ MIMO_ENCODER = ModelSpec(
         TensorSpec("prompt_embedding_table", EMBEDDING, (-1, -1)),
         _int32("prompt_vocab_size"),
     ),
-    parameters={**CHECKPOINT_DIR, "dtype": "weights and prompt tables"},
+    parameters={**CHECKPOINT_DIR, "dtype": "weights and prompt tables", **encoder_knobs()},
     weights=("vision", "audio", "audio_tokenizer"),
 )
 

@@ -1,27 +1,68 @@
 """`mimo_encoder` without Triton: packed media items of several requests -> one prompt table per request.
 
-All items of all requests in one Triton batch go through each tower in one forward (images, videos and standalone
-audio each batched; a video's sound track is trimmed to its units). A request's table lists, item by item in prompt
-order, the item's vision rows and then its audio rows, matching the ids `MiMoProcessor.assign_prompt_table_ids`
-gave its pad tokens. The table stays on the towers' device.
+The items of all requests in one Triton batch are encoded together: images and videos each go through the vision
+tower in as few forwards as `max_encoder_batch_patches` allows (consecutive items while their patches fit; an item
+with more goes alone), standalone audio in one forward, a video's sound track trimmed to its units. A request's
+table lists, item by item in prompt order, the item's vision rows and then its audio rows, matching the ids
+`MiMoProcessor.assign_prompt_table_ids` gave its pad tokens. The table stays on the towers' device.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mimo.engine.engine import check_positive_knob, knob, knob_help
 from mimo.loading import load_audio_encoder, load_audio_tokenizer, load_vision_tower
 from mimo.models.multimodal_encoder import MiMoMultimodalEncoder
 from mimo.processing.items import MediaItem, Modality, unpack_items
 from mimo.processing.placeholders import check_encoder_rows
+from mimo.serving.triton_config import knob_parameters
 from mimo.weights.checkpoint import HubCheckpoint
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderConfig:
+    """mimo_encoder's served knobs (`knob` fields, as EngineConfig's)."""
+
+    max_encoder_batch_patches: int = knob(32768, "vision patches one vision-tower forward takes at most (4 patches "
+                                                 "per LM token); a Triton batch's images, and its videos, are split "
+                                                 "into forwards of consecutive items that fit, an item with more "
+                                                 "goes alone")  # fmt: skip
+
+    def __post_init__(self):
+        for name in encoder_knobs():
+            check_positive_knob(self, name)
+
+
+def encoder_knobs() -> dict[str, str]:
+    """The served EncoderConfig fields and their help text, in declaration order."""
+    return knob_help(EncoderConfig)
+
+
+def encoder_config(model_config: Mapping) -> EncoderConfig:
+    """EncoderConfig from the `mimo_encoder` config.pbtxt parameters."""
+    return EncoderConfig(**knob_parameters(model_config, encoder_knobs()))
+
+
+def budget_chunks(sizes: list[int], budget: int) -> list[range]:
+    """Consecutive runs of `sizes` whose sum stays within `budget`; a size above it makes a run of its own."""
+    chunks, start, total = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and total + size > budget:
+            chunks.append(range(start, index))
+            start, total = index, 0
+        total += size
+    if sizes:
+        chunks.append(range(start, len(sizes)))
+    return chunks
 
 
 def load_multimodal_encoder(checkpoint: str | Path | HubCheckpoint, dtype: torch.dtype, device: torch.device, *,
@@ -42,8 +83,9 @@ def unpack_request(arrays: Mapping[str, np.ndarray]) -> list[MediaItem]:
 
 
 class PromptTableEncoder:
-    def __init__(self, encoder: MiMoMultimodalEncoder):
+    def __init__(self, encoder: MiMoMultimodalEncoder, config: EncoderConfig = EncoderConfig()):
         self.encoder = encoder
+        self.config = config
         weight = next(encoder.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         self.hidden_size = encoder.visual.config.out_hidden_size
@@ -70,24 +112,19 @@ class PromptTableEncoder:
         rows: list[list[torch.Tensor]] = [[] for _ in items]  # per item: vision rows, then audio rows
 
         images = [i for i, item in enumerate(items) if item.modality == Modality.IMAGE]
-        if images:
-            embedded = self.encoder.encode_images(
-                self._cat([items[i].pixel_values for i in images]), torch.cat([items[i].grid_thw for i in images])
-            )
-            for i, table in zip(images, embedded):
-                rows[i].append(table)
+        embedded = self._encode_visual(self.encoder.encode_images,
+                                       [(items[i].pixel_values, items[i].grid_thw) for i in images])  # fmt: skip
+        for i, table in zip(images, embedded):
+            rows[i].append(table)
         videos = [i for i, item in enumerate(items) if item.modality == Modality.VIDEO]
-        if videos:
-            embedded = self.encoder.encode_videos(
-                self._cat([items[i].pixel_values_videos for i in videos]),
-                torch.cat([items[i].video_grid_thw for i in videos]),
-            )
-            for i, table in zip(videos, embedded):
-                rows[i].append(table)
-                if items[i].has_sound:
-                    rows[i].append(self.encoder.encode_video_audio(
-                        self._cast(items[i].mel), items[i].segment_starts, items[i].segment_lens
-                    ))  # fmt: skip
+        embedded = self._encode_visual(self.encoder.encode_videos,
+                                       [(items[i].pixel_values_videos, items[i].video_grid_thw) for i in videos])
+        for i, table in zip(videos, embedded):
+            rows[i].append(table)
+            if items[i].has_sound:
+                rows[i].append(self.encoder.encode_video_audio(
+                    self._cast(items[i].mel), items[i].segment_starts, items[i].segment_lens
+                ))  # fmt: skip
         audios = [i for i, item in enumerate(items) if item.modality == Modality.AUDIO]
         if audios:
             for i, table in zip(audios, self.encoder.encode_audios([self._cast(items[i].mel) for i in audios])):
@@ -101,6 +138,13 @@ class PromptTableEncoder:
             check_encoder_rows([item.num_tokens for item in request], [t.shape[0] for t in mine])
             # a text-only request's empty table goes out from host memory: no zero-byte GPU buffer to hand over
             tables.append(torch.cat(mine) if mine else self._empty(torch.device("cpu")))
+        return tables
+
+    def _encode_visual(self, encode: Callable, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """(pixels, grid) per item -> one table per item, through forwards of at most max_encoder_batch_patches."""
+        tables = []
+        for chunk in budget_chunks([pixels.shape[0] for pixels, _ in inputs], self.config.max_encoder_batch_patches):
+            tables += encode(self._cat([inputs[i][0] for i in chunk]), torch.cat([inputs[i][1] for i in chunk]))
         return tables
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
