@@ -74,7 +74,7 @@ def test_packed_media_come_from_the_media_item_declaration(repository):
     encoder_inputs = [t.name for t in repository["mimo_encoder"].input]
     assert encoder_inputs == list(PACKED_MEDIA_TENSORS)
     assert [t.name for t in repository["preprocessing"].output][-len(encoder_inputs):] == encoder_inputs
-    assert len(encoder_inputs) == 16
+    assert len(encoder_inputs) == 18
     # preprocessing-only fields (placeholder text, video metadata) do not travel
     for name in ("video_timestamps", "second_per_grid_ts", "audio_token_len"):
         assert name in {f.name for f in dataclasses.fields(MediaItem)} and name not in WIRE_FIELDS

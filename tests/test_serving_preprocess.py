@@ -27,8 +27,9 @@ def processor(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_checkpoint):
-    return PromptTableEncoder(load_multimodal_encoder(tiny_checkpoint, torch.float32, torch.device("cpu")))
+def encoder(tiny_checkpoint, processor):
+    return PromptTableEncoder(load_multimodal_encoder(tiny_checkpoint, torch.float32, torch.device("cpu")),
+                              processor.config)  # fmt: skip
 
 
 def request(text: bytes, **media) -> dict[str, np.ndarray]:
@@ -142,12 +143,13 @@ def test_vision_forwards_stay_within_the_patch_budget_and_tables_do_not_change(p
     requests = [items(image_bytes_input=[small, large], audio_bytes_input=[sample_tone()]),
                 items(video_bytes_input=[encode_video(2.0, 4)], image_bytes_input=[large, small, small]),
                 items(), items(image_bytes_input=[small], video_bytes_input=[encode_video(1.0, 4, width=64)])]
-    patches = [[item.pixel_values.shape[0] for item in r if item.grid_thw is not None] for r in requests]
+    patches = [[int(item.grid_thw.prod()) for item in r if item.grid_thw is not None] for r in requests]
     budget = 2 * max(max(p) for p in patches if p) - 1  # at least one forward holds two items, none all of them
 
     def encode(budget_patches):
         recording = RecordingEncoder(encoder.encoder)
-        tables = PromptTableEncoder(recording, EncoderConfig(max_encoder_batch_patches=budget_patches)).encode(requests)
+        tables = PromptTableEncoder(recording, processor.config,
+                                    EncoderConfig(max_encoder_batch_patches=budget_patches)).encode(requests)
         return tables, recording.forwards
 
     huge, huge_forwards = encode(10**9)

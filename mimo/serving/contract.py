@@ -27,7 +27,7 @@ from mimo.serving.preprocess import MEDIA_INPUTS
 
 EMBEDDING = "EMBEDDING"  # dtype placeholder: the deployment's weight / prompt-table dtype
 _NUMPY_TYPES = {
-    np.dtype(np.int8): "INT8", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
+    np.dtype(np.int8): "INT8", np.dtype(np.uint8): "UINT8", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
     np.dtype(np.uint64): "UINT64", np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
     np.dtype(np.bool_): "BOOL", np.dtype(np.object_): "BYTES",
 }
@@ -99,7 +99,7 @@ CHECKPOINT_DIR = {"checkpoint_dir": "hub checkpoint (or a deployment's encoder/ 
 
 PREPROCESSING = ModelSpec(
     name="preprocessing",
-    comment="chat template, tokenization, media decode + patchify, placeholders -> prompt-table ids (>= vocab_size); "
+    comment="chat template, tokenization, media decode (uint8 frames), placeholders -> prompt-table ids (>= vocab_size); "
             "refuses a request that cannot fit max_model_len before any encoder work",
     inputs=(
         TensorSpec("text_input", "BYTES", (1,)),
