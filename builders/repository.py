@@ -37,6 +37,7 @@ from mimo.engine import EngineConfig, engine_knobs
 from mimo.engine.engine import knob_help
 from mimo.epd.orchestrate import parse_urls
 from mimo.parallel.deploy import ENCODER_DIR, DeployArtifact
+from mimo.processing.image import nvjpeg_available
 from mimo.serving import contract
 from mimo.serving.contract import EMBEDDING, ModelSpec, TensorSpec
 from mimo.serving.encode import EncoderConfig, encoder_knobs
@@ -89,6 +90,11 @@ class RepositorySettings:
     # preprocessing runs one request at a time per instance: a slow media item holds only its own instance
     preprocessing_instances: int = setting(max(2, min(8, (os.cpu_count() or 2) // 2)),
                                            "instances of preprocessing (half the CPU cores, 2 to 8)")
+    jpeg_decode: str = setting("auto", "where JPEGs are decoded: encoder (preprocessing ships them undecoded and "
+                                       "mimo_encoder decodes them with nvJPEG, torchvision's decode_jpeg on its GPU), "
+                                       "preprocessing (PIL, on the CPU), or auto: encoder with --device gpu where "
+                                       "torchvision's CUDA JPEG decoder is there, else preprocessing",
+                               choices=("auto", "encoder", "preprocessing"))  # fmt: skip
     queue_delay_us: int = setting(100, "dynamic-batching delay of mimo_llm and postprocessing (us)")
     encoder_queue_delay_us: int = setting(2000, "dynamic-batching delay of mimo_encoder (us)")
     cancellation_check_period_ms: int = setting(50, "how often mimo_llm and the entry ask Triton which requests "
@@ -114,6 +120,10 @@ class RepositorySettings:
             unknown, knobs = sorted(set(getattr(self, group)) - set(knob_help(config))), ", ".join(knob_help(config))
             if unknown:
                 raise ValueError(f"{group} settings {unknown} are not {config.__name__} knobs ({knobs})")
+        if self.jpeg_decode not in ("auto", "encoder", "preprocessing"):
+            raise ValueError(f"jpeg_decode must be auto, encoder or preprocessing, got {self.jpeg_decode!r}")
+        if self.jpeg_decode == "encoder" and self.device != "gpu":
+            raise ValueError("--jpeg-decode encoder decodes with nvJPEG on the encoder's GPU: it needs --device gpu")
         if self.role == "language" and not (self.encoder_urls or self.encoder_urls_file):
             raise ValueError("--role language needs its encoder servers: --encoder-urls or --encoder-urls-file")
         parse_urls(self.encoder_urls, "--encoder-urls")  # raises naming the address that is not host:port
@@ -136,6 +146,13 @@ class RepositorySettings:
     def world_size(self) -> int:
         """Ranks of the mimo_llm engine: the artifact's world size, 1 for a hub checkpoint."""
         return 1 if self.deploy is None else DeployArtifact.open(self.deploy).mapping.world_size
+
+    @property
+    def jpeg_to_encoder(self) -> bool:
+        """Whether JPEGs travel to mimo_encoder undecoded (`jpeg_decode`; auto asks this host for nvJPEG)."""
+        if self.jpeg_decode == "auto":
+            return self.device == "gpu" and nvjpeg_available()
+        return self.jpeg_decode == "encoder"
 
     @property
     def resolved_dtype(self) -> str:
@@ -190,10 +207,12 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
     return {
         # execute() works through a batch request by request: batching would make each wait for the slowest
         "preprocessing": Deployment(None, instance_group(settings.preprocessing_instances, None),
-                                    {"checkpoint_dir": checkpoint, "max_model_len": knobs["max_model_len"]}),
+                                    {"checkpoint_dir": checkpoint, "max_model_len": knobs["max_model_len"],
+                                     "jpeg_to_encoder": _yes_no(settings.jpeg_to_encoder)}),
         # the encoder role's: one item per request, decoding on the CPU as preprocessing does
         "media_preprocessing": Deployment(None, instance_group(settings.preprocessing_instances, None),
-                                          {"checkpoint_dir": checkpoint, "dtype": settings.resolved_dtype}),
+                                          {"checkpoint_dir": checkpoint, "dtype": settings.resolved_dtype,
+                                           "jpeg_to_encoder": _yes_no(settings.jpeg_to_encoder)}),
         "mimo_encoder": Deployment(
             settings.encoder_queue_delay_us,
             instance_group(settings.encoder_instances, settings.encoder_gpus if gpu else None),
@@ -232,6 +251,10 @@ def language_parameters(settings: RepositorySettings, knobs: Mapping[str, int | 
         "encoder_attempts": settings.encoder_attempts,
         "landing_pool_bytes": settings.landing_pool_mb << 20,
     }
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
 
 
 def _quote(value: object) -> str:

@@ -95,6 +95,8 @@ def _int32(name: str, **kwargs) -> TensorSpec:
 SPECULATIVE_DECODING = ("false: this request decodes without MTP drafts (default true; only a deployment with "
                         "num_speculative_tokens > 0 drafts; greedy tokens are the same either way)")
 STOP_REQUEST_ID = "stop_request_id"  # request parameter of a mimo_llm `stop`: the id of the request to end
+JPEG_TO_ENCODER = ("yes: a JPEG that nvJPEG shows as PIL does travels undecoded and mimo_encoder decodes it "
+                   "(mimo.processing.image.jpeg_on_encoder; builders repository --jpeg-decode)")
 CHECKPOINT_DIR = {"checkpoint_dir": "hub checkpoint (or a deployment's encoder/ folder) the model reads"}
 
 PREPROCESSING = ModelSpec(
@@ -117,7 +119,8 @@ PREPROCESSING = ModelSpec(
         TensorSpec("stop_words_list", "INT32", (2, -1)),
         *_packed(),
     ),
-    parameters={**CHECKPOINT_DIR, "max_model_len": "mimo_llm's max_model_len (the same value)"},
+    parameters={**CHECKPOINT_DIR, "max_model_len": "mimo_llm's max_model_len (the same value)",
+                "jpeg_to_encoder": JPEG_TO_ENCODER},
 )
 
 MIMO_ENCODER = ModelSpec(
@@ -245,7 +248,8 @@ MEDIA_PREPROCESSING = ModelSpec(
     inputs=_ITEM_INPUTS,
     outputs=(*_packed(), TensorSpec(ENCODER_METADATA, "BYTES", (1,), comment="the item's metadata as the encoder "
                                                                                "found it (equal to the plan)")),
-    parameters={**CHECKPOINT_DIR, "dtype": "mimo_encoder's: the size of a row of the output, with hidden_size"},
+    parameters={**CHECKPOINT_DIR, "dtype": "mimo_encoder's: the size of a row of the output, with hidden_size",
+                "jpeg_to_encoder": JPEG_TO_ENCODER},
 )
 
 ENCODE_ITEM = ModelSpec(

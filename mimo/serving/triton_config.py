@@ -27,6 +27,14 @@ def model_parameter(model_config: Mapping, name: str, cast: type = str):
         raise ValueError(f"parameter {name!r} must be {cast.__name__}, got {raw!r}") from None
 
 
+def yes_no_parameter(model_config: Mapping, name: str) -> bool:
+    """A parameter that must be "yes" or "no"."""
+    raw = model_parameter(model_config, name)
+    if raw not in ("yes", "no"):
+        raise ValueError(f"parameter {name!r} must be yes or no, got {raw!r}")
+    return raw == "yes"
+
+
 def knob_parameters(model_config: Mapping, names: Iterable[str]) -> dict[str, int | None]:
     """Integer knobs (`mimo.engine.engine.knob` fields) from their parameters; "" stands for None."""
     return {name: None if model_parameter(model_config, name) == "" else model_parameter(model_config, name, int)

@@ -1,0 +1,200 @@
+"""The media split: preprocessing ships decoded uint8 frames (or a JPEG), mimo_encoder makes the patches on its
+device. On the CPU the patches the vision tower receives must be bit for bit what preprocessing computed before
+the split (`todays_*_patches` below: the pre-split code, decode -> resize -> normalise -> repeat -> patchify in one
+process), for every size, through the real pack / unpack and PromptTableEncoder path."""
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from builders.repository import RepositorySettings, render_repository
+from mimo.processing.errors import ProcessingError
+from mimo.processing.image import (
+    decode_image, frames_of, image_size, jpeg_on_encoder, patchify, resize_and_normalize, vision_patches,
+)
+from mimo.processing.items import PACKED_MEDIA_TENSORS
+from mimo.processing.processor import MiMoProcessor
+from mimo.processing.video import decode_video
+from mimo.serving.encode import PromptTableEncoder, load_multimodal_encoder, unpack_request
+from mimo.serving.preprocess import preprocess_request
+from processing_media import encode_image, encode_video, gradient_rgb, with_exif_orientation
+
+MAX_MODEL_LEN = 1 << 20
+
+
+def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Gradients plus noise: resizes with fractional values everywhere, as a photo does."""
+    rng = np.random.default_rng(seed)
+    base = gradient_rgb(width, height).astype(np.int64)
+    return np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+
+
+def jpeg(pixels: np.ndarray, **save_args) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, **save_args)
+    return buffer.getvalue()
+
+
+IMAGES = {
+    "jpeg_1920x1080": jpeg(photo(1920, 1080)),
+    "jpeg_1001x517": jpeg(photo(1001, 517, seed=1)),
+    "png_64x32": encode_image(Image.fromarray(gradient_rgb(64, 32)), "PNG"),
+    "png_rgba_90x60": encode_image(Image.fromarray(photo(90, 60)).convert("RGBA"), "PNG"),
+    "jpeg_exif_rotated": with_exif_orientation(Image.fromarray(photo(120, 50, seed=2)), 6),
+    "png_tiny_upscaled": encode_image(Image.fromarray(photo(10, 7, seed=3)), "PNG"),
+}
+VIDEOS = {"silent_96x64": encode_video(2.0, 8, sound_rate=None), "sound_640x360": encode_video(1.0, 6, width=640,
+                                                                                               height=360)}
+
+
+def todays_image_patches(data: bytes, config) -> torch.Tensor:
+    """preprocess_image before the split."""
+    image = decode_image(data, max_source_pixels=config.max_source_pixels)
+    frames = resize_and_normalize(image.unsqueeze(0), image_size(image.shape[1], image.shape[2], config), config)
+    return patchify(frames.expand(config.temporal_patch_size, -1, -1, -1), config)[0]
+
+
+def todays_video_patches(data: bytes, config) -> torch.Tensor:
+    """preprocess_video before the split: each sampled frame resized as it was decoded, the last resized frame
+    repeated to whole temporal groups, patchified."""
+    video = decode_video(data, config)
+    _, grid_h, grid_w = video.video_grid_thw[0].tolist()
+    size = (grid_h * config.patch_size, grid_w * config.patch_size)
+    frames = torch.cat([resize_and_normalize(frame.unsqueeze(0), size, config) for frame in video.frames])
+    missing = int(video.video_grid_thw[0, 0]) * config.temporal_patch_size - frames.shape[0]
+    return patchify(torch.cat([frames, frames[-1:].expand(missing, -1, -1, -1)]), config)[0]
+
+
+class RecordingEncoder:
+    """A multimodal encoder that keeps the pixel values each vision forward received."""
+
+    def __init__(self, encoder):
+        self.encoder, self.pixels = encoder, []
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+    def encode_images(self, pixel_values, grid_thw):
+        self.pixels.append(pixel_values)
+        return self.encoder.encode_images(pixel_values, grid_thw)
+
+    def encode_videos(self, pixel_values_videos, video_grid_thw):
+        self.pixels.append(pixel_values_videos)
+        return self.encoder.encode_videos(pixel_values_videos, video_grid_thw)
+
+
+@pytest.fixture(scope="module")
+def tiny_processor(tiny_checkpoint):
+    return MiMoProcessor.from_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module", params=["tiny", "v2.5"])
+def processor(request, tiny_processor):
+    """The tiny checkpoint's processor (1920x1080 downscaled), and V2.5's image budget (1920x1080 kept, 1920x1088)."""
+    if request.param == "tiny":
+        return tiny_processor
+    config = dataclasses.replace(tiny_processor.config, image_max_pixels=4096 * 32 * 32)
+    return MiMoProcessor(tiny_processor.tokenizer, config, model_type=tiny_processor.model_type,
+                         vocab_size=tiny_processor.vocab_size)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def towers(tiny_checkpoint):
+    return load_multimodal_encoder(tiny_checkpoint, torch.float32, torch.device("cpu"))
+
+
+def shipped(processor, kind: str, data: bytes, **options) -> dict[str, np.ndarray]:
+    inputs = {"text_input": np.array([[b"What is it?"]], dtype=np.object_), kind: np.array([[data]], dtype=np.object_)}
+    outputs = preprocess_request(processor, inputs, MAX_MODEL_LEN, **options)
+    return {name: outputs[name] for name in PACKED_MEDIA_TENSORS}
+
+
+def encoder_pixels(towers, processor, packed) -> torch.Tensor:
+    recording = RecordingEncoder(towers)
+    table = PromptTableEncoder(recording, processor.config).encode([unpack_request(packed)])[0]
+    assert not isinstance(table, Exception), table
+    (pixels,) = recording.pixels
+    return pixels
+
+
+@pytest.mark.parametrize("jpeg_to_encoder", [False, True])
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_image_patches_equal_todays_bit_for_bit(towers, processor, name, jpeg_to_encoder):
+    packed = shipped(processor, "image_bytes_input", IMAGES[name], jpeg_to_encoder=jpeg_to_encoder)
+    travels_as_jpeg = jpeg_to_encoder and name in ("jpeg_1920x1080", "jpeg_1001x517")  # not rotated, not PNG
+    assert (packed["jpeg_rows"][0, 0] > 0) == travels_as_jpeg and (packed["frames_rows"][0, 0] > 0) != travels_as_jpeg
+    want = todays_image_patches(IMAGES[name], processor.config)
+    assert torch.equal(encoder_pixels(towers, processor, packed), want)
+
+
+@pytest.mark.parametrize("name", list(VIDEOS))
+def test_video_patches_equal_todays_bit_for_bit(towers, processor, name):
+    packed = shipped(processor, "video_bytes_input", VIDEOS[name])
+    want = todays_video_patches(VIDEOS[name], processor.config)
+    assert torch.equal(encoder_pixels(towers, processor, packed), want)
+
+
+def test_a_1080p_image_ships_its_uint8_frame_not_float_patches(tiny_processor):
+    config = dataclasses.replace(tiny_processor.config, image_max_pixels=4096 * 32 * 32)  # V2.5's
+    processor = MiMoProcessor(tiny_processor.tokenizer, config, model_type=tiny_processor.model_type,
+                              vocab_size=tiny_processor.vocab_size)  # fmt: skip
+    packed = shipped(processor, "image_bytes_input", IMAGES["jpeg_1920x1080"])
+    assert packed["frames"].dtype == np.uint8 and packed["frames"].size == 1080 * 1920 * 3
+    assert packed["frame_shape"].tolist() == [[[1, 1080, 1920]]] and packed["grid_thw"].tolist() == [[[1, 68, 120]]]
+    total = sum(array.nbytes for array in packed.values())
+    assert 1080 * 1920 * 3 <= total < 1080 * 1920 * 3 + 1024  # 5.93 MiB; the float32 patches were 47.81 MiB
+    as_jpeg = shipped(processor, "image_bytes_input", IMAGES["jpeg_1920x1080"], jpeg_to_encoder=True)
+    assert sum(array.nbytes for array in as_jpeg.values()) < len(IMAGES["jpeg_1920x1080"]) + 1024
+
+
+def test_jpeg_on_encoder_admits_only_what_nvjpeg_shows_as_pil_does(tiny_processor):
+    config = tiny_processor.config
+    assert jpeg_on_encoder(IMAGES["jpeg_1001x517"], config) == (517, 1001)
+    gray = jpeg(photo(40, 30)[..., 0])
+    assert jpeg_on_encoder(gray, config) == (30, 40)
+    assert jpeg_on_encoder(IMAGES["jpeg_exif_rotated"], config) is None  # PIL applies the orientation
+    assert jpeg_on_encoder(jpeg(photo(40, 30), progressive=True), config) is None
+    assert jpeg_on_encoder(IMAGES["png_64x32"], config) is None
+    cmyk = io.BytesIO()
+    Image.fromarray(photo(40, 30)).convert("CMYK").save(cmyk, format="JPEG")
+    assert jpeg_on_encoder(cmyk.getvalue(), config) is None
+
+
+def test_frames_that_do_not_make_the_grid_are_refused(towers, tiny_processor):
+    config = tiny_processor.config
+    packed = shipped(tiny_processor, "image_bytes_input", IMAGES["png_64x32"])
+    (item,) = unpack_request(packed)
+    frames = frames_of(item.frames, item.frame_shape)
+    with pytest.raises(ProcessingError, match=r"frames hold 6144 values, frame_shape \[1, 32, 32\] needs"):
+        frames_of(item.frames, torch.tensor([[1, 32, 32]]))
+    with pytest.raises(ProcessingError, match=r"3 frames cannot make grid_thw \[1, 4, 6\]"):
+        vision_patches(frames.expand(3, -1, -1, -1), item.grid_thw, config)
+    with pytest.raises(ProcessingError, match="frames must be uint8"):
+        vision_patches(frames.float(), item.grid_thw, config)
+    item.grid_thw = torch.tensor([[1, 4, 4]])
+    result = PromptTableEncoder(towers, config).encode([[item]])[0]
+    assert isinstance(result, ProcessingError)
+    assert "1 frame(s) of 64x32 give grid_thw [1, 4, 6], the item has [1, 4, 4]" in str(result)
+
+
+def test_jpeg_decode_setting(tiny_checkpoint, tmp_path):
+    def rendered(**settings):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        render_repository(RepositorySettings(checkpoint=tiny_checkpoint, **settings), root)
+        return (root / "preprocessing" / "config.pbtxt").read_text()
+
+    assert 'key: "jpeg_to_encoder" value { string_value: "no" }' in rendered()  # cpu: PIL in preprocessing
+    with pytest.raises(ValueError, match="--jpeg-decode encoder decodes with nvJPEG on the encoder's GPU"):
+        RepositorySettings(checkpoint=tiny_checkpoint, jpeg_decode="encoder")
+    with pytest.raises(ValueError, match="jpeg_decode must be auto, encoder or preprocessing"):
+        RepositorySettings(checkpoint=tiny_checkpoint, jpeg_decode="gpu")
+    gpu = RepositorySettings(checkpoint=tiny_checkpoint, device="gpu")
+    from mimo.processing.image import nvjpeg_available
+
+    assert gpu.jpeg_to_encoder == nvjpeg_available()
+    assert dataclasses.replace(gpu, jpeg_decode="encoder").jpeg_to_encoder
+    assert not dataclasses.replace(gpu, jpeg_decode="preprocessing").jpeg_to_encoder
