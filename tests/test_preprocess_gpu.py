@@ -1,0 +1,90 @@
+"""The media split on a GPU encoder (skipped without CUDA): resize / normalise / patchify on the device, and nvJPEG
+where torchvision has it, against the CPU path (which equals the pre-split preprocessing bit for bit:
+tests/test_preprocess_split.py). Run: python -m pytest -q tests/test_preprocess_gpu.py"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mimo.processing.image import decode_jpeg_frames, frames_of, nvjpeg_available, vision_patches
+from mimo.processing.processor import MiMoProcessor
+from mimo.serving.encode import PromptTableEncoder, load_multimodal_encoder, unpack_request
+from test_preprocess_split import IMAGES, VIDEOS, RecordingEncoder, jpeg, photo, shipped
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+JPEGS = ("jpeg_1920x1080", "jpeg_1001x517")
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    """V2.5's image budget (1920x1080 kept at 1920x1088)."""
+    tiny = MiMoProcessor.from_checkpoint(tiny_checkpoint)
+    config = dataclasses.replace(tiny.config, image_max_pixels=4096 * 32 * 32)
+    return MiMoProcessor(tiny.tokenizer, config, model_type=tiny.model_type, vocab_size=tiny.vocab_size)
+
+
+def patches_on(device: torch.device, processor, packed) -> torch.Tensor:
+    (item,) = unpack_request(packed)
+    grid = item.grid_thw if item.grid_thw is not None else item.video_grid_thw
+    return vision_patches(frames_of(item.frames, item.frame_shape).to(device), grid, processor.config)
+
+
+@pytest.mark.parametrize("kind,name", [("image_bytes_input", n) for n in IMAGES] +
+                                      [("video_bytes_input", n) for n in VIDEOS])  # fmt: skip
+def test_device_patches_equal_the_cpu_patches_within_float32_rounding(processor, kind, name):
+    packed = shipped(processor, kind, (IMAGES | VIDEOS)[name])
+    cpu, gpu = patches_on(torch.device("cpu"), processor, packed), patches_on(CUDA, processor, packed)
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.float32 and gpu.shape == cpu.shape
+    # one 0..255 level is 1/57 after normalisation; the CUDA bilinear kernel differs from the CPU one by float32 ulps
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not nvjpeg_available(), reason="torchvision's CUDA decode_jpeg is not importable")
+@pytest.mark.parametrize("name", JPEGS)
+def test_nvjpeg_frames_are_within_a_few_levels_of_pil(processor, name):
+    packed = shipped(processor, "image_bytes_input", IMAGES[name], jpeg_to_encoder=True)
+    (item,) = unpack_request(packed)
+    (nv,) = decode_jpeg_frames([item.jpeg], CUDA, processor.config)
+    (pil,) = decode_jpeg_frames([item.jpeg], torch.device("cpu"), processor.config)
+    assert nv.device.type == "cuda" and nv.shape == pil.shape and nv.dtype == torch.uint8
+    difference = (nv.cpu().int() - pil.int()).abs()
+    assert difference.max() <= 8 and difference.float().mean() < 1.0, (difference.max(), difference.float().mean())
+
+
+@pytest.mark.skipif(not nvjpeg_available(), reason="torchvision's CUDA decode_jpeg is not importable")
+def test_nvjpeg_decodes_grayscale_as_rgb(processor):
+    gray = jpeg(photo(64, 48)[..., 0])
+    packed = shipped(processor, "image_bytes_input", gray, jpeg_to_encoder=True)
+    (item,) = unpack_request(packed)
+    (nv,) = decode_jpeg_frames([item.jpeg], CUDA, processor.config)
+    (pil,) = decode_jpeg_frames([item.jpeg], torch.device("cpu"), processor.config)
+    assert nv.shape == pil.shape == (1, 3, 48, 64)
+    assert (nv.cpu().int() - pil.int()).abs().max() <= 8
+
+
+@pytest.mark.parametrize("jpeg_to_encoder", [False, True])
+def test_gpu_encoder_tables_match_the_cpu_path(tiny_checkpoint, processor, jpeg_to_encoder):
+    """The served encoder on the GPU in bf16 (frames or JPEGs in, patches made on the device) against the CPU
+    float32 path: the same prompt-table rows within bf16 tolerance."""
+    if jpeg_to_encoder and not nvjpeg_available():
+        pytest.skip("torchvision's CUDA decode_jpeg is not importable")
+    requests_cpu = [unpack_request(shipped(processor, "image_bytes_input", IMAGES[name])) for name in IMAGES]
+    requests_cpu.append(unpack_request(shipped(processor, "video_bytes_input", VIDEOS["sound_640x360"])))
+    requests_gpu = [unpack_request(shipped(processor, "image_bytes_input", IMAGES[name],
+                                           jpeg_to_encoder=jpeg_to_encoder)) for name in IMAGES]  # fmt: skip
+    requests_gpu.append(unpack_request(shipped(processor, "video_bytes_input", VIDEOS["sound_640x360"])))
+    cpu = PromptTableEncoder(load_multimodal_encoder(tiny_checkpoint, torch.float32, torch.device("cpu")),
+                             processor.config).encode(requests_cpu)  # fmt: skip
+    towers = RecordingEncoder(load_multimodal_encoder(tiny_checkpoint, torch.bfloat16, CUDA))
+    gpu = PromptTableEncoder(towers, processor.config).encode(requests_gpu)
+    assert all(pixels.device.type == "cuda" for pixels in towers.pixels)
+    for name, want, got in zip([*IMAGES, "video"], cpu, gpu, strict=True):
+        assert not isinstance(got, Exception), (name, got)
+        assert got.device.type == "cuda" and got.shape == want.shape, name
+        error = (got.float().cpu() - want).abs().max() / want.abs().max()
+        assert error < 0.05, (name, float(error))  # bf16 weights and activations through the tower
+    if jpeg_to_encoder:
+        assert any(item.jpeg is not None for request in requests_gpu for item in request)
+
