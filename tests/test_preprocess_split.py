@@ -198,3 +198,13 @@ def test_jpeg_decode_setting(tiny_checkpoint, tmp_path):
     assert gpu.jpeg_to_encoder == nvjpeg_available()
     assert dataclasses.replace(gpu, jpeg_decode="encoder").jpeg_to_encoder
     assert not dataclasses.replace(gpu, jpeg_decode="preprocessing").jpeg_to_encoder
+
+
+def test_media_preprocessing_runs_the_preprocessing_instances(tiny_checkpoint, tmp_path):
+    """The encoder role's media step decodes the items of concurrent requests in parallel: as many unbatched CPU
+    instances (processes) as preprocessing (`--preprocessing-instances`), with the same JPEG setting."""
+    settings = RepositorySettings(checkpoint=tiny_checkpoint, role="encoder", preprocessing_instances=3)
+    render_repository(settings, tmp_path / "encoder")
+    media = (tmp_path / "encoder" / "media_preprocessing" / "config.pbtxt").read_text()
+    assert "instance_group [ { count: 3 kind: KIND_CPU } ]" in media and "dynamic_batching" not in media
+    assert 'key: "jpeg_to_encoder" value { string_value: "no" }' in media
