@@ -1,9 +1,10 @@
 """`mimo_encoder` without Triton: packed media items of several requests -> one prompt table per request.
 
 The items of all requests in one Triton batch are encoded together: images and videos each go through the vision
-tower in as few forwards as `max_encoder_batch_patches` allows (each item's uint8 frames resized, normalised and
-patchified on the towers' device first; JPEGs sent undecoded are decoded here, nvJPEG on a GPU) (consecutive items while their patches fit; an item
-with more goes alone), standalone audio in one forward, a video's sound track trimmed to its units. A request's
+tower in as few forwards as `max_encoder_batch_patches` allows (consecutive items while their patches fit; an item
+with more goes alone), standalone audio in one forward, a video's sound track trimmed to its units. Images and
+videos arrive as uint8 frames, resized, normalised and patchified here on the towers' device just before their
+forward (JPEGs sent undecoded are decoded here first, in one nvJPEG call on a GPU). A request's
 table lists, item by item in prompt order, the item's vision rows and then its audio rows, matching the ids
 `MiMoProcessor.assign_prompt_table_ids` gave its pad tokens. The table stays on the towers' device.
 """
