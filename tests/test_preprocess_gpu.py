@@ -14,7 +14,7 @@ from test_preprocess_split import IMAGES, VIDEOS, RecordingEncoder, jpeg, photo,
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
-JPEGS = ("jpeg_1920x1080", "jpeg_1001x517")
+JPEGS = ("jpeg_1920x1080", "jpeg_1001x517", "jpeg_gray_300x200")
 
 
 @pytest.fixture(scope="module")

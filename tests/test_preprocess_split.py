@@ -46,7 +46,10 @@ IMAGES = {
     "png_rgba_90x60": encode_image(Image.fromarray(photo(90, 60)).convert("RGBA"), "PNG"),
     "jpeg_exif_rotated": with_exif_orientation(Image.fromarray(photo(120, 50, seed=2)), 6),
     "png_tiny_upscaled": encode_image(Image.fromarray(photo(10, 7, seed=3)), "PNG"),
+    "jpeg_gray_300x200": jpeg(photo(300, 200, seed=4)[..., 1]),
+    "jpeg_progressive_200x300": jpeg(photo(200, 300, seed=5), progressive=True),
 }
+TRAVEL_AS_JPEG = ("jpeg_1920x1080", "jpeg_1001x517", "jpeg_gray_300x200")  # not rotated, not progressive, not PNG
 VIDEOS = {"silent_96x64": encode_video(2.0, 8, sound_rate=None), "sound_640x360": encode_video(1.0, 6, width=640,
                                                                                                height=360)}
 
@@ -125,7 +128,7 @@ def encoder_pixels(towers, processor, packed) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(IMAGES))
 def test_image_patches_equal_todays_bit_for_bit(towers, processor, name, jpeg_to_encoder):
     packed = shipped(processor, "image_bytes_input", IMAGES[name], jpeg_to_encoder=jpeg_to_encoder)
-    travels_as_jpeg = jpeg_to_encoder and name in ("jpeg_1920x1080", "jpeg_1001x517")  # not rotated, not PNG
+    travels_as_jpeg = jpeg_to_encoder and name in TRAVEL_AS_JPEG
     assert (packed["jpeg_rows"][0, 0] > 0) == travels_as_jpeg and (packed["frames_rows"][0, 0] > 0) != travels_as_jpeg
     want = todays_image_patches(IMAGES[name], processor.config)
     assert torch.equal(encoder_pixels(towers, processor, packed), want)
