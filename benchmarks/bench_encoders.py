@@ -1,8 +1,11 @@
 """Encoder forwards at MiMo-V2.5 widths against the bf16 matrix rate of the same GPU, measured in the same run.
 
 Rows (issue 11): the vision tower on one 1920x1080 image (grid 68 x 120 = 8160 patches), on a batch of eight
-1024x1024 images in one forward (8 x 4096 patches), and the audio tokenizer + audio tower on one 30 s clip. Each
-row times, on the same weights and inputs: today's reference path (float32 score blocks per segment, eager
+1024x1024 images in one forward (8 x 4096 patches), and the audio tokenizer + audio tower on one 30 s clip; and on
+the CPU (`preprocess1080`, no GPU needed) `preprocess_request` for one 1920x1080 JPEG at V2.5 processor settings
+with the bytes of the media tensors it ships to mimo_encoder, and (`split1080`, on the GPU where there is one, else
+the CPU) one 1920x1080 JPEG preprocessed end to end on the media split (CPU decode, then resize / normalise /
+patchify on the device; and nvJPEG on the device where torchvision has it) against the pre-split CPU path. Each GPU row times, on the same weights and inputs: today's reference path (float32 score blocks per segment, eager
 layers), FlexAttention with eager layers, and the default CUDA path (`attention_impl="auto"`: FlexAttention in
 torch.compile'd blocks / layer stack), plus audio experiments (compiled tower; `--cuda-graphs`). It counts the
 FLOPs the forward must do (matrix products plus the attention pairs each query really sees) and divides by the
@@ -10,6 +13,8 @@ bf16 GEMM rate measured first. Each path's line prints as soon as it is measured
 
     python benchmarks/bench_encoders.py                         # all rows, JSON to stdout's last line
     python benchmarks/bench_encoders.py --rows audio30 --profile --cuda-graphs --out results.json
+    python benchmarks/bench_encoders.py --rows preprocess1080 --threads 1     # CPU only
+    python benchmarks/bench_encoders.py --rows split1080 --threads 1          # the GPU if there is one
 
 Weights are random (throughput does not depend on their values); sinks and biases are drawn non-zero.
 """
@@ -17,23 +22,36 @@ Weights are random (throughput does not depend on their values); sinks and biase
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from builders.presets import V2_5
+from builders.presets import V2_5, hub_config
 from mimo.loading import build_module
 from mimo.models.audio_tokenizer import AudioTokenizerConfig, MiMoAudioTokenizer, segment_lengths
 from mimo.models.audio_tower import AudioConfig, MiMoAudioEncoder
 from mimo.models.vision_tower import MiMoVisionTransformer, VisionConfig
 from mimo.processing.audio import log_mel_spectrogram
 from mimo.processing.config import ProcessorConfig, SpecialTokenIds
+from mimo.processing.chat import MediaPart
+from mimo.processing.image import decode_jpeg_frames, frames_of, nvjpeg_available, preprocess_image, vision_patches
+from mimo.processing.items import PACKED_MEDIA_TENSORS, Modality, pack_items, unpack_items
+from mimo.processing.processor import preprocess_media
+from mimo.processing.processor import MiMoProcessor
+from mimo.processing.tokenizer_files import write_tiny_tokenizer
+from mimo.serving.preprocess import preprocess_request
 
-ROWS = ("vit1080", "vit8x1024", "audio30")
+CPU_ROWS = ("preprocess1080", "split1080")  # split1080 uses the GPU where there is one
+ROWS = ("vit1080", "vit8x1024", "audio30", *CPU_ROWS)
 
 
 def gemm_rate(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
@@ -254,6 +272,141 @@ def audio_row(name: str, seconds: float, device, rate: float, args) -> dict:
     return row
 
 
+def photo_jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    """A JPEG (quality 90) of smooth colour gradients plus noise: decodes and resizes like a photo of that size."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // (width - 1), y * 255 // (height - 1), (x + y) % 256], axis=-1)
+    pixels = np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def v2_5_processor(directory: Path) -> MiMoProcessor:
+    """A processor with the V2.5 preset's processor settings (and the tiny tokenizer: text does not matter here)."""
+    config = hub_config(V2_5, num_layers=1, token_ids=write_tiny_tokenizer(directory), fp8=False, fused_qkv=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "audio_tokenizer").mkdir()
+    (directory / "audio_tokenizer" / "config.json").write_text(json.dumps(V2_5.audio_tokenizer_config))
+    return MiMoProcessor.from_checkpoint(directory)
+
+
+def preprocess_row(name: str, args) -> dict:
+    """`preprocess_request` of one user turn with a 1920x1080 JPEG: milliseconds on `--threads` CPU threads (the
+    median of `--repeats` calls, after `--warmup`), and the bytes of every media tensor it ships to mimo_encoder."""
+    torch.set_num_threads(args.threads)
+    jpeg = photo_jpeg(1920, 1080)
+    inputs = {"text_input": np.array([[b"What is in the picture?"]], dtype=np.object_),
+              "image_bytes_input": np.array([[jpeg]], dtype=np.object_)}  # fmt: skip
+    with tempfile.TemporaryDirectory() as directory:
+        processor = v2_5_processor(Path(directory))
+        max_model_len = 32768
+        for _ in range(args.warmup):
+            preprocess_request(processor, inputs, max_model_len)
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            outputs = preprocess_request(processor, inputs, max_model_len)
+            runs.append((time.perf_counter() - start) * 1e3)
+    shipped = {tensor: int(outputs[tensor].nbytes) for tensor in PACKED_MEDIA_TENSORS}
+    grid = outputs["grid_thw"].reshape(-1, 3)[0].tolist()
+    resized_uint8 = 3 * grid[1] * grid[2] * processor.config.patch_size**2  # the resized RGB image, one byte a value
+    row = {"row": name, "threads": args.threads, "jpeg_bytes": len(jpeg), "grid_thw": grid, "ms": runs,
+           "median_ms": statistics.median(runs), "shipped_bytes": sum(shipped.values()),
+           "shipped_bytes_per_tensor": {k: v for k, v in shipped.items() if v}, "resized_uint8_bytes": resized_uint8}
+    print(f"{name:10s} preprocess_request {row['median_ms']:.1f} ms (median of {len(runs)}, {args.threads} thread(s)); "
+          f"ships {row['shipped_bytes'] / 2**20:.2f} MiB = {row['shipped_bytes'] / resized_uint8:.1f}x the resized "
+          f"uint8 image ({resized_uint8 / 2**20:.2f} MiB); grid {grid}, JPEG {len(jpeg) / 2**10:.0f} KiB", flush=True)
+    return row
+
+
+def wall_ms(fn: Callable, device: torch.device, *, warmup: int, repeats: int) -> tuple[list[float], object]:
+    """Wall-clock milliseconds of each of `repeats` calls of fn() after `warmup` (the device synchronised at both
+    ends of each call), and the last result."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        result = fn()
+        sync()
+        runs.append((time.perf_counter() - start) * 1e3)
+    return runs, result
+
+
+def split_row(name: str, args) -> dict:
+    """One 1920x1080 JPEG at V2.5 processor settings, from its bytes to the vision tower's input (patches in the
+    encoder's dtype on its device), three ways in the same run, `--threads` CPU threads:
+
+    - `pre-split (CPU)`: what preprocessing did before the split (decode, resize, normalise, patchify on the CPU:
+      `preprocess_image`, the same ops), the copy into the packed float32 wire, and the copy to the device;
+    - `split (CPU decode)`: preprocessing's side (PIL decode, pack the uint8 frame), then mimo_encoder's (unpack,
+      the frame to the device, `vision_patches` there);
+    - `split (nvJPEG)` where torchvision's CUDA JPEG decoder is there: preprocessing ships the JPEG (header read),
+      mimo_encoder decodes it on the device and makes the patches there.
+
+    Each split path also reports its two sides separately and the largest difference of its patches from the
+    pre-split ones (0 on the CPU)."""
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    jpeg = photo_jpeg(1920, 1080)
+    part = MediaPart(Modality.IMAGE, jpeg)
+    with tempfile.TemporaryDirectory() as directory:
+        config = v2_5_processor(Path(directory)).config
+
+    def pre_split():
+        pixel_values, _ = preprocess_image(jpeg, config)
+        return torch.from_numpy(pixel_values.numpy().copy()).to(device, dtype)
+
+    def preprocessing_side(jpeg_to_encoder: bool):
+        return lambda: pack_items([preprocess_media(part, config, jpeg_to_encoder=jpeg_to_encoder)])
+
+    def encoder_side(packed):
+        def run():
+            (item,) = unpack_items(packed)
+            if item.jpeg is not None:
+                (frames,) = decode_jpeg_frames([item.jpeg], device, config)
+            else:
+                frames = frames_of(item.frames, item.frame_shape).to(device)
+            return vision_patches(frames, item.grid_thw, config).to(dtype)
+        return run
+
+    timing = {"warmup": args.warmup, "repeats": args.repeats}
+    runs, reference = wall_ms(pre_split, device, **timing)
+    paths = {"pre-split (CPU)": {"ms": runs, "median_ms": statistics.median(runs)}}
+    ways = {"split (CPU decode)": False}
+    if device.type == "cuda" and nvjpeg_available():
+        ways["split (nvJPEG)"] = True
+    for label, jpeg_to_encoder in ways.items():
+        cpu_runs, packed = wall_ms(preprocessing_side(jpeg_to_encoder), device, **timing)
+        device_runs, _ = wall_ms(encoder_side(packed), device, **timing)
+        both = preprocessing_side(jpeg_to_encoder)
+        runs, patches = wall_ms(lambda: encoder_side(both())(), device, **timing)
+        paths[label] = {"ms": runs, "median_ms": statistics.median(runs),
+                        "preprocessing_median_ms": statistics.median(cpu_runs),
+                        "encoder_median_ms": statistics.median(device_runs),
+                        "shipped_bytes": sum(int(array.nbytes) for array in packed.values()),
+                        "max_abs_diff": float((patches.float() - reference.float()).abs().max())}
+    print(f"{name:10s} one 1920x1080 JPEG to vision-tower input on {device} ({dtype}), {args.threads} thread(s):",
+          flush=True)
+    for label, path in paths.items():
+        extra = ""
+        if "shipped_bytes" in path:
+            extra = (f" = preprocessing {path['preprocessing_median_ms']:.1f} + encoder {path['encoder_median_ms']:.1f}"
+                     f" ms; ships {path['shipped_bytes'] / 2**20:.2f} MiB; max |patch - pre-split| "
+                     f"{path['max_abs_diff']:.2e}")
+        print(f"{'':10s} {label:20s} {path['median_ms']:7.1f} ms{extra}", flush=True)
+    return {"row": name, "device": str(device), "dtype": str(dtype), "threads": args.threads, "paths": paths,
+            "pre_split_shipped_bytes": reference.numel() * 4}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
@@ -262,20 +415,26 @@ def main() -> None:
     parser.add_argument("--reference-repeats", type=int, default=3)
     parser.add_argument("--cuda-graphs", action="store_true", help="audio: also time the compiled regions as CUDA graphs")
     parser.add_argument("--profile", action="store_true", help="audio: print a torch.profiler table of one call")
+    parser.add_argument("--threads", type=int, default=1, help="preprocess1080, split1080: torch CPU threads")
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()
     rows = args.rows.split(",")
     if unknown := set(rows) - set(ROWS):
         parser.error(f"unknown rows {sorted(unknown)}; known: {ROWS}")
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_encoders needs a CUDA device")
-    device = torch.device("cuda")
-    rate = gemm_rate(device)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "gemm_tflop_per_s": rate / 1e12,
-              "date": time.strftime("%Y-%m-%d", time.gmtime()), "rows": []}
-    print(f"bf16 GEMM 8192^3: {rate / 1e12:.0f} TFLOP/s on {result['device']}", flush=True)
+    result = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d", time.gmtime()), "rows": []}
+    if set(rows) - set(CPU_ROWS):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"bench_encoders needs a CUDA device for the rows other than {CPU_ROWS}")
+        device = torch.device("cuda")
+        rate = gemm_rate(device)
+        result |= {"device": torch.cuda.get_device_name(), "gemm_tflop_per_s": rate / 1e12}
+        print(f"bf16 GEMM 8192^3: {rate / 1e12:.0f} TFLOP/s on {result['device']}", flush=True)
     for name in rows:
-        if name == "vit1080":
+        if name == "preprocess1080":
+            row = preprocess_row(name, args)
+        elif name == "split1080":
+            row = split_row(name, args)
+        elif name == "vit1080":
             row = vision_row(name, [(1, 68, 120)], device, rate, args)
         elif name == "vit8x1024":
             row = vision_row(name, [(1, 64, 64)] * 8, device, rate, args)

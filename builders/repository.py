@@ -8,11 +8,12 @@ Writes the `config.pbtxt` of every model of the role (`mimo.serving.contract.ROL
 whole pipeline; encoder is `encode_item` = media_preprocessing -> mimo_encoder; language is the entry, mimo_llm and
 postprocessing) from the graph declared in `mimo.serving.contract` (tensors, ensemble maps, parameter names) with
 this deployment's values, and copies each `model_repository/<model>/1/model.py` (a Triton ensemble has none). The
-flags are the fields of `RepositorySettings` and the knobs of `mimo.engine.EngineConfig`, each with the default and
-help of its field. `--device gpu` puts mimo_encoder and mimo_llm on KIND_GPU and lets the prompt table reach
-mimo_llm in GPU memory; the printed command then sizes Triton's CUDA memory pool for the prompt tables that can be
-in flight between the two. GPU instances are placed explicitly (`gpus: [...]`): Triton would otherwise put `count`
-instances on every GPU, and several mimo_llm instances are several independent engines.
+flags are the fields of `RepositorySettings` and the knobs of `mimo.engine.EngineConfig` (mimo_llm) and
+`mimo.serving.encode.EncoderConfig` (mimo_encoder), each with the default and help of its field. `--device gpu`
+puts mimo_encoder and mimo_llm on KIND_GPU and lets the prompt table reach mimo_llm in GPU memory; the printed
+command then sizes Triton's CUDA memory pool for the prompt tables that can be in flight between the two. GPU
+instances are placed explicitly (`gpus: [...]`): Triton would otherwise put `count` instances on every GPU, and
+several mimo_llm instances are several independent engines.
 
 `--deploy` serves a deployment artifact (`python -m builders convert`): preprocessing, mimo_encoder and
 postprocessing read its `encoder/` folder; mimo_llm's one instance is rank 0 of the artifact's tensor-parallel ranks
@@ -33,11 +34,14 @@ from pathlib import Path
 
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, engine_knobs
+from mimo.engine.engine import knob_help
 from mimo.epd.handoff import HANDOFF_MODES
 from mimo.epd.orchestrate import parse_urls
 from mimo.parallel.deploy import ENCODER_DIR, DeployArtifact
+from mimo.processing.image import nvjpeg_available
 from mimo.serving import contract
 from mimo.serving.contract import EMBEDDING, ModelSpec, TensorSpec
+from mimo.serving.encode import EncoderConfig, encoder_knobs
 
 MODEL_FILES = Path(__file__).resolve().parents[1] / "model_repository"  # <model>/1/model.py
 MODELS = tuple(contract.MODELS)
@@ -48,7 +52,9 @@ _DEVICE_DEFAULTS = {  # dtype, KV-cache bytes
     "cpu": ("float32", 256 * 2**20),
     "gpu": ("bfloat16", 16 * 2**30),
 }
-_ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+# RepositorySettings field -> the config whose `knob` fields it overrides (each knob a flag and a model parameter)
+KNOB_CONFIGS = {"engine": EngineConfig, "encoder": EncoderConfig}
+_KNOB_DEFAULTS = {f.name: f.default for config in KNOB_CONFIGS.values() for f in dataclasses.fields(config)}
 _SERVED_DEFAULT_NOTES = {  # where the served value is not the EngineConfig default itself
     "max_model_len": "at most the checkpoint's max_position_embeddings",
     "kv_cache_memory_bytes": "256 MiB on cpu, 16 GiB on gpu, unless --num-full-blocks",
@@ -85,6 +91,11 @@ class RepositorySettings:
     # preprocessing runs one request at a time per instance: a slow media item holds only its own instance
     preprocessing_instances: int = setting(max(2, min(8, (os.cpu_count() or 2) // 2)),
                                            "instances of preprocessing (half the CPU cores, 2 to 8)")
+    jpeg_decode: str = setting("auto", "where JPEGs are decoded: encoder (preprocessing ships them undecoded and "
+                                       "mimo_encoder decodes them with nvJPEG, torchvision's decode_jpeg on its GPU), "
+                                       "preprocessing (PIL, on the CPU), or auto: encoder with --device gpu where "
+                                       "torchvision's CUDA JPEG decoder is there, else preprocessing",
+                               choices=("auto", "encoder", "preprocessing"))  # fmt: skip
     queue_delay_us: int = setting(100, "dynamic-batching delay of mimo_llm and postprocessing (us)")
     encoder_queue_delay_us: int = setting(2000, "dynamic-batching delay of mimo_encoder (us)")
     cancellation_check_period_ms: int = setting(50, "how often mimo_llm and the entry ask Triton which requests "
@@ -105,6 +116,7 @@ class RepositorySettings:
                                   "same host), nixl (the encoder server WRITEs them with NIXL, across hosts), grpc "
                                   "(in the response, copied in; nothing to install)", choices=HANDOFF_MODES)  # fmt: skip
     engine: Mapping[str, int] = field(default_factory=dict)  # EngineConfig knobs that differ from their defaults
+    encoder: Mapping[str, int] = field(default_factory=dict)  # EncoderConfig knobs that differ from their defaults
 
     def __post_init__(self):
         if self.handoff not in HANDOFF_MODES:
@@ -113,9 +125,14 @@ class RepositorySettings:
             raise ValueError(f"role must be one of {sorted(contract.ROLES)}, got {self.role!r}")
         if self.device not in _DEVICE_DEFAULTS:
             raise ValueError(f"device must be one of {sorted(_DEVICE_DEFAULTS)}, got {self.device!r}")
-        unknown = sorted(set(self.engine) - set(engine_knobs()))
-        if unknown:
-            raise ValueError(f"engine settings {unknown} are not EngineConfig knobs ({', '.join(engine_knobs())})")
+        for group, config in KNOB_CONFIGS.items():
+            unknown, knobs = sorted(set(getattr(self, group)) - set(knob_help(config))), ", ".join(knob_help(config))
+            if unknown:
+                raise ValueError(f"{group} settings {unknown} are not {config.__name__} knobs ({knobs})")
+        if self.jpeg_decode not in ("auto", "encoder", "preprocessing"):
+            raise ValueError(f"jpeg_decode must be auto, encoder or preprocessing, got {self.jpeg_decode!r}")
+        if self.jpeg_decode == "encoder" and self.device != "gpu":
+            raise ValueError("--jpeg-decode encoder decodes with nvJPEG on the encoder's GPU: it needs --device gpu")
         if self.role == "language" and not (self.encoder_urls or self.encoder_urls_file):
             raise ValueError("--role language needs its encoder servers: --encoder-urls or --encoder-urls-file")
         parse_urls(self.encoder_urls, "--encoder-urls")  # raises naming the address that is not host:port
@@ -140,6 +157,13 @@ class RepositorySettings:
         return 1 if self.deploy is None else DeployArtifact.open(self.deploy).mapping.world_size
 
     @property
+    def jpeg_to_encoder(self) -> bool:
+        """Whether JPEGs travel to mimo_encoder undecoded (`jpeg_decode`; auto asks this host for nvJPEG)."""
+        if self.jpeg_decode == "auto":
+            return self.device == "gpu" and nvjpeg_available()
+        return self.jpeg_decode == "encoder"
+
+    @property
     def resolved_dtype(self) -> str:
         return self.dtype or _DEVICE_DEFAULTS[self.device][0]
 
@@ -150,7 +174,7 @@ class RepositorySettings:
 
     def engine_knobs(self, config: MiMoV2Config) -> dict[str, int | None]:
         """Every served EngineConfig knob: the override, else its default (see _SERVED_DEFAULT_NOTES); validated."""
-        knobs = {name: self.engine.get(name, _ENGINE_DEFAULTS[name]) for name in engine_knobs()}
+        knobs = {name: self.engine.get(name, _KNOB_DEFAULTS[name]) for name in engine_knobs()}
         if "max_model_len" not in self.engine:
             knobs["max_model_len"] = min(config.max_position_embeddings, knobs["max_model_len"])
         if knobs["kv_cache_memory_bytes"] is None and knobs["num_full_blocks"] is None:
@@ -159,6 +183,12 @@ class RepositorySettings:
         if knobs["num_speculative_tokens"] > config.num_nextn_predict_layers:
             raise ValueError(f"num_speculative_tokens={knobs['num_speculative_tokens']} needs as many MTP layers; "
                              f"{self.checkpoint} has {config.num_nextn_predict_layers}")
+        return knobs
+
+    def encoder_knobs(self) -> dict[str, int]:
+        """Every served EncoderConfig knob: the override, else its default; validated."""
+        knobs = {name: self.encoder.get(name, _KNOB_DEFAULTS[name]) for name in encoder_knobs()}
+        EncoderConfig(**knobs)  # raises ValueError naming a bad value
         return knobs
 
 
@@ -186,14 +216,16 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
     return {
         # execute() works through a batch request by request: batching would make each wait for the slowest
         "preprocessing": Deployment(None, instance_group(settings.preprocessing_instances, None),
-                                    {"checkpoint_dir": checkpoint, "max_model_len": knobs["max_model_len"]}),
+                                    {"checkpoint_dir": checkpoint, "max_model_len": knobs["max_model_len"],
+                                     "jpeg_to_encoder": _yes_no(settings.jpeg_to_encoder)}),
         # the encoder role's: one item per request, decoding on the CPU as preprocessing does
         "media_preprocessing": Deployment(None, instance_group(settings.preprocessing_instances, None),
-                                          {"checkpoint_dir": checkpoint, "dtype": settings.resolved_dtype}),
+                                          {"checkpoint_dir": checkpoint, "dtype": settings.resolved_dtype,
+                                           "jpeg_to_encoder": _yes_no(settings.jpeg_to_encoder)}),
         "mimo_encoder": Deployment(
             settings.encoder_queue_delay_us,
             instance_group(settings.encoder_instances, settings.encoder_gpus if gpu else None),
-            {"checkpoint_dir": checkpoint, "dtype": settings.resolved_dtype},
+            {"checkpoint_dir": checkpoint, "dtype": settings.resolved_dtype, **settings.encoder_knobs()},
         ),
         "mimo_llm": Deployment(settings.queue_delay_us, instance_group(1, settings.llm_gpus[:1] if gpu else None), {
             "checkpoint_dir": "" if settings.deploy else checkpoint,
@@ -241,6 +273,10 @@ def landing_pool_bytes(settings: RepositorySettings, hidden_size: int) -> int:
     if settings.device == "gpu":
         return 4 * settings.max_media_tokens * hidden_size * _DTYPE_BYTES[settings.resolved_dtype]
     return 64 << 20
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
 
 
 def _quote(value: object) -> str:
@@ -361,20 +397,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         parser.add_argument(_flag(f.name), type=options.pop("type", type(f.default)), default=f.default,
                             help=f.metadata["help"] + ("" if f.default is None else f" (default: {shown})"), **options)
-    engine = parser.add_argument_group("engine (mimo.engine.EngineConfig)")
-    for name, help_text in engine_knobs().items():
-        shown = [str(_ENGINE_DEFAULTS[name])] if _ENGINE_DEFAULTS[name] is not None else []
-        shown += [_SERVED_DEFAULT_NOTES[name]] if name in _SERVED_DEFAULT_NOTES else []
-        default = f" (default: {', '.join(shown)})" if shown else ""
-        engine.add_argument(_flag(name), type=int, default=None, help=help_text + default)
+    for group, config in KNOB_CONFIGS.items():
+        arguments = parser.add_argument_group(f"{group} ({config.__module__}.{config.__name__})")
+        for name, help_text in knob_help(config).items():
+            shown = [str(_KNOB_DEFAULTS[name])] if _KNOB_DEFAULTS[name] is not None else []
+            shown += [_SERVED_DEFAULT_NOTES[name]] if name in _SERVED_DEFAULT_NOTES else []
+            default = f" (default: {', '.join(shown)})" if shown else ""
+            arguments.add_argument(_flag(name), type=int, default=None, help=help_text + default)
 
 
 def settings_from_args(args: argparse.Namespace) -> RepositorySettings:
     values = {f.name: getattr(args, f.name) for f in _setting_fields()}
-    engine = {name: getattr(args, name) for name in engine_knobs() if getattr(args, name) is not None}
+    for group, config in KNOB_CONFIGS.items():
+        values[group] = {name: getattr(args, name) for name in knob_help(config) if getattr(args, name) is not None}
     if args.deploy is not None:
-        return RepositorySettings.for_deploy(args.deploy, engine=engine, **values)
-    return RepositorySettings(checkpoint=args.checkpoint, engine=engine, **values)
+        return RepositorySettings.for_deploy(args.deploy, **values)
+    return RepositorySettings(checkpoint=args.checkpoint, **values)
 
 
 def run(args: argparse.Namespace) -> None:

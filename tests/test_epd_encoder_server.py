@@ -56,11 +56,11 @@ def processor(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_checkpoint, settings):
+def reference(tiny_checkpoint, settings, processor):
     """The colocated mimo_encoder's computation, in-process, on the served device and dtype."""
     device = "cuda" if SERVING_DEVICE == "gpu" else "cpu"
     dtype = torch_dtype(settings.resolved_dtype)
-    return PromptTableEncoder(load_multimodal_encoder(tiny_checkpoint, dtype, torch.device(device)))
+    return PromptTableEncoder(load_multimodal_encoder(tiny_checkpoint, dtype, torch.device(device)), processor.config)
 
 
 @pytest.fixture

@@ -134,7 +134,7 @@ def test_planned_item_and_prompt_equal_the_preprocessed(base_processor, modality
         return
     assert planned.input_ids == processed.input_ids  # placeholder runs, timestamps text included
     (planned_item,), (item,) = planned.items, processed.items
-    assert planned_item.pixel_values is None and planned_item.pixel_values_videos is None and planned_item.mel is None
+    assert planned_item.frames is None and planned_item.jpeg is None and planned_item.mel is None
     hash_ = content_hash(modality, MEDIA[modality][name], processor.config)
     assert ItemMetadata.of(planned_item, hash_, processor.config) == ItemMetadata.of(item, hash_, processor.config)
     assert processor.assign_prompt_table_ids(planned) == processor.assign_prompt_table_ids(processed)

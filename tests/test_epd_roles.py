@@ -97,7 +97,7 @@ def test_rendered_repositories_follow_the_roles(tiny_checkpoint, tmp_path):
     assert 'platform: "ensemble"' in config and "backend:" not in config
     assert re.findall(r'model_name: "(\w+)"', config) == ["media_preprocessing", "mimo_encoder"]
     assert '{ key: "prompt_embedding_table" value: "prompt_embedding_table" }' in config
-    assert '{ key: "pixel_values" value: "_media_preprocessing_pixel_values" }' in config
+    assert '{ key: "frames" value: "_media_preprocessing_frames" }' in config
     assert list((encoder / "encode_item" / "1").iterdir()) == []  # an ensemble has no model.py
     assert (encoder / "media_preprocessing" / "1" / "model.py").is_file()
     media = (encoder / "media_preprocessing" / "config.pbtxt").read_text()

@@ -14,6 +14,7 @@ from mimo.models.audio_tower import AudioConfig, MiMoAudioEncoder
 from mimo.models.multimodal_encoder import MiMoMultimodalEncoder
 from mimo.models.vision_tower import MiMoVisionTransformer, VisionConfig
 from mimo.processing.config import ProcessorConfig
+from mimo.processing.image import frames_of, vision_patches
 from mimo.processing.errors import MediaLimitError, PlaceholderMismatchError, ProcessingError
 from mimo.processing.items import MediaItem, Modality, pack_items, unpack_items
 from mimo.processing.placeholders import check_encoder_rows, expand_placeholders
@@ -88,7 +89,8 @@ def test_media_items_come_in_prompt_order_with_expanded_runs(processor, all_medi
     assert [item.modality for item in prompt.items] == [Modality.IMAGE, Modality.AUDIO, Modality.VIDEO, Modality.VIDEO]
     tokens = processor.config.tokens
     image, audio, sound_video, silent_video = prompt.items
-    assert image.pixel_values.shape == (24, 1536) and image.grid_thw.tolist() == [[1, 4, 6]] and image.num_tokens == 6
+    assert image.frames.dtype == torch.uint8 and image.frame_shape.tolist() == [[1, 70, 100]]
+    assert image.grid_thw.tolist() == [[1, 4, 6]] and image.num_tokens == 6
     assert audio.mel.shape[1] == 128 and audio.num_tokens == int(audio.audio_token_len)
     assert sound_video.has_sound and sound_video.num_tokens == 4 * 6 + int(sound_video.segment_lens.sum())
     assert not silent_video.has_sound and silent_video.num_tokens == 2 * 6
@@ -130,13 +132,18 @@ def tiny_encoder() -> MiMoMultimodalEncoder:
     ).eval()
 
 
-def encode_item(encoder: MiMoMultimodalEncoder, item: MediaItem) -> torch.Tensor:
+def patches(item: MediaItem, config: ProcessorConfig) -> torch.Tensor:
+    grid = item.grid_thw if item.modality == Modality.IMAGE else item.video_grid_thw
+    return vision_patches(frames_of(item.frames, item.frame_shape), grid, config)
+
+
+def encode_item(encoder: MiMoMultimodalEncoder, item: MediaItem, config: ProcessorConfig) -> torch.Tensor:
     """The item's prompt-table rows in the documented order."""
     if item.modality == Modality.IMAGE:
-        return encoder.encode_images(item.pixel_values, item.grid_thw)[0]
+        return encoder.encode_images(patches(item, config), item.grid_thw)[0]
     if item.modality == Modality.AUDIO:
         return encoder.encode_audios([item.mel])[0]
-    rows = encoder.encode_videos(item.pixel_values_videos, item.video_grid_thw)[0]
+    rows = encoder.encode_videos(patches(item, config), item.video_grid_thw)[0]
     if item.has_sound:
         assert encoder.encode_audios([item.mel])[0].shape[0] == int(item.audio_token_len)
         rows = torch.cat([rows, encoder.encode_video_audio(item.mel, item.segment_starts, item.segment_lens)])
@@ -149,12 +156,12 @@ def test_token_counts_equal_the_encoder_rows_for_every_modality(processor, media
     prompt = processor.process(messages)
     table = processor.assign_prompt_table_ids(prompt)
     encoder = tiny_encoder()
-    produced = [encode_item(encoder, item) for item in prompt.items]
+    produced = [encode_item(encoder, item, processor.config) for item in prompt.items]
     check_encoder_rows(table.rows_per_item, [rows.shape[0] for rows in produced])
     assert all(rows.shape[1] == HIDDEN for rows in produced)
     # a grid the prompt was not built for gives a different row count, which is caught
     image = prompt.items[0]
-    wrong = encoder.encode_images(image.pixel_values[:16], torch.tensor([[1, 4, 4]]))[0]
+    wrong = encoder.encode_images(patches(image, processor.config)[:16], torch.tensor([[1, 4, 4]]))[0]
     with pytest.raises(PlaceholderMismatchError, match="media item 0: encoder produced 4 rows, the prompt has 6"):
         check_encoder_rows(table.rows_per_item, [wrong.shape[0]] + [rows.shape[0] for rows in produced[1:]])
     with pytest.raises(PlaceholderMismatchError, match="encoder returned 4 items, the prompt has 5"):
@@ -165,12 +172,12 @@ def test_pack_unpack_round_trip(all_media_prompt):
     items = all_media_prompt.items
     packed = pack_items(items)
     assert all(isinstance(v, np.ndarray) and v.dtype != object for v in packed.values())
-    assert packed["pixel_values"].shape == (24, 1536) and packed["pixel_values_rows"].tolist() == [24, -1, -1, -1]
+    assert packed["frames"].dtype == np.uint8 and packed["frames_rows"].tolist()[0] == 3 * 70 * 100
     unpacked = unpack_items({name: value.copy() for name, value in packed.items()})
     assert len(unpacked) == len(items)
     for before, after in zip(items, unpacked):
         assert (after.modality, after.num_tokens) == (before.modality, before.num_tokens)
-        for name in ("pixel_values", "grid_thw", "pixel_values_videos", "video_grid_thw", "mel", "segment_starts",
+        for name in ("frames", "jpeg", "frame_shape", "grid_thw", "video_grid_thw", "mel", "segment_starts",
                      "segment_lens"):
             b, a = getattr(before, name), getattr(after, name)
             assert (a is None) == (b is None), name
@@ -183,8 +190,8 @@ def test_pack_unpack_round_trip(all_media_prompt):
 
 def test_unpack_rejects_inconsistent_arrays(processor, media):
     packed = pack_items(processor.process(user({"type": "image", "image": media["image"]})).items)
-    with pytest.raises(ProcessingError, match="'pixel_values' has 23 rows"):
-        unpack_items({**packed, "pixel_values": packed["pixel_values"][:23]})
+    with pytest.raises(ProcessingError, match="'frames' has 23 rows"):
+        unpack_items({**packed, "frames": packed["frames"][:23]})
     with pytest.raises(ProcessingError, match="'grid_thw_rows' must have one entry per item"):
         unpack_items({**packed, "grid_thw_rows": np.array([1, 1])})
     with pytest.raises(ProcessingError, match="bad 'modality'"):

@@ -64,7 +64,7 @@ def test_sound_video_frames_timestamps_and_units(sound_video):
 
 def video_item(video) -> MediaItem:
     item = MediaItem(Modality.VIDEO, int(video.video_grid_thw.prod()) // 4,
-                     pixel_values_videos=video.pixel_values_videos, video_grid_thw=video.video_grid_thw,
+                     video_grid_thw=video.video_grid_thw,
                      video_timestamps=video.video_timestamps,
                      second_per_grid_ts=torch.tensor([video.second_per_grid_ts], dtype=torch.float64))
     if video.soundtrack is not None:

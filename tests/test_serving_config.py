@@ -20,6 +20,7 @@ from mimo.engine import EngineConfig, engine_knobs
 from mimo.processing.items import PACKED_MEDIA_TENSORS, WIRE_FIELDS, MediaItem
 from mimo.serving import contract
 from mimo.serving.contract import ENTRY, ContractError, ModelSpec, TensorSpec, entry_steps
+from mimo.serving.encode import EncoderConfig, encoder_config, encoder_knobs
 from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter
 
 
@@ -73,7 +74,7 @@ def test_packed_media_come_from_the_media_item_declaration(repository):
     encoder_inputs = [t.name for t in repository["mimo_encoder"].input]
     assert encoder_inputs == list(PACKED_MEDIA_TENSORS)
     assert [t.name for t in repository["preprocessing"].output][-len(encoder_inputs):] == encoder_inputs
-    assert len(encoder_inputs) == 16
+    assert len(encoder_inputs) == 18
     # preprocessing-only fields (placeholder text, video metadata) do not travel
     for name in ("video_timestamps", "second_per_grid_ts", "audio_token_len"):
         assert name in {f.name for f in dataclasses.fields(MediaItem)} and name not in WIRE_FIELDS
@@ -127,12 +128,33 @@ def test_engine_knobs_have_one_default_flag_and_parameter(repository, tiny_check
                           tmp_path / "y")
 
 
+def test_encoder_knobs_have_one_default_flag_and_parameter(repository, tiny_checkpoint, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(tiny_checkpoint), "--out", "x", "--max-encoder-batch-patches", "9"])
+    settings = settings_from_args(args)
+    assert settings.encoder == {"max_encoder_batch_patches": 9} and settings.engine == {}
+    help_text = parser.format_help()
+    parameters = repository["mimo_encoder"].parameters
+    for name, what in encoder_knobs().items():
+        assert f"--{name.replace('_', '-')}" in help_text and what.split()[0] in help_text
+    served = {name: {"string_value": parameters[name].string_value} for name in encoder_knobs()}
+    assert encoder_config({"parameters": served}) == EncoderConfig()  # the field defaults, rendered and read back
+    render_repository(settings, tmp_path / "set")
+    assert parsed(tmp_path / "set", "mimo_encoder").parameters["max_encoder_batch_patches"].string_value == "9"
+    with pytest.raises(ValueError, match=r"encoder settings \['max_batch_patches'\] are not EncoderConfig knobs"):
+        RepositorySettings(checkpoint=tiny_checkpoint, encoder={"max_batch_patches": 4})
+    with pytest.raises(ValueError, match="EncoderConfig.max_encoder_batch_patches must be a positive int"):
+        render_repository(RepositorySettings(checkpoint=tiny_checkpoint, encoder={"max_encoder_batch_patches": 0}),
+                          tmp_path / "x")
+
+
 def test_declared_parameters_are_the_ones_the_models_read():
     for name, spec in contract.MODELS.items():
         text = (MODEL_FILES / name / "1" / "model.py").read_text()
         for parameter in spec.parameters:
-            if parameter in engine_knobs() or parameter == "FORCE_CPU_ONLY_INPUT_TENSORS":
-                continue  # read by mimo.serving.llm.engine_config / by Triton's Python backend
+            if parameter in {**engine_knobs(), **encoder_knobs()} or parameter == "FORCE_CPU_ONLY_INPUT_TENSORS":
+                continue  # read by mimo.serving.llm.engine_config / encode.encoder_config / Triton's Python backend
             assert f'"{parameter}"' in text, (name, parameter)
 
 

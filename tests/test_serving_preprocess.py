@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from client.sample_media import sample_image, sample_tone
+from processing_media import encode_video
 from mimo.processing.errors import ProcessingError
 from mimo.processing.items import PACKED_MEDIA_TENSORS
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.contract import PREPROCESSING, triton_type
-from mimo.serving.encode import PromptTableEncoder, load_multimodal_encoder, unpack_request
+from mimo.serving.encode import (
+    EncoderConfig, PromptTableEncoder, budget_chunks, encoder_config, load_multimodal_encoder, unpack_request,
+)
 from mimo.serving.preprocess import decode_media_item, preprocess_request, user_messages
 
 MAX_MODEL_LEN = 4096
@@ -24,8 +27,9 @@ def processor(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_checkpoint):
-    return PromptTableEncoder(load_multimodal_encoder(tiny_checkpoint, torch.float32, torch.device("cpu")))
+def encoder(tiny_checkpoint, processor):
+    return PromptTableEncoder(load_multimodal_encoder(tiny_checkpoint, torch.float32, torch.device("cpu")),
+                              processor.config)  # fmt: skip
 
 
 def request(text: bytes, **media) -> dict[str, np.ndarray]:
@@ -120,3 +124,67 @@ def test_batched_encoding_equals_one_by_one_and_isolates_a_bad_request(processor
     results = encoder.encode([second, wrong_rows])
     torch.testing.assert_close(results[0], alone[1], rtol=1e-4, atol=1e-5)
     assert isinstance(results[1], ProcessingError) and "encoder produced" in str(results[1])
+
+
+def test_budget_chunks_are_consecutive_runs_within_the_budget():
+    assert budget_chunks([3, 4, 2, 5, 1], 7) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert budget_chunks([3, 9, 2], 7) == [range(0, 1), range(1, 2), range(2, 3)]  # 9 alone
+    assert budget_chunks([2, 2, 2], 100) == [range(0, 3)]
+    assert budget_chunks([5, 5], 1) == [range(0, 1), range(1, 2)]
+    assert budget_chunks([], 8) == []
+
+
+def test_vision_forwards_stay_within_the_patch_budget_and_tables_do_not_change(processor, encoder):
+    def items(**media):
+        outputs = preprocess_request(processor, request(b"Hi", **media), MAX_MODEL_LEN)
+        return unpack_request({name: outputs[name] for name in PACKED_MEDIA_TENSORS})
+
+    small, large = sample_image((0, 90, 0), (64, 32)), sample_image((200, 40, 40), (128, 96))
+    requests = [items(image_bytes_input=[small, large], audio_bytes_input=[sample_tone()]),
+                items(video_bytes_input=[encode_video(2.0, 4)], image_bytes_input=[large, small, small]),
+                items(), items(image_bytes_input=[small], video_bytes_input=[encode_video(1.0, 4, width=64)])]
+    patches = [[int(item.grid_thw.prod()) for item in r if item.grid_thw is not None] for r in requests]
+    budget = 2 * max(max(p) for p in patches if p) - 1  # at least one forward holds two items, none all of them
+
+    def encode(budget_patches):
+        recording = RecordingEncoder(encoder.encoder)
+        tables = PromptTableEncoder(recording, processor.config,
+                                    EncoderConfig(max_encoder_batch_patches=budget_patches)).encode(requests)
+        return tables, recording.forwards
+
+    huge, huge_forwards = encode(10**9)
+    assert [(name, len(sizes)) for name, sizes in huge_forwards] == [("encode_images", 6), ("encode_videos", 2)]
+    for budget_patches in (1, budget):
+        split, forwards = encode(budget_patches)
+        assert len(forwards) > len(huge_forwards)
+        assert all(sum(sizes) <= budget_patches or len(sizes) == 1 for _, sizes in forwards)
+        assert [s for _, sizes in forwards for s in sizes] == [s for _, sizes in huge_forwards for s in sizes]
+        for together, apart in zip(huge, split, strict=True):
+            # equal up to float32 rounding (measured: 4 ulp): a CPU GEMM's rows depend on how many rows it multiplies
+            torch.testing.assert_close(apart, together, rtol=1e-5, atol=1e-6)
+    assert any(len(sizes) > 1 for _, sizes in encode(budget)[1])
+
+
+class RecordingEncoder:
+    """A multimodal encoder that records the patch count of each item of every vision forward."""
+
+    def __init__(self, encoder):
+        self.encoder, self.forwards = encoder, []
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+    def encode_images(self, pixel_values, grid_thw):
+        self.forwards.append(("encode_images", grid_thw.prod(dim=-1).tolist()))
+        return self.encoder.encode_images(pixel_values, grid_thw)
+
+    def encode_videos(self, pixel_values_videos, video_grid_thw):
+        self.forwards.append(("encode_videos", video_grid_thw.prod(dim=-1).tolist()))
+        return self.encoder.encode_videos(pixel_values_videos, video_grid_thw)
+
+
+def test_encoder_knob_is_read_from_its_parameter():
+    config = {"name": "mimo_encoder", "parameters": {"max_encoder_batch_patches": {"string_value": "123"}}}
+    assert encoder_config(config) == EncoderConfig(max_encoder_batch_patches=123)
+    with pytest.raises(ValueError, match="EncoderConfig.max_encoder_batch_patches must be a positive int, got 0"):
+        EncoderConfig(max_encoder_batch_patches=0)

@@ -139,14 +139,14 @@ def poisoned(packed: dict[str, np.ndarray], name: str, value: float) -> dict[str
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda packed: poisoned(packed, "pixel_values", np.nan), "'pixel_values' holds non-finite values"),
     (lambda packed: poisoned(packed, "mel", np.inf), "'mel' holds non-finite values"),
+    (lambda packed: {**packed, "frame_shape": packed["frame_shape"] * np.array([1, 1, 2])}, "frames hold"),
+    (lambda packed: {**packed, "grid_thw": packed["grid_thw"] * np.array([1, 2, 1])}, "give grid_thw"),
     (lambda packed: {**packed, "grid_thw": np.concatenate([packed["grid_thw"]] * 2, axis=1),
                      "grid_thw_rows": np.array([[2, -1]])}, "'grid_thw_rows' must be 1 or -1 per item"),
     (lambda packed: {**packed, "mel_rows": np.array([[3, packed["mel_rows"][0, 1] - 3]])},
-     "item 0 (image) has ['grid_thw', 'mel', 'pixel_values']"),
-    (lambda packed: {**packed, "pixel_values": packed["pixel_values"][:, :-1]},
-     "'pixel_values' has"),
+     "item 0 (image) has ['frame_shape', 'frames', 'grid_thw', 'mel']"),
+    (lambda packed: {**packed, "frames": packed["frames"][:, :-1]}, "'frames' has"),
 ])  # fmt: skip
 def test_mimo_encoder_refuses_non_finite_or_inconsistent_media(triton_server, packed_image_and_audio, change, message):
     assert message in raw_grpc_error(triton_server, raw_inputs(change(packed_image_and_audio)), model="mimo_encoder")

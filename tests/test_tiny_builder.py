@@ -26,6 +26,7 @@ from mimo.models.vision_tower import VisionConfig
 from mimo.processing.config import TOKEN_ID_KEYS
 from mimo.weights.checkpoint import INDEX_FILE, CheckpointError, HubCheckpoint, Role
 from mimo.weights.fused_qkv import fused_rows, layer_qkv_geometry
+from tools.__main__ import main as tools_main
 
 # ref §1.1 keys read by sglang (plus hub-only keys the release configs carry)
 HUB_KEYS = {

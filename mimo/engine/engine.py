@@ -23,8 +23,14 @@ logger = logging.getLogger(__name__)
 
 
 def knob(default, help: str):
-    """An EngineConfig field that deployments set (`python -m builders repository` flag, mimo_llm parameter)."""
+    """A served config field (EngineConfig's, mimo.serving.encode.EncoderConfig's): a `python -m builders repository`
+    flag and a parameter of the model that reads the config, with this one default and help text."""
     return field(default=default, metadata={"help": help})
+
+
+def knob_help(config_class: type) -> dict[str, str]:
+    """The `knob` fields of a config dataclass and their help text, in declaration order."""
+    return {f.name: f.metadata["help"] for f in fields(config_class) if "help" in f.metadata}
 
 
 @dataclass(slots=True)
@@ -54,10 +60,10 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
-            _check_positive(name, getattr(self, name))
+            check_positive_knob(self, name)
         for name in ("max_prefill_chunk", "num_full_blocks", "num_sliding_blocks", "kv_cache_memory_bytes"):
             if getattr(self, name) is not None:
-                _check_positive(name, getattr(self, name))
+                check_positive_knob(self, name)
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"EngineConfig.attention_kernel={self.attention_kernel!r} is not one of "
                              f"{', '.join(ATTENTION_KERNELS)}")
@@ -79,12 +85,13 @@ class EngineConfig:
 
 def engine_knobs() -> dict[str, str]:
     """The served EngineConfig fields and their help text, in declaration order."""
-    return {f.name: f.metadata["help"] for f in fields(EngineConfig) if "help" in f.metadata}
+    return knob_help(EngineConfig)
 
 
-def _check_positive(name: str, value) -> None:
+def check_positive_knob(config, name: str) -> None:
+    value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"EngineConfig.{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,17 +32,20 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class ItemPreprocessor:
-    def __init__(self, config: ProcessorConfig, hidden_size: int, dtype: str):
+    def __init__(self, config: ProcessorConfig, hidden_size: int, dtype: str, *, jpeg_to_encoder: bool = False):
         if dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
         self.config, self.hidden_size, self.dtype = config, hidden_size, dtype
+        self.jpeg_to_encoder = jpeg_to_encoder  # JPEGs left for mimo_encoder to decode (nvJPEG)
         self.row_bytes = hidden_size * DTYPE_BYTES[dtype]
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, dtype: str) -> ItemPreprocessor:
+    def from_checkpoint(cls, checkpoint_dir: str | Path, dtype: str, *, jpeg_to_encoder: bool = False
+                        ) -> ItemPreprocessor:  # fmt: skip
         """The processor settings and the encoders' output width (vision out_hidden_size, the LM's hidden size)."""
         vision = VisionConfig.from_dict(MiMoV2Config.from_pretrained(checkpoint_dir).vision_config)
-        return cls(processor_config_from_checkpoint(checkpoint_dir), vision.out_hidden_size, dtype)
+        return cls(processor_config_from_checkpoint(checkpoint_dir), vision.out_hidden_size, dtype,
+                   jpeg_to_encoder=jpeg_to_encoder)
 
     def preprocess(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One request's inputs (batch dimension of 1) -> every media_preprocessing output (batch dimension of 1)."""
@@ -58,7 +61,7 @@ class ItemPreprocessor:
             raise MetadataError(f"{ITEM_METADATA}.content_hash is {planned.content_hash}, but {MEDIA_BYTES} with this "
                                 f"encoder server's processor settings hash to {found_hash}: another file, or "
                                 "servers whose processor settings differ")  # fmt: skip
-        item = preprocess_media(MediaPart(planned.modality, data), self.config)
+        item = preprocess_media(MediaPart(planned.modality, data), self.config, jpeg_to_encoder=self.jpeg_to_encoder)
         found = ItemMetadata.of(item, found_hash, self.config)
         planned.check_matches(found, "decoding the item", ITEM_METADATA)
         outputs = {name: array[np.newaxis] for name, array in pack_items([item]).items()}

@@ -39,9 +39,14 @@ class MediaItem:
 
     modality: Modality
     num_tokens: int
-    pixel_values: torch.Tensor | None = encoder_input(np.float32, 2)  # image [N, C*T*p*p]
+    # image, video: the decoded frames before the resize (a video's sampled frames, before the last is repeated to
+    # whole temporal groups), uint8 [n, 3, H, W] flattened; mimo_encoder resizes, normalises and patchifies them
+    # on its device (`mimo.processing.image.vision_patches`)
+    frames: torch.Tensor | None = encoder_input(np.uint8, 1)
+    # an image instead of `frames`: its encoded JPEG, decoded by mimo_encoder (nvJPEG on a GPU; `image.jpeg_on_encoder`)
+    jpeg: torch.Tensor | None = encoder_input(np.uint8, 1)
+    frame_shape: torch.Tensor | None = encoder_input(np.int64, 2)  # image, video [1, 3]: (n, H, W) of the frames
     grid_thw: torch.Tensor | None = encoder_input(np.int64, 2)  # image [1, 3]
-    pixel_values_videos: torch.Tensor | None = encoder_input(np.float32, 2)  # video [N, C*T*p*p]
     video_grid_thw: torch.Tensor | None = encoder_input(np.int64, 2)  # video [1, 3]
     video_timestamps: torch.Tensor | None = None  # video [grid_t] float64 seconds
     second_per_grid_ts: torch.Tensor | None = None  # video [1] float64
@@ -85,14 +90,16 @@ def pack_items(items: list[MediaItem]) -> dict[str, np.ndarray]:
     return packed
 
 
-# wire fields each modality must have; a video's sound track comes with all of SOUNDTRACK_FIELDS or none
-REQUIRED_FIELDS = {
-    Modality.IMAGE: frozenset({"pixel_values", "grid_thw"}),
-    Modality.AUDIO: frozenset({"mel"}),
-    Modality.VIDEO: frozenset({"pixel_values_videos", "video_grid_thw"}),
+# the wire fields of each modality, one of these sets exactly; a video's sound track comes with all of
+# SOUNDTRACK_FIELDS or none
+ALLOWED_FIELDS = {
+    Modality.IMAGE: (frozenset({"frames", "frame_shape", "grid_thw"}), frozenset({"jpeg", "frame_shape", "grid_thw"})),
+    Modality.AUDIO: (frozenset({"mel"}),),
+    Modality.VIDEO: (frozenset({"frames", "frame_shape", "video_grid_thw"}),),
 }
 SOUNDTRACK_FIELDS = frozenset({"mel", "segment_starts", "segment_lens"})
-GRID_FIELDS = ("grid_thw", "video_grid_thw")  # one row per item: the towers return one table per grid row
+# one row per item: the towers return one table per grid row
+GRID_FIELDS = ("grid_thw", "video_grid_thw", "frame_shape")
 
 
 def unpack_items(packed: dict[str, np.ndarray]) -> list[MediaItem]:
@@ -134,9 +141,11 @@ def unpack_items(packed: dict[str, np.ndarray]) -> list[MediaItem]:
 
 def _check_fields(index: int, item: MediaItem) -> None:
     present = {name for name in WIRE_FIELDS if getattr(item, name) is not None}
-    required = REQUIRED_FIELDS[item.modality]
-    allowed = (required, required | SOUNDTRACK_FIELDS) if item.modality == Modality.VIDEO else (required,)
+    allowed = ALLOWED_FIELDS[item.modality]
+    if item.modality == Modality.VIDEO:
+        allowed = (*allowed, *(fields | SOUNDTRACK_FIELDS for fields in allowed))
     if present not in allowed:
         sound = f", with sound also {sorted(SOUNDTRACK_FIELDS)}" if item.modality == Modality.VIDEO else ""
+        needs = " or ".join(str(sorted(fields)) for fields in ALLOWED_FIELDS[item.modality])
         raise ProcessingError(f"packed media items: item {index} ({item.modality.name.lower()}) has {sorted(present)}; "
-                              f"it needs exactly {sorted(required)}{sound} (the others' '<field>_rows' -1)")
+                              f"it needs exactly {needs}{sound} (the others' '<field>_rows' -1)")

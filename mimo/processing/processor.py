@@ -14,10 +14,10 @@ from mimo.processing.audio import (
 from mimo.processing.chat import MediaPart, control_token_pattern, render_chat, split_media
 from mimo.processing.config import ProcessorConfig
 from mimo.processing.errors import ProcessingError
-from mimo.processing.image import image_grid, image_tokens, preprocess_image
+from mimo.processing.image import decode_image, decoded_grid, image_grid, image_tokens, jpeg_on_encoder
 from mimo.processing.items import MediaItem, Modality
 from mimo.processing.placeholders import PromptTableIds, assign_prompt_table_ids, expand_placeholders
-from mimo.processing.video import plan_video, preprocess_video, probe_video_tokens
+from mimo.processing.video import decode_video, plan_video, probe_video_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +95,7 @@ class MiMoProcessor:
     def process(
         self, messages: list[dict], *, enable_thinking: bool = True, add_generation_prompt: bool = True,
         tools: list[dict] | None = None, budget: ContextBudget | None = None, decode: bool = True,
+        jpeg_to_encoder: bool = False,
     ) -> ProcessedPrompt:
         """Messages -> input_ids with expanded placeholders + media items.
 
@@ -104,6 +105,7 @@ class MiMoProcessor:
 
         `decode=False` plans instead (the language role, before any encoder runs): the same input_ids and items with
         the same token counts, grids, timestamps and units, but without encoder inputs (`plan_media`).
+        `jpeg_to_encoder`: see `preprocess_media`.
         """
         rendered, parts = split_media(messages, max_media_items=self.config.max_media_items,
                                       control_tokens=self.control_tokens)  # fmt: skip
@@ -123,7 +125,8 @@ class MiMoProcessor:
             room = None
             if budget is not None:
                 room = budget.room(text_tokens + sum(item.num_tokens for item in items) + sum(known[index + 1:]))
-            items.append(self.preprocess_media(part, room=room) if decode else self.plan_media(part, room=room))
+            items.append(self.preprocess_media(part, room=room, jpeg_to_encoder=jpeg_to_encoder) if decode
+                         else self.plan_media(part, room=room))  # fmt: skip
         input_ids = expand_placeholders(ids, items, self.config, self.encode_text)
         if budget is not None:
             budget.check(len(input_ids))
@@ -142,9 +145,9 @@ class MiMoProcessor:
             return probe_audio_tokens(part.data, self.config, DurationLimit.of(self.config))
         return probe_video_tokens(part.data, self.config)
 
-    def preprocess_media(self, part: MediaPart, room: int | None = None) -> MediaItem:
+    def preprocess_media(self, part: MediaPart, room: int | None = None, *, jpeg_to_encoder: bool = False) -> MediaItem:
         """Decode one item; an audio is refused as soon as it has more than `room` tokens (None: no such bound)."""
-        return preprocess_media(part, self.config, self._audio_limit(room))
+        return preprocess_media(part, self.config, self._audio_limit(room), jpeg_to_encoder=jpeg_to_encoder)
 
     def plan_media(self, part: MediaPart, room: int | None = None) -> MediaItem:
         """`preprocess_media` without the encoder inputs, from the file's header and container (see `plan_media`)."""
@@ -164,21 +167,30 @@ class MiMoProcessor:
         return assign_prompt_table_ids(prompt.input_ids, prompt.items, self.config, self.vocab_size)
 
 
-def preprocess_media(part: MediaPart, config: ProcessorConfig, audio_limit: DurationLimit | None = None) -> MediaItem:
-    """One item decoded into its encoder inputs; an audio is refused once longer than `audio_limit`."""
+def preprocess_media(part: MediaPart, config: ProcessorConfig, audio_limit: DurationLimit | None = None, *,
+                     jpeg_to_encoder: bool = False) -> MediaItem:  # fmt: skip
+    """One item decoded into its encoder inputs; an audio is refused once longer than `audio_limit`. Images and
+    videos keep their decoded uint8 frames (mimo_encoder resizes and patchifies them); with `jpeg_to_encoder` a
+    JPEG that `jpeg_on_encoder` admits keeps its encoded bytes instead (mimo_encoder decodes it, nvJPEG on a GPU)."""
     if part.modality == Modality.IMAGE:
-        pixel_values, grid_thw = preprocess_image(part.data, config)
-        return _image_item(grid_thw, config, pixel_values=pixel_values)
+        size = jpeg_on_encoder(part.data, config) if jpeg_to_encoder else None
+        if size is not None:
+            return _image_item(decoded_grid(*size, config), config, jpeg=torch.frombuffer(bytearray(part.data),
+                               dtype=torch.uint8), frame_shape=torch.tensor([[1, *size]]))  # fmt: skip
+        image = decode_image(part.data, max_source_pixels=config.max_source_pixels)
+        return _image_item(decoded_grid(image.shape[1], image.shape[2], config), config, frames=image.reshape(-1),
+                           frame_shape=torch.tensor([[1, image.shape[1], image.shape[2]]]))  # fmt: skip
     if part.modality == Modality.AUDIO:
         mel = preprocess_audio(part.data, config, audio_limit)
         return _audio_item(audio_tokens_for_mel(mel.shape[0], config), mel=mel)
-    video = preprocess_video(part.data, config)
+    video = decode_video(part.data, config)
     sound = video.soundtrack
     return _video_item(
         video.video_grid_thw, video.video_timestamps, video.second_per_grid_ts, config,
         audio_token_len=sound.audio_token_len if sound else None,
         segment_starts=sound.segment_starts if sound else None, segment_lens=sound.segment_lens if sound else None,
-        pixel_values_videos=video.pixel_values_videos, mel=sound.mel if sound else None,
+        frames=video.frames.reshape(-1), frame_shape=torch.tensor([[video.frames.shape[0], *video.frames.shape[2:]]]),
+        mel=sound.mel if sound else None,
     )
 
 
@@ -201,9 +213,9 @@ def plan_media(part: MediaPart, config: ProcessorConfig, audio_limit: DurationLi
     )
 
 
-def _image_item(grid_thw: torch.Tensor, config: ProcessorConfig, pixel_values: torch.Tensor | None = None) -> MediaItem:
-    return MediaItem(Modality.IMAGE, int(grid_thw.prod()) // config.merge_size**2,
-                     pixel_values=pixel_values, grid_thw=grid_thw)  # fmt: skip
+def _image_item(grid_thw: torch.Tensor, config: ProcessorConfig, **encoder_inputs: torch.Tensor) -> MediaItem:
+    return MediaItem(Modality.IMAGE, int(grid_thw.prod()) // config.merge_size**2, grid_thw=grid_thw,
+                     **encoder_inputs)  # fmt: skip
 
 
 def _audio_item(num_tokens: int, mel: torch.Tensor | None = None) -> MediaItem:
@@ -213,12 +225,12 @@ def _audio_item(num_tokens: int, mel: torch.Tensor | None = None) -> MediaItem:
 def _video_item(
     grid_thw: torch.Tensor, timestamps: torch.Tensor, second_per_grid_ts: float, config: ProcessorConfig, *,
     audio_token_len: int | None, segment_starts: torch.Tensor | None, segment_lens: torch.Tensor | None,
-    pixel_values_videos: torch.Tensor | None = None, mel: torch.Tensor | None = None,
+    frames: torch.Tensor | None = None, frame_shape: torch.Tensor | None = None, mel: torch.Tensor | None = None,
 ) -> MediaItem:
     video_tokens = int(grid_thw.prod()) // config.merge_size**2
     return MediaItem(
         Modality.VIDEO, video_tokens + (int(segment_lens.sum()) if segment_lens is not None else 0),
-        pixel_values_videos=pixel_values_videos, video_grid_thw=grid_thw, video_timestamps=timestamps,
+        frames=frames, frame_shape=frame_shape, video_grid_thw=grid_thw, video_timestamps=timestamps,
         second_per_grid_ts=_scalar(second_per_grid_ts), mel=mel,
         audio_token_len=_scalar(audio_token_len) if audio_token_len is not None else None,
         segment_starts=segment_starts, segment_lens=segment_lens,

@@ -2,6 +2,8 @@
 
 Frames are sampled by Qwen's `smart_nframes` rule, resized to one size for the whole clip and grouped in
 pairs (temporal_patch_size); each group becomes one "unit" that owns the audio tokens of its time span.
+Preprocessing decodes the sampled frames (`decode_video`); mimo_encoder resizes and patchifies them on its device
+(`mimo.processing.image.vision_patches`); `preprocess_video` is both in one process.
 """
 
 import math
@@ -18,7 +20,7 @@ from mimo.processing.audio import (
 from mimo.processing.config import ProcessorConfig
 from mimo.processing.container import ALLOWED_VIDEO_CODECS, check_codec, open_media, stream_seconds
 from mimo.processing.errors import MediaDecodeError, MediaLimitError, ProcessingError
-from mimo.processing.image import patchify, resize_and_normalize, smart_resize
+from mimo.processing.image import smart_resize, vision_patches
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,15 @@ class VideoLayout:
     video_timestamps: list[float]  # seconds, first frame of each temporal group
     second_per_grid_ts: float
     soundtrack: SoundtrackLayout | None
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedVideo:
+    frames: torch.Tensor  # [n, 3, H, W] uint8: the sampled frames as displayed, before the resize
+    video_grid_thw: torch.Tensor  # [1, 3] int64
+    video_timestamps: torch.Tensor  # [grid_t] float64 seconds, first frame of each temporal group
+    second_per_grid_ts: float
+    soundtrack: VideoSoundtrack | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,20 +100,21 @@ def frame_size(height: int, width: int, num_frames: int, config: ProcessorConfig
 
 def _decode_frames(
     container: av.container.InputContainer, stream: av.video.VideoStream, indices: list[int],
-    num_frames_declared: int, config: ProcessorConfig,
+    num_frames_declared: int,
 ) -> torch.Tensor:
-    """Decode the frames at `indices`, resized to one size from the clip's pixel budget: float32 [n, 3, h, w]."""
+    """Decode the frames at `indices` as displayed: uint8 [n, 3, H, W] (every frame the first one's size)."""
     wanted = iter(indices)
     next_index = next(wanted)
-    frames, size = [], None
+    frames = []
     stream.thread_type = "AUTO"
     for ordinal, frame in enumerate(container.decode(stream)):
         if ordinal != next_index:
             continue
         rgb = _displayed_rgb(frame)
-        if size is None:
-            size = frame_size(rgb.shape[1], rgb.shape[2], len(indices), config)
-        frames.append(resize_and_normalize(rgb.unsqueeze(0), size, config))
+        if frames and rgb.shape != frames[0].shape:
+            raise MediaDecodeError(f"video frame {ordinal} is {rgb.shape[2]}x{rgb.shape[1]}, the first is "
+                                   f"{frames[0].shape[2]}x{frames[0].shape[1]}: frames must keep one size")
+        frames.append(rgb)
         next_index = next(wanted, None)
         if next_index is None:
             break
@@ -110,7 +122,7 @@ def _decode_frames(
         raise MediaDecodeError(
             f"corrupt or truncated video: {num_frames_declared} frames in the stream, frame {next_index} undecodable"
         )
-    return torch.cat(frames)
+    return torch.stack(frames)
 
 
 def _displayed_rgb(frame: av.VideoFrame) -> torch.Tensor:
@@ -224,21 +236,31 @@ def _second_per_grid_ts(num_sampled: int, probe: _VideoProbe, config: ProcessorC
     return config.temporal_patch_size / sample_fps
 
 
-def preprocess_video(data: bytes, config: ProcessorConfig) -> VideoInputs:
-    """Encoded video -> frames patchified for the vision tower, timestamps, and the sound track if any."""
+def decode_video(data: bytes, config: ProcessorConfig) -> DecodedVideo:
+    """Encoded video -> its sampled frames (uint8, before the resize), grid, timestamps, and the sound track if any."""
     probe = _probe_video(data, config)
     indices = sample_frame_indices(probe.total_frames, probe.fps, config)
     with open_media(data, "video") as container:
-        frames = _decode_frames(container, container.streams.video[0], indices, probe.total_frames, config)
+        frames = _decode_frames(container, container.streams.video[0], indices, probe.total_frames)
     padded, timestamps = _group_timestamps(indices, probe.fps, config)
-    frames = torch.cat([frames, frames[-1:].expand(len(padded) - len(indices), -1, -1, -1)])
-    pixel_values, grid_thw = patchify(frames, config)
-    return VideoInputs(
-        pixel_values_videos=pixel_values,
-        video_grid_thw=grid_thw,
+    h, w = frame_size(frames.shape[2], frames.shape[3], len(indices), config)
+    grid = (len(padded) // config.temporal_patch_size, h // config.patch_size, w // config.patch_size)
+    return DecodedVideo(
+        frames=frames,
+        video_grid_thw=torch.tensor([grid], dtype=torch.long),
         video_timestamps=torch.tensor(timestamps, dtype=torch.float64),
         second_per_grid_ts=_second_per_grid_ts(len(indices), probe, config),
         soundtrack=_decode_soundtrack(data, timestamps, config) if probe.sound_seconds is not None else None,
+    )
+
+
+def preprocess_video(data: bytes, config: ProcessorConfig) -> VideoInputs:
+    """Encoded video -> frames patchified for the vision tower, timestamps, and the sound track if any."""
+    video = decode_video(data, config)
+    return VideoInputs(
+        pixel_values_videos=vision_patches(video.frames, video.video_grid_thw, config),
+        video_grid_thw=video.video_grid_thw, video_timestamps=video.video_timestamps,
+        second_per_grid_ts=video.second_per_grid_ts, soundtrack=video.soundtrack,
     )
 
 

@@ -24,6 +24,7 @@ from mimo.epd.handoff import (ENCODE_ITEM_NIXL as ENCODE_ITEM_NIXL_NAME, HANDOFF
                                NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, NIXL_TRANSFER_US, TABLE_SHAPE)  # fmt: skip
 from mimo.epd.item_encoding import ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE
 from mimo.processing.items import PACKED_MEDIA_TENSORS
+from mimo.serving.encode import encoder_knobs
 from mimo.serving.preprocess import MEDIA_INPUTS
 
 EMBEDDING = "EMBEDDING"  # dtype placeholder: the deployment's weight / prompt-table dtype
@@ -96,11 +97,13 @@ def _int32(name: str, **kwargs) -> TensorSpec:
 SPECULATIVE_DECODING = ("false: this request decodes without MTP drafts (default true; only a deployment with "
                         "num_speculative_tokens > 0 drafts; greedy tokens are the same either way)")
 STOP_REQUEST_ID = "stop_request_id"  # request parameter of a mimo_llm `stop`: the id of the request to end
+JPEG_TO_ENCODER = ("yes: a JPEG that nvJPEG shows as PIL does travels undecoded and mimo_encoder decodes it "
+                   "(mimo.processing.image.jpeg_on_encoder; builders repository --jpeg-decode)")
 CHECKPOINT_DIR = {"checkpoint_dir": "hub checkpoint (or a deployment's encoder/ folder) the model reads"}
 
 PREPROCESSING = ModelSpec(
     name="preprocessing",
-    comment="chat template, tokenization, media decode + patchify, placeholders -> prompt-table ids (>= vocab_size); "
+    comment="chat template, tokenization, media decode (uint8 frames), placeholders -> prompt-table ids (>= vocab_size); "
             "refuses a request that cannot fit max_model_len before any encoder work",
     inputs=(
         TensorSpec("text_input", "BYTES", (1,)),
@@ -118,7 +121,8 @@ PREPROCESSING = ModelSpec(
         TensorSpec("stop_words_list", "INT32", (2, -1)),
         *_packed(),
     ),
-    parameters={**CHECKPOINT_DIR, "max_model_len": "mimo_llm's max_model_len (the same value)"},
+    parameters={**CHECKPOINT_DIR, "max_model_len": "mimo_llm's max_model_len (the same value)",
+                "jpeg_to_encoder": JPEG_TO_ENCODER},
 )
 
 MIMO_ENCODER = ModelSpec(
@@ -130,7 +134,7 @@ MIMO_ENCODER = ModelSpec(
         TensorSpec("prompt_embedding_table", EMBEDDING, (-1, -1)),
         _int32("prompt_vocab_size"),
     ),
-    parameters={**CHECKPOINT_DIR, "dtype": "weights and prompt tables"},
+    parameters={**CHECKPOINT_DIR, "dtype": "weights and prompt tables", **encoder_knobs()},
     weights=("vision", "audio", "audio_tokenizer"),
 )
 
@@ -250,7 +254,8 @@ MEDIA_PREPROCESSING = ModelSpec(
     inputs=_ITEM_INPUTS,
     outputs=(*_packed(), TensorSpec(ENCODER_METADATA, "BYTES", (1,), comment="the item's metadata as the encoder "
                                                                                "found it (equal to the plan)")),
-    parameters={**CHECKPOINT_DIR, "dtype": "mimo_encoder's: the size of a row of the output, with hidden_size"},
+    parameters={**CHECKPOINT_DIR, "dtype": "mimo_encoder's: the size of a row of the output, with hidden_size",
+                "jpeg_to_encoder": JPEG_TO_ENCODER},
 )
 
 ENCODE_ITEM = ModelSpec(

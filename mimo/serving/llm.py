@@ -24,7 +24,7 @@ from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, RequestOut
 from mimo.serving.contract import STOP_REQUEST_ID
 from mimo.serving.detokenize import DETOKENIZATION_WINDOW
 from mimo.serving.lifecycle import SHUTTING_DOWN, draining
-from mimo.serving.triton_config import model_parameter
+from mimo.serving.triton_config import knob_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -368,8 +368,4 @@ def speculative_rates(stats: Mapping[str, int]) -> dict[str, float]:
 
 def engine_config(model_config: Mapping, device: torch.device, dtype: torch.dtype) -> EngineConfig:
     """EngineConfig from the `mimo_llm` config.pbtxt parameters: one per knob (`engine_knobs`), "" for None."""
-    values = {}
-    for name in engine_knobs():
-        raw = model_parameter(model_config, name)
-        values[name] = None if raw == "" else model_parameter(model_config, name, int)
-    return EngineConfig(**values, device=device, dtype=dtype)
+    return EngineConfig(**knob_parameters(model_config, engine_knobs()), device=device, dtype=dtype)

@@ -24,7 +24,8 @@ class OfflinePipeline:
     def __init__(self, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  kv_cache_memory_bytes: int = 256 * 2**20):  # fmt: skip
         self.processor = MiMoProcessor.from_checkpoint(checkpoint_dir)
-        self.encoder = PromptTableEncoder(load_multimodal_encoder(checkpoint_dir, dtype, torch.device(device)))
+        self.encoder = PromptTableEncoder(load_multimodal_encoder(checkpoint_dir, dtype, torch.device(device)),
+                                          self.processor.config)  # fmt: skip
         model = load_language_model(checkpoint_dir, dtype, device)
         max_model_len = min(model.config.max_position_embeddings, 4096)
         self.engine = LLMEngine(model, EngineConfig(max_num_seqs=1, max_num_batched_tokens=512, max_model_len=max_model_len,

@@ -72,16 +72,17 @@ def stop_words_list(processor: MiMoProcessor, words: Sequence[bytes]) -> np.ndar
     return np.array([[ids + [0] * (width - len(ids)), offsets + [-1] * (width - len(offsets))]], dtype=np.int32)
 
 
-def preprocess_request(processor: MiMoProcessor, inputs: Mapping[str, np.ndarray],
-                       max_model_len: int) -> dict[str, np.ndarray]:  # fmt: skip
-    """Every `preprocessing` output of one request (each with its batch dimension of 1) from its inputs.
+def preprocess_request(processor: MiMoProcessor, inputs: Mapping[str, np.ndarray], max_model_len: int, *,
+                       jpeg_to_encoder: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+    """Every `preprocessing` output of one request (each with its batch dimension of 1) from its inputs; images and
+    videos as their decoded uint8 frames, or with `jpeg_to_encoder` a JPEG as its file (`preprocess_media`).
 
     A prompt (media tokens included) that leaves no room for `max_tokens` (0 if not given) within `max_model_len`
     is refused here, before any encoder work, with the engine's message; as early as that is known, before any media
     decoding where the media's headers and containers tell (`MiMoProcessor.process`).
     """
     messages, budget = _messages_and_budget(processor, inputs, max_model_len)
-    prompt = processor.process(messages, budget=budget)
+    prompt = processor.process(messages, budget=budget, jpeg_to_encoder=jpeg_to_encoder)
     outputs = _llm_outputs(processor, processor.assign_prompt_table_ids(prompt).input_ids, inputs)
     outputs.update({name: array[np.newaxis] for name, array in pack_items(prompt.items).items()})
     return outputs

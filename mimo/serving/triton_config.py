@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -25,6 +25,20 @@ def model_parameter(model_config: Mapping, name: str, cast: type = str):
         return cast(raw)
     except ValueError:
         raise ValueError(f"parameter {name!r} must be {cast.__name__}, got {raw!r}") from None
+
+
+def yes_no_parameter(model_config: Mapping, name: str) -> bool:
+    """A parameter that must be "yes" or "no"."""
+    raw = model_parameter(model_config, name)
+    if raw not in ("yes", "no"):
+        raise ValueError(f"parameter {name!r} must be yes or no, got {raw!r}")
+    return raw == "yes"
+
+
+def knob_parameters(model_config: Mapping, names: Iterable[str]) -> dict[str, int | None]:
+    """Integer knobs (`mimo.engine.engine.knob` fields) from their parameters; "" stands for None."""
+    return {name: None if model_parameter(model_config, name) == "" else model_parameter(model_config, name, int)
+            for name in names}  # fmt: skip
 
 
 def instance_device(args: Mapping[str, str]) -> torch.device:

@@ -7,7 +7,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from mimo.processing.errors import ProcessingError
-from mimo.serving.encode import PromptTableEncoder, load_multimodal_encoder, unpack_request
+from mimo.processing.processor import processor_config_from_checkpoint
+from mimo.serving.encode import PromptTableEncoder, encoder_config, load_multimodal_encoder, unpack_request
 from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter, torch_dtype
 
 
@@ -20,7 +21,8 @@ class TritonPythonModel:
         encoder = load_multimodal_encoder(checkpoint_dir, dtype, device)
         if device.type == "cuda":
             encoder.warm_up()  # the compiled CUDA paths compile here, not during the first requests
-        self.encoder = PromptTableEncoder(encoder)
+        processor = processor_config_from_checkpoint(checkpoint_dir)
+        self.encoder = PromptTableEncoder(encoder, processor, encoder_config(model_config))
         self.input_names = [i["name"] for i in model_config["input"]]
         pb_utils.Logger.log_info(f"mimo_encoder on {device} ({dtype})")
 

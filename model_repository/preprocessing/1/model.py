@@ -6,7 +6,7 @@ import triton_python_backend_utils as pb_utils
 
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.preprocess import preprocess_request
-from mimo.serving.triton_config import exit_stub_process, model_parameter, processing_response
+from mimo.serving.triton_config import exit_stub_process, model_parameter, processing_response, yes_no_parameter
 
 
 class TritonPythonModel:
@@ -14,6 +14,7 @@ class TritonPythonModel:
         model_config = json.loads(args["model_config"])
         self.processor = MiMoProcessor.from_checkpoint(model_parameter(model_config, "checkpoint_dir"))
         self.max_model_len = model_parameter(model_config, "max_model_len", int)
+        self.jpeg_to_encoder = yes_no_parameter(model_config, "jpeg_to_encoder")
         self.input_names = [i["name"] for i in model_config["input"]]
 
     def finalize(self):
@@ -24,4 +25,4 @@ class TritonPythonModel:
                 for request in requests]  # fmt: skip
 
     def _preprocess(self, inputs):
-        return preprocess_request(self.processor, inputs, self.max_model_len)
+        return preprocess_request(self.processor, inputs, self.max_model_len, jpeg_to_encoder=self.jpeg_to_encoder)
