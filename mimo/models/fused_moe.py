@@ -70,7 +70,8 @@ class ExpertWeights:
 def check_fp8_columns(scale_cols: torch.Tensor, block_k: int) -> None:
     """The kernels read one scale column per K tile: every aligned `block_k` run of columns must share a block."""
     cols = scale_cols.numel()
-    if cols % block_k or not bool((scale_cols.view(-1, block_k) == scale_cols.view(-1, block_k)[:, :1]).all()):
+    first_of_run = (torch.arange(cols, device=scale_cols.device) // block_k) * block_k
+    if not bool((scale_cols == scale_cols[first_of_run]).all()):
         raise ValueError(
             f"FP8 expert weight with {cols} input columns: each aligned run of {block_k} columns must lie in one "
             "128-column scale block for the fused kernel (a MoE-TP slice of the intermediate dim must be a multiple "
