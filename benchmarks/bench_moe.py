@@ -9,6 +9,14 @@ forward (router + experts, CUDA events) against the limits measured in the same 
     python benchmarks/bench_moe.py                       # bf16, batch 1,8,64,4096, fused and reference
     python benchmarks/bench_moe.py --fp8                 # FP8 e4m3 128x128 block-scaled experts, as shipped
     python benchmarks/bench_moe.py --impls fused --batch-sizes 1,2,4,8,16,32,64,128,256,512,1024,4096
+    python benchmarks/bench_moe.py --impls fused --grouped-mm-min-tokens 100000   # the Triton kernel at 4096 too
+    python benchmarks/bench_moe.py --impls fused --small-config 16,128,128,4,4    # try other decode tiles
+    TRITON_INTERPRET=1 python benchmarks/bench_moe.py --preset tiny --device cpu --batch-sizes 1,8 --repeats 1 \
+        --copy-bytes 1000000 --gemm-size 256
+                                                         # a smoke run (CPU numbers mean nothing)
+
+`--small-config` / `--large-config` (block_m,block_n,block_k,num_warps,num_stages) replace the kernel tiles of
+`mimo.models.fused_moe` for this run (small: up to `SMALL_BATCH_MAX_TOKENS` tokens), to tune them on the device.
 """
 
 from __future__ import annotations
@@ -16,11 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 
 import torch
 
 from builders.presets import PRESETS, hub_config
 from mimo.config import MiMoV2Config
+from mimo.models import fused_moe
 from mimo.loading import build_module
 from mimo.models.moe import MiMoV2MoE
 from mimo.processing.tokenizer_files import write_tiny_tokenizer
@@ -80,9 +90,15 @@ def expert_bytes(moe: MiMoV2MoE) -> int:
 
 
 def event_ms(fn, repeats: int, warmup: int = 3) -> float:
-    """Mean ms per call of `fn` on the current stream, by CUDA events around `repeats` back-to-back calls."""
+    """Mean ms per call of `fn` on the current stream, by CUDA events around `repeats` back-to-back calls (on the
+    CPU, a smoke run whose numbers mean nothing, by the wall clock)."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) * 1e3 / repeats
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeats):
@@ -106,13 +122,28 @@ def gemm_flops(device: torch.device, n: int = 8192) -> float:
     return 2 * n**3 / (event_ms(lambda: a @ b, 10) / 1e3)
 
 
+def path_name(impl: str, batch: int, fp8: bool) -> str:
+    if impl == "reference":
+        return "expert loop"
+    if fused_moe.uses_grouped_mm(batch, torch.bfloat16, fp8):
+        return "torch._grouped_mm"
+    config = fused_moe.config_for(batch)
+    return f"triton {config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}"
+
+
 @torch.no_grad()
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
+    if args.small_config:
+        fused_moe.SMALL_BATCH = args.small_config
+    if args.large_config:
+        fused_moe.LARGE_BATCH = args.large_config
+    if args.grouped_mm_min_tokens is not None:
+        fused_moe.GROUPED_MM_MIN_TOKENS = args.grouped_mm_min_tokens
     config = preset_config(args.preset)
     moe = random_moe(config, device, args.fp8)
-    peak_bytes = copy_bandwidth(device)
-    peak_flops = gemm_flops(device)
+    peak_bytes = copy_bandwidth(device, args.copy_bytes)
+    peak_flops = gemm_flops(device, args.gemm_size)
     per_expert = expert_bytes(moe)
     router = moe.gate.weight.numel() * moe.gate.weight.element_size()
     pair_flops = 2 * 3 * config.hidden_size * config.moe_intermediate_size
@@ -132,6 +163,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             outputs[impl] = moe(x).float()
             row = {
                 "batch": batch, "impl": impl, "weights": "fp8" if args.fp8 else "bf16",
+                "path": path_name(impl, batch, args.fp8),
                 "distinct_experts": distinct, "ms": round(ms, 4),
                 "GB_read": round(nbytes / 1e9, 4), "achieved_GB_s": round(nbytes / ms / 1e6, 1),
                 "copy_bandwidth_GB_s": round(peak_bytes / 1e9, 1),
@@ -154,6 +186,12 @@ def main() -> None:
     parser.add_argument("--impls", type=lambda s: s.split(","), default=["fused", "reference"])
     parser.add_argument("--fp8", action="store_true", help="FP8 e4m3 block-scaled experts (default bf16)")
     parser.add_argument("--repeats", type=int, default=20)
+    tiles = lambda s: fused_moe.KernelConfig(*(int(v) for v in s.split(",")))  # noqa: E731
+    parser.add_argument("--small-config", type=tiles, help="decode tiles: block_m,block_n,block_k,warps,stages")
+    parser.add_argument("--large-config", type=tiles, help="large-batch tiles, as --small-config")
+    parser.add_argument("--grouped-mm-min-tokens", type=int, help="tokens from which bf16 takes torch._grouped_mm")
+    parser.add_argument("--copy-bytes", type=int, default=2 << 30, help="bytes of the bandwidth probe's copy")
+    parser.add_argument("--gemm-size", type=int, default=8192, help="n of the n x n x n bf16 GEMM rate probe")
     parser.add_argument("--device", default="cuda")
     run(parser.parse_args())
 

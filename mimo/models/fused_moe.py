@@ -39,9 +39,15 @@ class KernelConfig:
 
 
 # Decode: few pairs per expert, so a small row block wastes little padding; wide enough K tiles to stream weights.
+# Shared memory per stage of the gate_up kernel: an A tile and two weight tiles (gate and up), 36 KiB / 40 KiB here.
 SMALL_BATCH = KernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
-LARGE_BATCH = KernelConfig(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3)
+LARGE_BATCH = KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
 SMALL_BATCH_MAX_TOKENS = 64
+
+
+def uses_grouped_mm(num_tokens: int, dtype: torch.dtype, fp8: bool) -> bool:
+    """The large-batch path: bf16 activations and floating weights only (grouped_mm has no block-scaled FP8)."""
+    return num_tokens >= GROUPED_MM_MIN_TOKENS and dtype == torch.bfloat16 and not fp8
 
 
 def config_for(num_tokens: int) -> KernelConfig:
@@ -129,7 +135,7 @@ if triton is not None:
         x_ptr, w_ptr, s_ptr, srow_ptr, scol_ptr, out_ptr, sorted_ptr, block_expert_ptr,
         num_pairs, top_k, hidden, inter,
         stride_xt, stride_we, stride_wn, stride_se, stride_ss, stride_op,
-        FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[pair, n] = silu(x[token] . gate[e, n]) * (x[token] . up[e, n]) for a block of one expert's pairs;
@@ -167,11 +173,11 @@ if triton is not None:
                 scol = tl.load(scol_ptr + k)
                 sg = tl.load(s_base + gate_srow * stride_ss + scol, mask=n_ok, other=0.0)
                 su = tl.load(s_base + up_srow * stride_ss + scol, mask=n_ok, other=0.0)
-                acc_gate += tl.dot(a, wg.to(DOT_DTYPE), input_precision="ieee") * sg[None, :]
-                acc_up += tl.dot(a, wu.to(DOT_DTYPE), input_precision="ieee") * su[None, :]
+                acc_gate += tl.dot(a, wg.to(DOT_DTYPE), input_precision=PRECISION) * sg[None, :]
+                acc_up += tl.dot(a, wu.to(DOT_DTYPE), input_precision=PRECISION) * su[None, :]
             else:
-                acc_gate += tl.dot(a, wg.to(DOT_DTYPE), input_precision="ieee")
-                acc_up += tl.dot(a, wu.to(DOT_DTYPE), input_precision="ieee")
+                acc_gate += tl.dot(a, wg.to(DOT_DTYPE), input_precision=PRECISION)
+                acc_up += tl.dot(a, wu.to(DOT_DTYPE), input_precision=PRECISION)
             x_ptrs += BLOCK_K
             gate_ptrs += BLOCK_K
             up_ptrs += BLOCK_K
@@ -184,7 +190,7 @@ if triton is not None:
         a_ptr, w_ptr, s_ptr, srow_ptr, scol_ptr, out_ptr, sorted_ptr, block_expert_ptr, pair_weight_ptr,
         num_pairs, hidden, inter,
         stride_ap, stride_we, stride_wn, stride_se, stride_ss, stride_op,
-        FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[pair, n] = weight[pair] * (a[pair] . down[e, n]) for a block of one expert's pairs; w is [E, H, I]."""
@@ -213,9 +219,9 @@ if triton is not None:
             if FP8:
                 scol = tl.load(scol_ptr + k)
                 s = tl.load(s_base + srow * stride_ss + scol, mask=n_ok, other=0.0)
-                acc += tl.dot(a, w.to(DOT_DTYPE), input_precision="ieee") * s[None, :]
+                acc += tl.dot(a, w.to(DOT_DTYPE), input_precision=PRECISION) * s[None, :]
             else:
-                acc += tl.dot(a, w.to(DOT_DTYPE), input_precision="ieee")
+                acc += tl.dot(a, w.to(DOT_DTYPE), input_precision=PRECISION)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         acc = acc * tl.load(pair_weight_ptr + pairs, mask=row_ok, other=0.0)[:, None]
@@ -259,8 +265,11 @@ def fused_experts(
     # Pairs held elsewhere are never written; zeros keep their (zero-weighted) rows finite.
     alloc = torch.empty if all_local else torch.zeros
     out = alloc(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    meta = {"DOT_DTYPE": _dot_dtype(x), "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-            "num_warps": config.num_warps, "num_stages": config.num_stages}
+    dot_dtype = _dot_dtype(x)
+    # float32 operands: exact products (the default, tf32, would change an fp32 model's numbers); others ignore it.
+    precision = "ieee" if dot_dtype == tl.float32 else "tf32"
+    meta = {"DOT_DTYPE": dot_dtype, "PRECISION": precision, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+            "BLOCK_K": config.block_k, "num_warps": config.num_warps, "num_stages": config.num_stages}
     s, srow, scol, stride_se, stride_ss = _scale_args(gate_up)
     grid = (align.num_blocks, triton.cdiv(inter, config.block_n))
     _gate_up_silu_kernel[grid](

@@ -141,7 +141,7 @@ class RoutedExperts(nn.Module):
         """
         gate_up, down = self.kernel_weights()
         num_tokens = x.shape[0]
-        if num_tokens >= fused_moe.GROUPED_MM_MIN_TOKENS and not gate_up.is_fp8 and x.dtype == torch.bfloat16:
+        if fused_moe.uses_grouped_mm(num_tokens, x.dtype, gate_up.is_fp8):
             return fused_moe.grouped_mm_experts(x, gate_up.weight, down.weight, local_ids, pair_weights, top_k)
         config = fused_moe.config_for(num_tokens)
         return fused_moe.fused_experts(x, gate_up, down, local_ids, pair_weights, top_k, config, all_local)
