@@ -111,3 +111,39 @@ def test_decode_forward_captures_in_a_cuda_graph(moe):
     torch.cuda.synchronize()
     moe.impl = "fused"
     torch.testing.assert_close(static_out, moe(fresh), atol=0, rtol=0)  # the replay computes what eager does
+
+
+@torch.no_grad()
+def test_expert_parallel_shards_sum_to_the_whole_at_v25_widths(moe):
+    # Two EP ranks of 128 experts each, holding views of the whole layer's stacked weights (no second copy).
+    from mimo.loading import build_module
+    from mimo.models.moe import MiMoV2MoE
+    from mimo.parallel.mapping import Mapping, ParallelRank
+    from mimo.weights.fp8 import FP8Slice
+
+    x, weights, expert_ids = routed_input(moe, 64, seed=11)
+    moe.impl = "fused"
+    whole = moe.expert_forward(x, weights, expert_ids).float()
+    config = bench_moe.preset_config("v2.5")
+    total = torch.zeros_like(whole)
+    for rank in range(2):
+        shard = build_module(lambda: MiMoV2MoE(
+            hidden_size=config.hidden_size, moe_intermediate_size=config.moe_intermediate_size,
+            num_experts=config.n_routed_experts, top_k=config.num_experts_per_tok, n_group=config.n_group,
+            topk_group=config.topk_group, norm_topk_prob=config.norm_topk_prob,
+            routed_scaling_factor=config.routed_scaling_factor, parallel=ParallelRank(Mapping.create(2, 2), rank),
+        ), torch.bfloat16)  # fmt: skip
+        held = slice(shard.local_experts.start, shard.local_experts.stop)
+        for name in ("gate_up_proj", "down_proj"):
+            source = getattr(moe.experts, name)
+            if source.is_fp8:
+                part = FP8Slice(source.weight[held], source.weight_scale_inv[held], source.scale_rows,
+                                source.scale_cols)
+            else:
+                part = source.weight[held]
+            getattr(shard.experts, name).set_weight(part)
+        shard.impl = "fused"
+        partial = shard.expert_forward(x, weights, expert_ids)
+        assert relative_error(partial, shard.reference_expert_forward(x, weights, expert_ids)) < 1e-2
+        total += partial.float()
+    assert relative_error(total, whole) < 1e-2
