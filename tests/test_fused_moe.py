@@ -1,7 +1,7 @@
-"""The fused MoE path (`mimo.models.fused_moe`) against the reference expert loop, on the CPU.
+"""The fused MoE path (`mimo.models.fused_moe`) against the reference expert loop, at small shapes.
 
-The Triton kernels run under the interpreter (`TRITON_INTERPRET=1`, which conftest sets without CUDA; on a CUDA
-machine they are compiled), at small shapes, on fresh random inputs: routing with several tokens
+Without CUDA the Triton kernels run under the interpreter (`TRITON_INTERPRET=1`, which conftest sets); on a CUDA
+machine the same tests run compiled on the GPU (inputs are made on the CPU and moved there), on fresh random inputs: routing with several tokens
 per expert (more pairs than one row block), experts nobody chose, batch 1, expert-parallel and MoE-TP slices, and
 FP8 block-scaled weights against their dequantised reference. `torch._grouped_mm` (large batches) runs on the CPU.
 """
@@ -55,12 +55,21 @@ def routing(num_tokens, top_k, num_experts, generator, crowd=None):
 
 
 def both_paths(moe, x, weights, ids):
+    moe.to(DEVICE)
+    x, weights, ids = on_device(x, weights, ids)
     with torch.no_grad():
         reference = moe.reference_expert_forward(x, weights, ids)
         moe.impl = "fused"
         fused = moe.expert_forward(x, weights, ids)
     assert fused.dtype == x.dtype and fused.shape == reference.shape
-    return fused.float(), reference.float()
+    return fused.float().cpu(), reference.float().cpu()
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_device(*tensors):
+    return [t.to(DEVICE) for t in tensors]
 
 
 # bf16: the interpreter's float32 -> bf16 casts truncate (triton 3.6) where the GPU rounds, twice the rounding error.
@@ -97,6 +106,8 @@ def test_large_batch_kernel_config_matches_reference():
     moe = make_moe(hidden=128, inter=64, num_experts=4, top_k=2, dtype=torch.float32, seed=2)
     x = torch.randn(70, 128, generator=generator)
     weights, ids = routing(70, 2, 4, generator)
+    moe.to(DEVICE)
+    x, weights, ids = on_device(x, weights, ids)
     with torch.no_grad():
         reference = moe.reference_expert_forward(x, weights, ids)
         gate_up, down = moe.experts.kernel_weights()
@@ -181,16 +192,18 @@ def test_fp8_slice_across_a_scale_block_is_refused():
     moe = MiMoV2MoE(hidden_size=128, moe_intermediate_size=384, num_experts=2, top_k=1, n_group=1, topk_group=1,
                     norm_topk_prob=True, routed_scaling_factor=1.0, parallel=ParallelRank(Mapping.create(2), 1))
     fp8_experts(moe, 2, 128, 384, generator)
-    x = torch.randn(2, 128).to(torch.bfloat16)
+    moe.to(DEVICE)
+    x, weights, ids = on_device(torch.randn(2, 128).to(torch.bfloat16), torch.ones(2, 1),
+                                torch.zeros(2, 1, dtype=torch.int64))
     moe.impl = "fused"
     with pytest.raises(ValueError, match="128-column scale block"):
-        moe.expert_forward(x, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int64))
+        moe.expert_forward(x, weights, ids)
 
 
 def test_alignment_places_every_local_pair_once_in_its_experts_blocks():
     generator = torch.Generator().manual_seed(6)
     num_local, block_m = 5, 4
-    local_ids = torch.randint(0, num_local + 1, (37,), generator=generator)  # num_local: held elsewhere
+    local_ids = torch.randint(0, num_local + 1, (37,), generator=generator).to(DEVICE)  # num_local: elsewhere
     align = fused_moe.align_pairs(local_ids, num_local, block_m)
     assert align.num_blocks == -(-37 // block_m) + num_local
     pairs = align.sorted_pairs.view(align.num_blocks, block_m)

@@ -68,6 +68,14 @@ class ExpertWeights:
     scale_rows: torch.Tensor | None = None
     scale_cols: torch.Tensor | None = None
 
+    def __post_init__(self):
+        # The kernels step along K (and along a scale row) by address: unit strides there.
+        for name in ("weight", "scale_inv"):
+            tensor = getattr(self, name)
+            if tensor is not None and tensor.stride(-1) != 1:
+                raise ValueError(f"expert {name} of shape {tuple(tensor.shape)} needs a unit stride in its last dim, "
+                                 f"has strides {tensor.stride()}")
+
     @property
     def is_fp8(self) -> bool:
         return self.scale_inv is not None
