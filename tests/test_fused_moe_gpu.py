@@ -22,7 +22,7 @@ pytest.importorskip("triton", reason="the fused MoE kernels need triton")
 from mimo.models import fused_moe  # noqa: E402
 
 CUDA = torch.device("cuda")
-_spec = importlib.util.spec_from_file_location("bench_moe", Path(__file__).parent.parent / "benchmarks" / "bench_moe.py")
+_spec = importlib.util.spec_from_file_location("bench_moe", Path(__file__).parents[1] / "benchmarks" / "bench_moe.py")
 bench_moe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_moe)
 

@@ -245,7 +245,7 @@ def _scale_args(w: ExpertWeights) -> tuple:
 
 def _dot_dtype(x: torch.Tensor):
     """The GEMM operand type: the activations' (FP8 weights are widened to it in registers, exactly). CPU tensors run
-    under the interpreter, whose dot (triton 3.6) multiplies bf16 as raw 16-bit integers: float32 there."""
+    under the interpreter, whose dot (triton 3.6, 3.7) multiplies bf16 as raw 16-bit integers: float32 there."""
     if x.device.type == "cpu":
         return tl.float32
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
