@@ -220,11 +220,14 @@ def test_alignment_places_every_local_pair_once_in_its_experts_blocks():
     assert sorted(seen) == expected
 
 
-def test_impl_switch():
+def test_impl_switch(monkeypatch):
     assert resolve_impl("auto", torch.device("cpu")) == "reference"
-    assert resolve_impl("fused", torch.device("cpu")) == "fused"
+    assert resolve_impl("fused", torch.device("cpu")) == "fused"  # under the interpreter
     with pytest.raises(ValueError, match="not one of"):
         resolve_impl("loop", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="only under Triton's interpreter"):
+        resolve_impl("fused", torch.device("cpu"))
 
 
 

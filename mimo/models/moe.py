@@ -30,11 +30,16 @@ if DEFAULT_IMPL not in IMPLS:
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """"auto" -> "fused" on CUDA with triton importable, "reference" elsewhere."""
+    """"auto" -> "fused" on CUDA with triton importable, "reference" elsewhere; refuses a "fused" that cannot run."""
     if impl not in IMPLS:
         raise ValueError(f"MoE impl {impl!r} is not one of {IMPLS}")
     if impl == "auto":
         return "fused" if device.type == "cuda" and fused_moe.available() else "reference"
+    if impl == "fused" and not fused_moe.available():
+        raise ValueError("MoE impl 'fused' needs the triton package, which is not importable here")
+    if impl == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"MoE impl 'fused' on a {device.type} device runs only under Triton's interpreter "
+                         "(TRITON_INTERPRET=1)")
     return impl
 
 
