@@ -222,6 +222,7 @@ def test_alignment_places_every_local_pair_once_in_its_experts_blocks():
 
 def test_impl_switch(monkeypatch):
     assert resolve_impl("auto", torch.device("cpu")) == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_impl("fused", torch.device("cpu")) == "fused"  # under the interpreter
     with pytest.raises(ValueError, match="not one of"):
         resolve_impl("loop", torch.device("cpu"))
