@@ -61,17 +61,22 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 1
 
 
 class ExpertCounter:
-    """Records, per MoE layer and forward, how many distinct experts the batch routed to."""
+    """Records, per MoE layer and forward, which experts the batch routed to; the distinct ones are counted after the
+    timed run (counting inside the forward would synchronise the device in every MoE layer of every step)."""
 
     def __init__(self, model: torch.nn.Module):
-        self.distinct: list[int] = []
+        self.routed: list[torch.Tensor] = []
         self.handles = [
             m.gate.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, MiMoV2MoE)
         ]
 
     def _hook(self, module, inputs, output):
-        _, expert_ids = output  # [T, K]
-        self.distinct.append(int(torch.unique(expert_ids).numel()))
+        _, expert_ids = output  # [T, K], a fresh tensor every forward
+        self.routed.append(expert_ids)
+
+    def distinct(self, last: int) -> list[int]:
+        """Distinct experts of each of the `last` recorded forwards."""
+        return [int(torch.unique(ids).numel()) for ids in self.routed[len(self.routed) - last:]]
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -165,11 +170,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     for batch in args.batch_sizes:
         gen = torch.Generator().manual_seed(batch)
         prompts = {f"r{i}": torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist() for i in range(batch)}
-        counter.distinct.clear()
+        counter.routed.clear()
         prefill_s, decode_s, steps, generated = prefill_and_decode(engine(batch), prompts, args.decode_len, device)
         # decode steady state: all `batch` sequences decoding one token per step
         moe_layers = sum(model.config.moe_layers)
-        experts_per_step = sum(counter.distinct[-steps * moe_layers:]) / max(1, steps)  # summed over layers
+        experts_per_step = sum(counter.distinct(steps * moe_layers)) / max(1, steps)  # summed over layers
         bytes_per_step = dense_bytes + experts_per_step * expert_bytes
         step_s = decode_s / max(1, steps)
         results.append({

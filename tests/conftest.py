@@ -10,6 +10,12 @@ import contextlib
 import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (the fused MoE) run under its interpreter on the CPU; read when a kernel is decorated, so it
+    # is set before any test module imports mimo.models.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SERVING_DEVICE = os.environ.get("MIMO_SERVING_DEVICE", "cpu")
 ENCODER_GPUS = tuple(int(g) for g in os.environ.get("MIMO_SERVING_ENCODER_GPUS", "0").split(","))

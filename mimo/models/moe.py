@@ -1,16 +1,46 @@
 """MiMo-V2 MLPs: the dense SwiGLU MLP and the routed-expert MLP (sigmoid `noaux_tc` router, no shared experts,
-ref §4), both with fused gate_up GEMMs on this rank's slice (`mimo.models.linear`)."""
+ref §4), both with fused gate_up GEMMs on this rank's slice (`mimo.models.linear`).
+
+The routed experts run one of two implementations (`MiMoV2MoE.impl`, default from `MIMO_MOE_IMPL`):
+* `reference`: a Python loop over the experts with tokens (reads the per-expert counts on the host); the CPU path.
+* `fused`: `mimo.models.fused_moe`, no host synchronisation: the fused Triton kernels below
+  `fused_moe.GROUPED_MM_MIN_TOKENS` tokens (and for FP8 weights), `torch._grouped_mm` from there on.
+`auto` picks `fused` on CUDA (when triton is importable) and `reference` elsewhere.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mimo.models import fused_moe
 from mimo.models.layers import silu_and_mul
 from mimo.models.linear import ColumnParallelLinear, RowParallelLinear
 from mimo.parallel.mapping import SINGLE_RANK, ParallelRank
+
+
+IMPLS = ("auto", "reference", "fused")
+DEFAULT_IMPL = os.environ.get("MIMO_MOE_IMPL", "auto")  # the one switch forcing either implementation
+if DEFAULT_IMPL not in IMPLS:
+    raise ValueError(f"MIMO_MOE_IMPL={DEFAULT_IMPL!r} is not one of {IMPLS}")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """"auto" -> "fused" on CUDA with triton importable, "reference" elsewhere; refuses a "fused" that cannot run."""
+    if impl not in IMPLS:
+        raise ValueError(f"MoE impl {impl!r} is not one of {IMPLS}")
+    if impl == "auto":
+        return "fused" if device.type == "cuda" and fused_moe.available() else "reference"
+    if impl == "fused" and not fused_moe.available():
+        raise ValueError("MoE impl 'fused' needs the triton package, which is not importable here")
+    if impl == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"MoE impl 'fused' on a {device.type} device runs only under Triton's interpreter "
+                         "(TRITON_INTERPRET=1)")
+    return impl
 
 
 class DenseMLP(nn.Module):
@@ -89,6 +119,38 @@ class RoutedExperts(nn.Module):
         """x [N, H] through local expert `slot` (position in `expert_ids`) -> [N, H]."""
         return self.down_proj(silu_and_mul(self.gate_up_proj(x, slot)), slot)
 
+    def kernel_weights(self) -> tuple[fused_moe.ExpertWeights, fused_moe.ExpertWeights]:
+        """The stacked weights as the fused kernels read them (FP8 as stored, with its block scales)."""
+        views = []
+        for layer in (self.gate_up_proj, self.down_proj):
+            if not layer.is_fp8:
+                views.append(fused_moe.ExpertWeights(layer.weight))
+                continue
+            # The column map is checked once per installed map (the check reads it on the host).
+            checked = getattr(layer, "_fused_checked_cols", None)
+            if checked is not layer.scale_cols:
+                for config in (fused_moe.SMALL_BATCH, fused_moe.LARGE_BATCH):
+                    fused_moe.check_fp8_columns(layer.scale_cols, config.block_k)
+                layer._fused_checked_cols = layer.scale_cols
+            views.append(fused_moe.ExpertWeights(
+                layer.weight, layer.weight_scale_inv, layer.scale_rows, layer.scale_cols
+            ))
+        return views[0], views[1]
+
+    def fused_forward(
+        self, x: torch.Tensor, local_ids: torch.Tensor, pair_weights: torch.Tensor, top_k: int, all_local: bool
+    ) -> torch.Tensor:
+        """x [T, H] -> each (token, choice) pair's weighted expert output [T * top_k, H], without host sync.
+
+        `local_ids` int64 [T * top_k]: the pair's slot in `expert_ids`, `len(expert_ids)` when held elsewhere.
+        """
+        gate_up, down = self.kernel_weights()
+        num_tokens = x.shape[0]
+        if fused_moe.uses_grouped_mm(num_tokens, x.dtype, gate_up.is_fp8):
+            return fused_moe.grouped_mm_experts(x, gate_up.weight, down.weight, local_ids, pair_weights, top_k)
+        config = fused_moe.config_for(num_tokens)
+        return fused_moe.fused_experts(x, gate_up, down, local_ids, pair_weights, top_k, config, all_local)
+
 
 class MiMoV2MoE(nn.Module):
     """Router `gate` + routed `experts` (hub names `mlp.gate.*`, `mlp.experts.{e}.*`).
@@ -117,8 +179,10 @@ class MiMoV2MoE(nn.Module):
         self.experts = RoutedExperts(
             hidden_size, moe_intermediate_size, self.local_experts, parallel.moe_tp_size, parallel.moe_tp_rank
         )
+        self.all_experts_local = len(self.local_experts) == num_experts
         self.reduce_results = parallel.mapping.world_size > 1
         self.group = parallel.group
+        self.impl = DEFAULT_IMPL
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = self.gate(x)  # [T, K], [T, K]
@@ -128,11 +192,26 @@ class MiMoV2MoE(nn.Module):
         return out
 
     def expert_forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of the chosen local experts' outputs: x [T, H] -> [T, H] (this rank's partial sum).
+        """Weighted sum of the chosen local experts' outputs: x [T, H] -> [T, H] (this rank's partial sum)."""
+        if resolve_impl(self.impl, x.device) == "reference":
+            return self.reference_expert_forward(x, weights, expert_ids)
+        num_tokens, top_k = expert_ids.shape
+        num_local = len(self.local_experts)
+        local_ids = expert_ids.flatten() - self.local_experts.start
+        if not self.all_experts_local:
+            local_ids = torch.where((local_ids >= 0) & (local_ids < num_local), local_ids, num_local)
+        pairs = self.experts.fused_forward(x, local_ids, weights.flatten().float(), top_k, self.all_experts_local)
+        # The K weighted outputs of a token are summed in fp32 so bf16 models do not round after every expert.
+        return pairs.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+    def reference_expert_forward(
+        self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """`expert_forward` by a loop over the experts; the definition the fused path is tested against.
 
         Token slots are sorted by expert (the permuted layout a grouped-GEMM kernel consumes) and each local
         expert with tokens runs one dense GEMM. The per-expert counts are read on the host, so this path is
-        not CUDA-graph capturable; a grouped-GEMM kernel replaces this method.
+        not CUDA-graph capturable.
         """
         num_tokens, top_k = expert_ids.shape
         flat_ids = expert_ids.flatten()  # [T * K]
