@@ -36,6 +36,7 @@ import torch
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
+from mimo.epd.cache import EmbeddingCache
 from mimo.epd.item_encoding import ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE, check_encoded_item
 from mimo.epd.landing import Lease, LandingPool
 from mimo.epd.metadata import MetadataError
@@ -69,7 +70,12 @@ COUNTERS = {
     "handoff_bytes": "bytes of prompt-table rows encoder servers wrote into the landing pool",
     "retries": "encode_item requests retried on another encoder server",
     "dedup_hits": "media items whose rows were copied from an identical item's encoding instead of encoded",
+    "fallbacks": "media items this server's own encoder encoded after the encoder servers failed them",
+    "cache_hits": "media items whose rows the embedding cache held (no encoder called)",
+    "cache_misses": "media items the embedding cache did not hold (with the cache on)",
 }
+DEDUP, CACHE = "dedup", "cache"  # where an item's rows came from, when not from an encoder server (`origins`)
+LOCAL = "local"  # prefix of the origin of an item the fallback encoder encoded
 
 
 class NoMetrics:
@@ -185,14 +191,16 @@ class Orchestrator:
 
     def __init__(self, pool: LandingPool, servers_urls: Sequence[str], urls_file: str | None, config: ProcessorConfig,
                  hidden_size: int, row_dtype: torch.dtype, *, timeout_s: float, attempts: int = 3,
-                 reserve_timeout_s: float = 60.0, metrics: Metrics | None = None):  # fmt: skip
+                 reserve_timeout_s: float = 60.0, metrics: Metrics | None = None, fallback_url: str | None = None,
+                 cache: EmbeddingCache | None = None):  # fmt: skip
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         self.pool, self.config, self.hidden_size, self.row_dtype = pool, config, hidden_size, row_dtype
         self.row_bytes = hidden_size * torch.empty(0, dtype=row_dtype).element_size()
         self.timeout_s, self.attempts, self.reserve_timeout_s = timeout_s, attempts, reserve_timeout_s
         self.metrics = metrics or NoMetrics()
-        self._urls, self._urls_file = list(servers_urls), urls_file
+        self.cache = cache
+        self._urls, self._urls_file, self._fallback_url = list(servers_urls), urls_file, fallback_url
         self._shared: dict[str, _Shared] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="mimo-epd-loop", daemon=True)
@@ -202,6 +210,9 @@ class Orchestrator:
     async def _make_servers(self) -> EncoderServers:
         servers = EncoderServers(self._urls, self._urls_file, self.metrics)
         servers.refresh()
+        # the fallback encoder (this server's own encode_item): never chosen, only asked after the last round
+        url = self._fallback_url
+        self.fallback = EncoderServer(url, grpcaio.InferenceServerClient(url)) if url else None
         self._prober = asyncio.ensure_future(self._probe_down(servers))
         return servers
 
@@ -218,12 +229,13 @@ class Orchestrator:
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def encode(self, plan: RequestPlan) -> Lease | None:
+    def encode(self, plan: RequestPlan, origins: list[str] | None = None) -> Lease | None:
         """The request's prompt table in one slice ([total_rows, hidden] of row_dtype; the caller releases it), or
-        None for a request without media. Raises EncodeError."""
+        None for a request without media. Raises EncodeError. `origins`, when given, gets where each item's rows
+        came from, in prompt order: an encoder server's URL, `local:<url>` (the fallback), DEDUP or CACHE."""
         if not plan.items:
             return None
-        return self._call(self._encode(plan))
+        return self._call(self._encode(plan, origins))
 
     def table(self, lease: Lease, plan: RequestPlan) -> torch.Tensor:
         """[1, total_rows, hidden] over the slice, no copy."""
@@ -233,6 +245,8 @@ class Orchestrator:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._prober.cancel)
             self._call(self.servers.close())
+            if self.fallback is not None:
+                self._call(self.fallback.client.close())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
 
@@ -241,7 +255,7 @@ class Orchestrator:
 
     # -- the event loop's side ---------------------------------------------------------------------------------
 
-    async def _encode(self, plan: RequestPlan) -> Lease:
+    async def _encode(self, plan: RequestPlan, origins: list[str] | None = None) -> Lease:
         self.servers.refresh()
         groups: dict[str, list[PlannedItem]] = {}
         for item in plan.items:
@@ -252,41 +266,55 @@ class Orchestrator:
         byte_size = plan.total_rows * self.row_bytes
         lease = await self.pool.reserve_async(byte_size, self.reserve_timeout_s)
         self.publish_slices()
-        done: set[str] = set()
         failed_on: dict[str, set[str]] = {key: set() for key in groups}
         causes: dict[str, list[str]] = {key: [] for key in groups}
+        rounds = self.attempts + (self.fallback is not None)  # the fallback's round comes last
         try:
-            for attempt in range(self.attempts):
-                pending = [key for key in groups if key not in done]
-                results = await asyncio.gather(*(self._encode_item(lease, groups[key][0], failed_on[key])
+            found: dict[str, str] = self._cached(lease, groups)  # content hash -> where its rows came from
+            for attempt in range(rounds):
+                local = attempt == self.attempts
+                pending = [key for key in groups if key not in found]
+                if not pending:
+                    break
+                results = await asyncio.gather(*(self._encode_item(lease, groups[key][0], failed_on[key], local)
                                                   for key in pending), return_exceptions=True)  # fmt: skip
                 unanswered = False  # this round left a request unanswered: its server may still write `lease`
                 for key, result in zip(pending, results):
-                    if result is None:
-                        done.add(key)
+                    if isinstance(result, str):
+                        found[key] = result
+                        if local and result != DEDUP:
+                            self.metrics.count("fallbacks")
                     elif isinstance(result, _ItemFailure):
                         causes[key].append(str(result))
                         unanswered |= not result.answered
+                        logger.warning("encoding %s item %s failed (round %d of %d): %s",
+                                       groups[key][0].metadata.modality.name.lower(), key[:19], attempt + 1, rounds,
+                                       result)  # fmt: skip
                     else:
                         raise result
-                if len(done) == len(groups):
+                if len(found) == len(groups):
                     break
                 lease.writing = lease.writing or unanswered  # released into quarantine, whatever comes next
-                if attempt + 1 == self.attempts:
-                    raise EncodeError("; ".join(f"item {groups[key][0].metadata.modality} {key[:19]}: "
-                                                + " then ".join(causes[key]) for key in groups if key not in done))
-                self.metrics.count("retries", len(groups) - len(done))
+                if attempt + 1 == rounds:
+                    raise EncodeError("; ".join(f"item {groups[key][0].metadata.modality.name.lower()} {key[:19]}: "
+                                                + " then ".join(causes[key]) for key in groups if key not in found))
+                if attempt + 1 < self.attempts:
+                    self.metrics.count("retries", len(groups) - len(found))
                 if unanswered:  # a server may still write this slice: the table moves to a fresh one
                     fresh = await self.pool.reserve_async(byte_size, self.reserve_timeout_s)
-                    for key in done:
+                    for key in found:
                         first = groups[key][0]
                         self._rows(fresh, first).copy_(self._rows(lease, first))
                     lease.release()
                     lease = fresh
                     self.publish_slices()
+            self._remember(lease, groups, found)
             for items in groups.values():
                 for item in items[1:]:
                     self._rows(lease, item).copy_(self._rows(lease, items[0]))
+            if origins is not None:
+                origins[:] = [found[item.metadata.content_hash] if item is groups[item.metadata.content_hash][0]
+                              else DEDUP for item in plan.items]  # fmt: skip
             return lease
         except BaseException:
             lease.release()
@@ -297,8 +325,30 @@ class Orchestrator:
         start, size = item.first_row * self.row_bytes, item.metadata.num_tokens * self.row_bytes
         return self.pool.region.view(lease.offset + start, size)
 
-    async def _encode_item(self, lease: Lease, item: PlannedItem, failed_on: set[str]) -> None:
-        """Item's rows into its range of `lease`; raises _ItemFailure (the server is added to `failed_on`)."""
+    def _cached(self, lease: Lease, groups: dict[str, list[PlannedItem]]) -> dict[str, str]:
+        """The groups the cache holds, their rows copied into `lease` (CACHE for each); counts hits and misses."""
+        if self.cache is None:
+            return {}
+        found = {}
+        for key, items in groups.items():
+            rows = self.cache.get(key)
+            if rows is not None:
+                self._rows(lease, items[0]).copy_(rows)
+                found[key] = CACHE
+        self.metrics.count("cache_hits", len(found))
+        self.metrics.count("cache_misses", len(groups) - len(found))
+        return found
+
+    def _remember(self, lease: Lease, groups: dict[str, list[PlannedItem]], found: dict[str, str]) -> None:
+        """Every checked item the cache did not give goes into it (a copy of its rows, on the region's device)."""
+        if self.cache is not None:
+            for key, origin in found.items():
+                if origin != CACHE:
+                    self.cache.put(key, self._rows(lease, groups[key][0]))
+
+    async def _encode_item(self, lease: Lease, item: PlannedItem, failed_on: set[str], local: bool = False) -> str:
+        """Item's rows into its range of `lease` (`local`: by the fallback encoder); returns where they came from
+        (DEDUP: another request's encoding of it); raises _ItemFailure (the server is added to `failed_on`)."""
         key = item.metadata.content_hash
         destination = self._rows(lease, item)
         shared = self._shared.get(key)
@@ -307,7 +357,7 @@ class Orchestrator:
             try:
                 if await asyncio.shield(shared.done):
                     self.metrics.count("dedup_hits")
-                    return
+                    return DEDUP
             finally:
                 if destination in shared.destinations:
                     shared.destinations.remove(destination)
@@ -315,7 +365,7 @@ class Orchestrator:
         self._shared[key] = shared
         ok = False
         try:
-            await self._encode_on_a_server(lease, item, failed_on)
+            origin = await self._encode_on_a_server(lease, item, failed_on, local)
             for other in shared.destinations:
                 other.copy_(destination)
             shared.destinations.clear()
@@ -324,9 +374,13 @@ class Orchestrator:
             shared.done.set_result(ok)
             if self._shared.get(key) is shared:
                 del self._shared[key]
+        return origin
 
-    async def _encode_on_a_server(self, lease: Lease, item: PlannedItem, failed_on: set[str]) -> None:
-        server = await self._choose(failed_on)
+    async def _encode_on_a_server(self, lease: Lease, item: PlannedItem, failed_on: set[str], local: bool) -> str:
+        server = await self._local() if local else await self._choose(failed_on)
+        if server is None and local:
+            raise _ItemFailure(f"the local encoder {self.fallback.url}: its landing region could not be registered",
+                               answered=True)  # fmt: skip
         if server is None:
             tried = ", ".join(sorted(failed_on)) or "none"
             raise _ItemFailure(f"no encoder server left to try (configured: {', '.join(self.servers.servers) or 'none'};"
@@ -365,6 +419,7 @@ class Orchestrator:
         finally:
             self.servers.add_tokens(server, -rows)
         self.metrics.count("handoff_bytes", byte_size)
+        return f"{LOCAL}:{server.url}" if local else server.url
 
     def _failed(self, server: EncoderServer, failed_on: set[str], down: bool = True) -> None:
         """This item tries `server` no more; `down`: nobody uses it until a probe finds it ready."""
@@ -376,17 +431,25 @@ class Orchestrator:
         for server in self.servers.candidates(exclude):
             if server.down and not await self._probe(server):
                 continue
-            if not server.registered:
-                try:
-                    async with server.registering:
-                        if not server.registered:
-                            await self._register(server)
-                except InferenceServerException as error:
-                    logger.warning("registering the landing region with %s failed: %s", server.url, error)
-                    server.down = True
-                    continue
-            return server
+            if await self._registered(server):
+                return server
         return None
+
+    async def _local(self) -> EncoderServer | None:
+        return self.fallback if await self._registered(self.fallback) else None
+
+    async def _registered(self, server: EncoderServer) -> bool:
+        """The landing region is registered with `server` (registered now if it was not); False: it failed."""
+        if not server.registered:
+            try:
+                async with server.registering:
+                    if not server.registered:
+                        await self._register(server)
+            except InferenceServerException as error:
+                logger.warning("registering the landing region with %s failed: %s", server.url, error)
+                server.down = True
+                return False
+        return True
 
     async def _probe(self, server: EncoderServer) -> bool:
         try:

@@ -262,6 +262,14 @@ ENCODE_ITEM = ModelSpec(
     platform="ensemble",
 )
 
+TEST_FAULT_ROWS = "test_fault_rows"
+# the encoder role's mimo_encoder: the colocated one, plus a fault that only tests turn on
+ENCODER_ROLE_ENCODER = dataclasses.replace(MIMO_ENCODER, parameters={
+    **MIMO_ENCODER.parameters,
+    TEST_FAULT_ROWS: "TEST ONLY, 0 in production: every table this server answers has this many rows more (> 0) "
+                     "or fewer (< 0) than its item has, so that tests see the language side reject it",
+})  # fmt: skip
+
 # the language entry's parameters (contract.LANGUAGE_ENTRY; builders repository --role language flags)
 LANGUAGE_PARAMETERS = {
     "max_model_len": "mimo_llm's max_model_len (the same value): the plan refuses what cannot fit",
@@ -273,6 +281,10 @@ LANGUAGE_PARAMETERS = {
     "encoder_attempts": "rounds of encoding a request's items (a failed item is retried on a server it has not "
                         "failed on) before the request fails",
     "landing_pool_bytes": "the landing pool (system shared memory registered with every encoder server)",
+    "local_encoder": "true: this server also serves encode_item (its own mimo_encoder), which encodes the items "
+                     "every encoder server failed (or all of them when none is up); false: such a request fails",
+    "embedding_cache_bytes": "an LRU cache of encoded items' rows by content hash, in the landing region's memory, "
+                             "that serves repeats without an encoder server; 0: off",
 }
 
 LANGUAGE_ENTRY = dataclasses.replace(
@@ -398,11 +410,25 @@ ROLES: dict[str, RoleSpec] = {role.name: role for role in (
           *MODELS.values()),
     _role("encoder", "an encoder server: one media item's raw bytes + metadata in, its rows out (encode_item); "
                      "loads the vision tower, audio tower and audio tokenizer only", "encode_item",
-          MEDIA_PREPROCESSING, MIMO_ENCODER, ENCODE_ITEM),
+          MEDIA_PREPROCESSING, ENCODER_ROLE_ENCODER, ENCODE_ITEM),
     _role("language", "the language server clients call (ensemble, the same contract as colocated): plans the "
                       "prompt, has the items encoded by encoder servers, generates; loads no encoder tensor",
           "ensemble", LANGUAGE_ENTRY, MIMO_LLM, POSTPROCESSING),
 )}  # fmt: skip
+
+
+def server_role(name: str, local_encoder: bool = False) -> RoleSpec:
+    """ROLES[name]; `local_encoder` (the language role only) adds the encoder role's models, so that the language
+    server's entry can encode items itself when the encoder servers fail them (its fallback encoder)."""
+    role = ROLES[name]
+    if not local_encoder:
+        return role
+    if name != "language":
+        raise ValueError(f"a local encoder is for the language role, not {name!r}")
+    local = {spec.name: spec for spec in (MEDIA_PREPROCESSING, MIMO_ENCODER, ENCODE_ITEM)}
+    comment = ("the language server with a local fallback encoder: the language role's models plus encode_item, "
+               "which encodes the items every encoder server failed; loads the language and the encoder tensors")
+    return dataclasses.replace(role, comment=comment, models={**role.models, **local})
 
 
 _INTEGERS = {"INT8", "INT32", "INT64", "UINT64"}

@@ -7,7 +7,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from mimo.processing.errors import ProcessingError
-from mimo.serving.encode import PromptTableEncoder, load_multimodal_encoder, unpack_request
+from mimo.serving.contract import TEST_FAULT_ROWS
+from mimo.serving.encode import PromptTableEncoder, faulty_table, load_multimodal_encoder, unpack_request
 from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter, torch_dtype
 
 
@@ -22,6 +23,12 @@ class TritonPythonModel:
             encoder.warm_up()  # the compiled CUDA paths compile here, not during the first requests
         self.encoder = PromptTableEncoder(encoder)
         self.input_names = [i["name"] for i in model_config["input"]]
+        # only the encoder role renders it (0 unless a test sets --test-fault-rows)
+        self.fault_rows = (model_parameter(model_config, TEST_FAULT_ROWS, int)
+                           if TEST_FAULT_ROWS in model_config.get("parameters", {}) else 0)  # fmt: skip
+        if self.fault_rows:
+            pb_utils.Logger.log_warn(f"TEST-ONLY FAULT ({TEST_FAULT_ROWS}={self.fault_rows}): every table this "
+                                     f"server answers is {self.fault_rows:+d} rows off")  # fmt: skip
         pb_utils.Logger.log_info(f"mimo_encoder on {device} ({dtype})")
 
     def execute(self, requests):
@@ -35,7 +42,10 @@ class TritonPythonModel:
             except ProcessingError as error:
                 responses[index] = self._error(error)
         for index, table in zip(batch_index, self.encoder.encode(batch)):
-            responses[index] = self._error(table) if isinstance(table, Exception) else self._table(table)
+            if isinstance(table, Exception):
+                responses[index] = self._error(table)
+            else:
+                responses[index] = self._table(faulty_table(table, self.fault_rows) if self.fault_rows else table)
         return responses
 
     def finalize(self):
