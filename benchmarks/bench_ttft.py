@@ -10,6 +10,9 @@ and P99 TTFT, images/s and requests/s per configuration and rate. The stream dep
     # the colocated layout started here (random weights, real encoder widths on a GPU machine)
     python -m benchmarks.bench_ttft --launch colocated --device gpu --preset v2.5 --layers 2 --rates 1,2,4
     python -m benchmarks.bench_ttft --launch epd --encoders 3 --device gpu --preset v2.5 --layers 2 --rates 1,2,4
+    # one GPU: the encoder server beside the language model; sequential requests of 1, 2, 4, 8 images
+    python -m benchmarks.bench_ttft --launch epd --encoders 1 --encoder-gpus 0 --device gpu --preset v2.5 \
+        --layers 2 --sequential 1,2,4,8
     # image-light traffic (0-1 small images): where disaggregation stops paying
     python -m benchmarks.bench_ttft --url ... --images 0-1 --image-size 448x448
 
@@ -152,6 +155,26 @@ def run_rate(url: str, rate: float, planned: list[PlannedRequest], pool: list[by
     return result
 
 
+def run_sequential(url: str, counts: list[int], repeats: int, pool: list[bytes], max_tokens: int,
+                   timeout_s: float) -> list[dict]:  # fmt: skip
+    """Closed loop, one request at a time: for each image count, one untimed request (a new total patch count may
+    compile new kernels), then `repeats` timed ones, each with images no other request of the count used."""
+    rows = []
+    with MiMoClient(url, "grpc", response_timeout_s=timeout_s) as client:
+        for count in counts:
+            ttft = []
+            for attempt in range(repeats + 1):
+                images = [pool[(attempt * count + i) % len(pool)] for i in range(count)]
+                *_, summary = client.generate(TEXT, images=images, max_tokens=max_tokens, temperature=0.0)
+                if attempt:
+                    ttft.append(summary.ttft_s)
+            rows.append({"images": count, "requests": repeats, "ttft_median_ms": 1000 * statistics.median(ttft),
+                         "ttft_mean_ms": 1000 * statistics.fmean(ttft), "ttft_min_ms": 1000 * min(ttft),
+                         "ttft_max_ms": 1000 * max(ttft)})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 class GpuUtilization:
     """Mean utilization per GPU over a run, from `nvidia-smi` sampled every 200 ms (absent without nvidia-smi)."""
 
@@ -207,8 +230,8 @@ class Layout:
 
 
 def launch_epd(args, workdir: Path):
-    """`--encoders N` encoder servers (on a GPU each with --device gpu: GPUs 1..N, the language model on GPU 0) and
-    one language server listing them."""
+    """`--encoders N` encoder servers (with --device gpu on GPUs 1..N, or round robin over --encoder-gpus; the
+    language model on GPU 0) and one language server listing them."""
     from builders.repository import RepositorySettings, render_repository
     from builders.tiny import build_checkpoint
     from tools.server_process import TritonServer
@@ -218,7 +241,8 @@ def launch_epd(args, workdir: Path):
     try:
         for index in range(args.encoders):
             root = workdir / f"encoder{index}"
-            gpus = {"encoder_gpus": (index + 1,)} if args.device == "gpu" else {}
+            encoder_gpus = args.encoder_gpus or tuple(range(1, args.encoders + 1))
+            gpus = {"encoder_gpus": (encoder_gpus[index % len(encoder_gpus)],)} if args.device == "gpu" else {}
             command = render_repository(RepositorySettings(checkpoint=checkpoint, device=args.device, role="encoder",
                                                            **gpus), root / "model_repository")  # fmt: skip
             servers.append(TritonServer(root / "model_repository", root / "tritonserver.log",
@@ -256,11 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", help="with --launch: builders tiny --preset (tiny | v2.5)")
     parser.add_argument("--layers", type=int, default=None, help="with --launch: builders tiny --layers")
     parser.add_argument("--encoders", type=int, default=2, help="with --launch epd: encoder servers")
+    parser.add_argument("--encoder-gpus", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                        help="with --launch epd --device gpu: GPU ids the encoder servers take in turn (default "
+                             "1..N; 0 puts them beside the language model on a one-GPU machine)")
+    parser.add_argument("--sequential", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="instead of --rates: one request at a time with each of these image counts, e.g. 1,2,4,8")
+    parser.add_argument("--repeats", type=int, default=5, help="with --sequential: timed requests per image count")
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench_ttft"))
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
 
-    pool_size = max(args.images[1], 1) * 4
+    pool_size = max(args.images[1], *(args.sequential or [1])) * 4
     pool = image_pool(pool_size, args.image_size, args.seed)
     server = LAUNCHERS[args.launch](args, args.workdir) if args.launch else None
     url = server.grpc_url if server else args.url
@@ -268,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         with MiMoClient(url, "grpc") as client:  # one warm-up request: first-call compilation is not the load
             list(client.generate(TEXT, images=pool[:1], max_tokens=2, temperature=0.0))
         rows = []
-        for rate in args.rates:
+        if args.sequential:
+            rows = run_sequential(url, args.sequential, args.repeats, pool, args.max_tokens, args.timeout_s)
+        for rate in [] if args.sequential else args.rates:
             planned = plan(rate, args.requests, args.images, pool_size, args.seed)
             with GpuUtilization() as gpus:
                 result = run_rate(url, rate, planned, pool, args.max_tokens, args.timeout_s)
@@ -282,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
               "max_tokens": args.max_tokens, "seed": args.seed, "rows": rows}  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
-    return 1 if any(row["errors"] for row in rows) else 0
+    return 1 if any(row.get("errors") for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -96,7 +96,9 @@ class RepositorySettings:
                                          "changes (the list changes without a restart)")  # fmt: skip
     encoder_timeout_ms: int = setting(30000, "--role language: the deadline of one encode_item request")
     encoder_attempts: int = setting(3, "--role language: rounds of encoding a request's items before it fails")
-    landing_pool_mb: int = setting(64, "--role language: the landing pool (MiB of system shared memory)")
+    landing_pool_mb: int = setting(0, "the landing pool in MiB, where prompt tables reach mimo_llm by reference "
+                                      "(system shared memory on cpu, mimo_llm's GPU memory on gpu); 0: 64 on cpu, "
+                                      "room for 4 requests of --max-media-tokens rows on gpu")  # fmt: skip
     local_encoder: bool = setting(False, "--role language: also load mimo_encoder and media preprocessing here, to "
                                          "encode the items every encoder server failed (counted as fallbacks)")
     embedding_cache_mb: int = setting(0, "--role language: an LRU cache of encoded items' rows (MiB, in the landing "
@@ -221,6 +223,8 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
             "checkpoint_dir": checkpoint,
             "cancellation_check_period_ms": settings.cancellation_check_period_ms,
             "workers": settings.entry_workers,
+            "landing_device": f"cuda:{settings.llm_gpus[0]}" if gpu else "cpu",
+            "landing_pool_bytes": landing_pool_bytes(settings, config.hidden_size),
             **(language_parameters(settings, knobs) if settings.role == "language" else {}),
         }),
     }
@@ -235,10 +239,17 @@ def language_parameters(settings: RepositorySettings, knobs: Mapping[str, int | 
         "encoder_urls_file": str(Path(settings.encoder_urls_file).resolve()) if settings.encoder_urls_file else "",
         "encoder_timeout_ms": settings.encoder_timeout_ms,
         "encoder_attempts": settings.encoder_attempts,
-        "landing_pool_bytes": settings.landing_pool_mb << 20,
         "local_encoder": "true" if settings.local_encoder else "false",
         "embedding_cache_bytes": settings.embedding_cache_mb << 20,
     }
+
+
+def landing_pool_bytes(settings: RepositorySettings, hidden_size: int) -> int:
+    if settings.landing_pool_mb:
+        return settings.landing_pool_mb << 20
+    if settings.device == "gpu":
+        return 4 * settings.max_media_tokens * hidden_size * _DTYPE_BYTES[settings.resolved_dtype]
+    return 64 << 20
 
 
 def _quote(value: object) -> str:

@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 
 from client import MiMoClient
 from client.sample_media import sample_image, sample_tone
-from conftest import SERVED_MAX_MODEL_LEN, serving_settings
+from conftest import SERVED_MAX_MODEL_LEN, SERVING_DEVICE, serving_settings
 from mimo.serving.contract import triton_type
 from processing_media import encode_video
 from tools import traffic
@@ -112,7 +112,23 @@ def test_the_items_of_one_request_reach_both_encoder_servers(layout):
     after = [encoded_items(e) for e in encoders]
     gained = [a - b for a, b in zip(after, before)]
     assert sum(gained) == 4 and min(gained) >= 1, gained
-    assert metric(language, "mimo_epd_handoff_bytes_total") > 0
+    # the rows landed in the pool's memory: the LM GPU's on a GPU deployment (CUDA IPC), host shm on CPU
+    memory = "cuda" if SERVING_DEVICE == "gpu" else "system"
+    landed = re.findall(r'^mimo_epd_handoff_bytes_total\{memory="(\w+)"\} ([0-9.e+-]+)$', language.metrics(), re.M)
+    assert {kind for kind, value in landed if float(value) > 0} == {memory}, landed
+
+
+def test_the_table_reaches_mimo_llm_by_reference_from_the_pool(layout):
+    """The pool is registered with the language server itself and mimo_llm's table input names a slice of it."""
+    encoders, language, _ = layout
+    tokens(language, images=IMAGES[:1], max_tokens=1, temperature=0.0)
+    with grpcclient.InferenceServerClient(language.grpc_url) as client:
+        status = (client.get_cuda_shared_memory_status() if SERVING_DEVICE == "gpu"
+                  else client.get_system_shared_memory_status())  # fmt: skip
+    assert [name for name in status.regions if "landing_" in name], status
+    tables = dict(re.findall(r'^mimo_prompt_tables\{device="([^"]+)"\} (\S+)$', language.metrics(), re.M))
+    expected = "cuda" if SERVING_DEVICE == "gpu" else "cpu"
+    assert tables and all(device.startswith(expected) for device in tables), tables
 
 
 def test_eight_identical_images_are_encoded_once(layout, triton_server):

@@ -3,7 +3,7 @@ mixed: text only, 1 to 3 small images, audio, image + audio; streamed and whole;
 items are encoded or while they generate; bad requests; one encoder server SIGKILLed a third of the way through and
 started again on its address two thirds of the way. Then nothing may be held: no landing slice, no KV block, no
 request in flight, no registered shared-memory region but the language server's landing pool (on the encoder
-servers), one landing region in /dev/shm; every request got its expected tokens or the error its input deserves."""
+servers and the language server itself), one landing region in /dev/shm; every request got its expected tokens or the error its input deserves."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from tools.server_process import TritonServer
 from triton_harness import server_binary_pid, shm_prefix, shm_regions
 
 REQUESTS = int(os.environ.get("MIMO_EPD_LEAK_REQUESTS", "2000"))
-WORKERS = 8
+WORKERS = 16
 MAX_TOKENS = 3
 IMAGES = [sample_image((200, 40, 40), (32, 32)), sample_image((30, 60, 220), (32, 48)),
           sample_image((10, 200, 90), (48, 32))]  # fmt: skip
@@ -185,9 +185,8 @@ def test_two_thousand_mixed_requests_leave_nothing_held(layout):
             break
         assert time.monotonic() < deadline, f"still held: {held}"
         time.sleep(0.1)
-    assert registered_regions(language) == []
     landing = [name for name in shm_regions(shm_prefix(language)) if "landing_" in name]
     assert len(landing) == 1, landing  # the pool itself, nothing else
-    for encoder in encoders:
+    for encoder in (language, *encoders):  # mimo_llm's table inputs name the pool on the language server too
         assert set(registered_regions(encoder)) <= set(landing), registered_regions(encoder)
     assert complete(url, "images3", True) == expected["images3", True]  # still serving, the same tokens

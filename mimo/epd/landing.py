@@ -57,6 +57,7 @@ class Region(Protocol):
 
     name: str  # what the region is registered as with each encoder server (request outputs name it)
     byte_size: int
+    kind: str  # "system" or "cuda": Triton's shared-memory extension it is registered through
 
     def register(self, client):
         """Registers the region with one Triton server (a tritonclient client; its return value, awaitable for the
@@ -66,6 +67,9 @@ class Region(Protocol):
 
     def view(self, offset: int, byte_size: int) -> torch.Tensor:
         """uint8 [byte_size] over the region's bytes [offset, offset + byte_size), no copy."""
+
+    def synchronize(self) -> None:
+        """Waits until what this process wrote into the region is visible to a server reading it."""
 
     def close(self) -> None:
         """Removes the region (idempotent)."""
@@ -80,6 +84,8 @@ class SystemShmRegion:
     the mapping goes with its last view. `key_prefix`: the launcher gives a server's models its own prefix
     (`mimo.serving.lifecycle.shm_prefix`) and removes every region under it if the server dies.
     """
+
+    kind = "system"
 
     def __init__(self, byte_size: int, key_prefix: str = "mimo_", shm_dir: Path = Path("/dev/shm")):
         if byte_size <= 0:
@@ -109,10 +115,71 @@ class SystemShmRegion:
             raise LandingClosed(f"landing region {self.name} is closed")
         return torch.frombuffer(self._mapping, dtype=torch.uint8, count=byte_size, offset=offset)
 
+    def synchronize(self) -> None:
+        """Host writes are visible to the server at once."""
+
     def close(self) -> None:
         if self._mapping is not None:
             self._mapping = None  # never mmap.close(): a view still alive would point at unmapped memory
             self.path.unlink(missing_ok=True)
+
+
+class CudaRegion:
+    """Device memory of one GPU (cudaMalloc, through tritonclient.utils.cuda_shared_memory, i.e. cuda-python),
+    registered with Triton's CUDA shared-memory extension by its IPC handle: a server on the same host maps it and
+    copies outputs into it (and reads inputs from it) device to device, never through host memory.
+
+    Views are torch tensors on `device` over the allocation (`__cuda_array_interface__`), each holding this region,
+    so the memory goes only with the region's last view (`close` drops the region's own reference).
+    """
+
+    kind = "cuda"
+
+    def __init__(self, byte_size: int, device_id: int, key_prefix: str = "mimo_"):
+        if byte_size <= 0:
+            raise ValueError(f"a landing region needs a positive size, got {byte_size} bytes")
+        import tritonclient.utils.cuda_shared_memory as cudashm  # needs cuda-python and a GPU
+
+        self.name = f"{key_prefix}landing_{uuid.uuid4().hex}"
+        self.byte_size, self.device_id = byte_size, device_id
+        self.device = torch.device("cuda", device_id)
+        self._cudashm = cudashm
+        self._handle = cudashm.create_shared_memory_region(self.name, byte_size, device_id)
+        self._raw_handle = cudashm.get_raw_handle(self._handle)  # base64, as tritonclient's register calls take it
+        pointer = int(self._handle._base_addr)
+        self.__cuda_array_interface__ = {"shape": (byte_size,), "typestr": "|u1", "data": (pointer, False),
+                                         "version": 3}  # fmt: skip
+        self._base: torch.Tensor | None = torch.as_tensor(self, device=self.device)
+
+    def register(self, client):
+        return client.register_cuda_shared_memory(self.name, self._raw_handle, self.device_id, self.byte_size)
+
+    def unregister(self, client):
+        return client.unregister_cuda_shared_memory(self.name)
+
+    def view(self, offset: int, byte_size: int) -> torch.Tensor:
+        if self._base is None:
+            raise LandingClosed(f"landing region {self.name} is closed")
+        return self._base[offset : offset + byte_size]
+
+    def synchronize(self) -> None:
+        """Before a server reads what this process wrote on its CUDA streams."""
+        torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        if self._base is not None:
+            self._base = None
+            self._cudashm.destroy_shared_memory_region(self._handle)  # freed with the last view
+
+
+def landing_region(byte_size: int, device: str, key_prefix: str) -> SystemShmRegion | CudaRegion:
+    """The landing region for `device` ("cpu": system shared memory; "cuda:N": memory of GPU N)."""
+    if device == "cpu":
+        return SystemShmRegion(byte_size, key_prefix=key_prefix)
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not index.isdigit():
+        raise ValueError(f"a landing device is 'cpu' or 'cuda:N', got {device!r}")
+    return CudaRegion(byte_size, int(index), key_prefix=key_prefix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +238,8 @@ class Lease:
         if not self.released:
             self.released = True
             self.pool._release(self, quarantine=self.writing)
+            if self.pool.on_release is not None:
+                self.pool.on_release()
 
     def __enter__(self) -> Lease:
         return self
@@ -205,6 +274,7 @@ class LandingPool:
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._closed = False
         self._peak = self._waits = self._timeouts = 0
+        self.on_release: Callable[[], None] | None = None  # called after each release (outside the lock): metrics
 
     def __enter__(self) -> LandingPool:
         return self

@@ -60,14 +60,15 @@ class Metrics(Protocol):
 
     def outstanding_tokens(self, url: str, tokens: int) -> None: ...
 
-    def count(self, name: str, value: int = 1) -> None:
+    def count(self, name: str, value: int = 1, labels: dict[str, str] | None = None) -> None:
         """name: one of COUNTERS."""
 
     def slices_in_use(self, slices: int) -> None: ...
 
 
 COUNTERS = {
-    "handoff_bytes": "bytes of prompt-table rows encoder servers wrote into the landing pool",
+    "handoff_bytes": "bytes of prompt-table rows encoder servers wrote into the landing pool, by the pool's memory "
+                     "(cuda: the LM GPU's, written device to device through CUDA IPC; system: host shared memory)",
     "retries": "encode_item requests retried on another encoder server",
     "dedup_hits": "media items whose rows were copied from an identical item's encoding instead of encoded",
     "fallbacks": "media items this server's own encoder encoded after the encoder servers failed them",
@@ -82,7 +83,7 @@ class NoMetrics:
     def outstanding_tokens(self, url, tokens):
         pass
 
-    def count(self, name, value=1):
+    def count(self, name, value=1, labels=None):
         pass
 
     def slices_in_use(self, slices):
@@ -200,6 +201,7 @@ class Orchestrator:
         self.timeout_s, self.attempts, self.reserve_timeout_s = timeout_s, attempts, reserve_timeout_s
         self.metrics = metrics or NoMetrics()
         self.cache = cache
+        pool.on_release = self.publish_slices
         self._urls, self._urls_file, self._fallback_url = list(servers_urls), urls_file, fallback_url
         self._shared: dict[str, _Shared] = {}
         self._loop = asyncio.new_event_loop()
@@ -307,7 +309,6 @@ class Orchestrator:
                         self._rows(fresh, first).copy_(self._rows(lease, first))
                     lease.release()
                     lease = fresh
-                    self.publish_slices()
             self._remember(lease, groups, found)
             for items in groups.values():
                 for item in items[1:]:
@@ -318,7 +319,6 @@ class Orchestrator:
             return lease
         except BaseException:
             lease.release()
-            self.publish_slices()
             raise
 
     def _rows(self, lease: Lease, item: PlannedItem) -> torch.Tensor:
@@ -418,7 +418,7 @@ class Orchestrator:
             raise
         finally:
             self.servers.add_tokens(server, -rows)
-        self.metrics.count("handoff_bytes", byte_size)
+        self.metrics.count("handoff_bytes", byte_size, {"memory": self.pool.region.kind})
         return f"{LOCAL}:{server.url}" if local else server.url
 
     def _failed(self, server: EncoderServer, failed_on: set[str], down: bool = True) -> None:
@@ -462,10 +462,13 @@ class Orchestrator:
 
     async def _register(self, server: EncoderServer) -> None:
         region = self.pool.region
-        try:  # a region left from before (this server kept it while we thought it down)
-            await region.unregister(server.client)
-        except InferenceServerException:
-            pass
+        # a region left from before (this server kept it while we thought it down); never on the fallback, this
+        # server itself, where mimo_llm's inputs name the same region (loopback.LoopbackLLM registers it too)
+        if server is not self.fallback:
+            try:
+                await region.unregister(server.client)
+            except InferenceServerException:
+                pass
         try:
             await region.register(server.client)
         except InferenceServerException as error:

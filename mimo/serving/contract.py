@@ -222,6 +222,10 @@ ENTRY = ModelSpec(
         **CHECKPOINT_DIR,
         "cancellation_check_period_ms": "how often the entry asks Triton which of its requests' clients left",
         "workers": "requests the entry runs at once (one thread each); later ones wait in its queue",
+        "landing_device": "where the landing pool lives: 'cpu' (system shared memory) or 'cuda:N' (memory of mimo_llm's "
+                          "GPU N: prompt tables reach mimo_llm from there by reference, device to device)",
+        "landing_pool_bytes": "the landing pool's size (registered with this server, and on the language server with "
+                              "every encoder server, which write the rows into it)",
     },
     decoupled=True,
     steps=("preprocessing", "mimo_encoder", "mimo_llm"),
@@ -280,7 +284,6 @@ LANGUAGE_PARAMETERS = {
     "encoder_timeout_ms": "the deadline of one encode_item request; past it the item is retried on another server",
     "encoder_attempts": "rounds of encoding a request's items (a failed item is retried on a server it has not "
                         "failed on) before the request fails",
-    "landing_pool_bytes": "the landing pool (system shared memory registered with every encoder server)",
     "local_encoder": "true: this server also serves encode_item (its own mimo_encoder), which encodes the items "
                      "every encoder server failed (or all of them when none is up); false: such a request fails",
     "embedding_cache_bytes": "an LRU cache of encoded items' rows by content hash, in the landing region's memory, "

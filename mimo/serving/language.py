@@ -1,9 +1,11 @@
 """The language role's entry step (`mimo.serving.entry.Prepare`): plan the request here, have its items encoded by
 the encoder servers into one landing slice (`mimo.epd.orchestrate`), hand mimo_llm the planned ids and that table.
 
-The table reaches mimo_llm over the entry's loopback gRPC stream as bytes read from the slice once, into the request
-(no concatenation copy: the items landed side by side in prompt order); the slice is released as soon as the request
-holds them, before mimo_llm generates (on an error before that too).
+The landing region lives where mimo_llm reads its table (`landing_device`: system shared memory on a CPU
+deployment, the LM GPU's memory on a GPU one) and is registered with this server too, so the table goes to mimo_llm
+by reference (`mimo.serving.loopback.SlicedInput`): on a GPU, encoder server -> landing slice -> mimo_llm's input is
+device to device all the way. The slice is released once mimo_llm answered (it has taken its input by then), before
+it generates; on an error before that too.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from collections.abc import Callable, Iterator, Mapping
 import numpy as np
 
 from mimo.epd.cache import EmbeddingCache
-from mimo.epd.landing import LandingError, LandingPool, SystemShmRegion
+from mimo.epd.landing import LandingError, LandingPool
 from mimo.epd.orchestrate import EncodeError, Metrics, Orchestrator, parse_urls
 from mimo.processing.errors import ProcessingError
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.entry import INVALID_ARG, UNAVAILABLE, EntryError
-from mimo.serving.loopback import infer_input, self_grpc_url
+from mimo.serving.loopback import SlicedInput, self_grpc_url
 from mimo.serving.preprocess import plan_preprocessing
 
 
@@ -33,10 +35,11 @@ class LanguagePrepare:
 
     @classmethod
     def build(cls, processor: MiMoProcessor, parameters: Mapping[str, str], hidden_size: int, row_dtype,
-              shm_prefix: str, metrics: Metrics | None = None,
+              pool: LandingPool, metrics: Metrics | None = None,
               report: Callable[[str], None] | None = None) -> LanguagePrepare:  # fmt: skip
-        """From the entry's parameters (contract.LANGUAGE_PARAMETERS, as strings); with `local_encoder`, this
-        server's own encode_item (at its gRPC address, `loopback.self_grpc_url`) is the fallback encoder."""
+        """From the entry's parameters (contract.LANGUAGE_PARAMETERS, as strings) and its landing pool; with
+        `local_encoder`, this server's own encode_item (at its gRPC address, `loopback.self_grpc_url`) is the
+        fallback encoder."""
         urls = parse_urls(parameters["encoder_urls"], "parameter encoder_urls")
         urls_file = parameters["encoder_urls_file"] or None
         if parameters["local_encoder"] not in ("true", "false"):
@@ -46,7 +49,6 @@ class LanguagePrepare:
             raise ValueError("the language entry needs encoder servers: set encoder_urls or encoder_urls_file (or "
                              "local_encoder)")
         cache_bytes = int(parameters["embedding_cache_bytes"])
-        pool = LandingPool(SystemShmRegion(int(parameters["landing_pool_bytes"]), key_prefix=shm_prefix))
         orchestrator = Orchestrator(pool, urls, urls_file, processor.config, hidden_size, row_dtype,
                                     timeout_s=int(parameters["encoder_timeout_ms"]) / 1000,
                                     attempts=int(parameters["encoder_attempts"]), metrics=metrics,
@@ -67,17 +69,17 @@ class LanguagePrepare:
             raise EntryError(f"encoding the request's media failed: {error}", UNAVAILABLE) from None
         if origins and self.report is not None:
             self.report(describe_origins(plan, origins))
-        if lease is not None:
-            with lease:  # the rows are copied into mimo_llm's request here: the slice is free before it generates
-                table = infer_input("prompt_embedding_table", self.orchestrator.table(lease, plan))
-            self.orchestrator.publish_slices()
-            llm_inputs["prompt_embedding_table"] = table
+        if lease is None:
+            yield llm_inputs
+            return
+        with lease:  # LoopbackLLM releases it at mimo_llm's first response; here at the latest
+            llm_inputs["prompt_embedding_table"] = SlicedInput(lease, self.orchestrator.row_dtype,
+                                                               (1, plan.total_rows, self.orchestrator.hidden_size))
             llm_inputs["prompt_vocab_size"] = np.array([[plan.total_rows]], dtype=np.int32)
-        yield llm_inputs
+            yield llm_inputs
 
     def close(self) -> None:
-        self.orchestrator.close()
-        self.orchestrator.pool.close()
+        self.orchestrator.close()  # the pool is the entry's
 
 
 ORIGINS_PREFIX = "mimo_epd items:"
@@ -87,5 +89,5 @@ def describe_origins(plan, origins: list[str]) -> str:
     """`mimo_epd items: 0 image 6 rows <- localhost:8101; 1 audio 13 rows <- local:localhost:8001; ...`: the line
     the language server logs per request with media (the demo reads it)."""
     parts = [f"{index} {item.metadata.modality.name.lower()} {item.metadata.num_tokens} rows <- {origin}"
-             for index, (item, origin) in enumerate(zip(plan.items, origins))]
+             for index, (item, origin) in enumerate(zip(plan.items, origins)))]
     return f"{ORIGINS_PREFIX} {'; '.join(parts)}"

@@ -12,11 +12,13 @@ The server's own gRPC address comes from the launcher (`SELF_GRPC_URL_ENV`), whi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
@@ -24,6 +26,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from mimo.epd.landing import LandingError, LandingPool, Lease
 from mimo.serving.contract import MODELS, STOP_REQUEST_ID
 from mimo.serving.lifecycle import SELF_GRPC_URL_ENV
 from mimo.serving.entry import CANCELLED, INTERNAL, INVALID_ARG, UNAVAILABLE, EntryError
@@ -47,7 +50,7 @@ def self_grpc_url() -> str:
 
 def wire_array(value: np.ndarray | torch.Tensor) -> np.ndarray:
     """A step input as numpy for the wire; a torch tensor (a GPU prompt table) is copied to the host, bfloat16 kept
-    as ml_dtypes.bfloat16 (Triton BF16). The landing pool of the disaggregated layout removes this host copy."""
+    as ml_dtypes.bfloat16 (Triton BF16). With a device landing pool (`LoopbackLLM`) a GPU table never comes here."""
     if isinstance(value, np.ndarray):
         return value
     value = value.detach().cpu()
@@ -64,6 +67,25 @@ def infer_input(name: str, value: np.ndarray | torch.Tensor | grpcclient.InferIn
     tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
     tensor.set_data_from_numpy(array)
     return tensor
+
+
+TORCH_TRITON_DTYPES = {torch.bfloat16: "BF16", torch.float16: "FP16", torch.float32: "FP32"}
+
+
+@dataclass(frozen=True, slots=True)
+class SlicedInput:
+    """A request input that is already in a slice of a landing region this server has registered: sent by reference
+    (Triton reads it device to device from a CUDA region). The slice is the request's until mimo_llm's first
+    response: by then its model has taken the input."""
+
+    lease: Lease
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def infer_input(self, name: str) -> grpcclient.InferInput:
+        tensor = grpcclient.InferInput(name, list(self.shape), TORCH_TRITON_DTYPES[self.dtype])
+        tensor.set_shared_memory(*self.lease.output_region)
+        return tensor
 
 
 class LoopbackStreams:
@@ -125,15 +147,76 @@ class LoopbackStreams:
 
 
 class LoopbackLLM:
-    """The entry's `Steps.stream` / `Steps.stop` (mimo.serving.entry) for mimo_llm, over `LoopbackStreams`."""
+    """The entry's `Steps.stream` / `Steps.stop` (mimo.serving.entry) for mimo_llm, over `LoopbackStreams`.
 
-    def __init__(self, streams: LoopbackStreams | None = None):
+    `device_pool`: a landing pool in the LM GPU's memory. A CUDA tensor input (the colocated encoder's prompt table)
+    is then copied into a slice of it, device to device, and sent by reference (`SlicedInput`), never through the
+    host; without one it is copied to the host for the wire (`wire_array`). The pool's region is registered with
+    this server at first use (its gRPC endpoint is not up while the models load).
+    """
+
+    def __init__(self, streams: LoopbackStreams | None = None, device_pool: LandingPool | None = None,
+                 reserve_timeout_s: float = 30.0):  # fmt: skip
         self.streams = streams or LoopbackStreams()
+        self.device_pool, self.reserve_timeout_s = device_pool, reserve_timeout_s
+        self._registered: dict[str, object] = {}  # name -> the landing region registered with this server
+        self._register_lock = threading.Lock()
 
-    def stream(self, model: str, inputs: Mapping[str, np.ndarray | torch.Tensor], request_id: str
+    def stream(self, model: str, inputs: Mapping[str, np.ndarray | torch.Tensor | SlicedInput], request_id: str
                ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
-        yield from self._responses(model, {name: infer_input(name, value) for name, value in inputs.items()},
-                                   request_id)  # fmt: skip
+        leases, wire = [], {}
+        try:
+            for name, value in inputs.items():
+                if isinstance(value, torch.Tensor) and value.is_cuda and self.device_pool is not None:
+                    value = self._slice_copy(value)
+                if isinstance(value, SlicedInput):
+                    leases.append(value.lease)
+                    self._register(value.lease.pool.region)
+                    value.lease.pool.region.synchronize()
+                    wire[name] = value.infer_input(name)
+                else:
+                    wire[name] = infer_input(name, value)
+            for response in self._responses(model, wire, request_id):
+                for lease in leases:
+                    lease.release()
+                yield response
+        finally:
+            for lease in leases:
+                lease.release()
+
+    def close(self) -> None:
+        """Unregisters the regions from this server (best effort: it may be shutting down); the pools are their
+        owner's to close."""
+        if self._registered:
+            with contextlib.suppress(Exception), grpcclient.InferenceServerClient(self.streams.url) as client:
+                for region in self._registered.values():
+                    region.unregister(client)
+            self._registered.clear()
+        self.streams.close()
+
+    def _slice_copy(self, tensor: torch.Tensor) -> SlicedInput:
+        if tensor.dtype not in TORCH_TRITON_DTYPES:
+            raise EntryError(f"a {tensor.dtype} device tensor cannot go to mimo_llm by reference", INTERNAL)
+        byte_size = tensor.numel() * tensor.element_size()
+        try:
+            lease = self.device_pool.reserve(byte_size, self.reserve_timeout_s)
+        except LandingError as error:
+            raise EntryError(f"no room for the prompt table in the device landing pool: {error}", UNAVAILABLE) from None
+        sliced = SlicedInput(lease, tensor.dtype, tuple(tensor.shape))
+        lease.view(tensor.dtype, sliced.shape).copy_(tensor)
+        return sliced
+
+    def _register(self, region) -> None:
+        with self._register_lock:
+            if region.name not in self._registered:
+                with grpcclient.InferenceServerClient(self.streams.url) as client:
+                    try:
+                        region.register(client)
+                    except InferenceServerException as error:
+                        # the language entry's fallback encoder (its own encode_item) registered it first
+                        if "ALREADY_EXISTS" not in str(error.status()):
+                            raise
+                self._registered[region.name] = region
 
     def stop(self, model: str, request_id: str) -> None:
         # a request of its own with the target in a parameter (mimo.serving.llm.stop_target)

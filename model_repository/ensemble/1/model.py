@@ -12,6 +12,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from mimo.config import MiMoV2Config
+from mimo.epd.landing import LandingPool, landing_region
 from mimo.epd.orchestrate import COUNTERS
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.contract import ENTRY, LANGUAGE_ENTRY, LANGUAGE_PARAMETERS, MODELS
@@ -85,7 +86,7 @@ class EncoderMetrics:
         self.slices = self.slices_family.Metric(labels={})
         self.families = {name: pb_utils.MetricFamily(name=f"mimo_epd_{name}_total", kind=counter, description=text)
                          for name, text in COUNTERS.items()}  # fmt: skip
-        self.counters = {name: family.Metric(labels={}) for name, family in self.families.items()}
+        self.counters = {}  # (name, labels) -> its Metric
         self._servers = {}
 
     def outstanding_tokens(self, url, tokens):
@@ -93,19 +94,31 @@ class EncoderMetrics:
             self._servers[url] = self.tokens.Metric(labels={"encoder": url})
         self._servers[url].set(tokens)
 
-    def count(self, name, value=1):
-        self.counters[name].increment(value)
+    def count(self, name, value=1, labels=None):
+        key = (name, tuple(sorted((labels or {}).items())))
+        if key not in self.counters:
+            self.counters[key] = self.families[name].Metric(labels=dict(labels or {}))
+        self.counters[key].increment(value)
 
     def slices_in_use(self, slices):
         self.slices.set(slices)
 
 
-def language_prepare(model_config, checkpoint):
+def language_prepare(model_config, checkpoint, pool):
     parameters = {name: model_parameter(model_config, name) for name in LANGUAGE_PARAMETERS}
     hidden = MiMoV2Config.from_pretrained(checkpoint).hidden_size
     return LanguagePrepare.build(MiMoProcessor.from_checkpoint(checkpoint), parameters, hidden,
-                                 torch_dtype(parameters["dtype"]), shm_prefix(), EncoderMetrics(),
+                                 torch_dtype(parameters["dtype"]), pool, EncoderMetrics(),
                                  report=pb_utils.Logger.log_info)  # fmt: skip
+
+
+def landing_pool(model_config, language):
+    """Where prompt tables reach mimo_llm by reference; none on a CPU colocated server (tables go as bytes)."""
+    device = model_parameter(model_config, "landing_device")
+    if device == "cpu" and not language:
+        return None
+    region = landing_region(model_parameter(model_config, "landing_pool_bytes", int), device, shm_prefix())
+    return LandingPool(region)
 
 
 class TritonPythonModel:
@@ -124,8 +137,10 @@ class TritonPythonModel:
         workers = model_parameter(model_config, "workers", int)
         # the language server: its config has the language parameters (contract.LANGUAGE_ENTRY)
         language = "encoder_urls" in model_config.get("parameters", {})
-        self.prepare = language_prepare(model_config, checkpoint) if language else None
-        self.entry = Entry(Steps(), detokenizer, period_s, workers, on_in_flight=self.gauge.set,
+        self.pool = pool = landing_pool(model_config, language)
+        self.prepare = language_prepare(model_config, checkpoint, pool) if language else None
+        self.steps = Steps(device_pool=pool if pool is not None and pool.region.kind == "cuda" else None)
+        self.entry = Entry(self.steps, detokenizer, period_s, workers, on_in_flight=self.gauge.set,
                            entry=LANGUAGE_ENTRY if language else ENTRY, prepare=self.prepare).start()
         self.gauge.set(0)
 
@@ -144,4 +159,7 @@ class TritonPythonModel:
         self.entry.shutdown()
         if self.prepare is not None:
             self.prepare.close()
+        self.steps.close()
+        if self.pool is not None:
+            self.pool.close()
         exit_stub_process()  # a worker still blocked in a BLS call must not hold the stub (its threads are joined)
