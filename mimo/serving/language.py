@@ -89,5 +89,5 @@ def describe_origins(plan, origins: list[str]) -> str:
     """`mimo_epd items: 0 image 6 rows <- localhost:8101; 1 audio 13 rows <- local:localhost:8001; ...`: the line
     the language server logs per request with media (the demo reads it)."""
     parts = [f"{index} {item.metadata.modality.name.lower()} {item.metadata.num_tokens} rows <- {origin}"
-             for index, (item, origin) in enumerate(zip(plan.items, origins)))]
+             for index, (item, origin) in enumerate(zip(plan.items, origins))]
     return f"{ORIGINS_PREFIX} {'; '.join(parts)}"
