@@ -82,7 +82,7 @@ class Counted:
     def outstanding_tokens(self, url, tokens):
         pass
 
-    def count(self, name, value=1):
+    def count(self, name, value=1, labels=None):
         self.counts[name] = self.counts.get(name, 0) + value
 
     def slices_in_use(self, slices):
