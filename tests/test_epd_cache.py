@@ -7,6 +7,7 @@ import torch
 
 from conftest import serving_settings
 from mimo.epd.cache import EmbeddingCache
+from mimo.serving.triton_config import torch_dtype
 from test_epd_language import IMAGES, TONE, assert_no_slice_in_use, encoded_items, metric, start_server, tokens
 
 
@@ -100,18 +101,19 @@ def test_the_cache_evicts_the_least_recently_used_by_bytes(layout, tiny_checkpoi
     encoder, _ = layout
     processor = MiMoProcessor.from_checkpoint(tiny_checkpoint)
     hidden = MiMoV2Config.from_pretrained(tiny_checkpoint).hidden_size
+    dtype = torch_dtype(serving_settings(tiny_checkpoint).resolved_dtype)  # the encoder server's
 
     def plan(image):
         messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "?"}]}]
         return plan_request(processor, messages)
 
     plans = [plan(image) for image in IMAGES]
-    sizes = [p.total_rows * hidden * 4 for p in plans]
+    sizes = [p.total_rows * hidden * dtype.itemsize for p in plans]
     cache = EmbeddingCache(sizes[0] + max(sizes[1], sizes[2]))  # 0 beside 1 or 2, not all three
     metrics = Counted()
     pool = LandingPool(SystemShmRegion(1 << 20, key_prefix="mimo_test_"))
-    orchestrator = Orchestrator(pool, [encoder.grpc_url], None, processor.config, hidden, torch.float32,
-                                timeout_s=30, metrics=metrics, cache=cache)  # fmt: skip
+    orchestrator = Orchestrator(pool, [encoder.grpc_url], None, processor.config, hidden, dtype, timeout_s=30,
+                                metrics=metrics, cache=cache)  # fmt: skip
 
     def encode(index):
         origins = []

@@ -49,6 +49,9 @@ ENCODE_MODEL = "encode_item"
 TABLE = "prompt_embedding_table"
 PROBE_TIMEOUT_S = 2.0
 PROBE_PERIOD_S = 1.0  # how often servers marked down are probed
+# gRPC's reconnect backoff grows to 120 s by default: a server restarted after a minute down would answer no probe
+# for as long; capped, a probe reaches it within about a second of its start
+RECONNECT_BACKOFF_MS = 1000
 
 
 class EncodeError(RuntimeError):
@@ -106,6 +109,22 @@ def parse_urls(text: str, where: str) -> list[str]:
     return urls
 
 
+def encoder_client(url: str) -> grpcaio.InferenceServerClient:
+    """tritonclient's asyncio client with its default channel options, the reconnect backoff capped."""
+    keepalive = grpcaio.KeepAliveOptions()
+    return grpcaio.InferenceServerClient(url, channel_args=[
+        ("grpc.max_send_message_length", grpcaio.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcaio.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS // 4),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS // 4),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+    ])  # fmt: skip
+
+
 @dataclass
 class EncoderServer:
     url: str
@@ -149,7 +168,7 @@ class EncoderServers:
                 asyncio.ensure_future(server.client.close())
         for url in wanted:
             if url not in self.servers:
-                self.servers[url] = EncoderServer(url, grpcaio.InferenceServerClient(url))
+                self.servers[url] = EncoderServer(url, encoder_client(url))
 
     def candidates(self, exclude: set[str]) -> list[EncoderServer]:
         """Servers not in `exclude`: those up first, each group by fewest outstanding tokens (ties: round robin)."""
@@ -214,7 +233,7 @@ class Orchestrator:
         servers.refresh()
         # the fallback encoder (this server's own encode_item): never chosen, only asked after the last round
         url = self._fallback_url
-        self.fallback = EncoderServer(url, grpcaio.InferenceServerClient(url)) if url else None
+        self.fallback = EncoderServer(url, encoder_client(url)) if url else None
         self._prober = asyncio.ensure_future(self._probe_down(servers))
         return servers
 
