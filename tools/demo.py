@@ -103,7 +103,7 @@ def print_origins(language: TritonServer, encoders: list[TritonServer]) -> None:
         print("the language server logged no item origins", file=sys.stderr)
         return
     print("encoded by:")
-    for part in lines[-1].split(ORIGINS_PREFIX, 1)[1].split(";"):
+    for part in lines[-1].split(ORIGINS_PREFIX, 1)[1].rstrip().rstrip('"').split(";"):  # Triton quotes the message
         item, _, origin = part.strip().partition(" <- ")
         print(f"  item {item}: {names.get(origin, origin)}")
 
