@@ -65,6 +65,18 @@ def test_the_fault_is_test_only_and_off_by_default(tiny_checkpoint, tmp_path):
     assert "test_fault_rows" not in (tmp_path / "colocated" / "mimo_encoder" / "config.pbtxt").read_text()
 
 
+def test_the_faulty_table_is_off_by_the_rows_asked():
+    import torch
+
+    from mimo.serving.encode import faulty_table
+
+    table = torch.arange(12.0).reshape(4, 3)
+    assert torch.equal(faulty_table(table, -1), table[:3])
+    assert faulty_table(table, -9).shape == (0, 3)
+    longer = faulty_table(table, 2)
+    assert longer.shape == (6, 3) and torch.equal(longer[:4], table) and not longer[4:].any()
+
+
 def test_a_faulty_servers_answers_are_rejected_and_retried_on_the_good_one(servers, triton_server):
     good, faulty, plain = servers["good"], servers["faulty"], servers["plain"]
     assert "TEST-ONLY FAULT (test_fault_rows=-1)" in faulty.log()
