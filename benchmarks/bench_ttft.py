@@ -212,7 +212,7 @@ def launch_colocated(args, workdir: Path):
     from builders.tiny import build_checkpoint
     from tools.server_process import TritonServer
 
-    checkpoint = build_checkpoint(workdir / "checkpoint", preset=args.preset, num_layers=args.layers)
+    checkpoint = args.checkpoint or build_checkpoint(workdir / "checkpoint", preset=args.preset, num_layers=args.layers)
     command = render_repository(RepositorySettings(checkpoint=checkpoint, device=args.device),
                                 workdir / "model_repository")  # fmt: skip
     return TritonServer(workdir / "model_repository", workdir / "tritonserver.log", extra_args=command[2:]).start()
@@ -236,7 +236,7 @@ def launch_epd(args, workdir: Path):
     from builders.tiny import build_checkpoint
     from tools.server_process import TritonServer
 
-    checkpoint = build_checkpoint(workdir / "checkpoint", preset=args.preset, num_layers=args.layers)
+    checkpoint = args.checkpoint or build_checkpoint(workdir / "checkpoint", preset=args.preset, num_layers=args.layers)
     servers = []
     try:
         for index in range(args.encoders):
@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=300.0, help="longest wait for one response")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="with --launch")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="with --launch: serve this checkpoint instead of building one (--preset, --layers)")
     parser.add_argument("--preset", default="tiny", help="with --launch: builders tiny --preset (tiny | v2.5)")
     parser.add_argument("--layers", type=int, default=None, help="with --launch: builders tiny --layers")
     parser.add_argument("--encoders", type=int, default=2, help="with --launch epd: encoder servers")

@@ -36,5 +36,8 @@ install() {
 [ -n "${UV:-}" ] || install --upgrade pip
 "$VENV"/bin/python -c "import torch" 2>/dev/null || install torch==2.13.0
 "$VENV"/bin/python -W ignore -c "import torch" # fail loudly if torch did not install (numpy comes later)
+# triton: a CUDA torch brings its own (GPU machines: 3.6); beside a CPU torch the kernels' tests run Triton's
+# interpreter, pinned to the GPU machines' release (~190 MB wheel, ~30 s)
+"$VENV"/bin/python -c "import triton" 2>/dev/null || install triton==3.6.0
 install -e '.[test]'
 "$VENV"/bin/python -I -c "import mimo, builders, client, numpy; assert numpy.__version__ < '2', numpy.__version__"

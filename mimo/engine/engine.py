@@ -12,6 +12,7 @@ import torch
 from mimo.engine.block_manager import BlockManager, blocks_per_sequence, sliding_ring_tokens
 from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind, block_bytes, kv_layer_specs, layer_kinds
 from mimo.engine.model_runner import ModelRunner
+from mimo.engine.paged_attention import ATTENTION_KERNELS
 from mimo.engine.sampling import InvalidRequestError, Sampler, SamplingParams
 from mimo.engine.scheduler import Scheduler
 from mimo.engine.sequence import FinishReason, Sequence
@@ -47,6 +48,7 @@ class EngineConfig:
     seed: int | None = knob(None, "seed of the stream unseeded sampling requests draw from (none: nondeterministic)")
     num_speculative_tokens: int = knob(0, "MTP speculative decoding: tokens the MTP layers draft per sequence and "
                                        "step, verified in one forward (0: off; at most the checkpoint's MTP layers, 3)")
+    attention_kernel: str = "auto"  # paged attention: one of mimo.engine.paged_attention.ATTENTION_KERNELS
     device: torch.device | str | None = None  # None = the model's; otherwise must be the model's
     dtype: torch.dtype | None = None  # None = the model's; otherwise must be the model's
 
@@ -56,6 +58,9 @@ class EngineConfig:
         for name in ("max_prefill_chunk", "num_full_blocks", "num_sliding_blocks", "kv_cache_memory_bytes"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"EngineConfig.attention_kernel={self.attention_kernel!r} is not one of "
+                             f"{', '.join(ATTENTION_KERNELS)}")
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"EngineConfig.num_speculative_tokens must be an int >= 0, got {k!r}")
@@ -138,7 +143,7 @@ class LLMEngine:
             generator.manual_seed(config.seed)
         kv_cache = KVCache(specs, num_blocks, config.block_size, dtype, self.device)
         self.runner = ModelRunner(model, kv_cache, Sampler(generator), sliding_window, config.max_num_seqs,
-                                  max_blocks_per_seq, self.device, num_spec)
+                                  max_blocks_per_seq, self.device, num_spec, config.attention_kernel)
         if test_draft_override is not None:
             if self.runner.drafter is None:
                 raise ValueError("test_draft_override needs EngineConfig.num_speculative_tokens > 0")

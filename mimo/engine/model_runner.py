@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from mimo.engine.kv_cache import KVCache, LayerKind
-from mimo.engine.paged_attention import DeviceBlockTables, PagedAttention, PagedAttentionMetadata
+from mimo.engine.paged_attention import DeviceBlockTables, PagedAttention, PagedAttentionMetadata, use_attention_kernel
 from mimo.engine.sampling import Sampler
 from mimo.engine.scheduler import ChunkResult, ScheduledChunk
 from mimo.engine.speculative import Drafter
@@ -36,17 +36,18 @@ class ModelRunner:
 
     def __init__(self, model: MiMoV2ForCausalLM, kv_cache: KVCache, sampler: Sampler, sliding_window: int | None,
                  max_num_seqs: int, max_blocks_per_seq: dict[LayerKind, int], device: torch.device,
-                 num_speculative_tokens: int = 0):
+                 num_speculative_tokens: int = 0, attention_kernel: str = "auto"):
         self.model = model
         self.vocab_size = model.config.vocab_size
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.sliding_window = sliding_window
         self.device = device
+        self.use_attention_kernel = use_attention_kernel(attention_kernel, device)
         self.block_tables = {kind: DeviceBlockTables(kind, max_num_seqs, max_blocks_per_seq[kind], device)
                              for kind in kv_cache.kinds}
-        self.drafter = (Drafter(model, kv_cache, sampler, num_speculative_tokens, sliding_window, device)
-                        if num_speculative_tokens else None)
+        self.drafter = (Drafter(model, kv_cache, sampler, num_speculative_tokens, sliding_window, device,
+                                self.use_attention_kernel) if num_speculative_tokens else None)
 
     def prepare(self, chunks: list[ScheduledChunk]) -> ModelInputs:
         """Reads the scheduled sequences (under the engine lock) into device inputs; T = tokens of all chunks."""
@@ -70,6 +71,7 @@ class ModelRunner:
             block_size=self.kv_cache.block_size,
             sliding_window=self.sliding_window,
             device=self.device,
+            use_kernel=self.use_attention_kernel,
         )
         return ModelInputs(
             input_ids=to_device(tokens.ids, self.device),

@@ -2,13 +2,14 @@
 
 Per step the model runner builds one `PagedAttentionMetadata` (index tensors on the device, from the
 `DeviceBlockTables` and a few host lists, with no device->host sync); every layer then writes its new k/v at the
-step's slots and attends each sequence's queries over that sequence's cached keys. The per-sequence gather +
-`attention_with_sinks` loop is the CPU reference path; a varlen GPU kernel with sinks replaces
-`PagedAttention._attend_cached` later, reading the same device block tables, without touching the scheduler.
+step's slots and attends each sequence's queries over that sequence's cached keys: on CUDA with the Triton kernel
+of `mimo.engine.attention_kernel` (varlen, reading the device block tables directly), elsewhere with the reference
+path, a per-sequence gather + `attention_with_sinks` loop. `ATTENTION_KERNELS` names the choice.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,14 +20,37 @@ from mimo.engine.transfer import to_device
 from mimo.models.attention import attention_with_sinks
 
 
+# how PagedAttention computes: "auto" = the Triton kernel on CUDA devices, the reference path elsewhere;
+# "triton" anywhere (on a CPU device only under Triton's interpreter, TRITON_INTERPRET=1); "reference" anywhere
+ATTENTION_KERNELS = ("auto", "triton", "reference")
+
+
+def use_attention_kernel(choice: str, device: torch.device) -> bool:
+    """Whether `choice` (one of `ATTENTION_KERNELS`) runs the Triton kernel on `device`; refuses what cannot run."""
+    if choice not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel {choice!r} is not one of {', '.join(ATTENTION_KERNELS)}")
+    if choice == "reference" or (choice == "auto" and device.type != "cuda"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"attention kernel {choice!r} on {device} needs the triton package ({exc})") from exc
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"attention kernel 'triton' on a {device.type} device runs only under Triton's interpreter "
+                         "(TRITON_INTERPRET=1)")
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class PoolMetadata:
     """Where one layer kind's KV of this step goes and which cached keys each sequence attends."""
 
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
-    key_slots: torch.Tensor  # [K] flat cache slots of every attended key, sequences concatenated
-    key_positions: torch.Tensor  # [K] their token positions
+    block_table: torch.Tensor  # [B, W] physical block of logical block b at column b % table_lens
+    table_lens: torch.Tensor  # [B]
     key_counts: list[int]  # keys per sequence (host)
+    key_slots: torch.Tensor | None  # reference path: [K] flat cache slots of every attended key, sequences concatenated
+    key_positions: torch.Tensor | None  # reference path: [K] their token positions
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,16 +59,20 @@ class PagedAttentionMetadata:
     query_counts: list[int]  # tokens per sequence (host)
     pools: dict[LayerKind, PoolMetadata]
     sliding_window: int | None
+    cu_query: torch.Tensor  # [B + 1] int32 first flat row of each sequence's tokens, then T
+    seq_ends: torch.Tensor  # [B] int32 one past each sequence's last position this step
+    use_kernel: bool  # the Triton kernel (else the reference gather + attention_with_sinks loop)
 
     @classmethod
     def build(cls, starts: list[int], counts: list[int],
               block_tables: dict[LayerKind, tuple[torch.Tensor, torch.Tensor]], block_size: int,
-              sliding_window: int | None, device: torch.device) -> PagedAttentionMetadata:
+              sliding_window: int | None, device: torch.device, use_kernel: bool = False) -> PagedAttentionMetadata:
         """Index tensors for sequences that compute tokens `[starts[i], starts[i] + counts[i])` this step.
 
         `block_tables[kind]` = (tables `[B, width]`, lengths `[B]`). A table maps logical block `b` of a sequence to
         physical block `table[b % length]`: the identity for full-attention tables, the ring for sliding ones (whose
-        positions outside the window are never read).
+        positions outside the window are never read). The kernel reads the tables itself; only the reference path
+        needs every attended key's slot.
         """
         ends = [s + n for s, n in zip(starts, counts)]
         query_seq, query_positions = _flat_ranges(starts, counts, device)
@@ -52,14 +80,23 @@ class PagedAttentionMetadata:
         for kind, (table, table_lens) in block_tables.items():
             key_starts = [0] * len(starts) if kind is LayerKind.FULL else [max(0, s - sliding_window) for s in starts]
             key_counts = [e - s for s, e in zip(key_starts, ends)]
-            key_seq, key_positions = _flat_ranges(key_starts, key_counts, device)
+            key_slots = key_positions = None
+            if not use_kernel:
+                key_seq, key_positions = _flat_ranges(key_starts, key_counts, device)
+                key_slots = _slots(table, table_lens, key_seq, key_positions, block_size)
             pools[kind] = PoolMetadata(
                 slot_mapping=_slots(table, table_lens, query_seq, query_positions, block_size),
-                key_slots=_slots(table, table_lens, key_seq, key_positions, block_size),
-                key_positions=key_positions,
+                block_table=table,
+                table_lens=table_lens,
                 key_counts=key_counts,
+                key_slots=key_slots,
+                key_positions=key_positions,
             )
-        return cls(query_positions, counts, pools, sliding_window)
+        cu_query = [0]
+        for n in counts:
+            cu_query.append(cu_query[-1] + n)
+        return cls(query_positions, counts, pools, sliding_window, to_device(cu_query, device, torch.int32),
+                   to_device(ends, device, torch.int32), use_kernel)
 
 
 @dataclass(slots=True)
@@ -144,6 +181,16 @@ class PagedAttention:
 
     def _attend_cached(self, layer_idx: int, q: torch.Tensor, pool: PoolMetadata, *, sliding_window: int | None,
                        sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
+        metadata = self.metadata
+        if metadata.use_kernel:
+            from mimo.engine.attention_kernel import paged_attention  # imports triton: only where it runs
+
+            return paged_attention(
+                q, self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx], block_table=pool.block_table,
+                table_lens=pool.table_lens, cu_q=metadata.cu_query, seq_ends=metadata.seq_ends,
+                query_counts=metadata.query_counts, key_counts=pool.key_counts, scale=scale,
+                sliding_window=sliding_window, sinks=sinks,
+            )  # fmt: skip
         keys, values = self.kv_cache.gather(layer_idx, pool.key_slots)  # [K, Hk, D], [K, Hk, Dv]
         outputs = [
             attention_with_sinks(q_seq, k_seq, v_seq, q_pos=q_pos, k_pos=k_pos, scale=scale,

@@ -124,13 +124,14 @@ class Drafter:
     """Runs the MTP layers after each target forward: their KV from verified tokens, and k drafts per sequence."""
 
     def __init__(self, model: MiMoV2ForCausalLM, kv_cache: KVCache, sampler: Sampler, num_layers: int,
-                 sliding_window: int, device: torch.device):
+                 sliding_window: int, device: torch.device, use_attention_kernel: bool = False):
         self.model = model
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.num_layers = num_layers
         self.sliding_window = sliding_window
         self.device = device
+        self.use_attention_kernel = use_attention_kernel
         self.vocab_size = model.config.vocab_size
         self.test_draft_override: DraftOverride | None = None  # tests and benchmarks only
 
@@ -192,7 +193,7 @@ class Drafter:
         tables, lengths = sliding_tables
         metadata = PagedAttentionMetadata.build(
             starts, counts, {LayerKind.SLIDING: (tables.index_select(0, select), lengths.index_select(0, select))},
-            self.kv_cache.block_size, self.sliding_window, device,
+            self.kv_cache.block_size, self.sliding_window, device, self.use_attention_kernel,
         )  # fmt: skip
         model = self.model
         draft_hidden = model.forward_mtp(

@@ -93,14 +93,18 @@ class MiMoMultimodalEncoder(nn.Module):
     def warm_up(self) -> None:
         """Encodes synthetic images and audio of two shapes each, so that the compiled CUDA paths (vision blocks,
         FlexAttention kernels, the audio tokenizer stack) compile at load rather than on the first requests: the
-        second shape makes the compiler treat the sizes as dynamic, so later shapes reuse the compiled code."""
+        second shape makes the compiler treat the sizes as dynamic, so later shapes reuse the compiled code.
+
+        The image shapes are real ones (one 1920x1080 image, then eight 1024x1024 in one forward): with tiny first
+        shapes (64 then 240 patches) inductor's dynamic FlexAttention lowering found no valid kernel configuration
+        at MiMo-V2.5 widths on an H200 (NoValidChoicesError), while these compile and serve every later size."""
         weight = next(self.visual.parameters())  # inputs as `PromptTableEncoder` passes them: on the device, cast
         vision = self.visual.config
         patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        merge = vision.spatial_merge_size
-        for rows, cols in ((4 * merge, 4 * merge), (6 * merge, 10 * merge)):
-            pixels = torch.randn(rows * cols, patch_dim).to(weight.device, weight.dtype)
-            self.encode_images(pixels, torch.tensor([[1, rows, cols]]))  # grids stay on the host
+        for grids in ([[1, 68, 120]], [[1, 64, 64]] * 8):  # patches of 1920x1080 and 1024x1024 at patch 16
+            grid = torch.tensor(grids)  # grids stay on the host
+            pixels = torch.randn(int(grid.prod(dim=-1).sum()), patch_dim).to(weight.device, weight.dtype)
+            self.encode_images(pixels, grid)
         for frames in (400, 1000):
             mel = torch.randn(frames, self.audio_tokenizer.config.n_mels).to(weight.device, weight.dtype)
             self.encode_audios([mel])

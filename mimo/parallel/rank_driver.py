@@ -53,42 +53,50 @@ class StepChannel:
         """`inputs`: `[T, H]` each, the embeddings (STEP) or the token embeddings and target hidden states (MTP)."""
         pools = [metadata.pools.get(kind) for kind in self.kinds]  # an MTP layer's step has the sliding pool only
         device = inputs[0].device
-        sizes = [command, mtp_idx, inputs[0].shape[0], len(metadata.query_counts),
-                 *(-1 if p is None else p.key_slots.numel() for p in pools)]
+        # per pool: -1 when absent, else the width of its block tables and (reference path) its attended keys
+        sizes = [command, mtp_idx, inputs[0].shape[0], len(metadata.query_counts), int(metadata.use_kernel),
+                 *(-1 if p is None else p.block_table.shape[1] for p in pools),
+                 *(-1 if p is None or p.key_slots is None else p.key_slots.numel() for p in pools)]
         self._broadcast(to_device(sizes, device))
-        parts = [metadata.query_positions, to_device(metadata.query_counts, device)]
+        parts = [metadata.query_positions, to_device(metadata.query_counts, device), metadata.cu_query,
+                 metadata.seq_ends]
         for pool in (p for p in pools if p is not None):
-            parts += [
-                pool.slot_mapping,
-                pool.key_slots,
-                pool.key_positions,
-                to_device(pool.key_counts, device),
-            ]
+            parts += [pool.slot_mapping, pool.block_table.flatten(), pool.table_lens, to_device(pool.key_counts, device)]
+            if not metadata.use_kernel:
+                parts += [pool.key_slots, pool.key_positions]
         self._broadcast(torch.cat([p.long() for p in parts]))
         self._broadcast(torch.cat(inputs, dim=1).contiguous())
 
     def send_stop(self) -> None:
-        self._broadcast(torch.tensor([_Command.STOP] + [0] * (3 + len(self.kinds)), device=self.ctx.device))
+        self._broadcast(torch.tensor([_Command.STOP] + [0] * (4 + 2 * len(self.kinds)), device=self.ctx.device))
 
     def receive(self, sliding_window: int | None) -> tuple[_Command, int, PagedAttentionMetadata,
                                                            list[torch.Tensor]] | None:
         """The next forward (command, MTP layer, metadata, inputs), or None when rank 0 stops."""
-        header = torch.empty(4 + len(self.kinds), dtype=torch.long, device=self.ctx.device)
-        command, mtp_idx, num_tokens, num_seqs, *key_sizes = self._broadcast(header).tolist()
+        header = torch.empty(5 + 2 * len(self.kinds), dtype=torch.long, device=self.ctx.device)
+        command, mtp_idx, num_tokens, num_seqs, use_kernel, *pool_sizes = self._broadcast(header).tolist()
         if command == _Command.STOP:
             return None
-        present = [(kind, keys) for kind, keys in zip(self.kinds, key_sizes, strict=True) if keys >= 0]
-        part_sizes = [num_tokens, num_seqs] + [n for _, keys in present for n in (num_tokens, keys, keys, num_seqs)]
+        widths, key_sizes = pool_sizes[:len(self.kinds)], pool_sizes[len(self.kinds):]
+        present = [(kind, width, keys) for kind, width, keys in zip(self.kinds, widths, key_sizes, strict=True)
+                   if width >= 0]
+        part_sizes = [num_tokens, num_seqs, num_seqs + 1, num_seqs]
+        for _, width, keys in present:
+            part_sizes += [num_tokens, num_seqs * width, num_seqs, num_seqs] + ([] if use_kernel else [keys, keys])
         flat = self._broadcast(torch.empty(sum(part_sizes), dtype=torch.long, device=self.ctx.device))
-        query_positions, query_counts, *pool_parts = flat.split(part_sizes)
+        query_positions, query_counts, cu_query, seq_ends, *pool_parts = flat.split(part_sizes)
         pools = {}
-        for i, (kind, _) in enumerate(present):
-            slot_mapping, key_slots, key_positions, key_counts = pool_parts[4 * i : 4 * i + 4]
-            pools[kind] = PoolMetadata(slot_mapping, key_slots, key_positions, key_counts.tolist())
+        for kind, width, _ in present:
+            slot_mapping, table, table_lens, key_counts, *keys = pool_parts[:6 - 2 * use_kernel]
+            pool_parts = pool_parts[6 - 2 * use_kernel:]
+            key_slots, key_positions = keys or (None, None)
+            pools[kind] = PoolMetadata(slot_mapping, table.view(num_seqs, width), table_lens, key_counts.tolist(),
+                                       key_slots, key_positions)
         num_inputs = 1 if command == _Command.STEP else 2
         inputs = torch.empty(num_tokens, num_inputs * self.hidden_size, dtype=self.dtype, device=self.ctx.device)
         self._broadcast(inputs)
-        metadata = PagedAttentionMetadata(query_positions, query_counts.tolist(), pools, sliding_window)
+        metadata = PagedAttentionMetadata(query_positions, query_counts.tolist(), pools, sliding_window,
+                                          cu_query.int(), seq_ends.int(), bool(use_kernel))
         return _Command(command), mtp_idx, metadata, list(inputs.split(self.hidden_size, dim=1))
 
 
