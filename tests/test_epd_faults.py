@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from client import GenerationError, MiMoClient
+from client import GenerationError
 from conftest import serving_settings
 from test_epd_language import (IMAGES, QUESTION, TONE, assert_no_slice_in_use, encoded_items, metric, start_server,
                                tokens)
