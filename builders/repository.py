@@ -115,6 +115,12 @@ class RepositorySettings:
     handoff: str = setting("shm", "--role language: how rows reach the landing pool: shm (Triton shared memory, "
                                   "same host), nixl (the encoder server WRITEs them with NIXL, across hosts), grpc "
                                   "(in the response, copied in; nothing to install)", choices=HANDOFF_MODES)  # fmt: skip
+    local_encoder: bool = setting(False, "--role language: also load mimo_encoder and media preprocessing here, to "
+                                         "encode the items every encoder server failed (counted as fallbacks)")
+    embedding_cache_mb: int = setting(0, "--role language: an LRU cache of encoded items' rows (MiB, in the landing "
+                                         "region's memory) that serves repeated media without an encoder (0: off)")
+    test_fault_rows: int = setting(0, "TEST ONLY, --role encoder: answer every item with this many rows more or "
+                                      "fewer than it has, to test that the language side rejects it (0: off)")
     engine: Mapping[str, int] = field(default_factory=dict)  # EngineConfig knobs that differ from their defaults
     encoder: Mapping[str, int] = field(default_factory=dict)  # EncoderConfig knobs that differ from their defaults
 
@@ -133,8 +139,15 @@ class RepositorySettings:
             raise ValueError(f"jpeg_decode must be auto, encoder or preprocessing, got {self.jpeg_decode!r}")
         if self.jpeg_decode == "encoder" and self.device != "gpu":
             raise ValueError("--jpeg-decode encoder decodes with nvJPEG on the encoder's GPU: it needs --device gpu")
-        if self.role == "language" and not (self.encoder_urls or self.encoder_urls_file):
-            raise ValueError("--role language needs its encoder servers: --encoder-urls or --encoder-urls-file")
+        if self.role == "language" and not (self.encoder_urls or self.encoder_urls_file or self.local_encoder):
+            raise ValueError("--role language needs its encoder servers: --encoder-urls or --encoder-urls-file (or "
+                             "--local-encoder)")
+        for name, role in (("local_encoder", "language"), ("embedding_cache_mb", "language"),
+                           ("test_fault_rows", "encoder")):  # fmt: skip
+            if getattr(self, name) and self.role != role:
+                raise ValueError(f"{_flag(name)} is for --role {role}, not {self.role}")
+        if self.embedding_cache_mb < 0:
+            raise ValueError(f"embedding_cache_mb must be >= 0, got {self.embedding_cache_mb}")
         parse_urls(self.encoder_urls, "--encoder-urls")  # raises naming the address that is not host:port
         if not self.encoder_gpus or len(set(self.encoder_gpus)) != len(self.encoder_gpus):
             raise ValueError(f"encoder_gpus must list distinct GPU ids, got {list(self.encoder_gpus)}")
@@ -162,6 +175,10 @@ class RepositorySettings:
         if self.jpeg_decode == "auto":
             return self.device == "gpu" and nvjpeg_available()
         return self.jpeg_decode == "encoder"
+
+    @property
+    def role_spec(self) -> contract.RoleSpec:
+        return contract.server_role(self.role, self.local_encoder)
 
     @property
     def resolved_dtype(self) -> str:
@@ -225,7 +242,8 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
         "mimo_encoder": Deployment(
             settings.encoder_queue_delay_us,
             instance_group(settings.encoder_instances, settings.encoder_gpus if gpu else None),
-            {"checkpoint_dir": checkpoint, "dtype": settings.resolved_dtype, **settings.encoder_knobs()},
+            {"checkpoint_dir": checkpoint, "dtype": settings.resolved_dtype, **settings.encoder_knobs(),
+             **({contract.TEST_FAULT_ROWS: settings.test_fault_rows} if settings.role == "encoder" else {})},
         ),
         "mimo_llm": Deployment(settings.queue_delay_us, instance_group(1, settings.llm_gpus[:1] if gpu else None), {
             "checkpoint_dir": "" if settings.deploy else checkpoint,
@@ -264,6 +282,8 @@ def language_parameters(settings: RepositorySettings, knobs: Mapping[str, int | 
         "encoder_timeout_ms": settings.encoder_timeout_ms,
         "encoder_attempts": settings.encoder_attempts,
         "handoff": settings.handoff,
+        "local_encoder": "true" if settings.local_encoder else "false",
+        "embedding_cache_bytes": settings.embedding_cache_mb << 20,
     }
 
 
@@ -357,7 +377,7 @@ def cuda_memory_pool_bytes(settings: RepositorySettings, hidden_size: int) -> in
 def render_repository(settings: RepositorySettings, out: Path, model_files: Path = MODEL_FILES) -> list[str]:
     """Write the repository of `settings.role` into `out` (replacing it); returns the tritonserver command line that
     serves it."""
-    role = contract.ROLES[settings.role]
+    role = settings.role_spec
     role.check()
     values = deployments(settings)
     embedding = _TRITON_TYPES[settings.resolved_dtype]
@@ -393,6 +413,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--deploy", type=Path, help="deployment artifact (python -m builders convert)")
     parser.add_argument("--out", type=Path, required=True, help="model repository to (re)create")
     for f in _setting_fields():
+        if isinstance(f.default, bool):
+            parser.add_argument(_flag(f.name), action="store_true", help=f.metadata["help"])
+            continue
         options = {k: v for k, v in f.metadata.items() if k != "help"}
         shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         parser.add_argument(_flag(f.name), type=options.pop("type", type(f.default)), default=f.default,

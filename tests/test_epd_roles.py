@@ -125,3 +125,32 @@ def test_the_role_flag(tiny_checkpoint, tmp_path, capsys):
                        "decoder"])  # fmt: skip
     with pytest.raises(ValueError, match="role must be one of"):
         RepositorySettings(checkpoint=tiny_checkpoint, role="decoder")
+
+
+def test_a_local_encoder_adds_the_encoder_models_to_the_language_role(tiny_checkpoint, tmp_path, capsys):
+    role = contract.server_role("language", local_encoder=True)
+    assert sorted(role.models) == ["encode_item", "ensemble", "media_preprocessing", "mimo_encoder", "mimo_llm",
+                                   "postprocessing"]  # fmt: skip
+    assert sorted(role.weights) == ["audio", "audio_tokenizer", "language", "vision"]
+    assert contract.server_role("language") is ROLES["language"]  # without the flag: no encoder tensor (above)
+    role.check()
+    out = tmp_path / "language"  # with a local encoder, no encoder server is needed
+    builders_main(["repository", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--role", "language",
+                   "--local-encoder"])  # fmt: skip
+    capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == sorted(role.models)
+    entry = (out / "ensemble" / "config.pbtxt").read_text()
+    assert 'key: "local_encoder" value { string_value: "true" }' in entry
+    assert 'key: "embedding_cache_bytes" value { string_value: "0" }' in entry  # the cache is off by default
+    assert "test_fault_rows" not in (out / "mimo_encoder" / "config.pbtxt").read_text()
+    plain = tmp_path / "plain"
+    render_repository(RepositorySettings(checkpoint=tiny_checkpoint, role="language", encoder_urls="a:1"), plain)
+    assert 'key: "local_encoder" value { string_value: "false" }' in (plain / "ensemble" / "config.pbtxt").read_text()
+    for flags, message in (({"role": "encoder", "local_encoder": True}, "--local-encoder is for --role language"),
+                           ({"embedding_cache_mb": 1}, "--embedding-cache-mb is for --role language, not colocated"),
+                           ({"role": "language", "local_encoder": True, "embedding_cache_mb": -1},
+                            "embedding_cache_mb must be >= 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            RepositorySettings(checkpoint=tiny_checkpoint, **flags)
+    with pytest.raises(ValueError, match="a local encoder is for the language role, not 'encoder'"):
+        contract.server_role("encoder", local_encoder=True)

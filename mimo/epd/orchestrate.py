@@ -36,6 +36,7 @@ import torch
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
+from mimo.epd.cache import EmbeddingCache
 from mimo.epd.handoff import ShmHandoff
 from mimo.epd.handoff import item_inputs as encode_inputs  # noqa: F401 - the name tests and callers use
 from mimo.epd.item_encoding import ENCODER_METADATA, check_encoded_item
@@ -48,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 2.0
 PROBE_PERIOD_S = 1.0  # how often servers marked down are probed
+# gRPC's reconnect backoff grows to 120 s by default: a server restarted after a minute down would answer no probe
+# for as long; capped, a probe reaches it within about a second of its start
+RECONNECT_BACKOFF_MS = 1000
 
 
 class EncodeError(RuntimeError):
@@ -73,7 +77,12 @@ COUNTERS = {
     "nixl_transfer_microseconds": "time of those WRITEs from post to completion, on the encoder servers",
     "retries": "encode_item requests retried on another encoder server",
     "dedup_hits": "media items whose rows were copied from an identical item's encoding instead of encoded",
+    "fallbacks": "media items this server's own encoder encoded after the encoder servers failed them",
+    "cache_hits": "media items whose rows the embedding cache held (no encoder called)",
+    "cache_misses": "media items the embedding cache did not hold (with the cache on)",
 }
+DEDUP, CACHE = "dedup", "cache"  # where an item's rows came from, when not from an encoder server (`origins`)
+LOCAL = "local"  # prefix of the origin of an item the fallback encoder encoded
 
 
 class NoMetrics:
@@ -101,6 +110,22 @@ def parse_urls(text: str, where: str) -> list[str]:
             if url not in urls:
                 urls.append(url)
     return urls
+
+
+def encoder_client(url: str) -> grpcaio.InferenceServerClient:
+    """tritonclient's asyncio client with its default channel options, the reconnect backoff capped."""
+    keepalive = grpcaio.KeepAliveOptions()
+    return grpcaio.InferenceServerClient(url, channel_args=[
+        ("grpc.max_send_message_length", grpcaio.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcaio.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS // 4),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS // 4),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+    ])  # fmt: skip
 
 
 @dataclass
@@ -146,7 +171,7 @@ class EncoderServers:
                 asyncio.ensure_future(server.client.close())
         for url in wanted:
             if url not in self.servers:
-                self.servers[url] = EncoderServer(url, grpcaio.InferenceServerClient(url))
+                self.servers[url] = EncoderServer(url, encoder_client(url))
 
     def candidates(self, exclude: set[str]) -> list[EncoderServer]:
         """Servers not in `exclude`: those up first, each group by fewest outstanding tokens (ties: round robin)."""
@@ -189,16 +214,20 @@ class Orchestrator:
 
     def __init__(self, pool: LandingPool, servers_urls: Sequence[str], urls_file: str | None, config: ProcessorConfig,
                  hidden_size: int, row_dtype: torch.dtype, *, timeout_s: float, attempts: int = 3,
-                 reserve_timeout_s: float = 60.0, metrics: Metrics | None = None, handoff=None):  # fmt: skip
+                 reserve_timeout_s: float = 60.0, metrics: Metrics | None = None, handoff=None,
+                 fallback_url: str | None = None, cache: EmbeddingCache | None = None):  # fmt: skip
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         self.pool, self.config, self.hidden_size, self.row_dtype = pool, config, hidden_size, row_dtype
         self.row_bytes = hidden_size * torch.empty(0, dtype=row_dtype).element_size()
         self.timeout_s, self.attempts, self.reserve_timeout_s = timeout_s, attempts, reserve_timeout_s
         self.metrics = metrics or NoMetrics()
+        self.cache = cache
         pool.on_release = self.publish_slices
         self.handoff = handoff or ShmHandoff(pool.region)  # mimo.epd.handoff: how the rows reach the slice
-        self._urls, self._urls_file = list(servers_urls), urls_file
+        # the fallback encoder is this server: its rows land through the region it has registered, whatever the mode
+        self.local_handoff = ShmHandoff(pool.region)
+        self._urls, self._urls_file, self._fallback_url = list(servers_urls), urls_file, fallback_url
         self._shared: dict[str, _Shared] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="mimo-epd-loop", daemon=True)
@@ -208,6 +237,9 @@ class Orchestrator:
     async def _make_servers(self) -> EncoderServers:
         servers = EncoderServers(self._urls, self._urls_file, self.metrics)
         servers.refresh()
+        # the fallback encoder (this server's own encode_item): never chosen, only asked after the last round
+        url = self._fallback_url
+        self.fallback = EncoderServer(url, encoder_client(url)) if url else None
         self._prober = asyncio.ensure_future(self._probe_down(servers))
         return servers
 
@@ -224,12 +256,13 @@ class Orchestrator:
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def encode(self, plan: RequestPlan) -> Lease | None:
+    def encode(self, plan: RequestPlan, origins: list[str] | None = None) -> Lease | None:
         """The request's prompt table in one slice ([total_rows, hidden] of row_dtype; the caller releases it), or
-        None for a request without media. Raises EncodeError."""
+        None for a request without media. Raises EncodeError. `origins`, when given, gets where each item's rows
+        came from, in prompt order: an encoder server's URL, `local:<url>` (the fallback), DEDUP or CACHE."""
         if not plan.items:
             return None
-        return self._call(self._encode(plan))
+        return self._call(self._encode(plan, origins))
 
     def table(self, lease: Lease, plan: RequestPlan) -> torch.Tensor:
         """[1, total_rows, hidden] over the slice, no copy."""
@@ -239,6 +272,8 @@ class Orchestrator:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._prober.cancel)
             self._call(self.servers.close())
+            if self.fallback is not None:
+                self._call(self.fallback.client.close())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
 
@@ -247,7 +282,7 @@ class Orchestrator:
 
     # -- the event loop's side ---------------------------------------------------------------------------------
 
-    async def _encode(self, plan: RequestPlan) -> Lease:
+    async def _encode(self, plan: RequestPlan, origins: list[str] | None = None) -> Lease:
         self.servers.refresh()
         groups: dict[str, list[PlannedItem]] = {}
         for item in plan.items:
@@ -258,40 +293,54 @@ class Orchestrator:
         byte_size = plan.total_rows * self.row_bytes
         lease = await self.pool.reserve_async(byte_size, self.reserve_timeout_s)
         self.publish_slices()
-        done: set[str] = set()
         failed_on: dict[str, set[str]] = {key: set() for key in groups}
         causes: dict[str, list[str]] = {key: [] for key in groups}
+        rounds = self.attempts + (self.fallback is not None)  # the fallback's round comes last
         try:
-            for attempt in range(self.attempts):
-                pending = [key for key in groups if key not in done]
-                results = await asyncio.gather(*(self._encode_item(lease, groups[key][0], failed_on[key])
+            found: dict[str, str] = self._cached(lease, groups)  # content hash -> where its rows came from
+            for attempt in range(rounds):
+                local = attempt == self.attempts
+                pending = [key for key in groups if key not in found]
+                if not pending:
+                    break
+                results = await asyncio.gather(*(self._encode_item(lease, groups[key][0], failed_on[key], local)
                                                   for key in pending), return_exceptions=True)  # fmt: skip
                 unanswered = False  # this round left a request unanswered: its server may still write `lease`
                 for key, result in zip(pending, results):
-                    if result is None:
-                        done.add(key)
+                    if isinstance(result, str):
+                        found[key] = result
+                        if local and result != DEDUP:
+                            self.metrics.count("fallbacks")
                     elif isinstance(result, _ItemFailure):
                         causes[key].append(str(result))
                         unanswered |= not result.answered
+                        logger.warning("encoding %s item %s failed (round %d of %d): %s",
+                                       groups[key][0].metadata.modality.name.lower(), key[:19], attempt + 1, rounds,
+                                       result)  # fmt: skip
                     else:
                         raise result
-                if len(done) == len(groups):
+                if len(found) == len(groups):
                     break
                 lease.writing = lease.writing or unanswered  # released into quarantine, whatever comes next
-                if attempt + 1 == self.attempts:
-                    raise EncodeError("; ".join(f"item {groups[key][0].metadata.modality} {key[:19]}: "
-                                                + " then ".join(causes[key]) for key in groups if key not in done))
-                self.metrics.count("retries", len(groups) - len(done))
+                if attempt + 1 == rounds:
+                    raise EncodeError("; ".join(f"item {groups[key][0].metadata.modality.name.lower()} {key[:19]}: "
+                                                + " then ".join(causes[key]) for key in groups if key not in found))
+                if attempt + 1 < self.attempts:
+                    self.metrics.count("retries", len(groups) - len(found))
                 if unanswered:  # a server may still write this slice: the table moves to a fresh one
                     fresh = await self.pool.reserve_async(byte_size, self.reserve_timeout_s)
-                    for key in done:
+                    for key in found:
                         first = groups[key][0]
                         self._rows(fresh, first).copy_(self._rows(lease, first))
                     lease.release()
                     lease = fresh
+            self._remember(lease, groups, found)
             for items in groups.values():
                 for item in items[1:]:
                     self._rows(lease, item).copy_(self._rows(lease, items[0]))
+            if origins is not None:
+                origins[:] = [found[item.metadata.content_hash] if item is groups[item.metadata.content_hash][0]
+                              else DEDUP for item in plan.items]  # fmt: skip
             return lease
         except BaseException:
             lease.release()
@@ -301,8 +350,30 @@ class Orchestrator:
         start, size = item.first_row * self.row_bytes, item.metadata.num_tokens * self.row_bytes
         return self.pool.region.view(lease.offset + start, size)
 
-    async def _encode_item(self, lease: Lease, item: PlannedItem, failed_on: set[str]) -> None:
-        """Item's rows into its range of `lease`; raises _ItemFailure (the server is added to `failed_on`)."""
+    def _cached(self, lease: Lease, groups: dict[str, list[PlannedItem]]) -> dict[str, str]:
+        """The groups the cache holds, their rows copied into `lease` (CACHE for each); counts hits and misses."""
+        if self.cache is None:
+            return {}
+        found = {}
+        for key, items in groups.items():
+            rows = self.cache.get(key)
+            if rows is not None:
+                self._rows(lease, items[0]).copy_(rows)
+                found[key] = CACHE
+        self.metrics.count("cache_hits", len(found))
+        self.metrics.count("cache_misses", len(groups) - len(found))
+        return found
+
+    def _remember(self, lease: Lease, groups: dict[str, list[PlannedItem]], found: dict[str, str]) -> None:
+        """Every checked item the cache did not give goes into it (a copy of its rows, on the region's device)."""
+        if self.cache is not None:
+            for key, origin in found.items():
+                if origin != CACHE:
+                    self.cache.put(key, self._rows(lease, groups[key][0]))
+
+    async def _encode_item(self, lease: Lease, item: PlannedItem, failed_on: set[str], local: bool = False) -> str:
+        """Item's rows into its range of `lease` (`local`: by the fallback encoder); returns where they came from
+        (DEDUP: another request's encoding of it); raises _ItemFailure (the server is added to `failed_on`)."""
         key = item.metadata.content_hash
         destination = self._rows(lease, item)
         shared = self._shared.get(key)
@@ -311,7 +382,7 @@ class Orchestrator:
             try:
                 if await asyncio.shield(shared.done):
                     self.metrics.count("dedup_hits")
-                    return
+                    return DEDUP
             finally:
                 if destination in shared.destinations:
                     shared.destinations.remove(destination)
@@ -319,7 +390,7 @@ class Orchestrator:
         self._shared[key] = shared
         ok = False
         try:
-            await self._encode_on_a_server(lease, item, failed_on)
+            origin = await self._encode_on_a_server(lease, item, failed_on, local)
             for other in shared.destinations:
                 other.copy_(destination)
             shared.destinations.clear()
@@ -328,9 +399,13 @@ class Orchestrator:
             shared.done.set_result(ok)
             if self._shared.get(key) is shared:
                 del self._shared[key]
+        return origin
 
-    async def _encode_on_a_server(self, lease: Lease, item: PlannedItem, failed_on: set[str]) -> None:
-        server = await self._choose(failed_on)
+    async def _encode_on_a_server(self, lease: Lease, item: PlannedItem, failed_on: set[str], local: bool) -> str:
+        server = await self._local() if local else await self._choose(failed_on)
+        if server is None and local:
+            raise _ItemFailure(f"the local encoder {self.fallback.url}: its landing region could not be registered",
+                               answered=True)  # fmt: skip
         if server is None:
             tried = ", ".join(sorted(failed_on)) or "none"
             raise _ItemFailure(f"no encoder server left to try (configured: {', '.join(self.servers.servers) or 'none'};"
@@ -338,22 +413,23 @@ class Orchestrator:
         rows = item.metadata.num_tokens
         offset = lease.offset + item.first_row * self.row_bytes
         byte_size = rows * self.row_bytes
-        inputs, outputs = self.handoff.request(grpcaio, item.data, item.metadata.to_json(), offset, byte_size)
+        handoff = self.local_handoff if local else self.handoff
+        inputs, outputs = handoff.request(grpcaio, item.data, item.metadata.to_json(), offset, byte_size)
         self.servers.add_tokens(server, rows)
         answered = False
         try:
-            result = await server.client.infer(self.handoff.model, inputs, outputs=outputs,
+            result = await server.client.infer(handoff.model, inputs, outputs=outputs,
                                                client_timeout=self.timeout_s)  # fmt: skip
             answered = True
-            check_encoded_item(item.metadata, result.as_numpy(ENCODER_METADATA), self.handoff.rows_shape(result),
+            check_encoded_item(item.metadata, result.as_numpy(ENCODER_METADATA), handoff.rows_shape(result),
                                self.config, self.hidden_size, server.url)  # fmt: skip
-            transfer_s = self.handoff.land(result, self.pool.region.view(offset, byte_size))
+            transfer_s = handoff.land(result, self.pool.region.view(offset, byte_size))
         except InferenceServerException as error:
             status = error.status() or ""
             # an answer from Triton (an error response) means nothing writes the slice any more
             answered = answered or status not in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE",
                                                   "StatusCode.CANCELLED", "")  # fmt: skip
-            answered = answered and not self.handoff.may_still_write(error.message())  # a NIXL WRITE timed out
+            answered = answered and not handoff.may_still_write(error.message())  # a NIXL WRITE timed out
             # an error answer (bad metadata, a refused slice) leaves the server up; one about the region means it
             # has forgotten the registration (it restarted): registered again before its next use
             self._failed(server, failed_on, down=not answered)
@@ -368,10 +444,11 @@ class Orchestrator:
             raise
         finally:
             self.servers.add_tokens(server, -rows)
-        self.metrics.count("handoff_bytes", byte_size, {"mode": self.handoff.mode, "memory": self.pool.region.kind})
+        self.metrics.count("handoff_bytes", byte_size, {"mode": handoff.mode, "memory": self.pool.region.kind})
         if transfer_s is not None:
             self.metrics.count("nixl_transfers")
             self.metrics.count("nixl_transfer_microseconds", round(transfer_s * 1e6))
+        return f"{LOCAL}:{server.url}" if local else server.url
 
     def _failed(self, server: EncoderServer, failed_on: set[str], down: bool = True) -> None:
         """This item tries `server` no more; `down`: nobody uses it until a probe finds it ready."""
@@ -383,17 +460,25 @@ class Orchestrator:
         for server in self.servers.candidates(exclude):
             if server.down and not await self._probe(server):
                 continue
-            if self.handoff.registers and not server.registered:
-                try:
-                    async with server.registering:
-                        if not server.registered:
-                            await self._register(server)
-                except InferenceServerException as error:
-                    logger.warning("registering the landing region with %s failed: %s", server.url, error)
-                    server.down = True
-                    continue
-            return server
+            if not self.handoff.registers or await self._registered(server):
+                return server
         return None
+
+    async def _local(self) -> EncoderServer | None:
+        return self.fallback if await self._registered(self.fallback) else None
+
+    async def _registered(self, server: EncoderServer) -> bool:
+        """The landing region is registered with `server` (registered now if it was not); False: it failed."""
+        if not server.registered:
+            try:
+                async with server.registering:
+                    if not server.registered:
+                        await self._register(server)
+            except InferenceServerException as error:
+                logger.warning("registering the landing region with %s failed: %s", server.url, error)
+                server.down = True
+                return False
+        return True
 
     async def _probe(self, server: EncoderServer) -> bool:
         try:
@@ -406,10 +491,19 @@ class Orchestrator:
 
     async def _register(self, server: EncoderServer) -> None:
         region = self.pool.region
-        try:  # a region left from before (this server kept it while we thought it down)
-            await region.unregister(server.client)
-        except InferenceServerException:
-            pass
-        await region.register(server.client)
+        # a region left from before (this server kept it while we thought it down); never on the fallback, this
+        # server itself, where mimo_llm's inputs name the same region (loopback.LoopbackLLM registers it too)
+        if server is not self.fallback:
+            try:
+                await region.unregister(server.client)
+            except InferenceServerException:
+                pass
+        try:
+            await region.register(server.client)
+        except InferenceServerException as error:
+            # Triton refuses to unregister a region that requests in flight still use (a slow server marked down
+            # by a deadline): it still has this region (the name is this pool's own), which is what we want
+            if "ALREADY_EXISTS" not in str(error.status()):
+                raise
         server.registered = True
 

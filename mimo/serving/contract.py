@@ -298,6 +298,13 @@ ENCODE_ITEM_NIXL = ModelSpec(
                                        "still land (the language side then keeps the slice quarantined)"},
     steps=("encode_item",),
 )
+TEST_FAULT_ROWS = "test_fault_rows"
+# the encoder role's mimo_encoder: the colocated one, plus a fault that only tests turn on
+ENCODER_ROLE_ENCODER = dataclasses.replace(MIMO_ENCODER, parameters={
+    **MIMO_ENCODER.parameters,
+    TEST_FAULT_ROWS: "TEST ONLY, 0 in production: every table this server answers has this many rows more (> 0) "
+                     "or fewer (< 0) than its item has, so that tests see the language side reject it",
+})  # fmt: skip
 
 # the language entry's parameters (contract.LANGUAGE_ENTRY; builders repository --role language flags)
 LANGUAGE_PARAMETERS = {
@@ -313,6 +320,10 @@ LANGUAGE_PARAMETERS = {
                "(Triton shared memory: system, or CUDA IPC on a GPU); nixl, across hosts (the encoder WRITEs into the "
                "pool with NIXL, DRAM or VRAM; refused at load if NIXL cannot start here); grpc, anywhere (rows in the "
                "response, copied in)",
+    "local_encoder": "true: this server also serves encode_item (its own mimo_encoder), which encodes the items "
+                     "every encoder server failed (or all of them when none is up); false: such a request fails",
+    "embedding_cache_bytes": "an LRU cache of encoded items' rows by content hash, in the landing region's memory, "
+                             "that serves repeats without an encoder server; 0: off",
 }
 
 LANGUAGE_ENTRY = dataclasses.replace(
@@ -438,11 +449,25 @@ ROLES: dict[str, RoleSpec] = {role.name: role for role in (
           *MODELS.values()),
     _role("encoder", "an encoder server: one media item's raw bytes + metadata in, its rows out (encode_item); "
                      "loads the vision tower, audio tower and audio tokenizer only", "encode_item",
-          MEDIA_PREPROCESSING, MIMO_ENCODER, ENCODE_ITEM, ENCODE_ITEM_NIXL),
+          MEDIA_PREPROCESSING, ENCODER_ROLE_ENCODER, ENCODE_ITEM, ENCODE_ITEM_NIXL),
     _role("language", "the language server clients call (ensemble, the same contract as colocated): plans the "
                       "prompt, has the items encoded by encoder servers, generates; loads no encoder tensor",
           "ensemble", LANGUAGE_ENTRY, MIMO_LLM, POSTPROCESSING),
 )}  # fmt: skip
+
+
+def server_role(name: str, local_encoder: bool = False) -> RoleSpec:
+    """ROLES[name]; `local_encoder` (the language role only) adds the encoder role's models, so that the language
+    server's entry can encode items itself when the encoder servers fail them (its fallback encoder)."""
+    role = ROLES[name]
+    if not local_encoder:
+        return role
+    if name != "language":
+        raise ValueError(f"a local encoder is for the language role, not {name!r}")
+    local = {spec.name: spec for spec in (MEDIA_PREPROCESSING, MIMO_ENCODER, ENCODE_ITEM)}
+    comment = ("the language server with a local fallback encoder: the language role's models plus encode_item, "
+               "which encodes the items every encoder server failed; loads the language and the encoder tensors")
+    return dataclasses.replace(role, comment=comment, models={**role.models, **local})
 
 
 _INTEGERS = {"INT8", "INT32", "INT64", "UINT64"}

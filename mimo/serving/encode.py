@@ -192,3 +192,11 @@ class PromptTableEncoder:
 
     def _empty(self, device: torch.device) -> torch.Tensor:
         return torch.empty(0, self.hidden_size, device=device, dtype=self.dtype)
+
+
+def faulty_table(table: torch.Tensor, extra_rows: int) -> torch.Tensor:
+    """TEST ONLY (`builders repository --test-fault-rows`): `table` with `extra_rows` zero rows appended, or with its
+    last -`extra_rows` rows dropped: what a broken encoder server would answer."""
+    if extra_rows >= 0:
+        return torch.cat([table, table.new_zeros(extra_rows, table.shape[1])])
+    return table[: max(0, table.shape[0] + extra_rows)]

@@ -210,7 +210,12 @@ class LoopbackLLM:
         with self._register_lock:
             if region.name not in self._registered:
                 with grpcclient.InferenceServerClient(self.streams.url) as client:
-                    region.register(client)
+                    try:
+                        region.register(client)
+                    except InferenceServerException as error:
+                        # the language entry's fallback encoder (its own encode_item) registered it first
+                        if "ALREADY_EXISTS" not in str(error.status()):
+                            raise
                 self._registered[region.name] = region
 
     def stop(self, model: str, request_id: str) -> None:

@@ -108,7 +108,8 @@ def language_prepare(model_config, checkpoint, pool):
     parameters = {name: model_parameter(model_config, name) for name in LANGUAGE_PARAMETERS}
     hidden = MiMoV2Config.from_pretrained(checkpoint).hidden_size
     return LanguagePrepare.build(MiMoProcessor.from_checkpoint(checkpoint), parameters, hidden,
-                                 torch_dtype(parameters["dtype"]), pool, EncoderMetrics())  # fmt: skip
+                                 torch_dtype(parameters["dtype"]), pool, EncoderMetrics(),
+                                 report=pb_utils.Logger.log_info)  # fmt: skip
 
 
 def landing_pool(model_config, language):

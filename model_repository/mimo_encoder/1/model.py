@@ -8,7 +8,8 @@ import triton_python_backend_utils as pb_utils
 
 from mimo.processing.errors import ProcessingError
 from mimo.processing.processor import processor_config_from_checkpoint
-from mimo.serving.encode import PromptTableEncoder, encoder_config, load_multimodal_encoder, unpack_request
+from mimo.serving.contract import TEST_FAULT_ROWS
+from mimo.serving.encode import PromptTableEncoder, encoder_config, faulty_table, load_multimodal_encoder, unpack_request
 from mimo.serving.triton_config import exit_stub_process, instance_device, model_parameter, torch_dtype
 
 
@@ -24,6 +25,12 @@ class TritonPythonModel:
         processor = processor_config_from_checkpoint(checkpoint_dir)
         self.encoder = PromptTableEncoder(encoder, processor, encoder_config(model_config))
         self.input_names = [i["name"] for i in model_config["input"]]
+        # only the encoder role renders it (0 unless a test sets --test-fault-rows)
+        self.fault_rows = (model_parameter(model_config, TEST_FAULT_ROWS, int)
+                           if TEST_FAULT_ROWS in model_config.get("parameters", {}) else 0)  # fmt: skip
+        if self.fault_rows:
+            pb_utils.Logger.log_warn(f"TEST-ONLY FAULT ({TEST_FAULT_ROWS}={self.fault_rows}): every table this "
+                                     f"server answers is {self.fault_rows:+d} rows off")  # fmt: skip
         pb_utils.Logger.log_info(f"mimo_encoder on {device} ({dtype})")
 
     def execute(self, requests):
@@ -37,7 +44,10 @@ class TritonPythonModel:
             except ProcessingError as error:
                 responses[index] = self._error(error)
         for index, table in zip(batch_index, self.encoder.encode(batch)):
-            responses[index] = self._error(table) if isinstance(table, Exception) else self._table(table)
+            if isinstance(table, Exception):
+                responses[index] = self._error(table)
+            else:
+                responses[index] = self._table(faulty_table(table, self.fault_rows) if self.fault_rows else table)
         return responses
 
     def finalize(self):
