@@ -83,3 +83,17 @@ def tiny_checkpoint(tmp_path_factory):
 def triton_server(tiny_checkpoint, tmp_path_factory):
     with running_server(serving_settings(tiny_checkpoint), tmp_path_factory.mktemp("serving")) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def ucx_tcp():
+    """UCX's TCP transport only (NIXL peers and servers started meanwhile inherit it; a UCX context reads it when an
+    agent starts); with a GPU, cuda_ipc and cuda_copy too. MIMO_TEST_UCX_TLS overrides."""
+    saved = os.environ.get("UCX_TLS")
+    os.environ["UCX_TLS"] = os.environ.get("MIMO_TEST_UCX_TLS",
+                                           "tcp,cuda_ipc,cuda_copy" if torch.cuda.is_available() else "tcp")
+    yield
+    if saved is None:
+        del os.environ["UCX_TLS"]
+    else:
+        os.environ["UCX_TLS"] = saved

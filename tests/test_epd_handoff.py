@@ -8,7 +8,6 @@ the rows encode_item sends back."""
 
 from __future__ import annotations
 
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +17,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import SERVING_DEVICE, serving_settings
+from conftest import serving_settings
 from mimo.epd.handoff import (ENCODE_ITEM_NIXL, NIXL_AGENT, NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, NIXL_TRANSFER_US,
                               TABLE, TABLE_SHAPE, LocalRegion, item_inputs)  # fmt: skip
 from mimo.epd.item_encoding import DTYPE_BYTES, ENCODER_METADATA
@@ -29,20 +28,6 @@ from mimo.serving.triton_config import torch_dtype
 from test_epd_language import IMAGES, REQUESTS, TONE, assert_no_slice_in_use, metric, start_server, tokens
 
 TIMEOUT_S = 120
-
-
-@pytest.fixture(scope="module")
-def ucx_tcp():
-    """Servers started while this is set inherit it: UCX's TCP transport only, as between hosts without RDMA; on a
-    GPU (MIMO_SERVING_DEVICE=gpu) cuda_ipc and cuda_copy too, so VRAM goes GPU to GPU (MIMO_TEST_UCX_TLS overrides)."""
-    saved = os.environ.get("UCX_TLS")
-    default = "tcp" if SERVING_DEVICE == "cpu" else "tcp,cuda_ipc,cuda_copy"
-    os.environ["UCX_TLS"] = os.environ.get("MIMO_TEST_UCX_TLS", default)
-    yield
-    if saved is None:
-        del os.environ["UCX_TLS"]
-    else:
-        os.environ["UCX_TLS"] = saved
 
 
 @pytest.fixture(scope="module")

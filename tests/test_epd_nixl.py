@@ -58,19 +58,6 @@ class Peer:
 
 
 @pytest.fixture(scope="module")
-def ucx_tcp():
-    """UCX's TCP transport only (the peer inherits it; a UCX context reads it when an agent starts); with a GPU,
-    cuda_ipc and cuda_copy too (MIMO_TEST_UCX_TLS overrides)."""
-    saved = os.environ.get("UCX_TLS")
-    os.environ["UCX_TLS"] = os.environ.get("MIMO_TEST_UCX_TLS", "tcp,cuda_ipc,cuda_copy" if CUDA else "tcp")
-    yield
-    if saved is None:
-        del os.environ["UCX_TLS"]
-    else:
-        os.environ["UCX_TLS"] = saved
-
-
-@pytest.fixture(scope="module")
 def peer(ucx_tcp):
     peer = Peer()
     yield peer
