@@ -172,102 +172,92 @@ def encoder_bytes(encoder_configs: dict[str, dict[str, Any]]) -> dict[str, int]:
     return out
 
 
-def kv_bytes(config: MiMoV2Config, tp: int, *, num_mtp_layers: int, prefill_chunk: int, block_size: int) -> dict:
-    """Per GPU: KV bytes per token of context (full layers) and per sequence (the sliding layers' rings)."""
-    specs = kv_layer_specs(rank_config(config, tp), num_mtp_layers)
-    ring = sliding_ring_tokens(config.sliding_attention.sliding_window, prefill_chunk + max(0, num_mtp_layers - 1))
-    ring_blocks = blocks_for(ring, block_size)
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """One GPU's memory and the load asked of it."""
+
+    gpus: int = 8
+    gpu_bytes: int = GPU_BYTES
+    reserve_bytes: int = RESERVE_BYTES
+    sequences: int = 64  # concurrent, one sliding ring each
+    context_per_sequence: int = 8192  # what `fits` asks for (EngineConfig.max_model_len's default)
+    prefill_chunk: int = 512  # EngineConfig.max_prefill_chunk: sizes the rings
+    block_size: int = 16  # EngineConfig.block_size
+    num_mtp_layers: int = 3  # MTP layers with KV (num_speculative_tokens)
+
+    def fit(self, weights: int, kv: dict[str, int]) -> dict[str, Any]:
+        """Tokens of context (summed over sequences) the full layers' pool holds on a GPU with `weights` once every
+        sequence has its ring; `fits` when that covers `sequences` x `context_per_sequence`."""
+        kv_room = self.gpu_bytes - self.reserve_bytes - weights
+        rings = self.sequences * kv["sliding_bytes_per_sequence"]
+        tokens = (kv_room - rings) // kv["full_bytes_per_token"] if kv_room > rings else 0
+        return {"weights_per_gpu_bytes": weights, "kv_room_per_gpu_bytes": kv_room, "sliding_rings_bytes": rings,
+                "context_tokens": tokens, "fits": tokens >= self.sequences * self.context_per_sequence}
+
+
+def kv_bytes(config: MiMoV2Config, budget: Budget) -> dict[str, int]:
+    """Per GPU: KV bytes per token of context (full layers) and per sequence (the sliding and MTP layers' rings)."""
+    specs = kv_layer_specs(rank_config(config, budget.gpus), budget.num_mtp_layers)
+    rows_per_step = budget.prefill_chunk + max(0, budget.num_mtp_layers - 1)  # as LLMEngine sizes its rings
+    ring = sliding_ring_tokens(config.sliding_attention.sliding_window, rows_per_step)
+    block = budget.block_size
     return {
-        "full_bytes_per_token": block_bytes(specs, LayerKind.FULL, block_size, KV_DTYPE) // block_size,
+        "full_bytes_per_token": block_bytes(specs, LayerKind.FULL, block, KV_DTYPE) // block,
         "sliding_ring_tokens": ring,
-        "sliding_bytes_per_sequence": ring_blocks * block_bytes(specs, LayerKind.SLIDING, block_size, KV_DTYPE),
+        "sliding_bytes_per_sequence": blocks_for(ring, block) * block_bytes(specs, LayerKind.SLIDING, block, KV_DTYPE),
         "num_full_layers": sum(s.kind is LayerKind.FULL for s in specs),
         "num_sliding_layers": sum(s.kind is LayerKind.SLIDING for s in specs),
         "full_kv_heads_per_gpu": next(s.num_kv_heads for s in specs if s.kind is LayerKind.FULL),
     }
 
 
-def deployment(model: Model, *, gpus: int, ep: int, sequences: int, context_per_sequence: int, prefill_chunk: int,
-               block_size: int, num_mtp_layers: int) -> dict[str, Any]:
-    """Every rank of a `gpus`-way TP deployment (`ep` of them splitting the experts): weights and KV room per GPU."""
-    config = model.config
-    mapping = Mapping.create(gpus, ep)
-    mapping.check_model(config)
-    ranks = [language_rank_bytes(config, ParallelRank(mapping, r)) for r in range(gpus)]
-    encoders = encoder_bytes(model.encoder_configs) if model.encoder_configs else {}
+def deployment(model: Model, budget: Budget, ep: int, encoders: dict[str, int], kv: dict) -> dict[str, Any]:
+    """Every rank of a `budget.gpus`-way TP deployment (`ep` of them splitting the experts): bytes and KV per GPU."""
+    mapping = Mapping.create(budget.gpus, ep)
+    mapping.check_model(model.config)
+    ranks = [language_rank_bytes(model.config, ParallelRank(mapping, r)) for r in range(budget.gpus)]
     encoder_total = sum(v for k, v in encoders.items() if k.endswith("_bytes"))
-    kv = kv_bytes(config, gpus, num_mtp_layers=num_mtp_layers, prefill_chunk=prefill_chunk, block_size=block_size)
-    out = {"layout": f"tp{gpus}-ep{ep}", "moe_tp_size": mapping.moe_tp_size, "moe_ep_size": ep, "ranks": ranks,
-           "encoders_on_gpu0": encoders, "kv": kv, "dtypes": {}}
+    out = {"layout": f"tp{budget.gpus}-ep{ep}", "moe_tp_size": mapping.moe_tp_size, "moe_ep_size": ep,
+           "ranks": ranks, "encoders_on_gpu0_bytes": encoder_total, "kv": kv, "dtypes": {}}
     for dtype in ("bf16", "fp8"):
-        # the encoders sit on GPU 0 only; every rank holds the same sequences, so the smallest room bounds the pool
-        per_gpu = [r[f"{dtype}_bytes"] + (encoder_total if i == 0 else 0) for i, r in enumerate(ranks)]
-        out["dtypes"][dtype] = _fit(max(per_gpu), min(GPU_BYTES - RESERVE_BYTES - b for b in per_gpu), kv, sequences,
-                                   context_per_sequence)
+        # the encoders sit on GPU 0 only; every rank holds the same sequences, so the fullest GPU bounds the pool
+        out["dtypes"][dtype] = budget.fit(
+            max(r[f"{dtype}_bytes"] + (encoder_total if i == 0 else 0) for i, r in enumerate(ranks)), kv
+        )
     return out
 
 
-def even_split(model: Model, one_rank: dict[str, int], *, gpus: int, sequences: int, context_per_sequence: int,
-               kv: dict) -> dict[str, Any]:
-    """The bound the brief asks for: every weight (encoders included) split evenly over `gpus`, nothing replicated."""
-    encoders = encoder_bytes(model.encoder_configs) if model.encoder_configs else {}
+def even_split(budget: Budget, one_rank: dict[str, int], encoders: dict[str, int], kv: dict) -> dict[str, Any]:
+    """The bound: every weight (encoders included) split evenly over the GPUs, nothing replicated."""
     encoder_total = sum(v for k, v in encoders.items() if k.endswith("_bytes"))
-    out = {"layout": f"even/{gpus}", "dtypes": {}}
-    for dtype in ("bf16", "fp8"):
-        per_gpu = -(-(one_rank[f"{dtype}_bytes"] + encoder_total) // gpus)
-        out["dtypes"][dtype] = _fit(per_gpu, GPU_BYTES - RESERVE_BYTES - per_gpu, kv, sequences, context_per_sequence)
-    return out
+    dtypes = {dtype: budget.fit(-(-(one_rank[f"{dtype}_bytes"] + encoder_total) // budget.gpus), kv)
+              for dtype in ("bf16", "fp8")}  # fmt: skip
+    return {"layout": f"even/{budget.gpus}", "kv": kv, "dtypes": dtypes}
 
 
-def _fit(weights: int, kv_room: int, kv: dict, sequences: int, context_per_sequence: int) -> dict[str, Any]:
-    """Tokens of context (summed over sequences) the full layers' pool holds once every sequence has its ring;
-    `fits` when that covers `sequences` x `context_per_sequence`."""
-    rings = sequences * kv["sliding_bytes_per_sequence"]
-    tokens = (kv_room - rings) // kv["full_bytes_per_token"] if kv_room > rings else 0
-    return {"weights_per_gpu_bytes": weights, "kv_room_per_gpu_bytes": kv_room, "sliding_rings_bytes": rings,
-            "context_tokens": tokens, "fits": tokens >= sequences * context_per_sequence}
-
-
-def evaluate(models: list[Model], *, gpus: int, eps: list[int], sequences: int, context_per_sequence: int,
-             prefill_chunk: int, block_size: int, num_mtp_layers: int) -> dict[str, Any]:
+def evaluate(models: list[Model], budget: Budget, eps: list[int]) -> dict[str, Any]:
     results = []
     for model in models:
         one = language_rank_bytes(model.config, ParallelRank(Mapping.create(1)))
-        kv = kv_bytes(model.config, gpus, num_mtp_layers=num_mtp_layers, prefill_chunk=prefill_chunk,
-                      block_size=block_size)
+        kv = kv_bytes(model.config, budget)
         encoders = encoder_bytes(model.encoder_configs) if model.encoder_configs else {}
-        layouts = [even_split(model, one, gpus=gpus, sequences=sequences, context_per_sequence=context_per_sequence,
-                              kv=kv)]
-        layouts += [deployment(model, gpus=gpus, ep=ep, sequences=sequences,
-                               context_per_sequence=context_per_sequence, prefill_chunk=prefill_chunk,
-                               block_size=block_size, num_mtp_layers=num_mtp_layers) for ep in eps]
+        layouts = [even_split(budget, one, encoders, kv), *(deployment(model, budget, ep, encoders, kv) for ep in eps)]
         results.append({
             "model": model.name,
             "language_params": one["params"],
             "reference_params": REFERENCE_PARAMS.get(model.name),
-            "encoder_params": {k: v for k, v in encoders.items() if k.endswith("_params")},
+            "encoders": encoders,
             "one_gpu": one,
             "unverified_config_values": model.unverified,
             "layouts": layouts,
         })
-    return {
-        "gpus": gpus,
-        "gpu_bytes": GPU_BYTES,
-        "reserve_bytes_per_gpu": RESERVE_BYTES,
-        "concurrent_sequences": sequences,
-        "context_per_sequence": context_per_sequence,
-        "prefill_chunk": prefill_chunk,
-        "block_size": block_size,
-        "kv_dtype": str(KV_DTYPE),
-        "num_mtp_layers_with_kv": num_mtp_layers,
-        "models": results,
-    }
+    return {**dataclasses.asdict(budget), "kv_dtype": str(KV_DTYPE), "models": results}
 
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"| model | layout | dtype | weights per GPU (GiB) | KV room per GPU (GiB) | tokens of context that fit "
-        f"({report['concurrent_sequences']} sequences) | fits ({report['concurrent_sequences']} x "
+        f"({report['sequences']} sequences) | fits ({report['sequences']} x "
         f"{report['context_per_sequence']:,} tokens) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -287,10 +277,11 @@ def summary(report: dict[str, Any]) -> str:
     for m in report["models"]:
         ref = m["reference_params"]
         ref_text = "" if ref is None else f" (reference {ref / 1e9:,.0f}B: {m['language_params'] / ref - 1:+.1%})"
-        encoders = ", ".join(f"{k.removesuffix('_params')} {v / 1e6:,.0f}M" for k, v in m["encoder_params"].items())
+        encoders = ", ".join(f"{k.removesuffix('_params')} {v / 1e6:,.0f}M" for k, v in m["encoders"].items()
+                             if k.endswith("_params"))
         lines.append(f"- {m['model']}: language model + MTP {m['language_params'] / 1e9:,.2f}B parameters{ref_text}"
                      + (f"; encoders {encoders}" if encoders else "; no encoders"))
-        kv = next(layout["kv"] for layout in m["layouts"] if "kv" in layout)
+        kv = m["layouts"][0]["kv"]
         lines.append(f"  KV per GPU: {kv['full_bytes_per_token']:,} B per token of context ({kv['num_full_layers']} "
                      f"full layers x {kv['full_kv_heads_per_gpu']} KV head), {kv['sliding_bytes_per_sequence']:,} B "
                      f"per sequence ({kv['num_sliding_layers']} sliding layers x a {kv['sliding_ring_tokens']}-token "
@@ -301,25 +292,30 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    defaults = Budget()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--gpus", type=int, default=defaults.gpus)
     parser.add_argument("--ep", type=int, nargs="+", default=[1, 8], help="expert-parallel sizes to lay out")
-    parser.add_argument("--sequences", type=int, default=64, help="concurrent sequences (one sliding ring each)")
-    parser.add_argument("--context", type=int, default=8192,
-                        help="tokens of context per sequence that 'fits' asks for (EngineConfig.max_model_len)")
-    parser.add_argument("--prefill-chunk", type=int, default=512, help="EngineConfig.max_prefill_chunk")
-    parser.add_argument("--block-size", type=int, default=16, help="EngineConfig.block_size")
-    parser.add_argument("--mtp-kv-layers", type=int, default=3, help="MTP layers with KV (num_speculative_tokens)")
+    parser.add_argument("--gpu-gib", type=float, default=defaults.gpu_bytes / GIB, help="memory of one GPU")
+    parser.add_argument("--reserve-gib", type=float, default=defaults.reserve_bytes / GIB,
+                        help="per GPU, for CUDA context, NCCL, activations and workspace")
+    parser.add_argument("--sequences", type=int, default=defaults.sequences, help="concurrent sequences")
+    parser.add_argument("--context", type=int, default=defaults.context_per_sequence,
+                        help="tokens of context per sequence that 'fits' asks for")
+    parser.add_argument("--prefill-chunk", type=int, default=defaults.prefill_chunk)
+    parser.add_argument("--block-size", type=int, default=defaults.block_size)
+    parser.add_argument("--mtp-kv-layers", type=int, default=defaults.num_mtp_layers,
+                        help="MTP layers with KV (num_speculative_tokens)")
     parser.add_argument("--models", nargs="+", choices=("v2.5", "v2.5-pro"), default=["v2.5", "v2.5-pro"])
     parser.add_argument("--layers", type=int, help="V2.5 language-model layers (default: the real 48; for checks)")
-    parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--json", type=Path, help="write the report here instead of printing it")
     args = parser.parse_args(argv)
     if args.layers is not None and "v2.5-pro" in args.models:
         parser.error("--layers applies to v2.5 only (V2.5-Pro is built with its 70 layers)")
+    budget = Budget(args.gpus, int(args.gpu_gib * GIB), int(args.reserve_gib * GIB), args.sequences, args.context,
+                    args.prefill_chunk, args.block_size, args.mtp_kv_layers)
     builders = {"v2.5": lambda: v2_5_model(args.layers), "v2.5-pro": v2_5_pro_model}
-    report = evaluate([builders[m]() for m in args.models], gpus=args.gpus, eps=args.ep, sequences=args.sequences,
-                      context_per_sequence=args.context,
-                      prefill_chunk=args.prefill_chunk, block_size=args.block_size, num_mtp_layers=args.mtp_kv_layers)
+    report = evaluate([builders[m]() for m in args.models], budget, args.ep)
     print(summary(report))
     print()
     print(markdown(report))

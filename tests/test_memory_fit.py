@@ -56,8 +56,9 @@ def test_encoder_bytes_are_the_built_towers():
 
 def test_v2_5_kv_bytes_are_the_hand_formula():
     config = memory_fit.v2_5_model(num_layers=12).config  # layers 0, 5, 11 full; the other 9 sliding
-    kv = memory_fit.kv_bytes(config, 8, num_mtp_layers=3, prefill_chunk=512, block_size=16)
-    # 4 full KV heads over 8 GPUs: one (replicated) head per GPU; 8 sliding KV heads: one per GPU. bf16 K (192) + V (128).
+    kv = memory_fit.kv_bytes(config, memory_fit.Budget(gpus=8, num_mtp_layers=3, prefill_chunk=512, block_size=16))
+    # 4 full KV heads over 8 GPUs: one (replicated) head per GPU; 8 sliding KV heads: one per GPU.
+    # bf16 K (192) + V (128).
     assert kv["full_bytes_per_token"] == 3 * 1 * (192 + 128) * 2
     ring = 128 + 512 + 2  # window + a prefill chunk + the rows an MTP layer recomputes (3 - 1)
     assert kv["sliding_ring_tokens"] == ring
@@ -66,23 +67,37 @@ def test_v2_5_kv_bytes_are_the_hand_formula():
 
 def test_script_reports_table_and_json(tmp_path, capsys):
     out = tmp_path / "report.json"
-    memory_fit.main(["--models", "v2.5", "--layers", "2", "--ep", "8", "--json", str(out)])
+    memory_fit.main(["--models", "v2.5", "--layers", "2", "--ep", "8", "--reserve-gib", "12", "--json", str(out)])
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
+    assert (report["gpus"], report["reserve_bytes"], report["sequences"]) == (8, 12 * memory_fit.GIB, 64)
     (model,) = report["models"]
     assert [layout["layout"] for layout in model["layouts"]] == ["even/8", "tp8-ep8"]
     deployed = model["layouts"][1]
     fp8, bf16 = deployed["dtypes"]["fp8"], deployed["dtypes"]["bf16"]
     assert fp8["weights_per_gpu_bytes"] < bf16["weights_per_gpu_bytes"]
-    encoders = sum(v for k, v in deployed["encoders_on_gpu0"].items() if k.endswith("_bytes"))
+    encoders = deployed["encoders_on_gpu0_bytes"]
+    assert encoders == sum(v for k, v in model["encoders"].items() if k.endswith("_bytes")) > 0
     ranks = deployed["ranks"]
     assert bf16["weights_per_gpu_bytes"] == max(r["bf16_bytes"] + (encoders if i == 0 else 0)
                                                 for i, r in enumerate(ranks))  # fmt: skip
-    room = memory_fit.GPU_BYTES - memory_fit.RESERVE_BYTES - fp8["weights_per_gpu_bytes"]
+    room = memory_fit.GPU_BYTES - 12 * memory_fit.GIB - fp8["weights_per_gpu_bytes"]
     kv = deployed["kv"]
     assert fp8["kv_room_per_gpu_bytes"] == room  # GPU 0, with the encoders, has the least room
     assert fp8["context_tokens"] == (room - 64 * kv["sliding_bytes_per_sequence"]) // kv["full_bytes_per_token"]
+    assert fp8["fits"] == (fp8["context_tokens"] >= 64 * 8192)
     assert "| MiMo-V2.5 | tp8-ep8 | fp8 |" in printed
+
+
+def test_a_budget_that_leaves_no_room_does_not_fit():
+    kv = {"full_bytes_per_token": 100, "sliding_bytes_per_sequence": 1000}
+    budget = memory_fit.Budget(gpu_bytes=10_000, reserve_bytes=1_000, sequences=4, context_per_sequence=10)
+    assert budget.fit(4_000, kv) | {"fits": None} == {
+        "weights_per_gpu_bytes": 4_000, "kv_room_per_gpu_bytes": 5_000, "sliding_rings_bytes": 4_000,
+        "context_tokens": 10, "fits": None,
+    }
+    assert not budget.fit(4_000, kv)["fits"]  # 10 tokens < 4 sequences x 10
+    assert budget.fit(0, kv)["fits"] and budget.fit(9_500, kv)["context_tokens"] == 0
 
 
 def test_pro_layers_at_8_gpus_and_reference_counts():
