@@ -50,7 +50,7 @@ KV_DTYPE = torch.bfloat16
 # Token ids only name specials; the vocab width is the preset's min_vocab_size (the real 152576).
 _TOKEN_IDS = {"vocab_size": 151680, "eos_token_id": 151645, "pad_token_id": 151643}
 
-# V2.5-Pro (ref mimo_architecture.md §1.2): the V2.5 schema with these values; UNVERIFIED says which of them the
+# V2.5-Pro (ref mimo_architecture.md §1.2): the V2.5 schema with these values; PRO_UNVERIFIED says which of them the
 # reference marks as not confirmed for V2.5-Pro itself.
 PRO_LAYERS = 70
 PRO_FULL_PERIOD = 7  # 10 full / 60 SWA; layer i full iff (i + 1) % 7 == 0 (exact indices unknown)
@@ -115,8 +115,8 @@ def _is_fp8(layer: ParallelLinear) -> bool:
     return any(f".{part}.weight".endswith(FP8_SUFFIXES) for part in layer.hub_parts)
 
 
-def _tensor_bytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
-    return t.numel() * (dtype or t.dtype).itemsize
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.dtype.itemsize
 
 
 def language_rank_bytes(config: MiMoV2Config, parallel: ParallelRank) -> dict[str, int]:
