@@ -116,7 +116,8 @@ def convert(
         plans: dict[tuple[str, int], list] = {(f, r): [] for f in folders for r in range(mapping.world_size)}
         for job in jobs:
             for rank_tensor, (shape, out_dtype) in zip(job.outputs, _output_specs(ckpt, job, keep_fp8), strict=True):
-                plans[rank_tensor.folder, rank_tensor.rank].extend(_file_entries(rank_tensor.name, out_dtype, shape))
+                entries = rank_file_entries(rank_tensor.name, out_dtype, shape)
+                plans[rank_tensor.folder, rank_tensor.rank].extend(entries)
         with ExitStack() as open_files:
             writers = {
                 (folder, rank): open_files.enter_context(
@@ -171,7 +172,7 @@ def plan_jobs(ckpt: HubCheckpoint, config: MiMoV2Config, mapping: Mapping, names
     check_reads([ckpt], names, [read for reads in rank_reads for read in reads])
     jobs: dict[tuple[str, ...], tuple[WeightRead, list[RankTensor]]] = {}
     for rank, reads in enumerate(rank_reads):
-        for read in (part for read in reads for part in _per_stored_tensor(read)):
+        for read in (part for read in reads for part in per_stored_tensor(read)):
             folder = MTP_DIR if tensor_role(read.hub_names[0]) == Role.MTP else LLM_DIR
             name = read.target if isinstance(read.layer, QKVParallelLinear) else read.hub_names[0]
             jobs.setdefault(read.hub_names, (read, []))[1].append(RankTensor(folder, rank, name, read.dim, read.index))
@@ -180,7 +181,7 @@ def plan_jobs(ckpt: HubCheckpoint, config: MiMoV2Config, mapping: Mapping, names
     return sorted(ordered, key=lambda job: ckpt.shard_of(job.read.hub_names[0]).name)
 
 
-def _per_stored_tensor(read: WeightRead) -> list[WeightRead]:
+def per_stored_tensor(read: WeightRead) -> list[WeightRead]:
     """Stacked parts (gate, up) as one read each, so a job holds one source tensor; q, k, v stay together (their
     rank tensor is the fused `[Q_r; K_r; V_r]`)."""
     if len(read.hub_names) == 1 or isinstance(read.layer, QKVParallelLinear):
@@ -207,7 +208,7 @@ def _output_specs(ckpt: HubCheckpoint, job: ConvertJob, keep_fp8: bool) -> list[
     return specs
 
 
-def _file_entries(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> list[tuple[str, torch.dtype, tuple]]:
+def rank_file_entries(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> list[tuple[str, torch.dtype, tuple]]:
     entries = [(name, dtype, shape)]
     if dtype == FP8_DTYPE:
         entries.append((name + SCALE_SUFFIX, torch.float32, scale_grid_shape(*shape)))
