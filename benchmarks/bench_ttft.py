@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
-    layout = f"epd ({args.encoders} encoder servers)" if args.launch == "epd" else args.launch
+    servers = f"{args.encoders} encoder server{'s' if args.encoders != 1 else ''}"
+    layout = f"epd ({servers})" if args.launch == "epd" else args.launch
     report = {"layout": layout or args.url, "images": args.images, "image_size": args.image_size,
               "max_tokens": args.max_tokens, "seed": args.seed, "rows": rows}  # fmt: skip
     if args.out:

@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SUPPORTED=(3.10 3.11 3.12 3.13)  # pyproject's requires-python and the classifiers say the same
 SUBSET=(tests/test_processing_image.py tests/test_processing_audio.py tests/test_processing_video.py
-        tests/test_processing_corrupt_media.py tests/test_serving_demo.py
+        tests/test_processing_corrupt_media.py
+        tests/test_serving_demo.py::test_demo_streams_a_multimodal_reply_and_stops_the_server  # the main job
         tests/test_epd_nixl.py)  # nixl-cu13 has a wheel for each: its transfers run on each
 PER_PYTHON=(torch triton)  # the big cp3X-specific wheels; the py3-none CUDA libraries stay cached for the next Python
 default=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')

@@ -40,11 +40,11 @@ def test_a_short_run_completes_every_request(triton_server):
 
 
 def test_the_epd_layout_serves_a_short_run(tmp_path):
-    """--launch epd: two encoder servers and a language server, every request answered (exit 0), the report says
-    the layout."""
+    """--launch epd: an encoder server and a language server, every request answered (exit 0), the report says the
+    layout (several encoder servers: tests/test_epd_language.py)."""
     out = tmp_path / "report.json"
-    assert main(["--launch", "epd", "--encoders", "2", "--rates", "4", "--requests", "3", "--images", "1-2",
+    assert main(["--launch", "epd", "--encoders", "1", "--rates", "4", "--requests", "3", "--images", "1-2",
                  "--image-size", "64x48", "--max-tokens", "2", "--workdir", str(tmp_path / "run"),
                  "--out", str(out)]) == 0  # fmt: skip
     report = json.loads(out.read_text())
-    assert report["layout"] == "epd (2 encoder servers)" and report["rows"][0]["completed"] == 3
+    assert report["layout"] == "epd (1 encoder server)" and report["rows"][0]["completed"] == 3
