@@ -264,9 +264,13 @@ class Orchestrator:
             return None
         return self._call(self._encode(plan, origins))
 
+    def table_shape(self, plan: RequestPlan) -> tuple[int, int, int]:
+        """mimo_llm's prompt_embedding_table for the plan: [1, total_rows, hidden] of row_dtype."""
+        return 1, plan.total_rows, self.hidden_size
+
     def table(self, lease: Lease, plan: RequestPlan) -> torch.Tensor:
-        """[1, total_rows, hidden] over the slice, no copy."""
-        return lease.view(self.row_dtype, (1, plan.total_rows, self.hidden_size))
+        """The table over the slice, no copy."""
+        return lease.view(self.row_dtype, self.table_shape(plan))
 
     def close(self) -> None:
         if self._thread.is_alive():

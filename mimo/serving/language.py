@@ -76,7 +76,7 @@ class LanguagePrepare:
             return
         with lease:  # LoopbackLLM releases it at mimo_llm's first response; here at the latest
             llm_inputs["prompt_embedding_table"] = SlicedInput(lease, self.orchestrator.row_dtype,
-                                                               (1, plan.total_rows, self.orchestrator.hidden_size))
+                                                               self.orchestrator.table_shape(plan))
             llm_inputs["prompt_vocab_size"] = np.array([[plan.total_rows]], dtype=np.int32)
             yield llm_inputs
 

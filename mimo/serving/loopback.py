@@ -59,17 +59,20 @@ def wire_array(value: np.ndarray | torch.Tensor) -> np.ndarray:
     return value.numpy()
 
 
-def infer_input(name: str, value: np.ndarray | torch.Tensor | grpcclient.InferInput) -> grpcclient.InferInput:
-    """The wire tensor (its bytes copied into the request now); one already made is passed on."""
-    if isinstance(value, grpcclient.InferInput):
-        return value
+def infer_input(name: str, value: np.ndarray | torch.Tensor) -> grpcclient.InferInput:
+    """The wire tensor (its bytes copied into the request now)."""
     array = wire_array(value)
     tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
     tensor.set_data_from_numpy(array)
     return tensor
 
 
-TORCH_TRITON_DTYPES = {torch.bfloat16: "BF16", torch.float16: "FP16", torch.float32: "FP32"}
+TABLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what a prompt table may be (contract EMBEDDING)
+
+
+def triton_dtype(dtype: torch.dtype) -> str:
+    """Triton's name for a torch dtype, as the wire would send it (`wire_array`)."""
+    return np_to_triton_dtype(wire_array(torch.empty(0, dtype=dtype)).dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +86,7 @@ class SlicedInput:
     shape: tuple[int, ...]
 
     def infer_input(self, name: str) -> grpcclient.InferInput:
-        tensor = grpcclient.InferInput(name, list(self.shape), TORCH_TRITON_DTYPES[self.dtype])
+        tensor = grpcclient.InferInput(name, list(self.shape), triton_dtype(self.dtype))
         tensor.set_shared_memory(*self.lease.output_region)
         return tensor
 
@@ -195,7 +198,7 @@ class LoopbackLLM:
         self.streams.close()
 
     def _slice_copy(self, tensor: torch.Tensor) -> SlicedInput:
-        if tensor.dtype not in TORCH_TRITON_DTYPES:
+        if tensor.dtype not in TABLE_DTYPES:
             raise EntryError(f"a {tensor.dtype} device tensor cannot go to mimo_llm by reference", INTERNAL)
         byte_size = tensor.numel() * tensor.element_size()
         try:
