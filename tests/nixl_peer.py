@@ -6,13 +6,39 @@ answers start with REPLY (NIXL logs to stdout too)."""
 
 import json
 import sys
+import uuid
 
 import torch
 
-from mimo.epd.handoff import LocalRegion
+from mimo.epd.landing import LandingClosed
 from mimo.epd.nixl_transfer import LandingAgent
 
 REPLY = "REPLY "
+
+
+class LocalRegion:
+    """The tests' landing region for NIXL alone: this process's own memory on `device` (host memory, or a GPU's),
+    registered with NIXL (DRAM or VRAM) and with no Triton server (the servers' region is mimo.epd.landing's)."""
+
+    def __init__(self, byte_size: int, device: str | torch.device = "cpu"):
+        if byte_size <= 0:
+            raise ValueError(f"a landing region needs a positive size, got {byte_size} bytes")
+        self.name = f"landing_{uuid.uuid4().hex}"
+        self.byte_size = byte_size
+        self._memory: torch.Tensor | None = torch.empty(byte_size, dtype=torch.uint8, device=device)
+
+    def register(self, client):
+        raise RuntimeError(f"{self.name} is process memory, not Triton shared memory: handoff shm needs its own region")
+
+    unregister = register
+
+    def view(self, offset: int, byte_size: int) -> torch.Tensor:
+        if self._memory is None:
+            raise LandingClosed(f"landing region {self.name} is closed")
+        return self._memory[offset : offset + byte_size]
+
+    def close(self) -> None:
+        self._memory = None  # freed with its last view
 
 
 def main(byte_size: int, device: str) -> None:

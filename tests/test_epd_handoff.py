@@ -19,13 +19,14 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import serving_settings
 from mimo.epd.handoff import (ENCODE_ITEM_NIXL, NIXL_AGENT, NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, NIXL_TRANSFER_US,
-                              TABLE, TABLE_SHAPE, LocalRegion, item_inputs)  # fmt: skip
+                              TABLE, TABLE_SHAPE, item_inputs)  # fmt: skip
 from mimo.epd.item_encoding import DTYPE_BYTES, ENCODER_METADATA
 from mimo.epd.nixl_transfer import LandingAgent
 from mimo.epd.plan import plan_request
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.triton_config import torch_dtype
 from test_epd_language import IMAGES, REQUESTS, TONE, assert_no_slice_in_use, metric, start_server, tokens
+from nixl_peer import LocalRegion
 
 TIMEOUT_S = 120
 

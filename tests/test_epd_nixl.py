@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from mimo.epd import handoff
-from mimo.epd.handoff import LocalRegion, make_handoff
+from mimo.epd.handoff import make_handoff
 from mimo.epd.nixl_transfer import DRAM, VRAM, Descriptor, LandingAgent, NixlUnavailable, RowWriter, TransferError
+from nixl_peer import LocalRegion
 
 REGION_BYTES = 1 << 16
 FILL = 0xAB

@@ -16,7 +16,6 @@ came are exactly the slice's.
 
 from __future__ import annotations
 
-import uuid
 
 import numpy as np
 import torch
@@ -34,33 +33,6 @@ NIXL_AGENT_METADATA = "nixl_agent_metadata"  # UINT8 [-1]: its metadata (loaded 
 NIXL_DESCRIPTOR = "nixl_descriptor"  # INT64 [4]: address, byte size, device id, memory kind (0 DRAM, 1 VRAM)
 TABLE_SHAPE = "table_shape"  # INT64 [3]: the shape of the rows written, [1, num_tokens, hidden]
 NIXL_TRANSFER_US = "nixl_transfer_us"  # INT64 [1]: the WRITE's time from post to completion
-
-
-class LocalRegion:
-    """A landing region in this process's own memory on `device` (host memory, or the LM's GPU): nothing
-    registers it with Triton (`grpc` copies responses into it; `nixl` registers it with NIXL, DRAM or VRAM)."""
-
-    def __init__(self, byte_size: int, device: str | torch.device = "cpu"):
-        if byte_size <= 0:
-            raise ValueError(f"a landing region needs a positive size, got {byte_size} bytes")
-        self.name = f"landing_{uuid.uuid4().hex}"
-        self.byte_size = byte_size
-        self._memory: torch.Tensor | None = torch.empty(byte_size, dtype=torch.uint8, device=device)
-
-    def register(self, client):
-        raise RuntimeError(f"{self.name} is process memory, not Triton shared memory: handoff shm needs its own region")
-
-    unregister = register
-
-    def view(self, offset: int, byte_size: int) -> torch.Tensor:
-        if self._memory is None:
-            from mimo.epd.landing import LandingClosed
-
-            raise LandingClosed(f"landing region {self.name} is closed")
-        return self._memory[offset : offset + byte_size]
-
-    def close(self) -> None:
-        self._memory = None  # freed with its last view
 
 
 def _tensor(module, name: str, array: np.ndarray):
