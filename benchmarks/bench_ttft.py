@@ -155,22 +155,56 @@ def run_rate(url: str, rate: float, planned: list[PlannedRequest], pool: list[by
     return result
 
 
+STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def model_statistics(urls: list[str]) -> dict[str, dict[str, int]]:
+    """'server/model' -> executions and the summed ns of each of Triton's stages, from every server's statistics."""
+    import tritonclient.grpc as grpcclient
+
+    totals = {}
+    for index, url in enumerate(urls):
+        with grpcclient.InferenceServerClient(url) as client:
+            for model in client.get_inference_statistics(as_json=True).get("model_stats", []):
+                stats = model.get("inference_stats", {})
+                entry = {"count": int(stats.get("success", {}).get("count", 0))}
+                entry.update({stage: int(stats.get(stage, {}).get("ns", 0)) for stage in STAGES})
+                totals[f"{index}/{model['name']}"] = entry
+    return totals
+
+
+def stage_split(before: dict, after: dict, requests: int) -> dict[str, dict[str, float]]:
+    """Per model that ran between two `model_statistics`: its executions and ms per client request per stage."""
+    split = {}
+    for name, stats in after.items():
+        old = before.get(name, {})
+        count = stats["count"] - old.get("count", 0)
+        if count:
+            split[name] = {"executions": count, **{f"{stage}_ms": round((stats[stage] - old.get(stage, 0)) / 1e6 /
+                                                                        requests, 3) for stage in STAGES}}  # fmt: skip
+    return split
+
+
 def run_sequential(url: str, counts: list[int], repeats: int, pool: list[bytes], max_tokens: int,
-                   timeout_s: float) -> list[dict]:  # fmt: skip
+                   timeout_s: float, stats_urls: list[str]) -> list[dict]:  # fmt: skip
     """Closed loop, one request at a time: for each image count, one untimed request (a new total patch count may
-    compile new kernels), then `repeats` timed ones, each with images no other request of the count used."""
+    compile new kernels), then `repeats` timed ones, each with images no other request of the count used. Each row
+    splits the timed requests' server time by model and Triton stage (`stats_urls`: every server of the layout)."""
     rows = []
     with MiMoClient(url, "grpc", response_timeout_s=timeout_s) as client:
         for count in counts:
             ttft = []
             for attempt in range(repeats + 1):
+                if attempt == 1:
+                    before = model_statistics(stats_urls)
                 images = [pool[(attempt * count + i) % len(pool)] for i in range(count)]
                 *_, summary = client.generate(TEXT, images=images, max_tokens=max_tokens, temperature=0.0)
                 if attempt:
                     ttft.append(summary.ttft_s)
             rows.append({"images": count, "requests": repeats, "ttft_median_ms": 1000 * statistics.median(ttft),
                          "ttft_mean_ms": 1000 * statistics.fmean(ttft), "ttft_min_ms": 1000 * min(ttft),
-                         "ttft_max_ms": 1000 * max(ttft)})  # fmt: skip
+                         "ttft_max_ms": 1000 * max(ttft),
+                         "server_ms_per_request": stage_split(before, model_statistics(stats_urls), repeats)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -301,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             list(client.generate(TEXT, images=pool[:1], max_tokens=2, temperature=0.0))
         rows = []
         if args.sequential:
-            rows = run_sequential(url, args.sequential, args.repeats, pool, args.max_tokens, args.timeout_s)
+            stats_urls = [s.grpc_url for s in getattr(server, "servers", [server])] if server else [url]
+            rows = run_sequential(url, args.sequential, args.repeats, pool, args.max_tokens, args.timeout_s, stats_urls)
         for rate in [] if args.sequential else args.rates:
             planned = plan(rate, args.requests, args.images, pool_size, args.seed)
             with GpuUtilization() as gpus:
