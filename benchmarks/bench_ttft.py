@@ -13,6 +13,9 @@ and P99 TTFT, images/s and requests/s per configuration and rate. The stream dep
     # one GPU: the encoder server beside the language model; sequential requests of 1, 2, 4, 8 images
     python -m benchmarks.bench_ttft --launch epd --encoders 1 --encoder-gpus 0 --device gpu --preset v2.5 \
         --layers 2 --sequential 1,2,4,8
+    # the same launch, then a burst: 16 requests of 1-8 images arriving at once
+    python -m benchmarks.bench_ttft --launch colocated --device gpu --checkpoint ... --sequential 1,8 \
+        --rates 1000 --requests 16 --images 1-8
     # image-light traffic (0-1 small images): where disaggregation stops paying
     python -m benchmarks.bench_ttft --url ... --images 0-1 --image-size 448x448
 
@@ -302,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="gRPC address of a running server's entry model")
     target.add_argument("--launch", choices=sorted(LAUNCHERS), help="start this layout here first")
-    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1.0],
-                        help="request rates (requests/s), comma-separated")
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=None,
+                        help="request rates (requests/s), comma-separated (default 1, or none with --sequential)")
     parser.add_argument("--requests", type=int, default=64, help="requests per rate")
     parser.add_argument("--images", type=parse_range, default=(1, 8), help="images per request, LOW-HIGH")
     parser.add_argument("--image-size", type=parse_size, default=(1920, 1080), help="WIDTHxHEIGHT")
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --launch epd --device gpu: GPU ids the encoder servers take in turn (default "
                              "1..N; 0 puts them beside the language model on a one-GPU machine)")
     parser.add_argument("--sequential", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                        help="instead of --rates: one request at a time with each of these image counts, e.g. 1,2,4,8")
+                        help="one request at a time with each of these image counts, e.g. 1,2,4,8 (before --rates)")
     parser.add_argument("--repeats", type=int, default=5, help="with --sequential: timed requests per image count")
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench_ttft"))
     parser.add_argument("--out", type=Path, help="write the JSON report here")
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sequential:
             stats_urls = [s.grpc_url for s in getattr(server, "servers", [server])] if server else [url]
             rows = run_sequential(url, args.sequential, args.repeats, pool, args.max_tokens, args.timeout_s, stats_urls)
-        for rate in [] if args.sequential else args.rates:
+        for rate in args.rates or ([] if args.sequential else [1.0]):
             planned = plan(rate, args.requests, args.images, pool_size, args.seed)
             with GpuUtilization() as gpus:
                 result = run_rate(url, rate, planned, pool, args.max_tokens, args.timeout_s)
