@@ -244,14 +244,20 @@ class GpuUtilization:
         return {f"gpu{index}": statistics.fmean(values) for index, values in sorted(self.samples.items()) if values}
 
 
+def served_engine(args, checkpoint) -> dict[str, int]:
+    from mimo.config import MiMoV2Config
+
+    return {"max_model_len": min(args.max_model_len, MiMoV2Config.from_pretrained(checkpoint).max_position_embeddings)}
+
+
 def launch_colocated(args, workdir: Path):
     from builders.repository import RepositorySettings, render_repository
     from builders.tiny import build_checkpoint
     from tools.server_process import TritonServer
 
     checkpoint = args.checkpoint or build_checkpoint(workdir / "checkpoint", preset=args.preset, num_layers=args.layers)
-    command = render_repository(RepositorySettings(checkpoint=checkpoint, device=args.device),
-                                workdir / "model_repository")  # fmt: skip
+    settings = RepositorySettings(checkpoint=checkpoint, device=args.device, engine=served_engine(args, checkpoint))
+    command = render_repository(settings, workdir / "model_repository")
     return TritonServer(workdir / "model_repository", workdir / "tritonserver.log", extra_args=command[2:]).start()
 
 
@@ -286,7 +292,8 @@ def launch_epd(args, workdir: Path):
                                         extra_args=command[2:]).start())  # fmt: skip
         root = workdir / "language"
         settings = RepositorySettings(checkpoint=checkpoint, device=args.device, role="language",
-                                      encoder_urls=",".join(server.grpc_url for server in servers))  # fmt: skip
+                                      encoder_urls=",".join(server.grpc_url for server in servers),
+                                      engine=served_engine(args, checkpoint))  # fmt: skip
         command = render_repository(settings, root / "model_repository")
         servers.append(TritonServer(root / "model_repository", root / "tritonserver.log",
                                     extra_args=command[2:]).start())  # fmt: skip
@@ -318,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --launch: serve this checkpoint instead of building one (--preset, --layers)")
     parser.add_argument("--preset", default="tiny", help="with --launch: builders tiny --preset (tiny | v2.5)")
     parser.add_argument("--layers", type=int, default=None, help="with --launch: builders tiny --layers")
+    parser.add_argument("--max-model-len", type=int, default=32768,
+                        help="with --launch: the language model's context, at most the checkpoint's (8 images of "
+                             "1920x1080 are 16,320 tokens)")
     parser.add_argument("--encoders", type=int, default=2, help="with --launch epd: encoder servers")
     parser.add_argument("--encoder-gpus", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                         help="with --launch epd --device gpu: GPU ids the encoder servers take in turn (default "
