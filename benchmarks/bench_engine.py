@@ -331,7 +331,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="v2.5")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
-    parser.add_argument("--prompt-lens", type=lambda s: [int(x) for x in s.split(",")], default=[512])
+    parser.add_argument("--prompt-lens", "--prompt-len", type=lambda s: [int(x) for x in s.split(",")], default=[512],
+                        help="prompt lengths, one set of rows each")
     parser.add_argument("--decode-len", type=int, default=64)
     parser.add_argument("--kv-gib", type=int, default=16)
     parser.add_argument("--device", default="cuda")

@@ -154,3 +154,31 @@ def test_mtp_verify_steps_replay_graphs(tiny_fp32):
     graphs.replay = lambda step: steps.append(step.query_len) or replay(step)
     assert generate(engine, prompts, params) == eager
     assert 3 in steps
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_decode_step_never_waits_for_the_device(tiny_bf16, graphs):
+    """A decode step's input preparation and forward, eager or through a graph, make no host synchronisation
+    (CUDA's sync debug mode turns one into an error); only sampling reads the tokens back afterwards."""
+    engine = engine_for(tiny_bf16, graphs, 8)
+    runner = engine.runner
+    prepare, forward, checked = runner.prepare, runner.forward, []
+
+    def guarded(method):
+        def run(*args):
+            chunks = args[0] if isinstance(args[0], list) else args[0].chunks
+            if not all(c.num_tokens == 1 and c.start >= c.seq.num_prompt_tokens for c in chunks):
+                return method(*args)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                result = method(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            checked.append(method.__name__)
+            return result
+        return run
+
+    runner.prepare, runner.forward = guarded(prepare), guarded(forward)
+    prompts, params = requests(3, tiny_bf16.config.vocab_size, [5, 19, 12], seed=40)
+    generate(engine, prompts, params)
+    assert checked.count("forward") >= DECODE_STEPS - 3
