@@ -97,9 +97,11 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     moe_layers = [m for m in model.modules() if isinstance(m, MiMoV2MoE)]
     expert_total = sum(nbytes(m.experts) for m in moe_layers)
     num_experts = sum(len(m.local_experts) for m in moe_layers)
-    # an embedding lookup reads rows, not the table; a plain decode step does not run the MTP layers
+    # an embedding lookup reads rows, not the table (unless the LM head is tied to it); a plain decode step does not
+    # run the MTP layers
     mtp = 0 if model.model.mtp is None else nbytes(model.model.mtp)
-    dense = nbytes(model) - expert_total - nbytes(model.model.embed_tokens) - mtp
+    embedding = 0 if model.lm_head is None else nbytes(model.model.embed_tokens)
+    dense = nbytes(model) - expert_total - embedding - mtp
     return dense, expert_total // max(1, num_experts)
 
 

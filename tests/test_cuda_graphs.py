@@ -5,8 +5,12 @@ The CPU has no CUDA graphs, so an engine there runs eagerly whatever `cuda_graph
 device runs the very forward it would capture, from its static inputs, eagerly at every replay; with the Triton
 kernels under the interpreter (conftest sets TRITON_INTERPRET=1) the tests below run that path through a whole
 engine (padded buckets, sequences leaving the batch, sliding rings wrapped, preemption, MTP verify steps) and
-compare its greedy tokens and logits with the eager path's. tests/test_cuda_graphs_gpu.py replays real graphs.
+compare its greedy tokens and logits with the eager path's. On a machine with CUDA the same tests run on the GPU,
+where they replay captured graphs; tests/test_cuda_graphs_gpu.py adds bf16 and V2.5 widths there.
 """
+
+import copy
+
 
 import pytest
 import torch
@@ -27,6 +31,7 @@ pytest.importorskip("triton", reason="the static-input forward runs the Triton k
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 CPU = torch.device("cpu")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_buckets_are_powers_of_two_then_max_num_seqs():
@@ -63,7 +68,7 @@ def tiny_model() -> MiMoV2ForCausalLM:
     # full and sliding layers (sinks on sliding ones), window 8 in blocks of 4, dense + MoE layers, 3 MTP layers
     model = MiMoV2ForCausalLM(MiMoV2Config.from_hf_config(tiny_hub_config(num_nextn_predict_layers=3)))
     randomize_weights(model, seed=0)
-    return model.requires_grad_(False).eval()
+    return model.requires_grad_(False).eval().to(DEVICE)
 
 
 @pytest.fixture
@@ -82,45 +87,39 @@ def make_engine(model, *, graphs: bool, num_speculative_tokens: int = 0, overrid
                   num_full_blocks=48, seed=0, attention_kernel="triton", cuda_graphs=int(graphs),
                   num_speculative_tokens=num_speculative_tokens)
     with pytest.MonkeyPatch.context() as patch:
-        if graphs:  # as on a CUDA device
+        if graphs and DEVICE.type == "cpu":  # as on a CUDA device
             patch.setattr(engine_module, "graphs_unavailable", lambda *args: None)
         engine = LLMEngine(model, EngineConfig(**config | overrides), test_draft_override=override)
     assert (engine.runner.graphs is not None) is graphs
     return engine
 
 
-PROMPTS = [[(salt * 31 + 7 * i) % 96 for i in range(n)] for salt, n in enumerate([3, 13, 21])]
+PROMPTS = [[(salt * 31 + 7 * i + 5) % 96 for i in range(n)] for salt, n in enumerate([3, 13, 21])]
 # different lengths: the batch shrinks 3 -> 2 -> 1 (buckets 4, 2, 1) while the rings wrap (window 8)
 PARAMS = [SamplingParams(max_tokens=n, temperature=0.0) for n in (18, 11, 6)]
 
 
 def test_graphs_are_off_on_the_cpu(tiny_model):
-    assert graphs_unavailable(tiny_model, CPU, True) == "a cpu device (CUDA graphs need a CUDA device)"
+    model = copy.deepcopy(tiny_model).to(CPU)
+    assert graphs_unavailable(model, CPU, True) == "a cpu device (CUDA graphs need a CUDA device)"
     config = dict(max_num_seqs=4, max_num_batched_tokens=32, block_size=4, max_model_len=64, num_full_blocks=48)
-    engine = LLMEngine(tiny_model, EngineConfig(**config))  # cuda_graphs=1, the default
+    engine = LLMEngine(model, EngineConfig(**config))  # cuda_graphs=1, the default
     assert engine.runner.graphs is None
     assert engine.runner.kv_cache.num_blocks[LayerKind.FULL] == 48  # no scratch block
-    off = LLMEngine(tiny_model, EngineConfig(**config, cuda_graphs=0))
+    off = LLMEngine(model, EngineConfig(**config, cuda_graphs=0))
     assert generate(engine, PROMPTS, PARAMS) == generate(off, PROMPTS, PARAMS)
 
 
 @pytest.mark.usefixtures("fused_moe")
-def test_static_input_forward_emits_the_eager_tokens(tiny_model):
+def test_static_input_forward_emits_the_eager_tokens_and_logits(tiny_model):
+    """Greedy tokens equal the eager engine's; at every graph step the eager forward of the same chunks gives the
+    same hidden states and logits (float32 here)."""
     eager = generate(make_engine(tiny_model, graphs=False), PROMPTS, PARAMS)
     engine = make_engine(tiny_model, graphs=True)
-    assert engine.runner.graphs.buckets == [1, 2, 4]
-    assert engine.runner.kv_cache.num_blocks[LayerKind.FULL] == 48 + 1  # the padding rows' scratch block
-    assert engine.kv_stats()["full"]["total_blocks"] == 48
-    assert generate(engine, PROMPTS, PARAMS) == eager
-    # every all-decode step: the first sequence's 18 tokens take 18 steps; steps 2-4 still prefill the others
-    assert engine.runner.graphs.replays == 14
-
-
-@pytest.mark.usefixtures("fused_moe")
-def test_static_input_logits_equal_the_eager_forward(tiny_model):
-    """At every graph step the eager forward of the same chunks gives the same logits (float32 here)."""
-    engine = make_engine(tiny_model, graphs=True)
     runner = engine.runner
+    assert runner.graphs.buckets == [1, 2, 4]
+    assert runner.kv_cache.num_blocks[LayerKind.FULL] == 48 + 1  # the padding rows' scratch block
+    assert engine.kv_stats()["full"]["total_blocks"] == 48
     forward, compared = runner.forward, []
 
     def both(inputs):
@@ -133,15 +132,17 @@ def test_static_input_logits_equal_the_eager_forward(tiny_model):
         return hidden, logits
 
     runner.forward = both
-    generate(engine, PROMPTS, PARAMS)
+    assert generate(engine, PROMPTS, PARAMS) == eager
+    # every all-decode step: the first sequence's 18 tokens take 18 steps; steps 2-4 still prefill the others
+    assert runner.graphs.replays == len(compared) == 14
     assert sorted(set(compared)) == [1, 2, 4]
 
 
 @pytest.mark.usefixtures("fused_moe")
 def test_preempted_sequences_recompute_eagerly_then_decode_in_graphs(tiny_model, preemptions):
-    prompts = [[(5 * salt + 3 * i) % 96 for i in range(10)] for salt in range(4)]
-    params = SamplingParams(max_tokens=14, temperature=0.0)
-    small = dict(num_full_blocks=16)  # 4 sequences of up to 24 tokens need 24 blocks: the newest gets preempted
+    prompts = [[(5 * salt + 3 * i + 1) % 96 for i in range(8)] for salt in range(4)]
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    small = dict(num_full_blocks=12, max_model_len=32)  # 4 sequences of 18 tokens need 20 blocks: preemption
     eager = generate(make_engine(tiny_model, graphs=False, **small), prompts, params)
     assert preemptions
     preemptions.clear()

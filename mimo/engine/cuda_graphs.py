@@ -160,7 +160,8 @@ class DecodeGraphs:
                         self._forward(q, bucket)
                     torch.cuda.current_stream().wait_stream(stream)
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    # thread_local: a served process's other threads may use CUDA meanwhile (not captured)
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                         self._outputs[key] = self._forward(q, bucket)
                 self._graphs[key] = graph
         if capturing:
