@@ -12,7 +12,7 @@ prefill chunks, so a graph embeds token ids only.
 
 The attention kernel chooses its key splits from host lengths: the graphs are captured for the longest context
 (`max_model_len`) and stay exact for shorter ones (their extra splits find no keys). Prefill and mixed steps run
-eagerly. All graphs share one memory pool, captured from the largest bucket down; a replay's outputs are read
+eagerly. All graphs share one memory pool, captured from the most rows down; a replay's outputs are read
 before the next replay (the pool reuses one graph's temporaries for another's outputs).
 """
 
@@ -142,28 +142,28 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Captures every (q, bucket) graph, largest bucket first, each after an eager warm-up run (which compiles
-        its kernels); the inputs are padding rows only, so capture writes nothing but the scratch blocks."""
+        """Captures every (q, bucket) graph, most rows first, each after an eager warm-up run (which compiles its
+        kernels); the inputs are padding rows only, so capture writes nothing but the scratch blocks."""
         capturing = self.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if capturing else None
-        for q in self.query_lens:
-            for bucket in reversed(self.buckets):
-                self._fill_padding(q, bucket)
-                key = (q, bucket)
-                if not capturing:
-                    self._outputs[key] = self._forward(q, bucket)
-                    continue
-                with torch.cuda.device(self.device):
-                    stream = torch.cuda.Stream()
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        self._forward(q, bucket)
-                    torch.cuda.current_stream().wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
-                    # thread_local: a served process's other threads may use CUDA meanwhile (not captured)
-                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                        self._outputs[key] = self._forward(q, bucket)
-                self._graphs[key] = graph
+        keys = sorted(((q, bucket) for q in self.query_lens for bucket in self.buckets),
+                      key=lambda key: key[0] * key[1], reverse=True)
+        for q, bucket in keys:
+            self._fill_padding(q, bucket)
+            if not capturing:
+                self._outputs[(q, bucket)] = self._forward(q, bucket)
+                continue
+            with torch.cuda.device(self.device):
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    self._forward(q, bucket)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: a served process's other threads may use CUDA meanwhile (not captured)
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    self._outputs[(q, bucket)] = self._forward(q, bucket)
+            self._graphs[(q, bucket)] = graph
         if capturing:
             torch.cuda.synchronize(self.device)
 
