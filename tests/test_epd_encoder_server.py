@@ -190,7 +190,8 @@ def test_a_wrong_size_slice_is_refused_and_left_untouched(encoder_server, pool, 
     for byte_size, changes, message in (
         (exact + row_bytes, {}, f"output_byte_size is {exact + row_bytes}, but the item's embeddings are {exact} "
                                 f"bytes \\(item_metadata.num_tokens 6 x hidden_size {hidden}"),
-        (exact - row_bytes, {}, f"output_byte_size is {exact - row_bytes}, but the item's embeddings are {exact} bytes"),
+        (exact - row_bytes, {}, f"output_byte_size is {exact - row_bytes}, but the item's embeddings are {exact} "
+                                "bytes"),
         (exact, {"offset": region.byte_size - exact + 256}, f"landing_offset {region.byte_size - exact + 256} \\+ "
                                                             f"output_byte_size {exact} is outside the "
                                                             f"{region.byte_size}-byte region"),
