@@ -157,13 +157,11 @@ _WRITTEN_OUTPUTS = (
 MIMO_ENCODER = ModelSpec(
     name="mimo_encoder",
     comment="batched vision/audio encoding -> this request's prompt_embedding_table, left on the device it was "
-            "computed on (a GPU instance hands it to mimo_llm through DLPack, never through host memory); with a "
-            "landing slice named, written there by this model (then prompt_embedding_table is empty)",
-    inputs=(*_packed(), _ITEM_INPUTS[2], *_LANDING_INPUTS),
+            "computed on (a GPU instance hands it to mimo_llm through DLPack, never through host memory)",
+    inputs=_packed(),
     outputs=(
         TensorSpec("prompt_embedding_table", EMBEDDING, (-1, -1)),
         _int32("prompt_vocab_size"),
-        *_WRITTEN_OUTPUTS,
     ),
     parameters={**CHECKPOINT_DIR, "dtype": "weights and prompt tables", **encoder_knobs()},
     weights=("vision", "audio", "audio_tokenizer"),
@@ -321,9 +319,17 @@ ENCODE_ITEM_NIXL = ModelSpec(
                                        "still land (the language side then keeps the slice quarantined)"},
     steps=("encode_item",),
 )
+# encode_item's mimo_encoder (the encoder role's, the language role's fallback): the colocated one, plus the landing
+# slice it writes the rows into itself when a request names one
+SLICE_WRITING_ENCODER = dataclasses.replace(
+    MIMO_ENCODER, inputs=(*MIMO_ENCODER.inputs, _ITEM_INPUTS[2], *_LANDING_INPUTS),
+    outputs=(*MIMO_ENCODER.outputs, *_WRITTEN_OUTPUTS),
+    comment=MIMO_ENCODER.comment + "; with a landing slice named (mimo.epd.direct_write), the rows are written there "
+                                   "by this model before it answers, and prompt_embedding_table is empty",
+)  # fmt: skip
 TEST_FAULT_ROWS = "test_fault_rows"
-# the encoder role's mimo_encoder: the colocated one, plus a fault that only tests turn on
-ENCODER_ROLE_ENCODER = dataclasses.replace(MIMO_ENCODER, parameters={
+# the encoder role's mimo_encoder: that one, plus a fault that only tests turn on
+ENCODER_ROLE_ENCODER = dataclasses.replace(SLICE_WRITING_ENCODER, parameters={
     **MIMO_ENCODER.parameters,
     TEST_FAULT_ROWS: "TEST ONLY, 0 in production: every table this server answers has this many rows more (> 0) "
                      "or fewer (< 0) than its item has, so that tests see the language side reject it",
@@ -487,7 +493,7 @@ def server_role(name: str, local_encoder: bool = False) -> RoleSpec:
         return role
     if name != "language":
         raise ValueError(f"a local encoder is for the language role, not {name!r}")
-    local = {spec.name: spec for spec in (MEDIA_PREPROCESSING, MIMO_ENCODER, ENCODE_ITEM)}
+    local = {spec.name: spec for spec in (MEDIA_PREPROCESSING, SLICE_WRITING_ENCODER, ENCODE_ITEM)}
     comment = ("the language server with a local fallback encoder: the language role's models plus encode_item, "
                "which encodes the items every encoder server failed; loads the language and the encoder tensors")
     return dataclasses.replace(role, comment=comment, models={**role.models, **local})

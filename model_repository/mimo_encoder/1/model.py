@@ -31,6 +31,8 @@ class TritonPythonModel:
         processor = processor_config_from_checkpoint(checkpoint_dir)
         self.encoder = PromptTableEncoder(encoder, processor, encoder_config(model_config))
         self.writer = SliceWriter()
+        # the colocated mimo_encoder has no landing slice and answers the table alone (contract.SLICE_WRITING_ENCODER)
+        self.writes = TABLE_SHAPE in {output["name"] for output in model_config["output"]}
         # only the encoder role renders it (0 unless a test sets --test-fault-rows)
         self.fault_rows = (model_parameter(model_config, TEST_FAULT_ROWS, int)
                            if TEST_FAULT_ROWS in model_config.get("parameters", {}) else 0)  # fmt: skip
@@ -77,15 +79,14 @@ class TritonPythonModel:
         self.writer.close()
         exit_stub_process()  # see there: the stub's own teardown can hang after CUDA work on this thread
 
-    @staticmethod
-    def _table(table: torch.Tensor, rows: torch.Tensor, handoff_s: float):
+    def _table(self, table: torch.Tensor, rows: torch.Tensor, handoff_s: float):
         # DLPack keeps a GPU table on the GPU; Triton carves the output from its CUDA memory pool
-        return pb_utils.InferenceResponse([
-            pb_utils.Tensor.from_dlpack(TABLE, rows),
-            pb_utils.Tensor("prompt_vocab_size", np.array([[table.shape[0]]], dtype=np.int32)),
-            pb_utils.Tensor(TABLE_SHAPE, np.array([[1, *table.shape]], dtype=np.int64)),
-            pb_utils.Tensor(HANDOFF_US, np.array([[round(handoff_s * 1e6)]], dtype=np.int64)),
-        ])
+        outputs = [pb_utils.Tensor.from_dlpack(TABLE, rows),
+                   pb_utils.Tensor("prompt_vocab_size", np.array([[table.shape[0]]], dtype=np.int32))]
+        if self.writes:
+            outputs += [pb_utils.Tensor(TABLE_SHAPE, np.array([[1, *table.shape]], dtype=np.int64)),
+                        pb_utils.Tensor(HANDOFF_US, np.array([[round(handoff_s * 1e6)]], dtype=np.int64))]
+        return pb_utils.InferenceResponse(outputs)
 
     @staticmethod
     def _error(error: Exception):
