@@ -122,6 +122,7 @@ def test_rows_land_in_the_slice_equal_to_the_colocated_encoder(encoder_server, p
     client = grpcclient.InferenceServerClient(encoder_server.grpc_url)
     with pool.reserve(rows * hidden * DTYPE_BYTES[settings.resolved_dtype], timeout_s=TIMEOUT_S) as lease:
         lease.view(torch.uint8, (lease.byte_size,)).fill_(0xFF)  # NaN everywhere until the encoder writes the rows
+        pool.region.synchronize()  # a CUDA region: the fill is done before the encoder process writes
         with lease.remote_write():
             result = client.infer("encode_item", written_inputs(grpcclient, item, lease),
                                   outputs=written_outputs(grpcclient), client_timeout=TIMEOUT_S)  # fmt: skip
@@ -201,6 +202,7 @@ def test_a_wrong_size_slice_is_refused_and_left_untouched(encoder_server, pool, 
     ):  # fmt: skip
         with pool.reserve(byte_size, timeout_s=TIMEOUT_S) as lease:
             lease.view(torch.uint8, (byte_size,)).fill_(0xAB)
+            pool.region.synchronize()
             with lease.remote_write(), pytest.raises(InferenceServerException, match=message):
                 try:
                     client.infer("encode_item", written_inputs(grpcclient, item, lease, **changes),

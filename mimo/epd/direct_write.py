@@ -197,6 +197,7 @@ class _CudaMapping:
         stream = torch.cuda.current_stream(rows.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.device(rows.device):
+            _cuda_call(self._runtime.cudaSetDevice(rows.device.index), f"cudaSetDevice({rows.device.index})")
             start.record(stream)
             _cuda_call(self._runtime.cudaMemcpyAsync(self.pointer + offset, rows.data_ptr(),
                                                      rows.numel() * rows.element_size(),
