@@ -127,7 +127,7 @@ class _ShmMapping:
 
     def __init__(self, target: SliceTarget, shm_dir: Path):
         try:
-            fd = os.open(Path(shm_dir) / target.region[1:], os.O_RDWR)
+            fd = os.open(Path(shm_dir) / target.region[1:], os.O_RDWR | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise SliceRefused(f"{LANDING_REGION} {target.region!r}: no such shared-memory region") from None
         except OSError as error:
