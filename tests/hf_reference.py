@@ -22,11 +22,13 @@ Semantic differences between the two implementations, handled here:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
+
+if TYPE_CHECKING:  # imported where used: the GPU machines' transformers does not import (scipy built for numpy 2)
+    from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
 from mimo.config import MiMoV2Config
 from mimo.models.attention import NoCacheAttention
@@ -97,6 +99,8 @@ def randomize_weights(model: nn.Module, seed: int) -> None:
 
 def hf_config(config: MiMoV2Config) -> MiMoV2FlashConfig:
     """The transformers config with the same semantics as `config` (raises if HF cannot express it)."""
+    from transformers import MiMoV2FlashConfig
+
     full, sliding = config.full_attention, config.sliding_attention
     has_sliding = "sliding" in config.layer_types
     problems = []
@@ -175,6 +179,8 @@ def hf_state_dict(config: MiMoV2Config, state_dict: dict[str, torch.Tensor]) -> 
 
 def build_hf_model(config: MiMoV2Config, state_dict: dict[str, torch.Tensor]) -> MiMoV2FlashForCausalLM:
     """An eval-mode HF model holding exactly the weights of our (hub-named, split q/k/v) state dict."""
+    from transformers import MiMoV2FlashForCausalLM
+
     dtype = state_dict["model.embed_tokens.weight"].dtype
     model = MiMoV2FlashForCausalLM(hf_config(config)).to(dtype).eval()
     model.load_state_dict(hf_state_dict(config, state_dict), strict=True)
