@@ -304,7 +304,9 @@ def speculative_rows(args, engine, vocab: int, prompts: dict[str, list[int]], ge
         draft_s: list[float] = []
         timed(spec.runner.drafter, "step", device, draft_s)
         _, spec_decode_s, spec_steps, spec_generated = prefill_and_decode(spec, prompts, args.decode_len, device)
-        assert spec_generated == generated, "the replayed run must generate the plain run's tokens"
+        # bf16 verify rows (1 + k query tokens) may flip a near-tied argmax of the plain run (1 query token): from
+        # there on the replayed drafts miss, which the measured acceptance shows; the row says it happened
+        diverged = sum(spec_generated[rid] != tokens for rid, tokens in generated.items())
         stats = spec.speculative_stats()
         decode_draft_s = sum(draft_s[-spec_steps:])
         rows.append({
@@ -312,6 +314,7 @@ def speculative_rows(args, engine, vocab: int, prompts: dict[str, list[int]], ge
             "prompt_len": prompt_len,
             "speculative_tokens": k,
             "override_accept_rate": accept_rate,  # test-only override: not the model's own accept rate
+            "sequences_diverged_from_plain_run": diverged,
             "acceptance_rate": round(stats["accepted_tokens"] / max(1, stats["draft_tokens"]), 3),
             "accept_length": round(1 + stats["accepted_tokens"] / max(1, stats["verifications"]), 3),
             "decode_steps": spec_steps,
