@@ -27,6 +27,8 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +43,7 @@ from mimo.loading import load_language_model
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.preprocess import preprocess_request
 from mimo.serving.triton_config import torch_dtype
-from tools.server_process import TritonServer
+from tools.server_process import TritonServer, descendants
 
 TEXT = "Tell me a story about a lighthouse keeper."
 
@@ -77,10 +79,10 @@ def engine_decode_step_ms(engine: LLMEngine, prompt: list[int], batch: int, max_
     return 1e3 * (time.perf_counter() - t0) / max(1, steps)
 
 
-def engine_closed_loop_tok_s(engine: LLMEngine, prompt: list[int], concurrency: int, max_tokens: int,
-                             device: torch.device, steps: int) -> float:  # fmt: skip
-    """Tokens/s with `concurrency` requests always in flight (a finished one replaced at once), over `steps` steps
-    after one round of requests."""
+def engine_closed_loop(engine: LLMEngine, prompt: list[int], concurrency: int, max_tokens: int,
+                       device: torch.device, steps: int) -> tuple[float, float]:  # fmt: skip
+    """(tokens/s, CPU ms per token) with `concurrency` requests always in flight (a finished one replaced at once),
+    over `steps` steps after one round of requests."""
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     count = 0
 
@@ -96,7 +98,7 @@ def engine_closed_loop_tok_s(engine: LLMEngine, prompt: list[int], concurrency: 
     while measured < steps:
         if t0 is None and count >= 2 * concurrency:  # past the first round: the batch mixes prefills and decodes
             synchronize(device)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
         for output in engine.step():
             if t0 is not None:
                 tokens += len(output.new_token_ids)
@@ -104,11 +106,11 @@ def engine_closed_loop_tok_s(engine: LLMEngine, prompt: list[int], concurrency: 
                 add()
         measured += t0 is not None
     synchronize(device)
-    tok_s = tokens / (time.perf_counter() - t0)
+    tok_s, cpu_ms = tokens / (time.perf_counter() - t0), 1e3 * (time.process_time() - cpu0) / tokens
     for request_id in [f"loop-{concurrency}-{i}" for i in range(count)]:
         engine.abort(request_id)
     engine.step()
-    return tok_s
+    return tok_s, cpu_ms
 
 
 def measure_engine(checkpoint: Path, knobs: dict, dtype: torch.dtype, device: torch.device, prompt: list[int],
@@ -116,15 +118,16 @@ def measure_engine(checkpoint: Path, knobs: dict, dtype: torch.dtype, device: to
     model = load_language_model(checkpoint, dtype, device)
     engine = LLMEngine(model, EngineConfig(**knobs, device=device, dtype=dtype))
     engine_decode_step_ms(engine, prompt, 1, 8, device)  # warm-up: first calls stay out of the rows
-    rows = {"decode_step_ms": {}, "closed_loop_tok_s": {}}
+    rows = {"decode_step_ms": {}, "closed_loop_tok_s": {}, "closed_loop_cpu_ms_per_token": {}}
     for batch in sorted({1, *args.concurrency}):
         rows["decode_step_ms"][batch] = round(engine_decode_step_ms(engine, prompt, batch, args.max_tokens, device), 3)
         print(f"engine: {batch} sequences decode {rows['decode_step_ms'][batch]} ms/step", flush=True)
     for concurrency in args.concurrency:
         steps = max(args.engine_steps, 2 * args.max_tokens)
-        tok_s = engine_closed_loop_tok_s(engine, prompt, concurrency, args.max_tokens, device, steps)
+        tok_s, cpu_ms = engine_closed_loop(engine, prompt, concurrency, args.max_tokens, device, steps)
         rows["closed_loop_tok_s"][concurrency] = round(tok_s, 1)
-        print(f"engine: closed loop of {concurrency} requests {tok_s:.1f} tok/s", flush=True)
+        rows["closed_loop_cpu_ms_per_token"][concurrency] = round(cpu_ms, 3)
+        print(f"engine: closed loop of {concurrency} requests {tok_s:.1f} tok/s, {cpu_ms:.3f} CPU ms/token", flush=True)
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -138,6 +141,39 @@ def inter_token_ms(summary: GenerationSummary) -> float | None:
     if tokens < 2:
         return None
     return 1e3 * (carrying[-1][0] - carrying[0][0]) / (tokens - 1)
+
+
+class ProcessCPU:
+    """CPU seconds used by the server's processes, by name (the tritonserver binary; each model's stubs): what each
+    costs per token, independent of what else the machine runs."""
+
+    def __init__(self, server: TritonServer):
+        self.pids: dict[str, list[int]] = {}
+        for pid in descendants(server.process.pid):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if command[0].endswith(b"triton_python_backend_stub"):
+                name = Path(command[1].decode()).parts[-3]  # <repository>/<model>/1/model.py
+            elif command[0].endswith(b"tritonserver"):
+                name = "tritonserver"
+            else:
+                continue
+            self.pids.setdefault(name, []).append(pid)
+
+    def sample(self) -> dict[str, float]:
+        ticks = os.sysconf("SC_CLK_TCK")
+        seconds = {}
+        for name, pids in self.pids.items():
+            seconds[name] = 0.0
+            for pid in pids:
+                try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                seconds[name] += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        return seconds
 
 
 def served_itl(url: str, requests: int, max_tokens: int) -> dict:
@@ -156,18 +192,19 @@ def served_itl(url: str, requests: int, max_tokens: int) -> dict:
             "requests": requests}  # fmt: skip
 
 
-def served_throughput(url: str, concurrency: int, max_tokens: int, warmup_s: float, duration_s: float) -> dict:
-    """A closed loop of `concurrency` clients: tokens/s of the tokens that arrived inside the measured window."""
-    start = time.perf_counter()
-    window = (start + warmup_s, start + warmup_s + duration_s)
+def client_process(url: str, clients: int, max_tokens: int, window: tuple[float, float]) -> dict:
+    """`clients` closed-loop clients (threads of this process) until the window ends: every token-carrying
+    response's arrival (`time.time()`, shared by processes) and token count, the errors, this process's CPU
+    seconds inside the window."""
     arrivals: list[tuple[float, int]] = []
     errors: list[str] = []
+    cpu: list[float] = []
     lock = threading.Lock()
 
     def client_loop() -> None:
         with MiMoClient(url, "grpc") as client:
-            while time.perf_counter() < window[1]:
-                sent = time.perf_counter()
+            while time.time() < window[1]:
+                sent = time.time()
                 try:
                     *_, summary = client.generate(TEXT, max_tokens=max_tokens, temperature=0.0)
                 except Exception as error:  # noqa: BLE001 - counted, reported
@@ -177,16 +214,53 @@ def served_throughput(url: str, concurrency: int, max_tokens: int, warmup_s: flo
                 with lock:
                     arrivals.extend((sent + at, n) for at, n in summary.arrivals if n)
 
-    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(concurrency)]
+    def sample_window() -> None:
+        for at in window:
+            time.sleep(max(0.0, at - time.time()))
+            cpu.append(time.process_time())
+
+    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
+    threads.append(threading.Thread(target=sample_window, daemon=True))
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return {"arrivals": arrivals, "errors": errors, "cpu_s": cpu[1] - cpu[0]}
+
+
+def served_throughput(url: str, concurrency: int, max_tokens: int, warmup_s: float, duration_s: float,
+                      cpu: ProcessCPU, pool: ProcessPoolExecutor | None, processes: int) -> dict:  # fmt: skip
+    """A closed loop of `concurrency` clients, spread over the `pool`'s `processes` (or all in this one): tokens/s of
+    the tokens that arrived inside the measured window, and each process's CPU ms per token over it."""
+    start = time.time()
+    window = (start + warmup_s, start + warmup_s + duration_s)
+    samples = []
+
+    def sample_window() -> None:
+        for at in window:
+            time.sleep(max(0.0, at - time.time()))
+            samples.append(cpu.sample())
+
+    sampler = threading.Thread(target=sample_window, daemon=True)
+    sampler.start()
+    if pool is None:
+        parts = [client_process(url, concurrency, max_tokens, window)]
+    else:
+        shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+        futures = [pool.submit(client_process, url, share, max_tokens, window) for share in shares if share]
+        parts = [future.result() for future in futures]
+    sampler.join()
+    arrivals = [arrival for part in parts for arrival in part["arrivals"]]
+    errors = [error for part in parts for error in part["errors"]]
     tokens = sum(n for at, n in arrivals if window[0] <= at < window[1])
     responses = sum(1 for at, n in arrivals if window[0] <= at < window[1])
+    before, after = samples
+    seconds = {name: after[name] - before[name] for name in after if name != "client"}
+    seconds["client"] = sum(part["cpu_s"] for part in parts)
+    cpu_ms = {name: round(1e3 * value / max(1, tokens), 3) for name, value in sorted(seconds.items())}
     return {"concurrency": concurrency, "tok_s": round(tokens / duration_s, 1),
-            "tokens_per_response": round(tokens / max(1, responses), 2), "errors": len(errors),
-            "first_errors": errors[:3]}  # fmt: skip
+            "tokens_per_response": round(tokens / max(1, responses), 2), "cpu_ms_per_token": cpu_ms,
+            "errors": len(errors), "first_errors": errors[:3]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads of this process and the server's stubs (OMP_NUM_THREADS); "
                              "default: 1 with --device cpu (the tiny model's ops are microseconds: more threads only "
                              "synchronise), torch's own on gpu")
+    parser.add_argument("--client-processes", type=int, default=None,
+                        help="processes the closed loops' clients are spread over (a Python gRPC client handles a "
+                             "few thousand responses/s); default 1 (in this process) on cpu, 4 on gpu")
     parser.add_argument("--skip-engine", action="store_true", help="served rows only")
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/serving_overhead"))
     parser.add_argument("--out", type=Path, help="write the JSON report here")
@@ -232,10 +309,20 @@ def main(argv: list[str] | None = None) -> int:
         report["served_c1"] = served_itl(server.grpc_url, args.itl_requests, args.max_tokens)
         print(f"served: concurrency 1 {json.dumps(report['served_c1'])}", flush=True)
         report["served"] = []
-        for concurrency in args.concurrency:
-            row = served_throughput(server.grpc_url, concurrency, args.max_tokens, args.warmup_s, args.duration_s)
-            report["served"].append(row)
-            print(f"served: {json.dumps(row)}", flush=True)
+        cpu = ProcessCPU(server)
+        processes = args.client_processes or (1 if args.device == "cpu" else 4)
+        pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn")) if processes > 1 else None
+        try:
+            if pool is not None:  # the workers start (and import) before any window opens
+                list(pool.map(time.sleep, [0.5] * processes))
+            for concurrency in args.concurrency:
+                row = served_throughput(server.grpc_url, concurrency, args.max_tokens, args.warmup_s,
+                                        args.duration_s, cpu, pool, processes)  # fmt: skip
+                report["served"].append(row)
+                print(f"served: {json.dumps(row)}", flush=True)
+        finally:
+            if pool is not None:
+                pool.shutdown()
     finally:
         returncode = server.stop()
     print_summary(report)
@@ -265,6 +352,15 @@ def print_summary(report: dict) -> None:
                   f"| {engine['decode_step_ms'][c]} | {overhead:.3f} |")
         else:
             print(f"| {c} | {row['tok_s']} | {row['tokens_per_response']} | — | — | — |")
+    names = [name for name in report["served"][0]["cpu_ms_per_token"]]
+    print(f"\nCPU ms per token, by process (the server's: all but client; beyond the engine: the server's minus the "
+          f"engine's own closed loop)\n| concurrency | {' | '.join(names)} | server | beyond the engine |\n"
+          f"|---|{'---|' * (len(names) + 2)}")
+    for row in report["served"]:
+        cpu = row["cpu_ms_per_token"]
+        server = sum(value for name, value in cpu.items() if name != "client")
+        beyond = f"{server - engine['closed_loop_cpu_ms_per_token'][row['concurrency']]:.3f}" if engine else "—"
+        print(f"| {row['concurrency']} | {' | '.join(str(cpu[n]) for n in names)} | {server:.3f} | {beyond} |")
 
 
 if __name__ == "__main__":

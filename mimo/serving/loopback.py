@@ -27,7 +27,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from mimo.epd.landing import LandingError, LandingPool, Lease
-from mimo.serving.contract import MODELS, STOP_REQUEST_ID
+from mimo.serving.contract import POSTPROCESSING, STOP_REQUEST_ID
 from mimo.serving.lifecycle import SELF_GRPC_URL_ENV
 from mimo.serving.entry import CANCELLED, INTERNAL, INVALID_ARG, UNAVAILABLE, EntryError
 
@@ -237,7 +237,8 @@ class LoopbackLLM:
             pass
 
     def _responses(self, model, inputs, request_id, parameters=None):
-        outputs = tuple(tensor.name for tensor in MODELS[model].outputs)
+        # only what the entry reads: it detokenizes as postprocessing does (one tensor less per streamed response)
+        outputs = tuple(tensor.name for tensor in POSTPROCESSING.inputs)
         try:
             for batch in self.streams.stream(model, inputs, request_id, outputs, parameters):
                 yield merge_responses(batch)
