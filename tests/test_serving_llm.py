@@ -200,6 +200,26 @@ def test_tokens_that_wait_for_a_busy_sender_go_out_together_in_order(model, loop
     wait_all_free(loop.engine)
 
 
+def test_metrics_are_published_once_per_period_while_stepping_and_not_when_idle(engine):
+    publishes: list[tuple[float, str, int]] = []  # (when, thread, blocks free then)
+    loop = GenerationLoop(engine, cancellation_check_period_s=0.05, publish_metrics=lambda: publishes.append(
+        (time.monotonic(), threading.current_thread().name, engine.kv_stats()["full"]["free_blocks"])))
+    loop.start()
+    try:
+        sink = ListSink()
+        loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=30, temperature=0.0), None, True), sink)
+        assert sink.done.wait(60)
+        time.sleep(0.3)  # a few periods: the state after the last step is published
+        idle = len(publishes)
+        time.sleep(0.3)
+    finally:
+        loop.shutdown()
+    assert len(publishes) == idle, "nothing steps: nothing to publish"
+    assert publishes[-1][2] == engine.kv_stats()["full"]["total_blocks"]  # the last one saw every block free
+    gaps = [b[0] - a[0] for a, b in zip(publishes, publishes[1:])]
+    assert all(gap >= 0.04 for gap in gaps) and {thread for _, thread, _ in publishes} == {"mimo-response-sender"}
+
+
 def test_cancelled_request_frees_its_kv_at_once(loop):
     sink = ListSink(cancel_after=1)
     loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=40, temperature=0.0), None, True), sink)

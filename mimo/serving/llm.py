@@ -223,7 +223,7 @@ class GenerationLoop:
 
     Cancellation: every `cancellation_check_period_s` the sender asks each sink `is_cancelled()` and aborts those
     requests, which frees their KV at once. A sink that fails to send is treated as cancelled. `publish_metrics`
-    runs at most once per period, and within a period of the last step.
+    runs at most once per period, and within a period of the last step (not again while nothing steps).
     Drain: once the launcher starts a shutdown (`draining()`), the loop aborts every request it holds and ends
     each with a final SHUTTING_DOWN error; `submit` refuses new ones.
     """
@@ -247,6 +247,7 @@ class GenerationLoop:
         self._thread = threading.Thread(target=self._run, name="mimo-generation-loop", daemon=True)
         self._sender = threading.Thread(target=self._send_loop, name="mimo-response-sender", daemon=True)
         self._next_request = 0
+        self._steps = 0  # engine steps so far: the metrics are published again only after one
 
     def start(self) -> None:
         self._running.set()
@@ -331,6 +332,7 @@ class GenerationLoop:
             return
         outputs = self.engine.step()
         with self._lock:
+            self._steps += 1
             for output in outputs:
                 self._record(output)
 
@@ -369,6 +371,7 @@ class GenerationLoop:
     def _send_loop(self) -> None:
         period = self.cancellation_check_period_s
         last_check = last_publish = 0.0
+        published_steps = -1
         while True:
             with self._lock:
                 if not self._ready and self._sending:
@@ -376,14 +379,15 @@ class GenerationLoop:
                 if not self._ready and not self._sending:
                     return
                 sends = self._take_ready()
+                steps = self._steps
             try:
                 self._send_all(sends)
                 now = time.monotonic()
                 if now - last_check >= period:
                     last_check = now
                     self._abort_cancelled()
-                if self.publish_metrics is not None and now - last_publish >= period:
-                    last_publish = now
+                if self.publish_metrics is not None and steps != published_steps and now - last_publish >= period:
+                    last_publish, published_steps = now, steps
                     self.publish_metrics()
             except Exception:  # noqa: BLE001 - a dead sender would hang every request; log and keep sending
                 logger.exception("response sender iteration failed")
