@@ -5,14 +5,19 @@ mimo_llm's generation loop and response sends, the loopback gRPC stream to the e
 and send, the client's stream. Measured in one run:
 
   engine  `LLMEngine` with the served EngineConfig, in this process before the server starts: decode ms/step with 1
-          and with C sequences, and closed-loop tokens/s at C (finished requests replaced at once, prefills
-          included), the same prompt and max_tokens as the served requests;
+          and with C sequences, and closed-loop tokens/s and CPU ms/token at C (finished requests replaced at once,
+          prefills included), the same prompt and max_tokens as the served requests;
   served  a real tritonserver over the rendered repository, text requests streamed over gRPC (`MiMoClient`): the
           inter-token latency at concurrency 1 (median over requests), and at each concurrency the streamed
-          tokens/s of a closed loop (tokens that arrived inside the measured window, after a warm-up).
+          tokens/s of a closed loop (tokens that arrived inside the measured window, after a warm-up), the tokens
+          per response, and the CPU ms per token of every server process (tritonserver, each model's stubs) and of
+          the clients over the window (`--client-processes`: a Python gRPC client handles a few thousand
+          responses/s).
 
 Overhead per token: at concurrency 1 the served ITL minus the engine's 1-sequence step; at concurrency C, per
-sequence, C / served tok/s minus C / engine tok/s (both closed loops).
+sequence, C / served tok/s minus C / engine tok/s (both closed loops); and in CPU, the server's processes per
+token minus the engine's own. Wall-clock rows of the engine and the server are minutes apart: on a loaded machine
+compare the CPU table.
 
     python -m benchmarks.bench_serving_overhead                                   # CPU
     python -m benchmarks.bench_serving_overhead --device gpu --out artifacts/serving_overhead.json
