@@ -47,6 +47,7 @@ class GenerationSummary:
     ttft_s: float  # request sent -> first response carrying tokens
     latency_s: float  # request sent -> last response
     responses: int
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # per response: (s after sending, its tokens)
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,10 +72,14 @@ class _Collector:
     finish_reason: str = ""
     responses: int = 0
 
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
+
     def add(self, text: str, token_ids: Sequence[int], finish_reason: str) -> str:
         self.responses += 1
+        now = time.perf_counter()
+        self.arrivals.append((now - self.started, len(token_ids)))
         if token_ids and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
+            self.first_token_at = now
         self.token_ids += [int(t) for t in token_ids]
         self.pieces.append(text)
         self.finish_reason = finish_reason or self.finish_reason
@@ -84,7 +89,7 @@ class _Collector:
         now = time.perf_counter()
         first = self.first_token_at if self.first_token_at is not None else now
         return GenerationSummary("".join(self.pieces), self.token_ids, self.finish_reason, first - self.started,
-                                 now - self.started, self.responses)  # fmt: skip
+                                 now - self.started, self.responses, self.arrivals)  # fmt: skip
 
 
 def _check_number(name: str, value, kind: type, low=None, high=None):

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from mimo.serving.loopback import LOOPBACK_DEFAULT_URL, infer_input, self_grpc_url, wire_array
+from mimo.serving.detokenize import DETOKENIZATION_WINDOW
+from mimo.serving.llm import LLMResponse
+from mimo.serving.loopback import LOOPBACK_DEFAULT_URL, infer_input, merge_responses, self_grpc_url, wire_array
 from mimo.serving.lifecycle import SELF_GRPC_URL_ENV
 
 
@@ -33,3 +35,27 @@ def test_the_server_address_comes_from_the_launcher(monkeypatch):
     assert self_grpc_url() == LOOPBACK_DEFAULT_URL
     monkeypatch.setenv(SELF_GRPC_URL_ENV, "127.0.0.1:41234")
     assert self_grpc_url() == "127.0.0.1:41234"
+
+
+def streamed(tokens: list[int], cuts: list[int], finish_reason: str) -> list[dict[str, np.ndarray]]:
+    """mimo_llm's streamed responses of `tokens`, a new response at each cut (`GenerationLoop`'s layout)."""
+    bounds = [0, *cuts, len(tokens)]
+    return [LLMResponse(tokens[a:b], tokens[max(0, a - DETOKENIZATION_WINDOW):a], b,
+                        finish_reason if b == len(tokens) else "").as_arrays() for a, b in zip(bounds, bounds[1:])]
+
+
+def test_responses_that_arrived_together_merge_into_the_one_response_of_all_their_tokens():
+    tokens = list(range(100, 130))
+    responses = streamed(tokens, [3, 4, 11, 12, 13, 20], "length")
+    for first, last in [(0, 7), (1, 4), (2, 3), (3, 7), (5, 6)]:
+        merged = merge_responses(responses[first:last])
+        start = int(responses[first]["sequence_length"].item()) - responses[first]["output_ids"].size
+        end = int(responses[last - 1]["sequence_length"].item())
+        expected = LLMResponse(tokens[start:end], tokens[max(0, start - DETOKENIZATION_WINDOW):start], end,
+                               "length" if end == len(tokens) else "").as_arrays()
+        assert merged.keys() == expected.keys()
+        for name in expected:
+            np.testing.assert_array_equal(merged[name], expected[name])
+            assert merged[name].dtype == expected[name].dtype
+    assert merge_responses([{}, responses[2], {}]) is responses[2]  # an empty final response adds nothing
+    assert merge_responses([{}]) == {}

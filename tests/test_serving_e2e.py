@@ -52,6 +52,14 @@ def kv_blocks(server) -> dict[tuple[str, str], float]:
     return traffic.kv_blocks(server.metrics())
 
 
+def wait_kv_in_use(server, timeout_s: float = 30.0) -> None:
+    """Waits until the full-attention pool shows blocks in use: mimo_llm publishes its gauges once per period."""
+    deadline = time.monotonic() + timeout_s
+    while (blocks := kv_blocks(server)).get(("full", "free")) == blocks.get(("full", "total")):
+        assert time.monotonic() < deadline, f"no KV block in use while generating: {blocks}"
+        time.sleep(0.02)
+
+
 def wait_kv_all_free(server, timeout_s: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -70,7 +78,8 @@ def test_streamed_reply_equals_offline_greedy(triton_server, offline, tiny_check
     with client_for(triton_server, protocol) as client:
         pieces, summary = run(client, QUESTION, images=[IMAGE], audios=[TONE], max_tokens=12, temperature=0.0)
     assert summary.token_ids == expected
-    assert summary.responses == len(expected), "one response per token"
+    # streamed: a response per token, except that tokens ready together (a stage behind) share one
+    assert 1 < summary.responses <= len(expected) and all(n for _, n in summary.arrivals)
     assert summary.finish_reason == "length"
     detokenizer = IncrementalDetokenizer(Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")))
     assert "".join(pieces) == detokenizer.decode(expected)
@@ -189,7 +198,7 @@ def test_cancelled_stream_frees_its_kv_at_once(triton_server):
     for _ in range(3):
         result, error = responses.get(timeout=60)
         assert error is None
-    assert kv_blocks(triton_server)["full", "free"] < kv_blocks(triton_server)["full", "total"]
+    wait_kv_in_use(triton_server)
     client.stop_stream(cancel_requests=True)
     wait_kv_all_free(triton_server)
     client.close()
@@ -201,7 +210,7 @@ def test_client_closing_an_ensemble_stream_frees_the_kv_at_once(triton_server, p
         stream = client.generate(QUESTION, images=[IMAGE], max_tokens=SERVED_MAX_MODEL_LEN - 128, temperature=0.0)
         for _ in range(3):
             next(stream)
-        assert kv_blocks(triton_server)["full", "free"] < kv_blocks(triton_server)["full", "total"]
+        wait_kv_in_use(triton_server)
         stream.close()
         wait_kv_all_free(triton_server)
     assert_still_serving(triton_server)

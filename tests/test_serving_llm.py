@@ -162,6 +162,64 @@ def test_streamed_and_whole_responses_equal_offline_greedy(model, loop):
     wait_all_free(loop.engine)
 
 
+class SlowSink(ListSink):
+    """A client whose every send takes `delay_s` (a loaded Triton process), recording the threads that call it."""
+
+    def __init__(self, delay_s: float):
+        super().__init__()
+        self.delay_s = delay_s
+        self.threads: set[str] = set()
+
+    def send(self, response, final):
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay_s)
+        super().send(response, final)
+
+    def is_cancelled(self):
+        self.threads.add(threading.current_thread().name)
+        return False
+
+
+def test_tokens_that_wait_for_a_busy_sender_go_out_together_in_order(model, loop):
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+    offline_engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_num_batched_tokens=32, block_size=4,
+                                                   max_model_len=64, num_full_blocks=64))  # fmt: skip
+    expected = generate(offline_engine, [PROMPTS[0]], greedy)[0]
+    sink = SlowSink(delay_s=0.2)
+    loop.submit(LLMRequest(PROMPTS[0], greedy, None, streaming=True), sink)
+    assert sink.done.wait(60)
+    streamed = [t for r in sink.responses for t in r.output_ids]
+    assert streamed == expected
+    # the engine stepped on while a send took 0.2 s: the next response carried every token since
+    assert len(sink.responses[0].output_ids) == 1 and max(len(r.output_ids) for r in sink.responses) > 1
+    for response in sink.responses:
+        done = response.sequence_length - len(response.output_ids)
+        assert response.preceding_ids == streamed[max(0, done - DETOKENIZATION_WINDOW) : done]
+    assert [r.finish_reason for r in sink.responses] == [""] * (len(sink.responses) - 1) + ["length"]
+    assert sink.threads == {"mimo-response-sender"}  # the stepping thread never calls the client
+    wait_all_free(loop.engine)
+
+
+def test_metrics_are_published_once_per_period_while_stepping_and_not_when_idle(engine):
+    publishes: list[tuple[float, str, int]] = []  # (when, thread, blocks free then)
+    loop = GenerationLoop(engine, cancellation_check_period_s=0.05, publish_metrics=lambda: publishes.append(
+        (time.monotonic(), threading.current_thread().name, engine.kv_stats()["full"]["free_blocks"])))
+    loop.start()
+    try:
+        sink = ListSink()
+        loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=30, temperature=0.0), None, True), sink)
+        assert sink.done.wait(60)
+        time.sleep(0.3)  # a few periods: the state after the last step is published
+        idle = len(publishes)
+        time.sleep(0.3)
+    finally:
+        loop.shutdown()
+    assert len(publishes) == idle, "nothing steps: nothing to publish"
+    assert publishes[-1][2] == engine.kv_stats()["full"]["total_blocks"]  # the last one saw every block free
+    gaps = [b[0] - a[0] for a, b in zip(publishes, publishes[1:])]
+    assert all(gap >= 0.04 for gap in gaps) and {thread for _, thread, _ in publishes} == {"mimo-response-sender"}
+
+
 def test_cancelled_request_frees_its_kv_at_once(loop):
     sink = ListSink(cancel_after=1)
     loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=40, temperature=0.0), None, True), sink)

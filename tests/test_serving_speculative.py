@@ -39,7 +39,7 @@ def expected_tokens(checkpoint, names) -> dict[str, list[int]]:
 
 def settled_spec_metrics(server, timeout_s: float = 30.0) -> dict[str, float]:
     """The `mimo_spec_*` values once the server is idle: every KV block free and the values unchanged for 0.3 s
-    (mimo_llm publishes them after each step, a little after the responses go out)."""
+    (mimo_llm publishes them once per cancellation period, a little after the responses go out)."""
     deadline = time.monotonic() + timeout_s
     previous = None
     while True:

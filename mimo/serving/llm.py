@@ -182,12 +182,30 @@ class ResponseSink(Protocol):
 
 @dataclass
 class _Active:
+    request_id: str  # the engine's
     sink: ResponseSink
     streaming: bool
     client_id: str  # the Triton request id ("" if the client gave none); `stop` requests name it
     generated: list[int] = field(default_factory=list)
-    sent: int = 0  # generated tokens already sent (streaming)
+    sent: int = 0  # generated tokens already handed to a response (streaming)
     stopped: bool = False  # ended by a `stop` request
+    ending: _Ending | None = None  # how the request ended, once it has; then it is no longer active
+
+
+@dataclass(frozen=True, slots=True)
+class _Ending:
+    finish_reason: str  # a final response with the tokens: "stop" | "length" | "cancelled" (a `stop`)
+    error: str | None = None  # instead, a final error response with this message ...
+    code: str = "internal"  # ... and code
+
+
+@dataclass(frozen=True, slots=True)
+class _Send:
+    """One response for the sender thread, taken from a request's state under the loop's lock."""
+
+    request: _Active
+    response: LLMResponse | None  # None: the error of `ending`
+    ending: _Ending | None  # None: a streamed, not final, response
 
 
 class ServerShuttingDown(RuntimeError):
@@ -195,10 +213,17 @@ class ServerShuttingDown(RuntimeError):
 
 
 class GenerationLoop:
-    """One thread that steps the engine and routes each request's tokens to its sink.
+    """Two threads: one steps the engine and records each request's new tokens; one sends the responses.
 
-    Cancellation: every `cancellation_check_period_s` the loop asks each sink `is_cancelled()` and aborts those
-    requests, which frees their KV at once. A sink that fails to send is treated as cancelled.
+    The stepping thread never waits on a send (a response sender's call is a round trip to the Triton process):
+    the next step runs while the last one's tokens go out. The sender takes every request with something new at
+    once; a request whose tokens of several steps accumulated while the sender was busy gets them in one response
+    (as an MTP step's several tokens), one that has a single new token gets it at once. Every stub call of the loop
+    (`send`, `send_error`, `is_cancelled`, `publish_metrics`) happens on the sender thread.
+
+    Cancellation: every `cancellation_check_period_s` the sender asks each sink `is_cancelled()` and aborts those
+    requests, which frees their KV at once. A sink that fails to send is treated as cancelled. `publish_metrics`
+    runs at most once per period, and within a period of the last step (not again while nothing steps).
     Drain: once the launcher starts a shutdown (`draining()`), the loop aborts every request it holds and ends
     each with a final SHUTTING_DOWN error; `submit` refuses new ones.
     """
@@ -207,21 +232,27 @@ class GenerationLoop:
         self,
         engine: LLMEngine,
         cancellation_check_period_s: float,
-        after_step: Callable[[], None] | None = None,
+        publish_metrics: Callable[[], None] | None = None,
     ):
         self.engine = engine
         self.cancellation_check_period_s = cancellation_check_period_s
-        self.after_step = after_step
+        self.publish_metrics = publish_metrics
         self._active: dict[str, _Active] = {}
         self._by_client: dict[str, str] = {}  # client id -> engine request id, for the in-flight ones with an id
         self._lock = threading.Lock()
+        self._ready: dict[str, _Active] = {}  # requests with something to send, in the order they got it
+        self._ready_added = threading.Condition(self._lock)
         self._running = threading.Event()
+        self._sending = False  # the sender thread runs; cleared (under the lock) to end it once it has sent all
         self._thread = threading.Thread(target=self._run, name="mimo-generation-loop", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="mimo-response-sender", daemon=True)
         self._next_request = 0
-        self._last_cancel_check = 0.0
+        self._steps = 0  # engine steps so far: the metrics are published again only after one
 
     def start(self) -> None:
         self._running.set()
+        self._sending = True
+        self._sender.start()
         self._thread.start()
 
     def shutdown(self) -> None:
@@ -230,6 +261,14 @@ class GenerationLoop:
         if self._thread.is_alive():
             self._thread.join()
         self._end_all()
+        with self._lock:
+            self._sending = False
+            self._ready_added.notify_all()
+        if self._sender.is_alive():
+            self._sender.join()
+        with self._lock:  # never started: the errors go out from here
+            sends = self._take_ready()
+        self._send_all(sends)
 
     def submit(self, request: LLMRequest, sink: ResponseSink, client_id: str = "") -> str:
         """Queues a converted request; raises ServerShuttingDown while draining, InvalidRequestError if the engine
@@ -243,13 +282,14 @@ class GenerationLoop:
                                           "in-flight requests")  # fmt: skip
             request_id = f"req-{self._next_request}"
             self._next_request += 1
-            self._active[request_id] = _Active(sink, request.streaming, client_id)
+            self._active[request_id] = _Active(request_id, sink, request.streaming, client_id)
             if client_id:
                 self._by_client[client_id] = request_id
         try:
             self.engine.add_request(request_id, request.prompt_ids, request.sampling, request.prompt_table)
         except Exception:
-            self._forget(request_id)
+            with self._lock:
+                self._forget(request_id)
             raise
         with self._lock:
             ended = request_id not in self._active
@@ -268,10 +308,10 @@ class GenerationLoop:
         return request_id is not None and self.engine.abort(request_id)
 
     def _forget(self, request_id: str) -> _Active | None:
-        with self._lock:
-            request = self._active.pop(request_id, None)
-            if request is not None and request.client_id:
-                self._by_client.pop(request.client_id, None)
+        """Under the lock: the request leaves the active ones (its client id is free again)."""
+        request = self._active.pop(request_id, None)
+        if request is not None and request.client_id:
+            self._by_client.pop(request.client_id, None)
         return request
 
     def num_active(self) -> int:
@@ -290,70 +330,106 @@ class GenerationLoop:
             self._end_all()
         if not self.engine.wait_for_work(timeout=self.cancellation_check_period_s):
             return
-        self._abort_cancelled()
-        for output in self.engine.step():
-            self._dispatch(output)
-        if self.after_step is not None:
-            self.after_step()
-
-    def _abort_cancelled(self) -> None:
-        now = time.monotonic()
-        if now - self._last_cancel_check < self.cancellation_check_period_s:
-            return
-        self._last_cancel_check = now
+        outputs = self.engine.step()
         with self._lock:
-            active = list(self._active.items())
-        for request_id, request in active:
-            if request.sink.is_cancelled():
-                self.engine.abort(request_id)
+            self._steps += 1
+            for output in outputs:
+                self._record(output)
+
+    def _record(self, output: RequestOutput) -> None:
+        """Under the lock: a step's output joins its request's state; the sender is woken if it has a response."""
+        request = self._forget(output.request_id) if output.finished else self._active.get(output.request_id)
+        if request is None:
+            return
+        request.generated += output.new_token_ids
+        if output.finish_reason == "error":
+            request.ending = _Ending("", f"generation failed: {output.error}")
+        elif output.finish_reason == "cancelled" and request.stopped:
+            # TensorRT-LLM's `stop`: a final response with the tokens so far. Not the CANCELLED error: the
+            # entry's decoupled BLS response iterator (Triton 2.51) was seen never to end on that one.
+            request.ending = _Ending("cancelled")
+        elif output.finish_reason == "cancelled":
+            request.ending = _Ending("", "request cancelled", "cancelled")
+        elif output.finished:
+            request.ending = _Ending(output.finish_reason or "")
+        elif not (request.streaming and output.new_token_ids):
+            return
+        self._ready[request.request_id] = request
+        self._ready_added.notify()
 
     def _end_all(self) -> None:
         """Aborts every request (its KV is free at once) and ends it with a final SHUTTING_DOWN error."""
         with self._lock:
             active, self._active, self._by_client = self._active, {}, {}
-        for request_id, request in active.items():
+            for request in active.values():
+                request.ending = _Ending("", SHUTTING_DOWN, "unavailable")
+                self._ready[request.request_id] = request
+            self._ready_added.notify()
+        for request_id in active:
             self.engine.abort(request_id)
-            try:
-                request.sink.send_error(SHUTTING_DOWN, "unavailable")
-            except Exception as error:  # noqa: BLE001 - the client went away meanwhile; the others still get theirs
-                logger.warning("ending %s failed (%s)", request_id, error)
 
-    def _dispatch(self, output: RequestOutput) -> None:
-        if output.finished:
-            request = self._forget(output.request_id)
-        else:
+    def _send_loop(self) -> None:
+        period = self.cancellation_check_period_s
+        last_check = last_publish = 0.0
+        published_steps = -1
+        while True:
             with self._lock:
-                request = self._active.get(output.request_id)
-        if request is None:
-            return
-        request.generated += output.new_token_ids
-        try:
-            if output.finish_reason == "error":
-                request.sink.send_error(f"generation failed: {output.error}")
-            elif output.finish_reason == "cancelled" and request.stopped:
-                # TensorRT-LLM's `stop`: a final response with the tokens so far. Not the CANCELLED error: the
-                # entry's decoupled BLS response iterator (Triton 2.51) was seen never to end on that one.
-                self._send_tokens(request, "cancelled")
-            elif output.finish_reason == "cancelled":
-                request.sink.send_error("request cancelled", "cancelled")
-            elif output.finished or (request.streaming and output.new_token_ids):
-                self._send_tokens(request, output.finish_reason or "")
-        except Exception as error:  # noqa: BLE001 - the client went away; its request must not hold KV
-            logger.warning("sending to %s failed (%s); aborting it", output.request_id, error)
-            if not output.finished:
-                self.engine.abort(output.request_id)
+                if not self._ready and self._sending:
+                    self._ready_added.wait(period or None)
+                if not self._ready and not self._sending:
+                    return
+                sends = self._take_ready()
+                steps = self._steps
+            try:
+                self._send_all(sends)
+                now = time.monotonic()
+                if now - last_check >= period:
+                    last_check = now
+                    self._abort_cancelled()
+                if self.publish_metrics is not None and steps != published_steps and now - last_publish >= period:
+                    last_publish, published_steps = now, steps
+                    self.publish_metrics()
+            except Exception:  # noqa: BLE001 - a dead sender would hang every request; log and keep sending
+                logger.exception("response sender iteration failed")
 
-    @staticmethod
-    def _send_tokens(request: _Active, finish_reason: str) -> None:
-        start = request.sent if request.streaming else 0
-        response = LLMResponse(
-            output_ids=request.generated[start:],
-            preceding_ids=request.generated[max(0, start - DETOKENIZATION_WINDOW) : start],
-            sequence_length=len(request.generated),
-            finish_reason=finish_reason,
-        )
-        request.sent = len(request.generated)
-        request.sink.send(response, final=bool(finish_reason))
+    def _take_ready(self) -> list[_Send]:
+        """Under the lock: the response of every request with something new, its state marked as sent."""
+        sends = []
+        for request in self._ready.values():
+            start = request.sent if request.streaming else 0
+            if request.ending is not None and request.ending.error is not None:
+                sends.append(_Send(request, None, request.ending))
+                continue
+            response = LLMResponse(
+                output_ids=request.generated[start:],
+                preceding_ids=request.generated[max(0, start - DETOKENIZATION_WINDOW) : start],
+                sequence_length=len(request.generated),
+                finish_reason=request.ending.finish_reason if request.ending is not None else "",
+            )
+            request.sent = len(request.generated)
+            sends.append(_Send(request, response, request.ending))
+        self._ready = {}
+        return sends
+
+    def _send_all(self, sends: list[_Send]) -> None:
+        for send in sends:
+            request = send.request
+            try:
+                if send.response is None:
+                    request.sink.send_error(send.ending.error, send.ending.code)
+                else:
+                    request.sink.send(send.response, final=send.ending is not None)
+            except Exception as error:  # noqa: BLE001 - the client went away; its request must not hold KV
+                logger.warning("sending to %s failed (%s); aborting it", request.request_id, error)
+                if send.ending is None:
+                    self.engine.abort(request.request_id)
+
+    def _abort_cancelled(self) -> None:
+        with self._lock:
+            active = list(self._active.items())
+        for request_id, request in active:
+            if request.sink.is_cancelled():
+                self.engine.abort(request_id)
 
 
 def speculative_rates(stats: Mapping[str, int]) -> dict[str, float]:

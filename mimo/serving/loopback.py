@@ -27,7 +27,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from mimo.epd.landing import LandingError, LandingPool, Lease
-from mimo.serving.contract import MODELS, STOP_REQUEST_ID
+from mimo.serving.contract import POSTPROCESSING, STOP_REQUEST_ID
 from mimo.serving.lifecycle import SELF_GRPC_URL_ENV
 from mimo.serving.entry import CANCELLED, INTERNAL, INVALID_ARG, UNAVAILABLE, EntryError
 
@@ -102,11 +102,14 @@ class LoopbackStreams:
 
     def stream(self, model: str, inputs: Mapping[str, grpcclient.InferInput], request_id: str,
                outputs: tuple[str, ...], parameters: Mapping[str, str] | None = None
-               ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
-        """The responses of one request (a response without tensors: {}), up to and including the final one.
+               ) -> Iterator[list[dict[str, np.ndarray]]]:  # fmt: skip
+        """The responses of one request (a response without tensors: {}), up to and including the final one, in
+        batches: each batch is every response that had arrived since the previous one was taken (at least one), so
+        a reader that falls behind catches up in one step.
 
-        Raises LoopbackError for an error response. Leaving the loop early still reads the stream to its end in the
-        background of `close` (no cancellation, see the module docstring).
+        Raises LoopbackError for an error response (after the batch of the responses before it). Leaving the loop
+        early still reads the stream to its end in the background of `close` (no cancellation, see the module
+        docstring).
         """
         client = self._take()
         responses: queue.SimpleQueue = queue.SimpleQueue()
@@ -115,15 +118,21 @@ class LoopbackStreams:
             client.async_stream_infer(model, list(inputs.values()), request_id=request_id,
                                       outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
                                       parameters=dict(parameters or {}), enable_empty_final_response=True)  # fmt: skip
-            while True:
-                result, error = responses.get()
-                if error is not None:
-                    raise _loopback_error(error)
-                response = result.get_response()
-                arrays = {tensor.name: result.as_numpy(tensor.name) for tensor in response.outputs}
-                yield arrays
-                if response.parameters["triton_final_response"].bool_param:
-                    return
+            final = False
+            while not final:
+                batch, (result, error) = [], responses.get()
+                while True:
+                    if error is not None:
+                        if batch:
+                            yield batch
+                        raise _loopback_error(error)
+                    response = result.get_response()
+                    batch.append({tensor.name: result.as_numpy(tensor.name) for tensor in response.outputs})
+                    final = response.parameters["triton_final_response"].bool_param
+                    if final or responses.empty():
+                        break
+                    result, error = responses.get()
+                yield batch
         finally:
             self._finish(client)
 
@@ -228,11 +237,26 @@ class LoopbackLLM:
             pass
 
     def _responses(self, model, inputs, request_id, parameters=None):
-        outputs = tuple(tensor.name for tensor in MODELS[model].outputs)
+        # only what the entry reads: it detokenizes as postprocessing does (one tensor less per streamed response)
+        outputs = tuple(tensor.name for tensor in POSTPROCESSING.inputs)
         try:
-            yield from self.streams.stream(model, inputs, request_id, outputs, parameters)
+            for batch in self.streams.stream(model, inputs, request_id, outputs, parameters):
+                yield merge_responses(batch)
         except LoopbackError as error:
             raise EntryError(str(error), ENTRY_CODES.get(error.status, INTERNAL)) from None
+
+
+def merge_responses(responses: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Consecutive streamed responses of one mimo_llm request as the one response it would have sent for all their
+    tokens at once (`mimo.serving.llm.LLMResponse`): the `output_ids [1, 1, n]` concatenated, the first's
+    `preceding_ids`, the last's `sequence_length` and `finish_reason`. Responses without tensors add nothing."""
+    full = [response for response in responses if response]
+    if len(full) <= 1:
+        return full[0] if full else {}
+    merged = dict(full[-1])
+    merged["output_ids"] = np.concatenate([response["output_ids"] for response in full], axis=-1)
+    merged["preceding_ids"] = full[0]["preceding_ids"]
+    return merged
 
 
 def _loopback_error(error: Exception) -> LoopbackError:

@@ -69,7 +69,7 @@ class TritonPythonModel:
         if self.ranks is not None:
             self.ranks.serve(self.engine.runner.kv_cache)
         period_s = model_parameter(model_config, "cancellation_check_period_ms", int) / 1000
-        self.loop = GenerationLoop(self.engine, period_s, after_step=self._publish_gauges)
+        self.loop = GenerationLoop(self.engine, period_s, publish_metrics=self._publish_gauges)
         self._init_metrics()
         self.loop.start()
         pb_utils.Logger.log_info(f"mimo_llm on {device} ({dtype}), KV pools {self.engine.kv_stats()}")
