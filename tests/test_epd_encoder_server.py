@@ -15,7 +15,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from conftest import SERVING_DEVICE, serving_settings
-from mimo.epd.item_encoding import DTYPE_BYTES, ENCODER_METADATA, check_encoded_item
+from mimo.epd.item_encoding import ENCODER_METADATA, check_encoded_item
 from mimo.epd.landing import LandingPool, SystemShmRegion
 from mimo.epd.metadata import ItemMetadata, MetadataError
 from mimo.epd.orchestrate import encode_inputs
@@ -113,7 +113,7 @@ def test_rows_land_in_the_slice_equal_to_the_colocated_encoder(encoder_server, p
     item, decoded = planned(processor, "image", IMAGE)
     rows = item.metadata.num_tokens
     client = grpcclient.InferenceServerClient(encoder_server.grpc_url)
-    with pool.reserve(rows * hidden * DTYPE_BYTES[settings.resolved_dtype], timeout_s=TIMEOUT_S) as lease:
+    with pool.reserve(rows * hidden * dtype.itemsize, timeout_s=TIMEOUT_S) as lease:
         lease.view(torch.uint8, (lease.byte_size,)).fill_(0xFF)  # NaN everywhere until Triton writes the rows
         with lease.remote_write():
             result = client.infer("encode_item", item_inputs(grpcclient, item, lease.byte_size),
@@ -149,8 +149,7 @@ def test_items_of_one_request_land_side_by_side_from_asyncio(encoder_server, poo
     items = [planned(processor, kind, data) for kind, data in (("image", IMAGE), ("audio", AUDIO), ("video", VIDEO))]
 
     async def encode(client, item: PlannedItem):
-        lease = await pool.reserve_async(item.metadata.num_tokens * hidden * DTYPE_BYTES[settings.resolved_dtype],
-                                         timeout_s=TIMEOUT_S)  # fmt: skip
+        lease = await pool.reserve_async(item.metadata.num_tokens * hidden * dtype.itemsize, timeout_s=TIMEOUT_S)
         with lease.remote_write():
             await client.infer("encode_item", item_inputs(grpcaio, item, lease.byte_size),
                                outputs=slice_outputs(grpcaio, lease), client_timeout=TIMEOUT_S)  # fmt: skip
@@ -173,9 +172,9 @@ def test_items_of_one_request_land_side_by_side_from_asyncio(encoder_server, poo
 
 
 def test_a_wrong_size_slice_is_refused_and_left_untouched(encoder_server, pool, processor, reference, settings):
-    hidden, _ = row_geometry(settings, reference)
+    hidden, dtype = row_geometry(settings, reference)
     item, _ = planned(processor, "image", IMAGE)
-    row_bytes = hidden * DTYPE_BYTES[settings.resolved_dtype]
+    row_bytes = hidden * dtype.itemsize
     exact = item.metadata.num_tokens * row_bytes
     client = grpcclient.InferenceServerClient(encoder_server.grpc_url)
     for byte_size, declared, message in (

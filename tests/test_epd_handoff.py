@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import serving_settings
 from mimo.epd.handoff import (ENCODE_ITEM_NIXL, NIXL_AGENT, NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, NIXL_TRANSFER_US,
                               TABLE, TABLE_SHAPE, item_inputs)  # fmt: skip
-from mimo.epd.item_encoding import DTYPE_BYTES, ENCODER_METADATA
+from mimo.epd.item_encoding import ENCODER_METADATA
 from mimo.epd.nixl_transfer import LandingAgent
 from mimo.epd.plan import plan_request
 from mimo.processing.processor import MiMoProcessor
@@ -133,7 +133,7 @@ def test_encode_item_nixl_refuses_a_wrong_descriptor_and_writes_the_rows_encode_
                             client_timeout=TIMEOUT_S).as_numpy(TABLE)  # fmt: skip
     rows, hidden = expected.shape[1:]
     dtype = serving_settings(tiny_checkpoint).resolved_dtype
-    exact = rows * hidden * DTYPE_BYTES[dtype]
+    exact = rows * hidden * torch_dtype(dtype).itemsize
     region.view(0, region.byte_size).fill_(0xAB)
     for offset, size, declared, message in (
         (0, exact + 256, exact, f"nixl_descriptor names {exact + 256} bytes, output_byte_size declares \\[{exact}\\]"),
