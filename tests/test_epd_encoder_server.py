@@ -1,6 +1,7 @@
-"""An encoder server (`builders repository --role encoder`) as a real tritonserver: one item's raw bytes and planned
-metadata in over gRPC, its rows written by Triton into a slice of a landing pool registered as system shared memory,
-equal to what the colocated mimo_encoder computes; wrong-size slices and wrong metadata refused, the slice untouched.
+"""An encoder server (`builders repository --role encoder`, one of the session's pair) as a real tritonserver: one
+item's raw bytes and planned metadata in over gRPC, its rows written by Triton into a slice of a landing pool
+registered as system shared memory, equal to what the colocated mimo_encoder computes; wrong-size slices and wrong
+metadata refused, the slice untouched.
 """
 
 from __future__ import annotations
@@ -39,15 +40,8 @@ def settings(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def encoder_server(settings, tmp_path_factory):
-    from builders.repository import render_repository
-    from tools.server_process import TritonServer
-
-    root = tmp_path_factory.mktemp("encoder_server")
-    command = render_repository(settings, root / "repository")
-    server = TritonServer(root / "repository", root / "tritonserver.log", extra_args=command[2:]).start()
-    yield server
-    assert server.stop() == 0, server.log_tail()
+def encoder_server(shared_encoders):
+    return shared_encoders[0]  # rendered from `settings`
 
 
 @pytest.fixture(scope="module")
