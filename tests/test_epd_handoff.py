@@ -57,7 +57,9 @@ def languages(encoders, tiny_checkpoint, tmp_path_factory, ucx_tcp):
 
 @pytest.fixture(scope="module", params=MODES)
 def language(request, languages):
-    return languages[request.param]
+    server = languages[request.param]
+    yield server
+    stop_servers([server])  # a mode's tests run together: done (and idle, nixl's progress threads spin)
 
 
 def successes(server, model: str) -> int:
