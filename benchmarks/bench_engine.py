@@ -1,10 +1,18 @@
-"""Engine throughput: prefill and decode tokens/s of `LLMEngine`, against the memory-bandwidth bound; with
-`--speculative-tokens K`, the cost of MTP speculative decoding and its tokens/s as a function of the accept rate.
+"""Engine throughput: prefill and decode tokens/s of `LLMEngine`, against the memory-bandwidth bound, with the
+decode CUDA graphs off and on; with `--speculative-tokens K`, the cost of MTP speculative decoding and its tokens/s
+as a function of the accept rate.
 
-Decode of a MoE model at small batch is bound by reading weights: every step reads the attention, dense-MLP and
-LM-head weights once, plus the weights of every expert some token in the batch routed to. This benchmark counts
-those bytes from the routing it actually observes, divides by the measured step time, and reports the ratio to the
+Decode of a MoE model at small batch is bound by reading memory: every step reads the attention, dense-MLP and
+LM-head weights once, the weights of every expert some token in the batch routed to, and the KV each sequence
+attends (its whole context in full layers, the window in sliding ones). This benchmark counts those bytes, the
+experts from the routing it observes, divides by the measured step time, and reports the ratio to the
 device-to-device copy bandwidth measured in the same run (the practical HBM limit).
+
+Per batch and prompt length one engine (graphs captured at its start) prefills the prompts once, then decodes
+`--decode-len` steps eagerly (`cuda_graphs: 0`, the graphs set aside) and `--decode-len` steps replaying them
+(`cuda_graphs: 1`). Routing is observed through forward hooks, which a graph replay does not run: the graph rows
+count the distinct experts of the eager phase of the same batch (`experts_from`), the KV bytes follow each phase's
+own contexts.
 
 MTP rows (one per `--accept-rates` value): the plain run's greedy tokens are replayed as drafts by the engine's
 test-only override (`ReplayDrafts`), each draft kept with the given probability and made wrong otherwise, so the
@@ -13,7 +21,7 @@ decode step is then one verify forward (1 + K tokens per sequence, `verify_ms`) 
 (`draft_ms`); `plain_decode_step_ms` is the one-token decode step of the same batch. Timing each part synchronises
 the device around the MTP passes.
 
-    python benchmarks/bench_engine.py --preset v2.5 --layers 4 --batch-sizes 1,8,32 --prompt-len 512
+    python benchmarks/bench_engine.py --preset v2.5 --layers 4 --batch-sizes 1,8,64 --prompt-lens 512,4096
     python benchmarks/bench_engine.py --preset v2.5 --layers 4 --batch-sizes 1,8 --speculative-tokens 3 \
         --accept-rates 0,0.5,0.7,0.9,1
     python benchmarks/bench_engine.py --checkpoint DIR ...      # a checkpoint instead of random weights
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import tempfile
 import time
@@ -34,6 +43,7 @@ from builders.presets import PRESETS, hub_config
 from builders.tiny import random_language_tensors
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, LLMEngine, SamplingParams
+from mimo.engine.kv_cache import LayerKind
 from mimo.engine.speculative import ReplayDrafts
 from mimo.loading import build_module, load_language_model, load_language_weights
 from mimo.models.language_model import MiMoV2ForCausalLM
@@ -87,10 +97,25 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     moe_layers = [m for m in model.modules() if isinstance(m, MiMoV2MoE)]
     expert_total = sum(nbytes(m.experts) for m in moe_layers)
     num_experts = sum(len(m.local_experts) for m in moe_layers)
-    # an embedding lookup reads rows, not the table; a plain decode step does not run the MTP layers
+    # an embedding lookup reads rows, not the table (unless the LM head is tied to it); a plain decode step does not
+    # run the MTP layers
     mtp = 0 if model.model.mtp is None else nbytes(model.model.mtp)
-    dense = nbytes(model) - expert_total - nbytes(model.model.embed_tokens) - mtp
+    embedding = 0 if model.lm_head is None else nbytes(model.model.embed_tokens)
+    dense = nbytes(model) - expert_total - embedding - mtp
     return dense, expert_total // max(1, num_experts)
+
+
+def kv_bytes(engine: LLMEngine, contexts: list[int]) -> int:
+    """KV bytes one decode step reads for sequences whose queries see `contexts` keys (query position + 1): full
+    layers every key, sliding layers the query and its window."""
+    kv_cache = engine.runner.kv_cache
+    window = engine.runner.sliding_window
+    total = 0
+    for spec in kv_cache.specs[:engine.runner.model.config.num_hidden_layers]:  # the MTP layers do not run
+        per_token = spec.num_kv_heads * (spec.head_dim + spec.v_head_dim) * kv_cache.k[0].element_size()
+        keys = sum(min(c, window + 1) if spec.kind is LayerKind.SLIDING else c for c in contexts)
+        total += keys * per_token
+    return total
 
 
 def random_model(preset: str, num_layers: int, device: torch.device, with_mtp: bool) -> MiMoV2ForCausalLM:
@@ -123,25 +148,38 @@ def timed(owner, method: str, device: torch.device, seconds: list[float]) -> Non
 def prefill_and_decode(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int,
                        device: torch.device) -> tuple[float, float, int, dict[str, list[int]]]:
     """(prefill s until every request has its first token, decode s after that, decode steps, tokens per request)."""
+    prefill_s, generated = prefill(engine, prompts, max_tokens, device)
+    decode_s, steps = decode(engine, generated, None, device)
+    return prefill_s, decode_s, steps, generated
+
+
+def prefill(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int,
+            device: torch.device) -> tuple[float, dict[str, list[int]]]:
+    """Adds the requests and steps until each has its first token: (seconds, tokens per request so far)."""
     for request_id, prompt in prompts.items():
         engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
     generated: dict[str, list[int]] = {request_id: [] for request_id in prompts}
-
-    def step() -> None:
-        for output in engine.step():
-            generated[output.request_id] += output.new_token_ids
-
     t0 = time.perf_counter()
     while not all(generated.values()):
-        step()
+        step(engine, generated)
     synchronize(device)
-    prefill_s = time.perf_counter() - t0
+    return time.perf_counter() - t0, generated
+
+
+def decode(engine: LLMEngine, generated: dict[str, list[int]], max_steps: int | None,
+           device: torch.device) -> tuple[float, int]:
+    """Steps until the requests finish or `max_steps` steps ran: (seconds, steps)."""
     steps, t0 = 0, time.perf_counter()
-    while engine.has_unfinished():
-        step()
+    while engine.has_unfinished() and (max_steps is None or steps < max_steps):
+        step(engine, generated)
         steps += 1
     synchronize(device)
-    return prefill_s, time.perf_counter() - t0, steps, generated
+    return time.perf_counter() - t0, steps
+
+
+def step(engine: LLMEngine, generated: dict[str, list[int]]) -> None:
+    for output in engine.step():
+        generated[output.request_id] += output.new_token_ids
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -155,69 +193,140 @@ def run(args: argparse.Namespace) -> list[dict]:
     counter = ExpertCounter(model)
     peak = copy_bandwidth(device, nbytes=args.copy_bytes)
     vocab = model.config.vocab_size
+    moe_layers = sum(model.config.moe_layers)
     results = []
 
-    def engine(batch: int, num_speculative_tokens: int = 0, override=None) -> LLMEngine:
+    def engine(batch: int, prompt_len: int, max_len: int, num_speculative_tokens: int = 0,
+               override=None) -> LLMEngine:
         return LLMEngine(model, EngineConfig(
-            max_num_seqs=batch, max_num_batched_tokens=max(args.prompt_len, batch * (1 + num_speculative_tokens)),
-            block_size=16, max_model_len=args.prompt_len + args.decode_len, kv_cache_memory_bytes=args.kv_gib << 30,
+            max_num_seqs=batch, max_num_batched_tokens=max(prompt_len, batch * (1 + num_speculative_tokens)),
+            block_size=16, max_model_len=max_len, kv_cache_memory_bytes=args.kv_gib << 30,
             num_speculative_tokens=num_speculative_tokens), test_draft_override=override)  # fmt: skip
 
-    warmup = {"warmup": list(range(args.prompt_len))}  # first calls (allocator, kernels) stay out of the rows
-    prefill_and_decode(engine(1), warmup, 4, device)
-    if k:
-        prefill_and_decode(engine(1, k, ReplayDrafts({}, vocab)), warmup, 4, device)
-    for batch in args.batch_sizes:
-        gen = torch.Generator().manual_seed(batch)
-        prompts = {f"r{i}": torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist() for i in range(batch)}
+    def release() -> None:  # the KV pools and graph pools of engines no longer referenced
+        gc.collect()
+        synchronize(device)
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    for prompt_len in args.prompt_lens:
+        warmup = {"warmup": list(range(prompt_len))}  # first calls (allocator, kernels) stay out of the rows
+        prefill_and_decode(engine(1, prompt_len, prompt_len + 4), warmup, 4, device)
+        if k:
+            prefill_and_decode(engine(1, prompt_len, prompt_len + 4, k, ReplayDrafts({}, vocab)), warmup, 4, device)
+        release()
+        for batch in args.batch_sizes:
+            gen = torch.Generator().manual_seed(batch)
+            prompts = {f"r{i}": torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for i in range(batch)}
+            results += graph_rows(args, engine(batch, prompt_len, prompt_len + 2 * args.decode_len + 3), prompts,
+                                  counter, dense_bytes, expert_bytes, moe_layers, peak, device)
+            release()
+            if not k:
+                continue
+            plain = engine(batch, prompt_len, prompt_len + args.decode_len)
+            _, decode_s, _, generated = prefill_and_decode(plain, prompts, args.decode_len, device)
+            del plain
+            release()
+            results += speculative_rows(args, engine, vocab, prompts, generated, decode_s, device)
+    return results
+
+
+def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: ExpertCounter, dense_bytes: int,
+               expert_bytes: int, moe_layers: int, peak: float, device: torch.device) -> list[dict]:
+    """One prefill, then `decode_len` eager decode steps and `decode_len` graph steps (each phase after one untimed
+    step: a graph's first replay uploads it): a row for each phase."""
+    batch, prompt_len, decode_len = len(prompts), len(next(iter(prompts.values()))), args.decode_len
+    runner = engine.runner
+    graphs, runner.graphs = runner.graphs, None  # the eager phase first
+    prefill_s, generated = prefill(engine, prompts, 2 * (decode_len + 1) + 1, device)
+    rows, experts_per_step = [], None
+    for phase in ("eager", "graphs"):
+        if phase == "graphs":
+            if graphs is None:
+                print(json.dumps({"batch": batch, "prompt_len": prompt_len, "cuda_graphs": "off: they need a "
+                                  "single-rank CUDA engine with the Triton kernels"}), flush=True)
+                break
+            runner.graphs = graphs
+            replays = graphs.replays
+        decode(engine, generated, 1, device)
+        # the query of the next step attends the prompt and every generated token (the last one fed now)
+        first_context = prompt_len + len(next(iter(generated.values())))
         counter.routed.clear()
-        prefill_s, decode_s, steps, generated = prefill_and_decode(engine(batch), prompts, args.decode_len, device)
-        # decode steady state: all `batch` sequences decoding one token per step
-        moe_layers = sum(model.config.moe_layers)
-        experts_per_step = sum(counter.distinct(steps * moe_layers)) / max(1, steps)  # summed over layers
-        bytes_per_step = dense_bytes + experts_per_step * expert_bytes
+        decode_s, steps = decode(engine, generated, decode_len, device)
+        if phase == "eager":
+            experts_per_step = sum(counter.distinct(steps * moe_layers)) / max(1, steps)  # summed over layers
+        contexts = [first_context + j for j in range(steps)]
+        kv_per_step = kv_bytes(engine, [c for c in contexts for _ in range(batch)]) / max(1, steps)
+        weights_per_step = dense_bytes + experts_per_step * expert_bytes
+        bytes_per_step = weights_per_step + kv_per_step
         step_s = decode_s / max(1, steps)
-        results.append({
+        rows.append({
             "batch": batch,
-            "prompt_len": args.prompt_len,
-            "prefill_tok_s": round(batch * args.prompt_len / prefill_s, 1),
+            "prompt_len": prompt_len,
+            "cuda_graphs": int(phase == "graphs"),
+            "prefill_tok_s": round(batch * prompt_len / prefill_s, 1),
             "decode_steps": steps,
+            "graph_steps": graphs.replays - replays if phase == "graphs" else 0,
+            "mean_context": round(sum(contexts) / max(1, steps)),
             "decode_step_ms": round(step_s * 1e3, 3),
             "decode_tok_s": round(batch / step_s, 1),
             "distinct_experts_per_moe_layer": round(experts_per_step / max(1, moe_layers), 1),
-            "weight_GB_per_step": round(bytes_per_step / 1e9, 3),
+            "experts_from": "eager phase",
+            "weight_GB_per_step": round(weights_per_step / 1e9, 3),
+            "kv_GB_per_step": round(kv_per_step / 1e9, 4),
             "achieved_GB_s": round(bytes_per_step / step_s / 1e9, 1),
             "copy_bandwidth_GB_s": round(peak / 1e9, 1),
             "fraction_of_bandwidth_bound": round(bytes_per_step / step_s / peak, 4),
         })
-        print(json.dumps(results[-1]), flush=True)
-        decoded = sum(len(tokens) - 1 for tokens in generated.values())  # after each request's first token
-        recorded = {rid: prompts[rid] + tokens for rid, tokens in generated.items()}
-        for accept_rate in args.accept_rates if k else []:
-            spec = engine(batch, k, ReplayDrafts(recorded, vocab, accept_rate, seed=batch))
-            draft_s: list[float] = []
-            timed(spec.runner.drafter, "step", device, draft_s)
-            _, spec_decode_s, spec_steps, spec_generated = prefill_and_decode(spec, prompts, args.decode_len, device)
-            assert spec_generated == generated, "the replayed run must generate the plain run's tokens"
-            stats = spec.speculative_stats()
-            decode_draft_s = sum(draft_s[-spec_steps:])
-            results.append({
-                "batch": batch,
-                "speculative_tokens": k,
-                "override_accept_rate": accept_rate,  # test-only override: not the model's own accept rate
-                "acceptance_rate": round(stats["accepted_tokens"] / max(1, stats["draft_tokens"]), 3),
-                "accept_length": round(1 + stats["accepted_tokens"] / max(1, stats["verifications"]), 3),
-                "decode_steps": spec_steps,
-                "decode_step_ms": round(spec_decode_s / spec_steps * 1e3, 3),
-                "verify_ms": round((spec_decode_s - decode_draft_s) / spec_steps * 1e3, 3),
-                "draft_ms": round(decode_draft_s / spec_steps * 1e3, 3),
-                "plain_decode_step_ms": round(step_s * 1e3, 3),
-                "decode_tok_s": round(decoded / spec_decode_s, 1),
-                "plain_decode_tok_s": round(decoded / decode_s, 1),
-                "speedup": round(decode_s / spec_decode_s, 3),
-            })
-            print(json.dumps(results[-1]), flush=True)
-    return results
+        print(json.dumps(rows[-1]), flush=True)
+    if len(rows) == 2:
+        rows[1]["speedup_vs_eager"] = round(rows[0]["decode_step_ms"] / rows[1]["decode_step_ms"], 3)
+        print(json.dumps({"batch": batch, "prompt_len": prompt_len, "speedup_vs_eager": rows[1]["speedup_vs_eager"]}),
+              flush=True)
+    for request_id in prompts:
+        engine.abort(request_id)
+    engine.step()
+    return rows
+
+
+def speculative_rows(args, engine, vocab: int, prompts: dict[str, list[int]], generated: dict[str, list[int]],
+                     decode_s: float, device: torch.device) -> list[dict]:
+    """One row per `--accept-rates` value: MTP decode with the plain run's tokens replayed as drafts; `engine`
+    makes an engine (batch, prompt_len, max_model_len, k, override), `decode_s` is the plain run's decode time."""
+    k, rows = args.speculative_tokens, []
+    batch, prompt_len = len(prompts), len(next(iter(prompts.values())))
+    steps = len(next(iter(generated.values()))) - 1
+    step_s = decode_s / max(1, steps)
+    decoded = sum(len(tokens) - 1 for tokens in generated.values())  # after each request's first token
+    recorded = {rid: prompts[rid] + tokens for rid, tokens in generated.items()}
+    for accept_rate in args.accept_rates:
+        spec = engine(batch, prompt_len, prompt_len + args.decode_len, k,
+                      ReplayDrafts(recorded, vocab, accept_rate, seed=batch))
+        draft_s: list[float] = []
+        timed(spec.runner.drafter, "step", device, draft_s)
+        _, spec_decode_s, spec_steps, spec_generated = prefill_and_decode(spec, prompts, args.decode_len, device)
+        assert spec_generated == generated, "the replayed run must generate the plain run's tokens"
+        stats = spec.speculative_stats()
+        decode_draft_s = sum(draft_s[-spec_steps:])
+        rows.append({
+            "batch": batch,
+            "prompt_len": prompt_len,
+            "speculative_tokens": k,
+            "override_accept_rate": accept_rate,  # test-only override: not the model's own accept rate
+            "acceptance_rate": round(stats["accepted_tokens"] / max(1, stats["draft_tokens"]), 3),
+            "accept_length": round(1 + stats["accepted_tokens"] / max(1, stats["verifications"]), 3),
+            "decode_steps": spec_steps,
+            "decode_step_ms": round(spec_decode_s / spec_steps * 1e3, 3),
+            "verify_ms": round((spec_decode_s - decode_draft_s) / spec_steps * 1e3, 3),
+            "draft_ms": round(decode_draft_s / spec_steps * 1e3, 3),
+            "plain_decode_step_ms": round(step_s * 1e3, 3),
+            "decode_tok_s": round(decoded / spec_decode_s, 1),
+            "plain_decode_tok_s": round(decoded / decode_s, 1),
+            "speedup": round(decode_s / spec_decode_s, 3),
+        })
+        print(json.dumps(rows[-1]), flush=True)
+        del spec
+        gc.collect()
+    return rows
 
 
 def main() -> None:
@@ -226,7 +335,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="v2.5")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
-    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--prompt-lens", "--prompt-len", type=lambda s: [int(x) for x in s.split(",")], default=[512],
+                        help="prompt lengths, one set of rows each")
     parser.add_argument("--decode-len", type=int, default=64)
     parser.add_argument("--kv-gib", type=int, default=16)
     parser.add_argument("--device", default="cuda")

@@ -1,21 +1,23 @@
-"""The encoder -> language handoff on one GPU: a Triton server writing a GPU output into a landing slice of another
-process's GPU memory (CUDA IPC), against a device-to-device copy of the same bytes measured in the same run.
+"""The encoder -> language handoff on one GPU: an encoder process writing a ready GPU table into a landing slice of
+another process's GPU memory (handoff shm: mimo.epd.direct_write, CUDA IPC), against a device-to-device copy of the
+same bytes measured in the same run.
 
-The server runs one benchmark-only Python model that answers every request with the same [rows, hidden] bfloat16
-tensor, already on the GPU (what mimo_encoder's rows are when they are ready), plus a 4-byte `ack`. This process
-is the language side: it owns a `CudaRegion` (mimo.epd.landing, the landing pool's region) registered with that
-server, and times requests that ask for
+The server runs one benchmark-only Python model holding the same [rows, hidden] bfloat16 tensor on the GPU (what
+mimo_encoder's rows are when they are ready). A request that names a landing slice (`SliceTarget` tensors, as
+encode_item's) has the model write the rows there with mimo_encoder's own `SliceWriter` (the region mapped once,
+one cudaMemcpyAsync, CUDA events, synchronized before the answer) and answer the write's time (`handoff_us`);
+otherwise it answers through Triton. This process is the language side: it owns a `CudaRegion` (the landing pool's
+region) and times requests, interleaved request by request so drift hits them alike, that ask for
 
   - `ack` only: the request's fixed cost (no rows move);
-  - the rows into the CUDA landing slice: the GPU-direct handoff of the disaggregated layout;
-  - the rows into a system shared-memory region: the host path (device to host);
-  - the rows as gRPC bytes: what crosses hosts without shared memory (the `grpc` handoff mode).
+  - `direct_write`: the rows written into the CUDA landing slice by the model (what handoff shm does now);
+  - `triton_output`: the rows as a Triton output into the same region registered with the server (what handoff shm
+    did before: the Python backend opens the response buffer's IPC mapping per response);
+  - `grpc_bytes`: the rows as gRPC bytes (the `grpc` handoff mode).
 
-handoff cost = median(rows into the slice) - median(ack only) at the client, where the modes are interleaved
-request by request so drift hits them alike; and, finer, from Triton's own statistics: each mode is also run as a
-block of requests and the model's mean `compute_output` (the backend moving its outputs into the response buffers,
-here the landing slice) read from the statistics before and after. The limit is the device-to-device copy of the
-same bytes (torch, CUDA events).
+The issue's bound: the encoder-measured write of the table (median `handoff_us`) at most 1.5x the D2D copy of the
+same bytes (torch, CUDA events) in the same run: `direct_write_vs_d2d_copy`. Triton's statistics give the model's
+mean `compute_output` per mode (blocks of requests), for the old path's cost.
 
     python -m benchmarks.bench_handoff --rows 2040 --hidden 4096 --requests 300
 """
@@ -34,7 +36,9 @@ import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
 
-from mimo.epd.landing import CudaRegion, SystemShmRegion
+from mimo.epd.direct_write import LANDING_INPUTS, OUTPUT_BYTE_SIZE, SliceTarget
+from mimo.epd.handoff import HANDOFF_US, TABLE_SHAPE
+from mimo.epd.landing import CudaRegion
 
 MODEL = "rows_source"
 MODEL_PY = '''
@@ -42,28 +46,49 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from mimo.epd.direct_write import LANDING_INPUTS, OUTPUT_BYTE_SIZE, SliceTarget, SliceWriter
+
 
 class TritonPythonModel:
     def initialize(self, args):
         rows, hidden = {rows}, {hidden}
         device = torch.device("cuda", int(args["model_instance_device_id"]))
         self.rows = torch.randn(rows, hidden, device=device).to(torch.bfloat16)
+        self.writer = SliceWriter()
 
     def execute(self, requests):
         out = []
         for request in requests:
-            tensors = [pb_utils.Tensor.from_dlpack("rows", torch.utils.dlpack.to_dlpack(self.rows)),
-                       pb_utils.Tensor("ack", np.ones([1], np.int32))]
+            arrays = {{name: pb_utils.get_input_tensor_by_name(request, name) for name in (*LANDING_INPUTS,
+                                                                                      OUTPUT_BYTE_SIZE)}}
+            target = SliceTarget.from_inputs({{k: v.as_numpy() for k, v in arrays.items() if v is not None}})
+            seconds = 0.0 if target is None else self.writer.write(self.rows, target)
+            tensors = [pb_utils.Tensor("ack", np.ones([1], np.int32)),
+                       pb_utils.Tensor("table_shape", np.array(self.rows.shape, np.int64)),
+                       pb_utils.Tensor("handoff_us", np.array([seconds * 1e6], np.float64))]
+            if target is None:
+                tensors.append(pb_utils.Tensor.from_dlpack("rows", torch.utils.dlpack.to_dlpack(self.rows)))
             out.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return out
+
+    def finalize(self):
+        self.writer.close()
 '''
 CONFIG = """
 name: "rows_source"
 backend: "python"
 max_batch_size: 0
-input [ {{ name: "request" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+input [ {{ name: "request" data_type: TYPE_INT32 dims: [ 1 ] }},
+        {{ name: "landing_region" data_type: TYPE_STRING dims: [ 1, 1 ] optional: true }},
+        {{ name: "landing_cuda_handle" data_type: TYPE_UINT8 dims: [ 1, 64 ] optional: true }},
+        {{ name: "landing_cuda_device" data_type: TYPE_INT64 dims: [ 1, 1 ] optional: true }},
+        {{ name: "landing_region_byte_size" data_type: TYPE_INT64 dims: [ 1, 1 ] optional: true }},
+        {{ name: "landing_offset" data_type: TYPE_INT64 dims: [ 1, 1 ] optional: true }},
+        {{ name: "output_byte_size" data_type: TYPE_INT64 dims: [ 1, 1 ] optional: true }} ]
 output [ {{ name: "rows" data_type: TYPE_BF16 dims: [ {rows}, {hidden} ] }},
-         {{ name: "ack" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+         {{ name: "ack" data_type: TYPE_INT32 dims: [ 1 ] }},
+         {{ name: "table_shape" data_type: TYPE_INT64 dims: [ 2 ] }},
+         {{ name: "handoff_us" data_type: TYPE_FP64 dims: [ 1 ] }} ]
 instance_group [ {{ count: 1 kind: KIND_GPU gpus: [ {gpu} ] }} ]
 parameters {{ key: "FORCE_CPU_ONLY_INPUT_TENSORS" value {{ string_value: "no" }} }}
 """
@@ -116,75 +141,89 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(repository, args.workdir / "tritonserver.log",
                           extra_args=[f"--cuda-memory-pool-byte-size={args.gpu}:{4 * byte_size}"]).start()
     device = torch.device("cuda", args.gpu)
-    cuda_region = CudaRegion(byte_size, args.gpu, key_prefix="mimo_bench_")
-    host_region = SystemShmRegion(byte_size, key_prefix="mimo_bench_")
+    direct_region = CudaRegion(byte_size, args.gpu, key_prefix="mimo_bench_")  # named in requests, registered nowhere
+    output_region = CudaRegion(byte_size, args.gpu, key_prefix="mimo_bench_")  # registered: Triton's output path
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        cuda_region.register(client)
-        host_region.register(client)
+        output_region.register(client)
         request = grpcclient.InferInput("request", [1], "INT32")
         request.set_data_from_numpy(np.zeros([1], np.int32))
+        landing = []
+        for name, array in SliceTarget.of(direct_region, 0, byte_size).arrays().items():
+            dtype = {np.dtype(np.object_): "BYTES", np.dtype(np.int64): "INT64", np.dtype(np.uint8): "UINT8"}
+            landing.append(grpcclient.InferInput(name, list(array.shape), dtype[array.dtype]))
+            landing[-1].set_data_from_numpy(array)
+        assert {tensor.name() for tensor in landing} <= {*LANDING_INPUTS, OUTPUT_BYTE_SIZE}
 
-        def outputs(mode: str) -> list[grpcclient.InferRequestedOutput]:
-            if mode == "ack_only":
-                return [grpcclient.InferRequestedOutput("ack")]
-            rows = grpcclient.InferRequestedOutput("rows")
-            if mode in ("cuda_ipc", "system_shm"):
-                region = cuda_region if mode == "cuda_ipc" else host_region
-                rows.set_shared_memory(region.name, byte_size, 0)
-            return [rows, grpcclient.InferRequestedOutput("ack")]
+        def call(mode: str):
+            wanted = {"ack_only": ["ack"], "direct_write": ["ack", TABLE_SHAPE, HANDOFF_US],
+                      "triton_output": ["ack", "rows"], "grpc_bytes": ["ack", "rows"]}[mode]  # fmt: skip
+            outputs = [grpcclient.InferRequestedOutput(name) for name in wanted]
+            if mode == "triton_output":
+                outputs[1].set_shared_memory(output_region.name, byte_size, 0)
+            inputs = [request, *landing] if mode == "direct_write" else [request]
+            return client.infer(MODEL, inputs, outputs=outputs)
 
-        modes = ("ack_only", "cuda_ipc", "system_shm", "grpc_bytes")
+        modes = ("ack_only", "direct_write", "triton_output", "grpc_bytes")
         times = {mode: [] for mode in modes}
+        write_us = []  # the model's own measurement of each direct write
         expected = None
         for index in range(args.requests + 10):  # 10 warm-up rounds
             for mode in modes:
                 start = time.perf_counter()
-                result = client.infer(MODEL, [request], outputs=outputs(mode))
+                result = call(mode)
                 elapsed = time.perf_counter() - start
                 if mode == "grpc_bytes" and expected is None:
                     expected = torch.from_numpy(result.as_numpy("rows").view(np.int16).copy())
                 if index >= 10:
                     times[mode].append(1000 * elapsed)
+                    if mode == "direct_write":
+                        write_us.append(float(result.as_numpy(HANDOFF_US)[0]))
         server_us = {}  # mode -> mean compute_output / compute_infer per request, from Triton's statistics
         for mode in modes:
             before = model_statistics(client)
             for _ in range(args.requests):
-                client.infer(MODEL, [request], outputs=outputs(mode))
+                call(mode)
             after = model_statistics(client)
             server_us[mode] = {key.replace("_ns", "_us"): (after[key] - before[key]) / args.requests / 1000
                                for key in after}  # fmt: skip
-        # the rows really landed in the GPU region (and the host one), bit for bit
-        landed = cuda_region.view(0, byte_size).view(torch.int16).reshape(args.rows, args.hidden).cpu()
-        host = host_region.view(0, byte_size).view(torch.int16).reshape(args.rows, args.hidden)
-        assert torch.equal(landed, expected.reshape(args.rows, args.hidden)), "CUDA slice differs from the rows"
-        assert torch.equal(host, expected.reshape(args.rows, args.hidden)), "system slice differs from the rows"
+        # the rows really landed in both regions, bit for bit
+        for region in (direct_region, output_region):
+            landed = region.view(0, byte_size).view(torch.int16).reshape(args.rows, args.hidden).cpu()
+            assert torch.equal(landed, expected.reshape(args.rows, args.hidden)), f"{region.name} differs from the rows"
         copy_ms = d2d_copy_ms(byte_size, device)
     finally:
-        for region in (cuda_region, host_region):
-            try:
-                region.unregister(client)
-            except Exception:  # noqa: BLE001 - the server may be gone
-                pass
+        try:
+            output_region.unregister(client)
+        except Exception:  # noqa: BLE001 - the server may be gone
+            pass
+        for region in (direct_region, output_region):
             region.close()
         client.close()
         server.stop()
 
     median = {mode: statistics.median(values) for mode, values in times.items()}
     spread = {mode: [float(np.percentile(v, 10)), float(np.percentile(v, 90))] for mode, v in times.items()}
+    write_median_us = statistics.median(write_us)
     report = {
         "device": torch.cuda.get_device_name(device), "rows": args.rows, "hidden": args.hidden, "bytes": byte_size,
         "request_median_ms": median, "request_p10_p90_ms": spread,
         "d2d_copy_ms": copy_ms, "d2d_copy_gb_s": byte_size / copy_ms / 1e6,
-        "client_handoff_ms": {mode: median[mode] - median["ack_only"] for mode in ("cuda_ipc", "system_shm",
-                                                                                 "grpc_bytes")},
+        "direct_write_us": {"median": write_median_us, "p10": float(np.percentile(write_us, 10)),
+                            "p90": float(np.percentile(write_us, 90))},
+        "direct_write_vs_d2d_copy": write_median_us / (1000 * copy_ms),
+        "client_handoff_ms": {mode: median[mode] - median["ack_only"] for mode in modes[1:]},
     }  # fmt: skip
     report["server_us_per_request"] = server_us
     output_us = {mode: server_us[mode]["compute_output_us"] for mode in modes}
-    report["server_handoff_us"] = {mode: output_us[mode] - output_us["ack_only"]
-                                   for mode in ("cuda_ipc", "system_shm", "grpc_bytes")}  # fmt: skip
-    report["cuda_ipc_server_handoff_vs_d2d_copy"] = report["server_handoff_us"]["cuda_ipc"] / (1000 * copy_ms)
+    report["server_compute_output_us_over_ack"] = {mode: output_us[mode] - output_us["ack_only"] for mode in modes[1:]}
+    triton_output_us = report["server_compute_output_us_over_ack"]["triton_output"]
+    report["triton_output_vs_d2d_copy"] = triton_output_us / (1000 * copy_ms)
     print(json.dumps(report, indent=1))
+    print(f"\n| D2D copy of {byte_size / 1e6:.1f} MB | encoder-measured write, median (p10-p90) | write / copy |")
+    print("|---|---|---|")
+    print(f"| {1000 * copy_ms:.1f} us | {write_median_us:.1f} us ({report['direct_write_us']['p10']:.1f}-"
+          f"{report['direct_write_us']['p90']:.1f}) | {report['direct_write_vs_d2d_copy']:.2f} |")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     return 0

@@ -13,6 +13,9 @@ and P99 TTFT, images/s and requests/s per configuration and rate. The stream dep
     # one GPU: the encoder server beside the language model; sequential requests of 1, 2, 4, 8 images
     python -m benchmarks.bench_ttft --launch epd --encoders 1 --encoder-gpus 0 --device gpu --preset v2.5 \
         --layers 2 --sequential 1,2,4,8
+    # the same launch, then a burst: 16 requests of 1-8 images arriving at once
+    python -m benchmarks.bench_ttft --launch colocated --device gpu --checkpoint ... --sequential 1,8 \
+        --rates 1000 --requests 16 --images 1-8
     # image-light traffic (0-1 small images): where disaggregation stops paying
     python -m benchmarks.bench_ttft --url ... --images 0-1 --image-size 448x448
 
@@ -155,22 +158,56 @@ def run_rate(url: str, rate: float, planned: list[PlannedRequest], pool: list[by
     return result
 
 
+STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def model_statistics(urls: list[str]) -> dict[str, dict[str, int]]:
+    """'server/model' -> executions and the summed ns of each of Triton's stages, from every server's statistics."""
+    import tritonclient.grpc as grpcclient
+
+    totals = {}
+    for index, url in enumerate(urls):
+        with grpcclient.InferenceServerClient(url) as client:
+            for model in client.get_inference_statistics(as_json=True).get("model_stats", []):
+                stats = model.get("inference_stats", {})
+                entry = {"count": int(stats.get("success", {}).get("count", 0))}
+                entry.update({stage: int(stats.get(stage, {}).get("ns", 0)) for stage in STAGES})
+                totals[f"{index}/{model['name']}"] = entry
+    return totals
+
+
+def stage_split(before: dict, after: dict, requests: int) -> dict[str, dict[str, float]]:
+    """Per model that ran between two `model_statistics`: its executions and ms per client request per stage."""
+    split = {}
+    for name, stats in after.items():
+        old = before.get(name, {})
+        count = stats["count"] - old.get("count", 0)
+        if count:
+            split[name] = {"executions": count, **{f"{stage}_ms": round((stats[stage] - old.get(stage, 0)) / 1e6 /
+                                                                        requests, 3) for stage in STAGES}}  # fmt: skip
+    return split
+
+
 def run_sequential(url: str, counts: list[int], repeats: int, pool: list[bytes], max_tokens: int,
-                   timeout_s: float) -> list[dict]:  # fmt: skip
+                   timeout_s: float, stats_urls: list[str]) -> list[dict]:  # fmt: skip
     """Closed loop, one request at a time: for each image count, one untimed request (a new total patch count may
-    compile new kernels), then `repeats` timed ones, each with images no other request of the count used."""
+    compile new kernels), then `repeats` timed ones, each with images no other request of the count used. Each row
+    splits the timed requests' server time by model and Triton stage (`stats_urls`: every server of the layout)."""
     rows = []
     with MiMoClient(url, "grpc", response_timeout_s=timeout_s) as client:
         for count in counts:
             ttft = []
             for attempt in range(repeats + 1):
+                if attempt == 1:
+                    before = model_statistics(stats_urls)
                 images = [pool[(attempt * count + i) % len(pool)] for i in range(count)]
                 *_, summary = client.generate(TEXT, images=images, max_tokens=max_tokens, temperature=0.0)
                 if attempt:
                     ttft.append(summary.ttft_s)
             rows.append({"images": count, "requests": repeats, "ttft_median_ms": 1000 * statistics.median(ttft),
                          "ttft_mean_ms": 1000 * statistics.fmean(ttft), "ttft_min_ms": 1000 * min(ttft),
-                         "ttft_max_ms": 1000 * max(ttft)})  # fmt: skip
+                         "ttft_max_ms": 1000 * max(ttft),
+                         "server_ms_per_request": stage_split(before, model_statistics(stats_urls), repeats)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -207,14 +244,20 @@ class GpuUtilization:
         return {f"gpu{index}": statistics.fmean(values) for index, values in sorted(self.samples.items()) if values}
 
 
+def served_engine(args, checkpoint) -> dict[str, int]:
+    from mimo.config import MiMoV2Config
+
+    return {"max_model_len": min(args.max_model_len, MiMoV2Config.from_pretrained(checkpoint).max_position_embeddings)}
+
+
 def launch_colocated(args, workdir: Path):
     from builders.repository import RepositorySettings, render_repository
     from builders.tiny import build_checkpoint
     from tools.server_process import TritonServer
 
     checkpoint = args.checkpoint or build_checkpoint(workdir / "checkpoint", preset=args.preset, num_layers=args.layers)
-    command = render_repository(RepositorySettings(checkpoint=checkpoint, device=args.device),
-                                workdir / "model_repository")  # fmt: skip
+    settings = RepositorySettings(checkpoint=checkpoint, device=args.device, engine=served_engine(args, checkpoint))
+    command = render_repository(settings, workdir / "model_repository")
     return TritonServer(workdir / "model_repository", workdir / "tritonserver.log", extra_args=command[2:]).start()
 
 
@@ -249,7 +292,8 @@ def launch_epd(args, workdir: Path):
                                         extra_args=command[2:]).start())  # fmt: skip
         root = workdir / "language"
         settings = RepositorySettings(checkpoint=checkpoint, device=args.device, role="language",
-                                      encoder_urls=",".join(server.grpc_url for server in servers))  # fmt: skip
+                                      encoder_urls=",".join(server.grpc_url for server in servers),
+                                      engine=served_engine(args, checkpoint))  # fmt: skip
         command = render_repository(settings, root / "model_repository")
         servers.append(TritonServer(root / "model_repository", root / "tritonserver.log",
                                     extra_args=command[2:]).start())  # fmt: skip
@@ -268,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="gRPC address of a running server's entry model")
     target.add_argument("--launch", choices=sorted(LAUNCHERS), help="start this layout here first")
-    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1.0],
-                        help="request rates (requests/s), comma-separated")
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=None,
+                        help="request rates (requests/s), comma-separated (default 1, or none with --sequential)")
     parser.add_argument("--requests", type=int, default=64, help="requests per rate")
     parser.add_argument("--images", type=parse_range, default=(1, 8), help="images per request, LOW-HIGH")
     parser.add_argument("--image-size", type=parse_size, default=(1920, 1080), help="WIDTHxHEIGHT")
@@ -281,12 +325,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --launch: serve this checkpoint instead of building one (--preset, --layers)")
     parser.add_argument("--preset", default="tiny", help="with --launch: builders tiny --preset (tiny | v2.5)")
     parser.add_argument("--layers", type=int, default=None, help="with --launch: builders tiny --layers")
+    parser.add_argument("--max-model-len", type=int, default=32768,
+                        help="with --launch: the language model's context, at most the checkpoint's (8 images of "
+                             "1920x1080 are 16,320 tokens)")
     parser.add_argument("--encoders", type=int, default=2, help="with --launch epd: encoder servers")
     parser.add_argument("--encoder-gpus", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                         help="with --launch epd --device gpu: GPU ids the encoder servers take in turn (default "
                              "1..N; 0 puts them beside the language model on a one-GPU machine)")
     parser.add_argument("--sequential", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                        help="instead of --rates: one request at a time with each of these image counts, e.g. 1,2,4,8")
+                        help="one request at a time with each of these image counts, e.g. 1,2,4,8 (before --rates)")
     parser.add_argument("--repeats", type=int, default=5, help="with --sequential: timed requests per image count")
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench_ttft"))
     parser.add_argument("--out", type=Path, help="write the JSON report here")
@@ -301,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             list(client.generate(TEXT, images=pool[:1], max_tokens=2, temperature=0.0))
         rows = []
         if args.sequential:
-            rows = run_sequential(url, args.sequential, args.repeats, pool, args.max_tokens, args.timeout_s)
-        for rate in [] if args.sequential else args.rates:
+            stats_urls = [s.grpc_url for s in getattr(server, "servers", [server])] if server else [url]
+            rows = run_sequential(url, args.sequential, args.repeats, pool, args.max_tokens, args.timeout_s, stats_urls)
+        for rate in args.rates or ([] if args.sequential else [1.0]):
             planned = plan(rate, args.requests, args.images, pool_size, args.seed)
             with GpuUtilization() as gpus:
                 result = run_rate(url, rate, planned, pool, args.max_tokens, args.timeout_s)

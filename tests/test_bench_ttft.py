@@ -5,7 +5,7 @@ import json
 
 from PIL import Image
 
-from benchmarks.bench_ttft import image_pool, main, percentile, plan, run_rate
+from benchmarks.bench_ttft import STAGES, image_pool, main, percentile, plan, run_rate, run_sequential
 
 
 def test_the_request_stream_depends_only_on_the_seed():
@@ -37,6 +37,18 @@ def test_a_short_run_completes_every_request(triton_server):
     assert result.images == sum(len(r.images) for r in planned)
     summary = result.summary()
     assert summary["completed"] == 6 and summary["ttft_p99_ms"] >= summary["ttft_median_ms"] > 0
+
+
+def test_sequential_rows_split_the_server_time_by_model(triton_server):
+    """Each row says where its requests' server time went: every model that ran, its executions and ms per stage."""
+    pool = image_pool(4, (64, 48), seed=2)
+    (row,) = run_sequential(triton_server.grpc_url, [1], 2, pool, max_tokens=2, timeout_s=60.0,
+                            stats_urls=[triton_server.grpc_url])  # fmt: skip
+    split = row["server_ms_per_request"]
+    assert row["requests"] == 2 and row["ttft_min_ms"] > 0
+    assert split["0/mimo_encoder"]["executions"] == 2 and split["0/preprocessing"]["executions"] == 2, split
+    assert all(stats[f"{stage}_ms"] >= 0 for stats in split.values() for stage in STAGES)
+    assert split["0/mimo_encoder"]["compute_infer_ms"] > 0
 
 
 def test_the_epd_layout_serves_a_short_run(tmp_path):

@@ -124,6 +124,8 @@ def test_the_cache_evicts_the_least_recently_used_by_bytes(layout, tiny_checkpoi
 
     try:
         first, origins = encode(0)
+        # the encoder wrote the rows into the slice itself (handoff shm), and timed it
+        assert metrics.counts.pop("shm_writes") == 1 and metrics.counts.pop("shm_write_microseconds") >= 0
         assert origins == [encoder.grpc_url] and metrics.counts == {"cache_hits": 0, "cache_misses": 1,
                                                                      "handoff_bytes": sizes[0]}  # fmt: skip
         again, origins = encode(0)

@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import serving_settings
 from epd_layout import (assert_no_slice_in_use, colocated_tokens, in_parallel, metric, start_server, stop_servers,
                         tokens)  # fmt: skip
-from mimo.epd.handoff import (ENCODE_ITEM_NIXL, NIXL_AGENT, NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, NIXL_TRANSFER_US,
+from mimo.epd.handoff import (ENCODE_ITEM_NIXL, NIXL_AGENT, NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, HANDOFF_US,
                               TABLE, TABLE_SHAPE, item_inputs)  # fmt: skip
 from mimo.epd.item_encoding import ENCODER_METADATA
 from mimo.epd.nixl_transfer import LandingAgent
@@ -156,7 +156,7 @@ def test_encode_item_nixl_refuses_a_wrong_descriptor_and_writes_the_rows_encode_
     result = client.infer(ENCODE_ITEM_NIXL, nixl_inputs(item, agent, agent.descriptor(offset, exact).to_array(),
                                                         exact), client_timeout=TIMEOUT_S)  # fmt: skip
     assert result.as_numpy(TABLE_SHAPE).tolist() == [[1, rows, hidden]]
-    assert result.as_numpy(NIXL_TRANSFER_US)[0, 0] > 0
+    assert result.as_numpy(HANDOFF_US)[0, 0] > 0
     assert result.as_numpy(ENCODER_METADATA) is not None and result.as_numpy(TABLE) is None  # no rows sent back
     # the very rows encode_item answers with (tritonclient decodes BF16 as float32: exact, and back)
     expected = torch.from_numpy(np.array(expected, dtype=np.float32)).to(torch_dtype(dtype))

@@ -201,7 +201,8 @@ def test_an_item_every_server_refuses_fails_the_request_naming_each_cause(layout
     assert (h, w) != (w, h), "the image must not be square"
     pool = LandingPool(SystemShmRegion(1 << 20, key_prefix="mimo_test_"))
     orchestrator = Orchestrator(pool, [e.grpc_url for e in encoders], None, processor.config,
-                                MiMoV2Config.from_pretrained(tiny_checkpoint).hidden_size, torch.float32,
+                                MiMoV2Config.from_pretrained(tiny_checkpoint).hidden_size,
+                                getattr(torch, serving_settings(tiny_checkpoint).resolved_dtype),
                                 timeout_s=30, attempts=2)  # fmt: skip
     try:
         with pytest.raises(EncodeError) as error:

@@ -66,6 +66,14 @@ def test_nvjpeg_decodes_grayscale_as_rgb(processor):
     assert (nv.cpu().int() - pil.int()).abs().float().mean() < 2
 
 
+def with_frames_decoded_on_the_gpu(item, processor):
+    """An item shipped as a JPEG -> the same item shipped as nvJPEG's frames (host memory)."""
+    if item.jpeg is None:
+        return item
+    (frames,) = decode_jpeg_frames([item.jpeg], CUDA, processor.config)
+    return dataclasses.replace(item, jpeg=None, frames=frames.cpu().reshape(-1))
+
+
 @pytest.mark.parametrize("jpeg_to_encoder", [False, True])
 def test_gpu_encoder_tables_match_the_cpu_path(tiny_checkpoint, processor, jpeg_to_encoder):
     """The served encoder on the GPU in bf16 (frames or JPEGs in, patches made on the device) against the CPU
@@ -78,6 +86,9 @@ def test_gpu_encoder_tables_match_the_cpu_path(tiny_checkpoint, processor, jpeg_
     requests_cpu = [unpack_request(shipped(processor, "image_bytes_input", IMAGES[name])) for name in IMAGES] + videos
     requests_gpu = [unpack_request(shipped(processor, "image_bytes_input", IMAGES[name],
                                            jpeg_to_encoder=jpeg_to_encoder)) for name in IMAGES] + videos  # fmt: skip
+    if jpeg_to_encoder:  # the CPU path on nvJPEG's pixels (nvJPEG against PIL: the tests above)
+        requests_cpu = [[with_frames_decoded_on_the_gpu(item, processor) for item in request]
+                        for request in requests_gpu]  # fmt: skip
     cpu = PromptTableEncoder(load_multimodal_encoder(tiny_checkpoint, torch.float32, torch.device("cpu")),
                              processor.config).encode(requests_cpu)  # fmt: skip
     towers = RecordingEncoder(load_multimodal_encoder(tiny_checkpoint, torch.bfloat16, CUDA))

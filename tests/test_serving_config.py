@@ -114,6 +114,7 @@ def test_engine_knobs_have_one_default_flag_and_parameter(repository, tiny_check
         assert name in parameters
     assert parameters["max_num_seqs"].string_value == str(defaults["max_num_seqs"])
     assert parameters["max_prefill_chunk"].string_value == ""  # None: the engine's own rule
+    assert parameters["cuda_graphs"].string_value == "1"  # decode CUDA graphs on (where the engine can use them)
     # served max_model_len: the default, capped by the checkpoint; preprocessing refuses with the same value
     preprocessing = repository["preprocessing"].parameters
     assert parameters["max_model_len"].string_value == preprocessing["max_model_len"].string_value

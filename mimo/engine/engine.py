@@ -10,9 +10,10 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from mimo.engine.block_manager import BlockManager, blocks_per_sequence, sliding_ring_tokens
+from mimo.engine.cuda_graphs import graphs_unavailable
 from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind, block_bytes, kv_layer_specs, layer_kinds
 from mimo.engine.model_runner import ModelRunner
-from mimo.engine.paged_attention import ATTENTION_KERNELS
+from mimo.engine.paged_attention import ATTENTION_KERNELS, use_attention_kernel
 from mimo.engine.sampling import InvalidRequestError, Sampler, SamplingParams
 from mimo.engine.scheduler import Scheduler
 from mimo.engine.sequence import FinishReason, Sequence
@@ -54,6 +55,8 @@ class EngineConfig:
     seed: int | None = knob(None, "seed of the stream unseeded sampling requests draw from (none: nondeterministic)")
     num_speculative_tokens: int = knob(0, "MTP speculative decoding: tokens the MTP layers draft per sequence and "
                                        "step, verified in one forward (0: off; at most the checkpoint's MTP layers, 3)")
+    cuda_graphs: int = knob(1, "decode steps replay CUDA graphs captured at start, one per batch-size bucket up to "
+                            "max_num_seqs (1: on, 0: off; used on a single-rank CUDA engine only)")
     attention_kernel: str = "auto"  # paged attention: one of mimo.engine.paged_attention.ATTENTION_KERNELS
     device: torch.device | str | None = None  # None = the model's; otherwise must be the model's
     dtype: torch.dtype | None = None  # None = the model's; otherwise must be the model's
@@ -67,6 +70,8 @@ class EngineConfig:
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"EngineConfig.attention_kernel={self.attention_kernel!r} is not one of "
                              f"{', '.join(ATTENTION_KERNELS)}")
+        if self.cuda_graphs not in (0, 1):  # True / False are 1 / 0
+            raise ValueError(f"EngineConfig.cuda_graphs must be 0 or 1, got {self.cuda_graphs!r}")
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"EngineConfig.num_speculative_tokens must be an int >= 0, got {k!r}")
@@ -148,9 +153,16 @@ class LLMEngine:
             generator.seed()
         else:
             generator.manual_seed(config.seed)
-        kv_cache = KVCache(specs, num_blocks, config.block_size, dtype, self.device)
+        graphs_off = "cuda_graphs=0" if not config.cuda_graphs else graphs_unavailable(
+            model, self.device, use_attention_kernel(config.attention_kernel, self.device))
+        if config.cuda_graphs and graphs_off and self.device.type == "cuda":
+            logger.warning("decode CUDA graphs are off: %s", graphs_off)
+        # with graphs, each pool has one block more than the block manager hands out: the padding rows' scratch
+        kv_blocks = num_blocks if graphs_off else {kind: n + 1 for kind, n in num_blocks.items()}
+        kv_cache = KVCache(specs, kv_blocks, config.block_size, dtype, self.device)
         self.runner = ModelRunner(model, kv_cache, Sampler(generator), sliding_window, config.max_num_seqs,
-                                  max_blocks_per_seq, self.device, num_spec, config.attention_kernel)
+                                  max_blocks_per_seq, self.device, num_spec, config.attention_kernel,
+                                  cuda_graphs=not graphs_off, max_model_len=config.max_model_len)
         if test_draft_override is not None:
             if self.runner.drafter is None:
                 raise ValueError("test_draft_override needs EngineConfig.num_speculative_tokens > 0")

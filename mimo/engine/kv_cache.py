@@ -62,6 +62,7 @@ class KVCache:
         self.specs = specs
         self.block_size = block_size
         self.kinds = layer_kinds(specs)
+        self.num_blocks = {kind: num_blocks[kind] for kind in self.kinds}
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for spec in specs:

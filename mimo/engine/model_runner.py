@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mimo.engine.cuda_graphs import DecodeGraphs, GraphStep
 from mimo.engine.kv_cache import KVCache, LayerKind
 from mimo.engine.paged_attention import DeviceBlockTables, PagedAttention, PagedAttentionMetadata, use_attention_kernel
 from mimo.engine.sampling import Sampler
@@ -19,15 +20,20 @@ from mimo.models.language_model import MiMoV2ForCausalLM
 @dataclass(frozen=True, slots=True)
 class ModelInputs:
     """Everything one step needs. The forward runs without the engine lock: besides these it reads only what the
-    loop thread alone changes (the chunks' sequences' tokens and MTP state) or nobody does (sampling, tables)."""
+    loop thread alone changes (the chunks' sequences' tokens and MTP state) or nobody does (sampling, tables).
 
-    input_ids: torch.Tensor  # [T] sequences' chunks (and drafts) concatenated; ids >= vocab_size index the table
+    A step that replays a decode graph has `graph` set and no eager inputs (input_ids, attention, logits_indices
+    None, no table_rows or block_tables): the graph's static inputs hold them, and every row is sampled.
+    """
+
+    input_ids: torch.Tensor | None  # [T] sequences' chunks (and drafts) concatenated; ids >= vocab_size: the table
     table_rows: list[torch.Tensor]  # the step's prompt table [P, H], in parts: the rows each chunk reads, in order
-    attention: PagedAttentionMetadata
-    logits_indices: torch.Tensor  # [N] flat index of each row whose next token is sampled or verified
+    attention: PagedAttentionMetadata | None
+    logits_indices: torch.Tensor | None  # [N] flat index of each row whose next token is sampled or verified
     chunks: list[ScheduledChunk]
     offsets: list[int]  # [B] first flat row of each chunk
     block_tables: dict[LayerKind, tuple[torch.Tensor, torch.Tensor]]  # per pool: the chunks' tables, lengths
+    graph: GraphStep | None = None
 
 
 class ModelRunner:
@@ -36,7 +42,11 @@ class ModelRunner:
 
     def __init__(self, model: MiMoV2ForCausalLM, kv_cache: KVCache, sampler: Sampler, sliding_window: int | None,
                  max_num_seqs: int, max_blocks_per_seq: dict[LayerKind, int], device: torch.device,
-                 num_speculative_tokens: int = 0, attention_kernel: str = "auto"):
+                 num_speculative_tokens: int = 0, attention_kernel: str = "auto", cuda_graphs: bool = False,
+                 max_model_len: int | None = None):
+        """`cuda_graphs`: capture the decode graphs (`mimo.engine.cuda_graphs`; the caller has checked
+        `graphs_unavailable`), whose padding rows write each pool's last block: the block manager must never hand
+        it out. `max_model_len` sizes their attention splits."""
         self.model = model
         self.vocab_size = model.config.vocab_size
         self.kv_cache = kv_cache
@@ -44,13 +54,30 @@ class ModelRunner:
         self.sliding_window = sliding_window
         self.device = device
         self.use_attention_kernel = use_attention_kernel(attention_kernel, device)
-        self.block_tables = {kind: DeviceBlockTables(kind, max_num_seqs, max_blocks_per_seq[kind], device)
-                             for kind in kv_cache.kinds}
+        self.block_tables = {
+            kind: DeviceBlockTables(kind, max_num_seqs, max_blocks_per_seq[kind], device,
+                                    pad_block=kv_cache.num_blocks[kind] - 1 if cuda_graphs else None)
+            for kind in kv_cache.kinds
+        }  # fmt: skip
         self.drafter = (Drafter(model, kv_cache, sampler, num_speculative_tokens, sliding_window, device,
                                 self.use_attention_kernel) if num_speculative_tokens else None)
+        self.graphs = None
+        if cuda_graphs:
+            if max_model_len is None:
+                raise ValueError("ModelRunner: cuda_graphs needs max_model_len")
+            query_lens = (1, 1 + num_speculative_tokens) if num_speculative_tokens else (1,)
+            self.graphs = DecodeGraphs(model, kv_cache, self.block_tables, sliding_window, max_num_seqs, query_lens,
+                                       max_model_len, device)
+            self.graphs.capture()
 
-    def prepare(self, chunks: list[ScheduledChunk]) -> ModelInputs:
-        """Reads the scheduled sequences (under the engine lock) into device inputs; T = tokens of all chunks."""
+    def prepare(self, chunks: list[ScheduledChunk], allow_graph: bool = True) -> ModelInputs:
+        """Reads the scheduled sequences (under the engine lock) into device inputs; T = tokens of all chunks.
+        A decode step that a graph runs only fills the graph's static inputs (unless `allow_graph` is False)."""
+        if self.graphs is not None and allow_graph:
+            step = self.graphs.prepare(chunks)
+            if step is not None:
+                offsets = [i * step.query_len for i in range(len(chunks))]
+                return ModelInputs(None, [], None, None, list(chunks), offsets, {}, step)
         tokens = StepTokens(self.vocab_size)
         offsets = []
         logits_indices = []
@@ -86,25 +113,34 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inputs: ModelInputs) -> list[ChunkResult]:
         """Runs the step; returns what each chunk got, in order."""
+        hidden, logits = self.forward(inputs)
+        sampled = self._sample(inputs, logits)
+        drafts = {}
+        if self.drafter is not None:
+            tables = inputs.block_tables if inputs.graph is None else self.graphs.tables(inputs.graph)
+            drafts = self.drafter.step(inputs.chunks, inputs.offsets, hidden, sampled, tables[LayerKind.SLIDING])
+        return [ChunkResult(*sampled.get(i, ([], 0)), drafts.get(i)) for i in range(len(inputs.chunks))]
+
+    @torch.inference_mode()
+    def forward(self, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The target forward: pre-norm hidden states `[T, H]` (what the MTP layers read) and the float32 logits
+        `[N, V]` of the rows `logits_indices` names (None when no chunk samples); a graph step replays its graph."""
+        if inputs.graph is not None:
+            return self.graphs.replay(inputs.graph)
         model = self.model
         input_embeds = model.embed(inputs.input_ids, step_table(inputs.table_rows))  # [T, H], each token embedded once
         hidden = model.model(inputs.attention.query_positions, PagedAttention(self.kv_cache, inputs.attention),
-                             input_embeds)  # [T, H] before the final norm (what the MTP layers read)
-        sampled = self._sample(inputs, hidden)
-        drafts = {}
-        if self.drafter is not None:
-            drafts = self.drafter.step(inputs.chunks, inputs.offsets, hidden, sampled,
-                                       inputs.block_tables[LayerKind.SLIDING])
-        return [ChunkResult(*sampled.get(i, ([], 0)), drafts.get(i)) for i in range(len(inputs.chunks))]
+                             input_embeds)  # [T, H]
+        if not any(chunk.samples for chunk in inputs.chunks):
+            return hidden, None
+        return hidden, model.compute_logits(model.model.norm(hidden).index_select(0, inputs.logits_indices))
 
-    def _sample(self, inputs: ModelInputs, hidden: torch.Tensor) -> dict[int, tuple[list[int], int]]:
+    def _sample(self, inputs: ModelInputs, logits: torch.Tensor | None) -> dict[int, tuple[list[int], int]]:
         """Per sampling chunk (by index): its emitted tokens and how many of its drafts the target accepted."""
         chunks = inputs.chunks
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         if not sampling:
             return {}
-        model = self.model
-        logits = model.compute_logits(model.model.norm(hidden).index_select(0, inputs.logits_indices))  # [N, V]
         plain, speculative, plain_rows, speculative_rows = [], [], [], []
         row = 0
         for i in sampling:

@@ -83,9 +83,9 @@ class PagedAttentionMetadata:
             key_slots = key_positions = None
             if not use_kernel:
                 key_seq, key_positions = _flat_ranges(key_starts, key_counts, device)
-                key_slots = _slots(table, table_lens, key_seq, key_positions, block_size)
+                key_slots = cache_slots(table, table_lens, key_seq, key_positions, block_size)
             pools[kind] = PoolMetadata(
-                slot_mapping=_slots(table, table_lens, query_seq, query_positions, block_size),
+                slot_mapping=cache_slots(table, table_lens, query_seq, query_positions, block_size),
                 block_table=table,
                 table_lens=table_lens,
                 key_counts=key_counts,
@@ -112,17 +112,23 @@ class DeviceBlockTables:
     While a sequence runs its table only grows, so a step copies just the block ids appended since the previous
     step instead of every table. A sequence that stopped running gives its row back; one readmitted after
     preemption, or whose table was trimmed after rejected drafts, holds a new table (the block manager replaces
-    the list) and is copied afresh.
+    the list) and is copied afresh. With `pad_block` (the decode CUDA graphs' scratch block) one more row,
+    `pad_row`, maps every logical block to it: the table of the rows that pad a batch up to its graph's size.
     """
 
-    def __init__(self, kind: LayerKind, num_rows: int, max_blocks: int, device: torch.device):
+    def __init__(self, kind: LayerKind, num_rows: int, max_blocks: int, device: torch.device,
+                 pad_block: int | None = None):
         self.kind = kind
-        self.table = torch.zeros(num_rows, max_blocks, dtype=torch.int32, device=device)
+        self.table = torch.zeros(num_rows + (pad_block is not None), max_blocks, dtype=torch.int32, device=device)
+        self.pad_row = None
+        if pad_block is not None:
+            self.pad_row = num_rows
+            self.table[num_rows] = pad_block
         self._free_rows = list(range(num_rows))
         self._rows: dict[Sequence, _Row] = {}
 
-    def tables(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables `[B, width]` (int64; entries past a table's length are stale) and lengths `[B]` of running `seqs`."""
+    def rows(self, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
+        """Brings the mirror up to date for running `seqs`; returns each one's row and table length (host)."""
         for seq in [s for s in self._rows if s.status is not SequenceStatus.RUNNING]:
             self._free_rows.append(self._rows.pop(seq).index)
         rows, cols, blocks = [], [], []
@@ -138,9 +144,13 @@ class DeviceBlockTables:
         device = self.table.device
         if blocks:
             self.table[to_device(rows, device), to_device(cols, device)] = to_device(blocks, device, torch.int32)
-        lengths = [len(seq.block_tables[self.kind]) for seq in seqs]
-        row_index = to_device([self._rows[seq].index for seq in seqs], device)
-        return self.table[row_index, :max(lengths)].long(), to_device(lengths, device)
+        return [self._rows[seq].index for seq in seqs], [len(seq.block_tables[self.kind]) for seq in seqs]
+
+    def tables(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables `[B, width]` (int64; entries past a table's length are stale) and lengths `[B]` of running `seqs`."""
+        rows, lengths = self.rows(seqs)
+        device = self.table.device
+        return self.table[to_device(rows, device), :max(lengths)].long(), to_device(lengths, device)
 
 
 def _flat_ranges(starts: list[int], counts: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,8 +163,8 @@ def _flat_ranges(starts: list[int], counts: list[int], device: torch.device) -> 
     return seq, torch.arange(total, device=device) - offsets[seq] + starts_t[seq]
 
 
-def _slots(table: torch.Tensor, table_lens: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor,
-           block_size: int) -> torch.Tensor:
+def cache_slots(table: torch.Tensor, table_lens: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor,
+                block_size: int) -> torch.Tensor:
     """Flat cache slot of each (sequence, position): `table[seq, (pos // bs) % len] * bs + pos % bs`."""
     block = table[seq, torch.remainder(positions // block_size, table_lens[seq])]
     return block * block_size + positions % block_size

@@ -15,3 +15,13 @@ def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.lon
     if device.type == "cpu":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def copy_into(target: torch.Tensor, values: list) -> None:
+    """Writes `values` into the first `len(values)` elements of the 1-D device tensor `target`, as `to_device` copies
+    (one pinned, non-blocking copy on an accelerator): how a step fills a CUDA graph's static inputs."""
+    host = torch.tensor(values, dtype=target.dtype)
+    if target.device.type == "cpu":
+        target[:len(values)].copy_(host)
+    else:
+        target[:len(values)].copy_(host.pin_memory(), non_blocking=True)

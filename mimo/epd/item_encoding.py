@@ -2,7 +2,8 @@
 encoder inputs, checked against the plan before any encoder runs.
 
 In order: the metadata is parsed and checked (`mimo.epd.metadata`); the landing slice's byte size, when given, must
-be exactly the planned rows x hidden_size x the encoder dtype's size (refused before decoding); the content hash of
+be exactly the planned rows x hidden_size x the encoder dtype's size, and a slice named must lie inside its region
+(`mimo.epd.direct_write.SliceTarget`; both refused before decoding); the content hash of
 the bytes and this server's processor settings must be the plan's (another file, or servers whose processor
 settings differ); the item is decoded as the colocated preprocessing decodes it; what it gives must equal the plan
 field by field. Every refusal is a ProcessingError naming the field. The language side checks the response in turn
@@ -18,6 +19,7 @@ import numpy as np
 
 from mimo.config import MiMoV2Config
 from mimo.models.vision_tower import VisionConfig
+from mimo.epd.direct_write import OUTPUT_BYTE_SIZE, SliceTarget
 from mimo.epd.metadata import ItemMetadata, MetadataError, content_hash
 from mimo.processing.chat import MediaPart
 from mimo.processing.config import ProcessorConfig
@@ -27,7 +29,6 @@ from mimo.serving.triton_config import torch_dtype
 
 MEDIA_BYTES = "media_bytes"  # BYTES [1]: the raw encoded file of one item
 ITEM_METADATA = "item_metadata"  # BYTES [1]: the plan's ItemMetadata JSON
-OUTPUT_BYTE_SIZE = "output_byte_size"  # INT64 [1], optional: the landing slice's byte size
 ENCODER_METADATA = "encoder_metadata"  # BYTES [1]: the metadata the encoder found (equal to the plan)
 
 
@@ -51,6 +52,7 @@ class ItemPreprocessor:
         planned = ItemMetadata.from_tensor(inputs.get(ITEM_METADATA), self.config, ITEM_METADATA)
         if OUTPUT_BYTE_SIZE in inputs:
             self._check_slice(inputs[OUTPUT_BYTE_SIZE], planned.num_tokens)
+        SliceTarget.from_inputs(inputs)  # a slice named is well formed and inside its region (mimo_encoder maps it)
         data = inputs.get(MEDIA_BYTES)
         if data is None or data.size != 1 or not isinstance(data.reshape(-1)[0], bytes):
             raise MetadataError(f"{MEDIA_BYTES} must hold exactly one encoded file (BYTES)")

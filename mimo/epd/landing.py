@@ -1,12 +1,13 @@
 """The landing pool: one fixed region of the language server's memory that encoder servers write item rows into.
 
-The region is created once and registered once with each encoder server as Triton shared memory (system shared
-memory on CPU: `SystemShmRegion`; on a GPU, a CUDA region of the LM's device implements the same `Region` protocol:
-tritonclient.utils.cuda_shared_memory's region, `register_cuda_shared_memory(name, get_raw_handle(handle), device,
-byte_size)`, views through DLPack; the encoder server's Triton then copies device to device).
+The region is created once (system shared memory on CPU: `SystemShmRegion`; on a GPU, a CUDA region of the LM's
+device implements the same `Region` protocol: tritonclient.utils.cuda_shared_memory's region, exported by its
+cudaIpcMemHandle, views through DLPack). It is registered as Triton shared memory with the language server only,
+so that mimo_llm's table input names a slice of it (`Lease.output_region`: name, byte size, offset).
 
-Each encode request names a slice of it as its output region (`Lease.output_region`: name, byte size, offset);
-the encoder server's Triton writes the item's rows there, and the language side reads them in place (`Lease.view`).
+Each encode request names a slice of it (handoff shm: `mimo.epd.direct_write.SliceTarget`, the region's key or IPC
+handle; nixl: a NIXL descriptor); the encoder writes the item's rows there itself, and the language side reads them
+in place (`Lease.view`).
 
 Slices are reserved by byte size (rounded up to `alignment`), first fit, and granted in arrival order: a request that
 does not fit waits, at most until its deadline, then gets `LandingTimeout` (a full pool never fails a request that
@@ -20,6 +21,7 @@ server, so it is quarantined for `quarantine_s` before anyone else gets it. `clo
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import collections
 import contextlib
@@ -53,15 +55,15 @@ class LandingClosed(LandingError):
 
 
 class Region(Protocol):
-    """A fixed region Triton servers can write outputs into."""
+    """A fixed region other processes can map (encoder servers write rows into it, Triton reads inputs from it)."""
 
-    name: str  # what the region is registered as with each encoder server (request outputs name it)
+    name: str  # unique; what the region is registered as with a Triton server (request tensors name it)
     byte_size: int
     kind: str  # "system" or "cuda": Triton's shared-memory extension it is registered through
 
     def register(self, client):
         """Registers the region with one Triton server (a tritonclient client; its return value, awaitable for the
-        asyncio client)."""
+        asyncio client): the language server, for mimo_llm's input by reference."""
 
     def unregister(self, client): ...
 
@@ -126,8 +128,9 @@ class SystemShmRegion:
 
 class CudaRegion:
     """Device memory of one GPU (cudaMalloc, through tritonclient.utils.cuda_shared_memory, i.e. cuda-python),
-    registered with Triton's CUDA shared-memory extension by its IPC handle: a server on the same host maps it and
-    copies outputs into it (and reads inputs from it) device to device, never through host memory.
+    exported by its IPC handle (`ipc_handle`, the 64 bytes of its cudaIpcMemHandle): an encoder on the same host maps
+    it and writes rows into it, and Triton (registered with it) reads inputs from it, device to device, never through
+    host memory.
 
     Views are torch tensors on `device` over the allocation (`__cuda_array_interface__`), each holding this region,
     so the memory goes only with the region's last view (`close` drops the region's own reference).
@@ -146,6 +149,7 @@ class CudaRegion:
         self._cudashm = cudashm
         self._handle = cudashm.create_shared_memory_region(self.name, byte_size, device_id)
         self._raw_handle = cudashm.get_raw_handle(self._handle)  # base64, as tritonclient's register calls take it
+        self.ipc_handle: bytes = base64.b64decode(self._raw_handle)
         pointer = int(self._handle._base_addr)
         self.__cuda_array_interface__ = {"shape": (byte_size,), "typestr": "|u1", "data": (pointer, False),
                                          "version": 3}  # fmt: skip
@@ -205,7 +209,8 @@ class Lease:
 
     @property
     def output_region(self) -> tuple[str, int, int]:
-        """(region name, byte size, offset): `InferRequestedOutput.set_shared_memory(*lease.output_region)`."""
+        """(region name, byte size, offset): `InferInput.set_shared_memory(*lease.output_region)` (mimo_llm's
+        table input on the server the region is registered with)."""
         return self.pool.region.name, self.byte_size, self.offset
 
     def view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -3,8 +3,8 @@ landing slice, in prompt order, with retries, health, dedup and counters.
 
 `EncoderServers` is the list of encoder servers (gRPC URLs from the model config plus a watched file, re-read when
 its mtime changes), each with its outstanding tokens (the rows of its requests in flight), its health (a server
-that failed is down and is probed with `server ready` before it is used again; a probe that finds it ready again
-re-registers the landing region, since a restarted server has forgotten it) and its asyncio gRPC client.
+that failed is down and is probed with `server ready` before it is used again) and its asyncio gRPC client. Nothing
+is registered with an encoder server: each request names its slice (`mimo.epd.handoff`).
 
 `Orchestrator.encode(plan)` (from any worker thread; the coroutines run on one event-loop thread it owns) reserves
 ONE landing slice for the request's whole prompt table; item i's rows are its bytes
@@ -18,7 +18,8 @@ metadata or shape) is retried on a server it has not failed on; when a failed re
 server (no response came: deadline, cancel), the whole table moves to a fresh slice (the answered items' rows are
 copied over) and the old slice is released into quarantine (`mimo.epd.landing`). After `attempts` rounds the request
 fails with every cause named. The caller gets the slice only when every item's rows are checked. How the rows reach
-the slice (Triton shared memory, a NIXL WRITE, or the gRPC response copied in) is the `handoff` (`mimo.epd.handoff`).
+the slice (the encoder's own write through its mapping of the region, a NIXL WRITE, or the gRPC response copied in)
+is the `handoff` (`mimo.epd.handoff`).
 """
 
 from __future__ import annotations
@@ -75,12 +76,17 @@ COUNTERS = {
                      "system = host memory)",
     "nixl_transfers": "NIXL WRITEs of rows into the landing pool (handoff nixl)",
     "nixl_transfer_microseconds": "time of those WRITEs from post to completion, on the encoder servers",
+    "shm_writes": "rows written into the landing pool by the encoder itself through its mapping of the pool "
+                  "(handoff shm, and the local fallback encoder)",
+    "shm_write_microseconds": "time of those writes, on the encoders (CUDA events around the copy on a GPU)",
     "retries": "encode_item requests retried on another encoder server",
     "dedup_hits": "media items whose rows were copied from an identical item's encoding instead of encoded",
     "fallbacks": "media items this server's own encoder encoded after the encoder servers failed them",
     "cache_hits": "media items whose rows the embedding cache held (no encoder called)",
     "cache_misses": "media items the embedding cache did not hold (with the cache on)",
 }
+WRITE_COUNTERS = {"shm": ("shm_writes", "shm_write_microseconds"),
+                  "nixl": ("nixl_transfers", "nixl_transfer_microseconds")}  # fmt: skip
 DEDUP, CACHE = "dedup", "cache"  # where an item's rows came from, when not from an encoder server (`origins`)
 LOCAL = "local"  # prefix of the origin of an item the fallback encoder encoded
 
@@ -134,8 +140,6 @@ class EncoderServer:
     client: grpcaio.InferenceServerClient
     outstanding_tokens: int = 0
     down: bool = False  # failed: probed (server ready) before it is used again
-    registered: bool = False  # the landing region is registered with it
-    registering: asyncio.Lock = field(default_factory=asyncio.Lock)  # one (re-)registration at a time
 
 
 class EncoderServers:
@@ -225,7 +229,7 @@ class Orchestrator:
         self.cache = cache
         pool.on_release = self.publish_slices
         self.handoff = handoff or ShmHandoff(pool.region)  # mimo.epd.handoff: how the rows reach the slice
-        # the fallback encoder is this server: its rows land through the region it has registered, whatever the mode
+        # the fallback encoder is this server's own mimo_encoder: it writes into the region, whatever the mode
         self.local_handoff = ShmHandoff(pool.region)
         self._urls, self._urls_file, self._fallback_url = list(servers_urls), urls_file, fallback_url
         self._shared: dict[str, _Shared] = {}
@@ -244,7 +248,7 @@ class Orchestrator:
         return servers
 
     async def _probe_down(self, servers: EncoderServers) -> None:
-        """Servers marked down are probed in the background: one found ready is used again (re-registered)."""
+        """Servers marked down are probed in the background: one found ready is used again."""
         while True:
             await asyncio.sleep(PROBE_PERIOD_S)
             try:
@@ -406,10 +410,7 @@ class Orchestrator:
         return origin
 
     async def _encode_on_a_server(self, lease: Lease, item: PlannedItem, failed_on: set[str], local: bool) -> str:
-        server = await self._local() if local else await self._choose(failed_on)
-        if server is None and local:
-            raise _ItemFailure(f"the local encoder {self.fallback.url}: its landing region could not be registered",
-                               answered=True)  # fmt: skip
+        server = self.fallback if local else await self._choose(failed_on)
         if server is None:
             tried = ", ".join(sorted(failed_on)) or "none"
             raise _ItemFailure(f"no encoder server left to try (configured: {', '.join(self.servers.servers) or 'none'};"
@@ -434,11 +435,8 @@ class Orchestrator:
             answered = answered or status not in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE",
                                                   "StatusCode.CANCELLED", "")  # fmt: skip
             answered = answered and not handoff.may_still_write(error.message())  # a NIXL WRITE timed out
-            # an error answer (bad metadata, a refused slice) leaves the server up; one about the region means it
-            # has forgotten the registration (it restarted): registered again before its next use
+            # an error answer (bad metadata, a refused slice) leaves the server up
             self._failed(server, failed_on, down=not answered)
-            if "shared memory" in error.message():
-                server.registered = False
             raise _ItemFailure(f"{server.url}: {status or 'error'}: {error.message()}", answered) from None
         except MetadataError as error:  # an answer this side refuses: the server is suspect
             self._failed(server, failed_on)
@@ -449,40 +447,23 @@ class Orchestrator:
         finally:
             self.servers.add_tokens(server, -rows)
         self.metrics.count("handoff_bytes", byte_size, {"mode": handoff.mode, "memory": self.pool.region.kind})
-        if transfer_s is not None:
-            self.metrics.count("nixl_transfers")
-            self.metrics.count("nixl_transfer_microseconds", round(transfer_s * 1e6))
+        if transfer_s is not None:  # written by the encoder itself (shm) or by its NIXL WRITE
+            writes, microseconds = WRITE_COUNTERS[handoff.mode]
+            self.metrics.count(writes)
+            self.metrics.count(microseconds, round(transfer_s * 1e6))
         return f"{LOCAL}:{server.url}" if local else server.url
 
     def _failed(self, server: EncoderServer, failed_on: set[str], down: bool = True) -> None:
         """This item tries `server` no more; `down`: nobody uses it until a probe finds it ready."""
         if down:
-            server.down, server.registered = True, False
+            server.down = True
         failed_on.add(server.url)
 
     async def _choose(self, exclude: set[str]) -> EncoderServer | None:
         for server in self.servers.candidates(exclude):
-            if server.down and not await self._probe(server):
-                continue
-            if not self.handoff.registers or await self._registered(server):
+            if not server.down or await self._probe(server):
                 return server
         return None
-
-    async def _local(self) -> EncoderServer | None:
-        return self.fallback if await self._registered(self.fallback) else None
-
-    async def _registered(self, server: EncoderServer) -> bool:
-        """The landing region is registered with `server` (registered now if it was not); False: it failed."""
-        if not server.registered:
-            try:
-                async with server.registering:
-                    if not server.registered:
-                        await self._register(server)
-            except InferenceServerException as error:
-                logger.warning("registering the landing region with %s failed: %s", server.url, error)
-                server.down = True
-                return False
-        return True
 
     async def _probe(self, server: EncoderServer) -> bool:
         try:
@@ -490,24 +471,5 @@ class Orchestrator:
         except InferenceServerException:
             return False
         if ready:
-            server.down, server.registered = False, False  # it may have restarted: register again
+            server.down = False
         return bool(ready)
-
-    async def _register(self, server: EncoderServer) -> None:
-        region = self.pool.region
-        # a region left from before (this server kept it while we thought it down); never on the fallback, this
-        # server itself, where mimo_llm's inputs name the same region (loopback.LoopbackLLM registers it too)
-        if server is not self.fallback:
-            try:
-                await region.unregister(server.client)
-            except InferenceServerException:
-                pass
-        try:
-            await region.register(server.client)
-        except InferenceServerException as error:
-            # Triton refuses to unregister a region that requests in flight still use (a slow server marked down
-            # by a deadline): it still has this region (the name is this pool's own), which is what we want
-            if "ALREADY_EXISTS" not in str(error.status()):
-                raise
-        server.registered = True
-

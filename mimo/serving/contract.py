@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from mimo.engine import engine_knobs
-from mimo.epd.handoff import (ENCODE_ITEM_NIXL as ENCODE_ITEM_NIXL_NAME, HANDOFF_MODES, NIXL_AGENT,
-                               NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, NIXL_TRANSFER_US, TABLE_SHAPE)  # fmt: skip
+from mimo.epd.direct_write import (IPC_HANDLE_BYTES, LANDING_CUDA_DEVICE, LANDING_CUDA_HANDLE, LANDING_OFFSET,
+                                    LANDING_REGION, LANDING_REGION_BYTE_SIZE)  # fmt: skip
+from mimo.epd.handoff import (ENCODE_ITEM_NIXL as ENCODE_ITEM_NIXL_NAME, HANDOFF_MODES, HANDOFF_US, NIXL_AGENT,
+                               NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, TABLE_SHAPE)  # fmt: skip
 from mimo.epd.item_encoding import ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE
 from mimo.processing.items import PACKED_MEDIA_TENSORS
 from mimo.serving.encode import encoder_knobs
@@ -126,6 +128,33 @@ PREPROCESSING = ModelSpec(
     ),
     parameters={**CHECKPOINT_DIR, "max_model_len": "mimo_llm's max_model_len (the same value)",
                 "jpeg_to_encoder": JPEG_TO_ENCODER},
+)
+
+_ITEM_INPUTS = (
+    TensorSpec(MEDIA_BYTES, "BYTES", (1,), comment="the raw encoded file of ONE media item (never patches or a mel)"),
+    TensorSpec(ITEM_METADATA, "BYTES", (1,), comment="the language side's plan of the item: mimo.epd.metadata JSON "
+                                                     "(version, modality, content_hash, num_tokens, grids, video "
+                                                     "timestamps and units); checked against what the bytes give"),
+    TensorSpec(OUTPUT_BYTE_SIZE, "INT64", (1,), optional=True,
+               comment="the byte size of the landing slice the output goes to: must be num_tokens x hidden x the "
+                       "dtype's size, checked before any decoding"),
+)
+
+_LANDING_INPUTS = (
+    TensorSpec(LANDING_REGION, "BYTES", (1,), optional=True,
+               comment="handoff shm: the landing slice the encoder writes the rows into itself (mimo.epd.direct_write; "
+                       "its byte size is output_byte_size): the region's POSIX shared-memory key (system) or its "
+                       "unique name (CUDA), under which the encoder keeps its mapping"),
+    TensorSpec(LANDING_CUDA_HANDLE, "UINT8", (IPC_HANDLE_BYTES,), optional=True,
+               comment="a CUDA region: its cudaIpcMemHandle"),
+    TensorSpec(LANDING_CUDA_DEVICE, "INT64", (1,), optional=True, comment="a CUDA region: the GPU it is on"),
+    TensorSpec(LANDING_REGION_BYTE_SIZE, "INT64", (1,), optional=True, comment="the region's byte size"),
+    TensorSpec(LANDING_OFFSET, "INT64", (1,), optional=True, comment="the slice's first byte in the region"),
+)
+_WRITTEN_OUTPUTS = (
+    TensorSpec(TABLE_SHAPE, "INT64", (3,), comment="the shape of the rows: [1, num_tokens, hidden]"),
+    TensorSpec(HANDOFF_US, "INT64", (1,), comment="the write of the rows into the landing slice, as the writer timed "
+                                                  "it (0: no slice named, the rows are in prompt_embedding_table)"),
 )
 
 MIMO_ENCODER = ModelSpec(
@@ -233,28 +262,18 @@ ENTRY = ModelSpec(
         "workers": "requests the entry runs at once (one thread each); later ones wait in its queue",
         "landing_device": "where the landing pool lives: 'cpu' (system shared memory) or 'cuda:N' (memory of mimo_llm's "
                           "GPU N: prompt tables reach mimo_llm from there by reference, device to device)",
-        "landing_pool_bytes": "the landing pool's size (registered with this server, and on the language server with "
-                              "every encoder server, which write the rows into it)",
+        "landing_pool_bytes": "the landing pool's size (registered with this server for mimo_llm's table input; on the "
+                              "language server the encoder servers write the rows into it)",
     },
     decoupled=True,
     steps=("preprocessing", "mimo_encoder", "mimo_llm"),
-)
-
-_ITEM_INPUTS = (
-    TensorSpec(MEDIA_BYTES, "BYTES", (1,), comment="the raw encoded file of ONE media item (never patches or a mel)"),
-    TensorSpec(ITEM_METADATA, "BYTES", (1,), comment="the language side's plan of the item: mimo.epd.metadata JSON "
-                                                     "(version, modality, content_hash, num_tokens, grids, video "
-                                                     "timestamps and units); checked against what the bytes give"),
-    TensorSpec(OUTPUT_BYTE_SIZE, "INT64", (1,), optional=True,
-               comment="the byte size of the landing slice the output goes to: must be num_tokens x hidden x the "
-                       "dtype's size, checked before any decoding"),
 )
 
 MEDIA_PREPROCESSING = ModelSpec(
     name="media_preprocessing",
     comment="the encoder role's media step: one item's raw bytes + its planned metadata -> its packed encoder "
             "inputs, after checking the bytes give exactly the plan (content hash, rows, grid, timestamps, units)",
-    inputs=_ITEM_INPUTS,
+    inputs=(*_ITEM_INPUTS, *_LANDING_INPUTS),
     outputs=(*_packed(), TensorSpec(ENCODER_METADATA, "BYTES", (1,), comment="the item's metadata as the encoder "
                                                                                "found it (equal to the plan)")),
     parameters={**CHECKPOINT_DIR, "dtype": "mimo_encoder's: the size of a row of the output, with hidden_size",
@@ -264,12 +283,14 @@ MEDIA_PREPROCESSING = ModelSpec(
 ENCODE_ITEM = ModelSpec(
     name="encode_item",
     comment="what the language server calls, one media item per request: media_preprocessing -> mimo_encoder. "
-            "Name a landing slice as the output region of prompt_embedding_table (system or CUDA shared memory "
-            "registered with this server) and Triton writes the rows there",
-    inputs=_ITEM_INPUTS,
+            "Name a landing slice (landing_*, output_byte_size) and mimo_encoder writes the rows there itself, "
+            "complete before the response; else the rows come in prompt_embedding_table",
+    inputs=(*_ITEM_INPUTS, *_LANDING_INPUTS),
     outputs=(
-        TensorSpec("prompt_embedding_table", EMBEDDING, (-1, -1), comment="[1, num_tokens, hidden]: the item's rows"),
+        TensorSpec("prompt_embedding_table", EMBEDDING, (-1, -1), comment="[1, num_tokens, hidden]: the item's rows "
+                                                                         "(none when written into a slice)"),
         TensorSpec(ENCODER_METADATA, "BYTES", (1,)),
+        *_WRITTEN_OUTPUTS,
     ),
     parameters={},
     steps=("media_preprocessing", "mimo_encoder"),
@@ -295,15 +316,23 @@ ENCODE_ITEM_NIXL = ModelSpec(
     outputs=(
         TensorSpec(ENCODER_METADATA, "BYTES", (1,)),
         TensorSpec(TABLE_SHAPE, "INT64", (3,), comment="the shape of the rows written: [1, num_tokens, hidden]"),
-        TensorSpec(NIXL_TRANSFER_US, "INT64", (1,), comment="the WRITE's time from post to completion"),
+        TensorSpec(HANDOFF_US, "INT64", (1,), comment="the WRITE's time from post to completion"),
     ),
     parameters={"transfer_timeout_ms": "how long a WRITE may take; past it the request fails saying the WRITE may "
                                        "still land (the language side then keeps the slice quarantined)"},
     steps=("encode_item",),
 )
+# encode_item's mimo_encoder (the encoder role's, the language role's fallback): the colocated one, plus the landing
+# slice it writes the rows into itself when a request names one
+SLICE_WRITING_ENCODER = dataclasses.replace(
+    MIMO_ENCODER, inputs=(*MIMO_ENCODER.inputs, _ITEM_INPUTS[2], *_LANDING_INPUTS),
+    outputs=(*MIMO_ENCODER.outputs, *_WRITTEN_OUTPUTS),
+    comment=MIMO_ENCODER.comment + "; with a landing slice named (mimo.epd.direct_write), the rows are written there "
+                                   "by this model before it answers, and prompt_embedding_table is empty",
+)  # fmt: skip
 TEST_FAULT_ROWS = "test_fault_rows"
-# the encoder role's mimo_encoder: the colocated one, plus a fault that only tests turn on
-ENCODER_ROLE_ENCODER = dataclasses.replace(MIMO_ENCODER, parameters={
+# the encoder role's mimo_encoder: that one, plus a fault that only tests turn on
+ENCODER_ROLE_ENCODER = dataclasses.replace(SLICE_WRITING_ENCODER, parameters={
     **MIMO_ENCODER.parameters,
     TEST_FAULT_ROWS: "TEST ONLY, 0 in production: every table this server answers has this many rows more (> 0) "
                      "or fewer (< 0) than its item has, so that tests see the language side reject it",
@@ -320,7 +349,7 @@ LANGUAGE_PARAMETERS = {
     "encoder_attempts": "rounds of encoding a request's items (a failed item is retried on a server it has not "
                         "failed on) before the request fails",
     "handoff": f"how encoder servers' rows reach the landing pool ({' / '.join(HANDOFF_MODES)}): shm, same host "
-               "(Triton shared memory: system, or CUDA IPC on a GPU); nixl, across hosts (the encoder WRITEs into the "
+               "(mimo_encoder writes them into the pool itself: system shared memory, or CUDA IPC on a GPU); nixl, across hosts (the encoder WRITEs into the "
                "pool with NIXL, DRAM or VRAM; refused at load if NIXL cannot start here); grpc, anywhere (rows in the "
                "response, copied in)",
     "local_encoder": "true: this server also serves encode_item (its own mimo_encoder), which encodes the items "
@@ -467,7 +496,7 @@ def server_role(name: str, local_encoder: bool = False) -> RoleSpec:
         return role
     if name != "language":
         raise ValueError(f"a local encoder is for the language role, not {name!r}")
-    local = {spec.name: spec for spec in (MEDIA_PREPROCESSING, MIMO_ENCODER, ENCODE_ITEM)}
+    local = {spec.name: spec for spec in (MEDIA_PREPROCESSING, SLICE_WRITING_ENCODER, ENCODE_ITEM)}
     comment = ("the language server with a local fallback encoder: the language role's models plus encode_item, "
                "which encodes the items every encoder server failed; loads the language and the encoder tensors")
     return dataclasses.replace(role, comment=comment, models={**role.models, **local})

@@ -1,5 +1,6 @@
 """encode_item_nixl (encoder role, handoff nixl): encode_item through BLS, then a NIXL WRITE of the rows into the
-caller's landing slice (`mimo.epd.nixl_transfer`); the response carries the metadata and the rows' shape only.
+caller's landing slice (`mimo.epd.nixl_transfer`); the response carries the metadata, the rows' shape and the WRITE's
+time only (the response of a slice written in handoff shm).
 
 The descriptor and the caller's agent are checked before anything is encoded; a WRITE that times out in flight is
 answered with an error ending in nixl_transfer.MAY_STILL_LAND (the caller then keeps the slice quarantined). An instance whose NIXL cannot start loads, logs
@@ -12,8 +13,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from mimo.epd.handoff import (ENCODE_ITEM, NIXL_AGENT, NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, NIXL_TRANSFER_US,
-                              TABLE, TABLE_SHAPE)  # fmt: skip
+from mimo.epd.handoff import (ENCODE_ITEM, HANDOFF_US, NIXL_AGENT, NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, TABLE,
+                              TABLE_SHAPE)  # fmt: skip
 from mimo.epd.item_encoding import ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE
 from mimo.epd.nixl_transfer import Descriptor, NixlUnavailable, RowWriter, TransferError
 from mimo.serving.triton_config import exit_stub_process, model_parameter
@@ -82,5 +83,5 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse([
             outputs[ENCODER_METADATA],
             pb_utils.Tensor(TABLE_SHAPE, np.array([list(rows.shape)], dtype=np.int64)),
-            pb_utils.Tensor(NIXL_TRANSFER_US, np.array([[round(seconds * 1e6)]], dtype=np.int64)),
+            pb_utils.Tensor(HANDOFF_US, np.array([[round(seconds * 1e6)]], dtype=np.int64)),
         ])  # fmt: skip

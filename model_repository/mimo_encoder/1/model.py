@@ -1,4 +1,7 @@
-"""mimo_encoder: batched image/video/audio encoding into per-request prompt tables, kept on the encoder's device."""
+"""mimo_encoder: batched image/video/audio encoding into per-request prompt tables, kept on the encoder's device, or
+written by this model into the caller's landing slice when the request names one (mimo.epd.direct_write): then the
+response carries the rows' shape and the write's time, no rows. The slice is checked and its region mapped before the
+batch is encoded."""
 
 import json
 
@@ -6,7 +9,10 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from mimo.epd.direct_write import OUTPUT_BYTE_SIZE, LANDING_INPUTS, SliceTarget, SliceWriter
+from mimo.epd.handoff import HANDOFF_US, TABLE, TABLE_SHAPE
 from mimo.processing.errors import ProcessingError
+from mimo.processing.items import PACKED_MEDIA_TENSORS
 from mimo.processing.processor import processor_config_from_checkpoint
 from mimo.serving.contract import TEST_FAULT_ROWS
 from mimo.serving.encode import PromptTableEncoder, encoder_config, faulty_table, load_multimodal_encoder, unpack_request
@@ -24,7 +30,9 @@ class TritonPythonModel:
             encoder.warm_up()  # the compiled CUDA paths compile here, not during the first requests
         processor = processor_config_from_checkpoint(checkpoint_dir)
         self.encoder = PromptTableEncoder(encoder, processor, encoder_config(model_config))
-        self.input_names = [i["name"] for i in model_config["input"]]
+        self.writer = SliceWriter()
+        # the colocated mimo_encoder has no landing slice and answers the table alone (contract.SLICE_WRITING_ENCODER)
+        self.writes = TABLE_SHAPE in {output["name"] for output in model_config["output"]}
         # only the encoder role renders it (0 unless a test sets --test-fault-rows)
         self.fault_rows = (model_parameter(model_config, TEST_FAULT_ROWS, int)
                            if TEST_FAULT_ROWS in model_config.get("parameters", {}) else 0)  # fmt: skip
@@ -35,31 +43,50 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        batch, batch_index = [], []
+        batch, batch_index, targets = [], [], []
         for index, request in enumerate(requests):
             try:
-                arrays = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
-                batch.append(unpack_request(arrays))
+                arrays = {name: pb_utils.get_input_tensor_by_name(request, name) for name in
+                          (*PACKED_MEDIA_TENSORS, OUTPUT_BYTE_SIZE, *LANDING_INPUTS)}  # fmt: skip
+                arrays = {name: tensor.as_numpy() for name, tensor in arrays.items() if tensor is not None}
+                target = SliceTarget.from_inputs(arrays)
+                if target is not None and self.writer.open(target):
+                    pb_utils.Logger.log_info(f"mimo_encoder: mapped landing region {target.region} ({target.kind}, "
+                                             f"{target.region_byte_size} bytes)")  # fmt: skip
+                batch.append(unpack_request({name: arrays[name] for name in PACKED_MEDIA_TENSORS if name in arrays}))
                 batch_index.append(index)
+                targets.append(target)
             except ProcessingError as error:
                 responses[index] = self._error(error)
-        for index, table in zip(batch_index, self.encoder.encode(batch)):
+        for index, target, table in zip(batch_index, targets, self.encoder.encode(batch)):
             if isinstance(table, Exception):
                 responses[index] = self._error(table)
-            else:
-                responses[index] = self._table(faulty_table(table, self.fault_rows) if self.fault_rows else table)
+                continue
+            answered = faulty_table(table, self.fault_rows) if self.fault_rows else table
+            if target is None:
+                responses[index] = self._table(answered, answered.unsqueeze(0).contiguous(), 0.0)
+                continue
+            try:
+                seconds = self.writer.write(table, target)
+            except ProcessingError as error:  # nothing written
+                responses[index] = self._error(error)
+                continue
+            # the test-only fault of a slice request is in the answered shape: what the language side checks
+            responses[index] = self._table(answered, table.new_empty(1, 0, table.shape[1], device="cpu"), seconds)
         return responses
 
     def finalize(self):
+        self.writer.close()
         exit_stub_process()  # see there: the stub's own teardown can hang after CUDA work on this thread
 
-    @staticmethod
-    def _table(table: torch.Tensor):
+    def _table(self, table: torch.Tensor, rows: torch.Tensor, handoff_s: float):
         # DLPack keeps a GPU table on the GPU; Triton carves the output from its CUDA memory pool
-        return pb_utils.InferenceResponse([
-            pb_utils.Tensor.from_dlpack("prompt_embedding_table", table.unsqueeze(0).contiguous()),
-            pb_utils.Tensor("prompt_vocab_size", np.array([[table.shape[0]]], dtype=np.int32)),
-        ])
+        outputs = [pb_utils.Tensor.from_dlpack(TABLE, rows),
+                   pb_utils.Tensor("prompt_vocab_size", np.array([[table.shape[0]]], dtype=np.int32))]
+        if self.writes:
+            outputs += [pb_utils.Tensor(TABLE_SHAPE, np.array([[1, *table.shape]], dtype=np.int64)),
+                        pb_utils.Tensor(HANDOFF_US, np.array([[round(handoff_s * 1e6)]], dtype=np.int64))]
+        return pb_utils.InferenceResponse(outputs)
 
     @staticmethod
     def _error(error: Exception):

@@ -1,0 +1,165 @@
+"""Decode CUDA graphs (`mimo.engine.cuda_graphs`) on the CPU: bucket choice, which steps a graph runs, padding, and
+the static-input forward a graph captures.
+
+The CPU has no CUDA graphs, so an engine there runs eagerly whatever `cuda_graphs` says. `DecodeGraphs` on a CPU
+device runs the very forward it would capture, from its static inputs, eagerly at every replay; with the Triton
+kernels under the interpreter (conftest sets TRITON_INTERPRET=1) the tests below run that path through a whole
+engine (padded buckets, sequences leaving the batch, sliding rings wrapped, preemption, MTP verify steps) and
+compare its greedy tokens and logits with the eager path's. On a machine with CUDA the same tests run on the GPU,
+where they replay captured graphs; tests/test_cuda_graphs_gpu.py adds bf16 and V2.5 widths there.
+"""
+
+import copy
+
+
+import pytest
+import torch
+from hf_reference import randomize_weights, tiny_hub_config
+
+from mimo.config import MiMoV2Config
+from mimo.engine import EngineConfig, LLMEngine, SamplingParams, generate
+from mimo.engine import engine as engine_module
+from mimo.engine.cuda_graphs import bucket_for, decode_query_len, graph_buckets, graphs_unavailable
+from mimo.engine.kv_cache import LayerKind
+from mimo.engine.scheduler import ScheduledChunk
+from mimo.engine.sequence import Sequence
+from mimo.engine.speculative import ReplayDrafts
+from mimo.models.language_model import MiMoV2ForCausalLM
+from mimo.models.moe import MiMoV2MoE
+
+pytest.importorskip("triton", reason="the static-input forward runs the Triton kernels (interpreter on the CPU)")
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+CPU = torch.device("cpu")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_buckets_are_powers_of_two_then_max_num_seqs():
+    assert graph_buckets(1) == [1]
+    assert graph_buckets(8) == [1, 2, 4, 8]
+    assert graph_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    buckets = graph_buckets(48)
+    assert [bucket_for(n, buckets) for n in (1, 2, 3, 5, 17, 33, 48)] == [1, 2, 4, 8, 32, 48, 48]
+    assert bucket_for(49, buckets) is None
+
+
+def chunk(prompt_len: int, generated: int, num_tokens: int, num_drafts: int = 0) -> ScheduledChunk:
+    seq = Sequence("r", list(range(prompt_len)), SamplingParams(), None, None)
+    seq.token_ids += [7] * generated
+    seq.num_computed_tokens = prompt_len + generated - (num_tokens - num_drafts)
+    return ScheduledChunk.next_of(seq, num_tokens, num_drafts)
+
+
+def test_only_decode_steps_of_one_query_length_are_graph_steps():
+    decode, verify = chunk(5, 3, 1), chunk(5, 3, 3, num_drafts=2)
+    assert decode_query_len([decode, chunk(9, 1, 1)]) == 1
+    assert decode_query_len([verify, chunk(4, 2, 3, num_drafts=2)]) == 3
+    assert decode_query_len([]) is None
+    assert decode_query_len([decode, verify]) is None  # mixed query lengths
+    assert decode_query_len([decode, chunk(5, 0, 5)]) is None  # a prefill chunk beside
+    assert decode_query_len([chunk(5, 0, 1)]) is None  # the prompt's last token: could be a prompt-table row
+    assert decode_query_len([chunk(5, 4, 3)]) is None  # a recompute of generated tokens after preemption
+    not_sampling = ScheduledChunk(decode.seq, decode.start - 1, 1, samples=False)
+    assert decode_query_len([not_sampling]) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> MiMoV2ForCausalLM:
+    # full and sliding layers (sinks on sliding ones), window 8 in blocks of 4, dense + MoE layers, 3 MTP layers
+    model = MiMoV2ForCausalLM(MiMoV2Config.from_hf_config(tiny_hub_config(num_nextn_predict_layers=3)))
+    randomize_weights(model, seed=0)
+    return model.requires_grad_(False).eval().to(DEVICE)
+
+
+@pytest.fixture
+def fused_moe(tiny_model):
+    layers = [m for m in tiny_model.modules() if isinstance(m, MiMoV2MoE)]
+    for layer in layers:
+        layer.impl = "fused"
+    yield
+    for layer in layers:
+        layer.impl = "auto"
+
+
+def make_engine(model, *, graphs: bool, num_speculative_tokens: int = 0, override=None, **overrides) -> LLMEngine:
+    """An engine with the Triton kernels; `graphs` runs the static-input forward (eager on the CPU) for decodes."""
+    config = dict(max_num_seqs=4, max_num_batched_tokens=32, max_prefill_chunk=6, block_size=4, max_model_len=64,
+                  num_full_blocks=48, seed=0, attention_kernel="triton", cuda_graphs=int(graphs),
+                  num_speculative_tokens=num_speculative_tokens)
+    with pytest.MonkeyPatch.context() as patch:
+        if graphs and DEVICE.type == "cpu":  # as on a CUDA device
+            patch.setattr(engine_module, "graphs_unavailable", lambda *args: None)
+        engine = LLMEngine(model, EngineConfig(**config | overrides), test_draft_override=override)
+    assert (engine.runner.graphs is not None) is graphs
+    return engine
+
+
+PROMPTS = [[(salt * 31 + 7 * i + 5) % 96 for i in range(n)] for salt, n in enumerate([3, 13, 21])]
+# different lengths: the batch shrinks 3 -> 2 -> 1 (buckets 4, 2, 1) while the rings wrap (window 8)
+PARAMS = [SamplingParams(max_tokens=n, temperature=0.0) for n in (18, 11, 6)]
+
+
+def test_graphs_are_off_on_the_cpu(tiny_model):
+    model = copy.deepcopy(tiny_model).to(CPU)
+    assert graphs_unavailable(model, CPU, True) == "a cpu device (CUDA graphs need a CUDA device)"
+    config = dict(max_num_seqs=4, max_num_batched_tokens=32, block_size=4, max_model_len=64, num_full_blocks=48)
+    engine = LLMEngine(model, EngineConfig(**config))  # cuda_graphs=1, the default
+    assert engine.runner.graphs is None
+    assert engine.runner.kv_cache.num_blocks[LayerKind.FULL] == 48  # no scratch block
+    off = LLMEngine(model, EngineConfig(**config, cuda_graphs=0))
+    assert generate(engine, PROMPTS, PARAMS) == generate(off, PROMPTS, PARAMS)
+
+
+@pytest.mark.usefixtures("fused_moe")
+def test_static_input_forward_emits_the_eager_tokens_and_logits(tiny_model):
+    """Greedy tokens equal the eager engine's; at every graph step the eager forward of the same chunks gives the
+    same hidden states and logits (float32 here)."""
+    eager = generate(make_engine(tiny_model, graphs=False), PROMPTS, PARAMS)
+    engine = make_engine(tiny_model, graphs=True)
+    runner = engine.runner
+    assert runner.graphs.buckets == [1, 2, 4]
+    assert runner.kv_cache.num_blocks[LayerKind.FULL] == 48 + 1  # the padding rows' scratch block
+    assert engine.kv_stats()["full"]["total_blocks"] == 48
+    forward, compared = runner.forward, []
+
+    def both(inputs):
+        hidden, logits = forward(inputs)
+        if inputs.graph is not None:
+            eager_hidden, eager_logits = forward(runner.prepare(inputs.chunks, allow_graph=False))
+            torch.testing.assert_close(hidden, eager_hidden, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+            compared.append(inputs.graph.bucket)
+        return hidden, logits
+
+    runner.forward = both
+    assert generate(engine, PROMPTS, PARAMS) == eager
+    # every all-decode step: the first sequence's 18 tokens take 18 steps; steps 2-4 still prefill the others
+    assert runner.graphs.replays == len(compared) == 14
+    assert sorted(set(compared)) == [1, 2, 4]
+
+
+@pytest.mark.usefixtures("fused_moe")
+def test_preempted_sequences_recompute_eagerly_then_decode_in_graphs(tiny_model, preemptions):
+    prompts = [[(5 * salt + 3 * i + 1) % 96 for i in range(8)] for salt in range(4)]
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    small = dict(num_full_blocks=12, max_model_len=32)  # 4 sequences of 18 tokens need 20 blocks: preemption
+    eager = generate(make_engine(tiny_model, graphs=False, **small), prompts, params)
+    assert preemptions
+    preemptions.clear()
+    engine = make_engine(tiny_model, graphs=True, **small)
+    assert generate(engine, prompts, params) == eager
+    assert preemptions and engine.runner.graphs.replays > 0
+
+
+@pytest.mark.usefixtures("fused_moe")
+def test_mtp_verify_steps_replay_graphs_of_one_plus_k_tokens(tiny_model):
+    eager = generate(make_engine(tiny_model, graphs=False), PROMPTS, PARAMS)
+    recorded = {f"generate-{i}": p + t for i, (p, t) in enumerate(zip(PROMPTS, eager))}
+    engine = make_engine(tiny_model, graphs=True, num_speculative_tokens=2,
+                         override=ReplayDrafts(recorded, 96, accept_rate=0.7))
+    assert engine.runner.graphs.query_lens == (1, 3)
+    steps = []
+    replay = engine.runner.graphs.replay
+    engine.runner.graphs.replay = lambda step: steps.append(step.query_len) or replay(step)
+    assert generate(engine, PROMPTS, PARAMS) == eager
+    assert 3 in steps  # verifies of 1 + 2 tokens ran through the static-input forward
