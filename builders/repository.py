@@ -42,11 +42,10 @@ from mimo.processing.image import nvjpeg_available
 from mimo.serving import contract
 from mimo.serving.contract import EMBEDDING, ModelSpec, TensorSpec
 from mimo.serving.encode import EncoderConfig, encoder_knobs
+from mimo.serving.triton_config import torch_dtype
 
 MODEL_FILES = Path(__file__).resolve().parents[1] / "model_repository"  # <model>/1/model.py
 MODELS = tuple(contract.MODELS)
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_TRITON_TYPES = {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}
 _CONFIG_TYPES = {"BYTES": "STRING"}  # a model config's name for the BYTES tensor type
 _DEVICE_DEFAULTS = {  # dtype, KV-cache bytes
     "cpu": ("float32", 256 * 2**20),
@@ -81,7 +80,7 @@ class RepositorySettings:
                         choices=tuple(contract.ROLES))  # fmt: skip
     device: str = setting("cpu", "where mimo_encoder and mimo_llm run", choices=tuple(_DEVICE_DEFAULTS))
     dtype: str | None = setting(None, "weights and prompt tables (default: float32 on cpu, bfloat16 on gpu)",
-                                type=str, choices=tuple(_DTYPE_BYTES))  # fmt: skip
+                                type=str, choices=tuple(contract.EMBEDDING_DTYPES))  # fmt: skip
     max_batch: int = setting(16, "max_batch_size of every model")
     encoder_instances: int = setting(1, "mimo_encoder instances (per encoder GPU with --device gpu)")
     encoder_gpus: tuple[int, ...] = setting((0,), "comma-separated GPU ids for mimo_encoder instances (--device gpu)",
@@ -291,7 +290,7 @@ def landing_pool_bytes(settings: RepositorySettings, hidden_size: int) -> int:
     if settings.landing_pool_mb:
         return settings.landing_pool_mb << 20
     if settings.device == "gpu":
-        return 4 * settings.max_media_tokens * hidden_size * _DTYPE_BYTES[settings.resolved_dtype]
+        return 4 * settings.max_media_tokens * hidden_size * torch_dtype(settings.resolved_dtype).itemsize
     return 64 << 20
 
 
@@ -369,7 +368,7 @@ def ensemble_config_text(spec: ModelSpec, models: Mapping[str, ModelSpec], max_b
 
 def cuda_memory_pool_bytes(settings: RepositorySettings, hidden_size: int) -> int:
     """Per GPU: room for every prompt table one round of encoder batches can have in flight to mimo_llm, twice over."""
-    table_bytes = settings.max_media_tokens * hidden_size * _DTYPE_BYTES[settings.resolved_dtype]
+    table_bytes = settings.max_media_tokens * hidden_size * torch_dtype(settings.resolved_dtype).itemsize
     encoder_instances = settings.encoder_instances * len(settings.encoder_gpus)
     return 2 * encoder_instances * settings.max_batch * table_bytes
 
@@ -380,7 +379,7 @@ def render_repository(settings: RepositorySettings, out: Path, model_files: Path
     role = settings.role_spec
     role.check()
     values = deployments(settings)
-    embedding = _TRITON_TYPES[settings.resolved_dtype]
+    embedding = contract.EMBEDDING_DTYPES[settings.resolved_dtype]
     configs = {name: ensemble_config_text(spec, role.models, settings.max_batch, embedding)
                if spec.platform == "ensemble" else model_config_text(spec, values[name], settings.max_batch, embedding)
                for name, spec in role.models.items()}  # fmt: skip

@@ -85,15 +85,72 @@ def triton_server(tiny_checkpoint, tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="module")
-def ucx_tcp():
+@contextlib.contextmanager
+def ucx_environment():
     """UCX's TCP transport only (NIXL peers and servers started meanwhile inherit it; a UCX context reads it when an
     agent starts); with a GPU, cuda_ipc and cuda_copy too. MIMO_TEST_UCX_TLS overrides."""
     saved = os.environ.get("UCX_TLS")
     os.environ["UCX_TLS"] = os.environ.get("MIMO_TEST_UCX_TLS",
                                            "tcp,cuda_ipc,cuda_copy" if torch.cuda.is_available() else "tcp")
-    yield
-    if saved is None:
-        del os.environ["UCX_TLS"]
-    else:
-        os.environ["UCX_TLS"] = saved
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["UCX_TLS"]
+        else:
+            os.environ["UCX_TLS"] = saved
+
+
+@pytest.fixture(scope="module")
+def ucx_tcp():
+    with ucx_environment():
+        yield
+
+
+@pytest.fixture(scope="session")
+def _encoder_pair(tiny_checkpoint, tmp_path_factory):
+    from functools import partial
+
+    from epd_layout import in_parallel, start_server, stop_servers
+
+    settings = serving_settings(tiny_checkpoint)
+    root = tmp_path_factory.mktemp("shared_encoders")
+    with ucx_environment():  # the NIXL handoff's encoder servers too
+        servers = in_parallel(*(partial(start_server, settings, root / f"encoder{i}", role="encoder")
+                                for i in range(2)))  # fmt: skip
+    yield servers  # a killed one is replaced in place when the next module takes the pair
+    stop_servers(servers)
+
+
+@pytest.fixture(scope="module")
+def shared_encoders(_encoder_pair, request):
+    """The session's two encoder servers (`--role encoder`, default settings; tests/epd_layout.py), alive, ready
+    and with no shared-memory region registered when a module takes them. A test may kill one (the next module
+    gets it started again on its ports) or stop and resume it; anything else it changes, it puts back. Stopped
+    after the last module that takes them."""
+    from epd_layout import restore, stop_servers
+
+    with ucx_environment():
+        restore(_encoder_pair)
+    yield _encoder_pair
+    if request.module.__name__ == request.config.stash[_LAST_PAIR_MODULE]:
+        stop_servers(_encoder_pair)
+
+
+_LAST_PAIR_MODULE = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own ordering by fixture parameters, which this keeps
+def pytest_collection_modifyitems(config, items):
+    """The modules that take `shared_encoders` run one after another, from where the first of them is, so the pair
+    is up only while they run: even idle, each encode_item_nixl instance's NIXL progress thread spins (~15% of a
+    core; two instances per encoder server)."""
+    users = [item for item in items if "shared_encoders" in getattr(item, "fixturenames", ())]
+    if not users:
+        return
+    modules = {item.module.__name__ for item in users}
+    first = next(i for i, item in enumerate(items) if item.module.__name__ in modules)
+    block = [item for item in items if item.module.__name__ in modules]
+    rest = [item for item in items if item.module.__name__ not in modules]
+    items[:] = rest[:first] + block + rest[first:]
+    config.stash[_LAST_PAIR_MODULE] = block[-1].module.__name__

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from conftest import serving_settings
+from epd_layout import (assert_no_slice_in_use, colocated_tokens, encoded_items, metric, start_server, stop_servers,
+                        tokens)  # fmt: skip
 from mimo.epd.cache import EmbeddingCache
 from mimo.serving.triton_config import torch_dtype
-from test_epd_language import IMAGES, TONE, assert_no_slice_in_use, encoded_items, metric, start_server, tokens
+from test_epd_language import IMAGES, TONE
 
 
 def rows(n: int, value: int) -> torch.Tensor:
@@ -38,25 +40,23 @@ def test_a_cache_needs_room():
         EmbeddingCache(0)
 
 
-# -- with real tritonserver processes: one encoder server, one language server with the cache on
+# -- with real tritonserver processes: one encoder server (of the session's pair), one language server with the
+# cache on
 
 
 @pytest.fixture(scope="module")
-def layout(tiny_checkpoint, tmp_path_factory):
-    settings = serving_settings(tiny_checkpoint)
-    root = tmp_path_factory.mktemp("epd_cache")
-    encoder = start_server(settings, root / "encoder", role="encoder")
-    language = start_server(settings, root / "language", role="language", encoder_urls=encoder.grpc_url,
-                            embedding_cache_mb=1)  # fmt: skip
+def layout(shared_encoders, tiny_checkpoint, tmp_path_factory):
+    encoder = shared_encoders[0]
+    language = start_server(serving_settings(tiny_checkpoint), tmp_path_factory.mktemp("epd_cache") / "language",
+                            role="language", encoder_urls=encoder.grpc_url, embedding_cache_mb=1)  # fmt: skip
     yield encoder, language
-    for server in (language, encoder):
-        assert server.stop() == 0, server.log_tail()
+    stop_servers([language])
 
 
 def test_repeats_are_served_from_the_cache_with_the_same_tokens(layout, triton_server):
     encoder, language = layout
     kwargs = {"images": IMAGES[:2], "audios": [TONE], "max_tokens": 6, "temperature": 0.0}
-    expected = tokens(triton_server, **kwargs)
+    expected = colocated_tokens(triton_server, **kwargs)
     hits, misses = metric(language, "mimo_epd_cache_hits_total"), metric(language, "mimo_epd_cache_misses_total")
     assert tokens(language, **kwargs) == expected
     encoded = encoded_items(encoder)
@@ -68,7 +68,7 @@ def test_repeats_are_served_from_the_cache_with_the_same_tokens(layout, triton_s
     (line,) = [line for line in language.log().splitlines() if "mimo_epd items:" in line][-1:]
     assert line.count("<- cache") == 3, line
     # a new item beside cached ones: only it is encoded
-    assert tokens(language, images=IMAGES[1:], max_tokens=4, temperature=0.0) == tokens(
+    assert tokens(language, images=IMAGES[1:], max_tokens=4, temperature=0.0) == colocated_tokens(
         triton_server, images=IMAGES[1:], max_tokens=4, temperature=0.0)  # fmt: skip
     assert encoded_items(encoder) == encoded + 1
     assert_no_slice_in_use(language)

@@ -1,8 +1,8 @@
-"""An encoder server (`builders repository --role encoder`) as a real tritonserver: one item's raw bytes and planned
-metadata in over gRPC, its rows written by mimo_encoder itself into the slice of a landing pool the request names
-(system shared memory; with MIMO_SERVING_DEVICE=gpu a CUDA region, by IPC handle), equal to what the colocated
-mimo_encoder computes, each region mapped once; wrong-size slices, slices outside their region, unknown regions and
-wrong metadata refused, the slice untouched; nothing registered with the server.
+"""An encoder server (`builders repository --role encoder`, one of the session's pair) as a real tritonserver: one
+item's raw bytes and planned metadata in over gRPC, its rows written by mimo_encoder itself into the slice of a
+landing pool the request names (system shared memory; with MIMO_SERVING_DEVICE=gpu a CUDA region, by IPC handle),
+equal to what the colocated mimo_encoder computes, each region mapped once; wrong-size slices, slices outside their
+region, unknown regions and wrong metadata refused, the slice untouched; nothing registered with the server.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import LLM_GPU, SERVING_DEVICE, serving_settings
 from mimo.epd.direct_write import SliceTarget
 from mimo.epd.handoff import HANDOFF_US, TABLE, TABLE_SHAPE, slice_inputs
-from mimo.epd.item_encoding import DTYPE_BYTES, ENCODER_METADATA, check_encoded_item
+from mimo.epd.item_encoding import ENCODER_METADATA, check_encoded_item
 from mimo.epd.landing import LandingPool, landing_region
 from mimo.epd.metadata import ItemMetadata, MetadataError
 from mimo.epd.orchestrate import encode_inputs
@@ -43,15 +43,8 @@ def settings(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def encoder_server(settings, tmp_path_factory):
-    from builders.repository import render_repository
-    from tools.server_process import TritonServer
-
-    root = tmp_path_factory.mktemp("encoder_server")
-    command = render_repository(settings, root / "repository")
-    server = TritonServer(root / "repository", root / "tritonserver.log", extra_args=command[2:]).start()
-    yield server
-    assert server.stop() == 0, server.log_tail()
+def encoder_server(shared_encoders):
+    return shared_encoders[0]  # rendered from `settings`
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +113,7 @@ def test_rows_land_in_the_slice_equal_to_the_colocated_encoder(encoder_server, p
     item, decoded = planned(processor, "image", IMAGE)
     rows = item.metadata.num_tokens
     client = grpcclient.InferenceServerClient(encoder_server.grpc_url)
-    with pool.reserve(rows * hidden * DTYPE_BYTES[settings.resolved_dtype], timeout_s=TIMEOUT_S) as lease:
+    with pool.reserve(rows * hidden * dtype.itemsize, timeout_s=TIMEOUT_S) as lease:
         lease.view(torch.uint8, (lease.byte_size,)).fill_(0xFF)  # NaN everywhere until the encoder writes the rows
         pool.region.synchronize()  # a CUDA region: the fill is done before the encoder process writes
         with lease.remote_write():
@@ -156,8 +149,7 @@ def test_items_of_one_request_land_side_by_side_from_asyncio(encoder_server, poo
     items = [planned(processor, kind, data) for kind, data in (("image", IMAGE), ("audio", AUDIO), ("video", VIDEO))]
 
     async def encode(client, item: PlannedItem):
-        lease = await pool.reserve_async(item.metadata.num_tokens * hidden * DTYPE_BYTES[settings.resolved_dtype],
-                                         timeout_s=TIMEOUT_S)  # fmt: skip
+        lease = await pool.reserve_async(item.metadata.num_tokens * hidden * dtype.itemsize, timeout_s=TIMEOUT_S)
         with lease.remote_write():
             await client.infer("encode_item", written_inputs(grpcaio, item, lease),
                                outputs=written_outputs(grpcaio), client_timeout=TIMEOUT_S)  # fmt: skip
@@ -180,9 +172,9 @@ def test_items_of_one_request_land_side_by_side_from_asyncio(encoder_server, poo
 
 
 def test_a_wrong_size_slice_is_refused_and_left_untouched(encoder_server, pool, processor, reference, settings):
-    hidden, _ = row_geometry(settings, reference)
+    hidden, dtype = row_geometry(settings, reference)
     item, _ = planned(processor, "image", IMAGE)
-    row_bytes = hidden * DTYPE_BYTES[settings.resolved_dtype]
+    row_bytes = hidden * dtype.itemsize
     exact = item.metadata.num_tokens * row_bytes
     region = pool.region
     unknown = ({"cuda_handle": bytes(64)}, "opening landing_cuda_handle of region .* failed") if region.kind == "cuda" \
@@ -215,9 +207,9 @@ def test_a_wrong_size_slice_is_refused_and_left_untouched(encoder_server, pool, 
 
 def test_each_landing_region_is_mapped_once(encoder_server, pool, processor, settings, reference):
     """The encoder maps a region at its first slice and keeps the mapping: one log line per region (one instance)."""
-    hidden, _ = row_geometry(settings, reference)
+    hidden, dtype = row_geometry(settings, reference)
     item, _ = planned(processor, "image", IMAGE)
-    byte_size = item.metadata.num_tokens * hidden * DTYPE_BYTES[settings.resolved_dtype]
+    byte_size = item.metadata.num_tokens * hidden * dtype.itemsize
     client = grpcclient.InferenceServerClient(encoder_server.grpc_url)
     for _ in range(3):
         with pool.reserve(byte_size, timeout_s=TIMEOUT_S) as lease, lease.remote_write():

@@ -16,8 +16,9 @@ import pytest
 
 from client import GenerationError
 from conftest import serving_settings
-from test_epd_language import (IMAGES, QUESTION, TONE, assert_no_slice_in_use, encoded_items, metric, start_server,
-                               tokens)
+from epd_layout import (QUESTION, assert_no_slice_in_use, colocated_tokens, encoded_items, metric, start_server,
+                        stop_servers, tokens)  # fmt: skip
+from test_epd_language import IMAGES, TONE
 from triton_harness import server_binary_pid
 
 FAULT_ROWS = -1
@@ -42,9 +43,7 @@ def servers(tiny_checkpoint, tmp_path_factory):
                                                           local_encoder=name == "local", encoder_timeout_ms=10000),
                                 ("plain", "local"))  # fmt: skip
     yield {"good": good, "faulty": faulty, "plain": plain, "local": local, "files": files}
-    for server in (plain, local, good, faulty):
-        if server.process.poll() is None:
-            assert server.stop() == 0, server.log_tail()
+    stop_servers([plain, local, good, faulty])
 
 
 def llm_requests(server) -> float:
@@ -81,7 +80,7 @@ def test_a_faulty_servers_answers_are_rejected_and_retried_on_the_good_one(serve
     good, faulty, plain = servers["good"], servers["faulty"], servers["plain"]
     assert "TEST-ONLY FAULT (test_fault_rows=-1)" in faulty.log()
     kwargs = {"images": IMAGES, "audios": [TONE], "max_tokens": 4, "temperature": 0.0}
-    expected = tokens(triton_server, **kwargs)
+    expected = colocated_tokens(triton_server, **kwargs)
     retries, answered = metric(plain, "mimo_epd_retries_total"), encoded_items(faulty)
     for _ in range(8):  # 4 items over the two servers: the faulty one takes some unless it is still marked down
         assert tokens(plain, **kwargs) == expected
@@ -119,7 +118,7 @@ def test_only_faulty_servers_fail_the_request_naming_the_wrong_shape(servers):
 def test_the_local_encoder_encodes_what_the_encoder_servers_fail(servers, triton_server):
     faulty, local, files = servers["faulty"], servers["local"], servers["files"]
     kwargs = {"images": IMAGES[:2], "audios": [TONE], "max_tokens": 4, "temperature": 0.0}
-    expected = tokens(triton_server, **kwargs)
+    expected = colocated_tokens(triton_server, **kwargs)
     files["local"].write_text(f"{faulty.grpc_url}\n")
     fallbacks = metric(local, "mimo_epd_fallbacks_total")
     assert tokens(local, **kwargs) == expected
@@ -137,7 +136,7 @@ def test_with_every_encoder_server_dead_only_the_local_encoder_serves(servers, t
         os.kill(server_binary_pid(server), signal.SIGKILL)
         server.process.wait(60)
     kwargs = {"images": IMAGES[1:], "audios": [TONE], "max_tokens": 4, "temperature": 0.0}
-    expected = tokens(triton_server, **kwargs)
+    expected = colocated_tokens(triton_server, **kwargs)
     fallbacks = metric(local, "mimo_epd_fallbacks_total")
     assert tokens(local, **kwargs) == expected
     assert metric(local, "mimo_epd_fallbacks_total") - fallbacks == 3

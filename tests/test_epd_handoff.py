@@ -1,6 +1,6 @@
-"""handoff nixl and grpc end to end: two encoder servers and a language server (`builders repository --role language
---handoff nixl|grpc`) as real tritonserver processes on loopback, NIXL over UCX TCP (UCX_TLS=tcp; on a GPU also
-cuda_ipc, the language pool in mimo_llm's GPU memory: VRAM to VRAM): the colocated
+"""handoff nixl and grpc end to end: two encoder servers (the session's pair) and a language server per mode
+(`builders repository --role language --handoff nixl|grpc`) as real tritonserver processes on loopback, NIXL over
+UCX TCP (UCX_TLS=tcp; on a GPU also cuda_ipc, the language pool in mimo_llm's GPU memory: VRAM to VRAM): the colocated
 ensemble's exact tokens (the comparison of tests/test_epd_language.py, which covers shm); one request's items on
 both encoder servers; no shared memory registered with them; the counters by mode. And the encoder server's
 encode_item_nixl alone: it refuses a descriptor that is not the declared size (nothing written), and writes exactly
@@ -9,7 +9,7 @@ the rows encode_item sends back."""
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import pytest
@@ -18,39 +18,48 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import serving_settings
+from epd_layout import (assert_no_slice_in_use, colocated_tokens, in_parallel, metric, start_server, stop_servers,
+                        tokens)  # fmt: skip
 from mimo.epd.handoff import (ENCODE_ITEM_NIXL, NIXL_AGENT, NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, HANDOFF_US,
                               TABLE, TABLE_SHAPE, item_inputs)  # fmt: skip
-from mimo.epd.item_encoding import DTYPE_BYTES, ENCODER_METADATA
+from mimo.epd.item_encoding import ENCODER_METADATA
 from mimo.epd.nixl_transfer import LandingAgent
 from mimo.epd.plan import plan_request
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.triton_config import torch_dtype
-from test_epd_language import IMAGES, REQUESTS, TONE, assert_no_slice_in_use, metric, start_server, tokens
+from test_epd_language import IMAGES, REQUESTS, TONE
 from nixl_peer import LocalRegion
 
 TIMEOUT_S = 120
+MODES = ("nixl", "grpc")
 
 
 @pytest.fixture(scope="module")
-def encoders(tiny_checkpoint, tmp_path_factory, ucx_tcp):
-    settings = serving_settings(tiny_checkpoint)
-    root = tmp_path_factory.mktemp("handoff")
-    with ThreadPoolExecutor(2) as pool:
-        servers = list(pool.map(lambda i: start_server(settings, root / f"encoder{i}", role="encoder"), range(2)))
+def encoders(shared_encoders):
+    return shared_encoders
+
+
+@pytest.fixture(scope="module")
+def languages(encoders, tiny_checkpoint, tmp_path_factory, ucx_tcp):
+    """A language server per mode, started side by side."""
+
+    def start(mode, root):
+        server = start_server(serving_settings(tiny_checkpoint), root, role="language", handoff=mode,
+                              encoder_urls=",".join(e.grpc_url for e in encoders), encoder_timeout_ms=10000)
+        server.mode = mode
+        return server
+
+    roots = [tmp_path_factory.mktemp(f"language_{mode}") for mode in MODES]
+    servers = dict(zip(MODES, in_parallel(*(partial(start, mode, root) for mode, root in zip(MODES, roots)))))
     yield servers
-    for server in servers:
-        assert server.stop() == 0, server.log_tail()
+    stop_servers(servers.values())
 
 
-@pytest.fixture(scope="module", params=["nixl", "grpc"])
-def language(request, encoders, tiny_checkpoint, tmp_path_factory, ucx_tcp):
-    mode = request.param
-    server = start_server(serving_settings(tiny_checkpoint), tmp_path_factory.mktemp(f"language_{mode}"),
-                          role="language", handoff=mode, encoder_urls=",".join(e.grpc_url for e in encoders),
-                          encoder_timeout_ms=10000)  # fmt: skip
-    server.mode = mode
+@pytest.fixture(scope="module", params=MODES)
+def language(request, languages):
+    server = languages[request.param]
     yield server
-    assert server.stop() == 0, server.log_tail()
+    stop_servers([server])  # a mode's tests run together: done (and idle, nixl's progress threads spin)
 
 
 def successes(server, model: str) -> int:
@@ -66,14 +75,14 @@ def served_model(mode: str) -> str:
 @pytest.mark.parametrize("kind", sorted(REQUESTS))
 def test_greedy_tokens_equal_the_colocated_ensemble(language, triton_server, kind, stream):
     kwargs = dict(REQUESTS[kind], max_tokens=8, temperature=0.0, stream=stream)
-    assert tokens(language, **kwargs) == tokens(triton_server, **kwargs)
+    assert tokens(language, **kwargs) == colocated_tokens(triton_server, **kwargs)
     assert_no_slice_in_use(language)
 
 
 def test_seeded_sampling_equals_the_colocated_ensemble(language, triton_server):
     kwargs = {"images": IMAGES[:2], "audios": [TONE], "max_tokens": 10, "temperature": 1.0, "top_k": 50,
               "top_p": 0.95, "seed": 7}  # fmt: skip
-    assert tokens(language, **kwargs) == tokens(triton_server, **kwargs)
+    assert tokens(language, **kwargs) == colocated_tokens(triton_server, **kwargs)
 
 
 def test_items_reach_both_encoders_without_shared_memory_and_are_counted_by_mode(language, encoders):
@@ -133,7 +142,7 @@ def test_encode_item_nixl_refuses_a_wrong_descriptor_and_writes_the_rows_encode_
                             client_timeout=TIMEOUT_S).as_numpy(TABLE)  # fmt: skip
     rows, hidden = expected.shape[1:]
     dtype = serving_settings(tiny_checkpoint).resolved_dtype
-    exact = rows * hidden * DTYPE_BYTES[dtype]
+    exact = rows * hidden * torch_dtype(dtype).itemsize
     region.view(0, region.byte_size).fill_(0xAB)
     for offset, size, declared, message in (
         (0, exact + 256, exact, f"nixl_descriptor names {exact + 256} bytes, output_byte_size declares \\[{exact}\\]"),

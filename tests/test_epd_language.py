@@ -1,8 +1,9 @@
-"""Two encoder servers and one language server (`builders repository --role encoder / language`) as real
-tritonserver processes on loopback: the colocated ensemble's exact tokens for text-only, multi-image, audio and
-video-with-sound requests (greedy and seeded sampling, streamed and not); one request's items spread over both
-encoder servers; 8 identical images encoded once; an encoder SIGKILLed mid-run loses no request; a listed server
-that is not there is skipped; a hung (SIGSTOPped) one survived within the deadline; no landing slice left in use."""
+"""Two encoder servers (the session's pair, tests/epd_layout.py) and one language server (`builders repository
+--role encoder / language`) as real tritonserver processes on loopback: the colocated ensemble's exact tokens for
+text-only, multi-image, audio and video-with-sound requests (greedy and seeded sampling, streamed and not); one
+request's items spread over both encoder servers; 8 identical images encoded once; an encoder SIGKILLed mid-run
+loses no request; a listed server that is not there is skipped; a hung (SIGSTOPped) one survived within the
+deadline; no landing slice left in use."""
 
 from __future__ import annotations
 
@@ -19,15 +20,15 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from client import MiMoClient
 from client.sample_media import sample_image, sample_tone
 from conftest import SERVED_MAX_MODEL_LEN, SERVING_DEVICE, serving_settings
+from epd_layout import (QUESTION, assert_no_slice_in_use, colocated_tokens, encoded_items, metric, start_server,
+                        stop_servers, tokens)  # fmt: skip
 from mimo.serving.contract import triton_type
 from processing_media import encode_video
 from tools import traffic
 from triton_harness import free_ports, server_binary_pid
 
-QUESTION = "What do you see and hear?"
 IMAGES = [sample_image((200, 40, 40)), sample_image((30, 60, 220), (64, 96)), sample_image((10, 200, 90), (48, 48))]
 TONE = sample_tone()
 VIDEO = encode_video(2.0, 4)  # H.264 + AAC
@@ -39,54 +40,19 @@ REQUESTS = {
 }
 
 
-def start_server(settings, root, **role):
-    from builders.repository import render_repository
-    from tools.server_process import TritonServer
-
-    root.mkdir(parents=True, exist_ok=True)
-    command = render_repository(dataclasses.replace(settings, **role), root / "repository")
-    return TritonServer(root / "repository", root / "tritonserver.log", extra_args=command[2:]).start()
-
-
 @pytest.fixture(scope="module")
-def layout(tiny_checkpoint, tmp_path_factory):
-    """[encoder, encoder], language (listed the two by URL, and a watched file, empty at first)."""
-    settings = serving_settings(tiny_checkpoint)
+def layout(shared_encoders, tiny_checkpoint, tmp_path_factory):
+    """[encoder, encoder] (the session's pair), language (listed the two by URL, and a watched file, empty at
+    first)."""
+    encoders = shared_encoders
     root = tmp_path_factory.mktemp("epd")
-    with ThreadPoolExecutor(2) as pool:
-        encoders = list(pool.map(lambda i: start_server(settings, root / f"encoder{i}", role="encoder"), range(2)))
     urls_file = root / "encoders.txt"
     urls_file.write_text("# more encoder servers\n")
-    language = start_server(settings, root / "language", role="language",
+    language = start_server(serving_settings(tiny_checkpoint), root / "language", role="language",
                             encoder_urls=",".join(e.grpc_url for e in encoders), encoder_urls_file=str(urls_file),
                             encoder_timeout_ms=10000)  # fmt: skip
     yield encoders, language, urls_file
-    for server in (language, *encoders):
-        if server.process.poll() is None:
-            assert server.stop() == 0, server.log_tail()
-
-
-def tokens(server, text=QUESTION, **kwargs) -> list[int]:
-    with MiMoClient(server.grpc_url, "grpc") as client:
-        return list(client.generate(text, **kwargs))[-1].token_ids
-
-
-def encoded_items(server) -> int:
-    """encode_item requests the server answered with success."""
-    found = re.search(r'nv_inference_request_success\{model="encode_item",version="1"\} (\d+)', server.metrics())
-    return int(found.group(1)) if found else 0
-
-
-def metric(server, name: str) -> float:
-    values = re.findall(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", server.metrics(), re.M)
-    return sum(float(v) for v in values)
-
-
-def assert_no_slice_in_use(language, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while metric(language, "mimo_epd_landing_slices_in_use") != 0:
-        assert time.monotonic() < deadline, "a landing slice is still in use"
-        time.sleep(0.1)
+    stop_servers([language])
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -94,7 +60,7 @@ def assert_no_slice_in_use(language, timeout_s: float = 30.0) -> None:
 def test_greedy_tokens_equal_the_colocated_ensemble(layout, triton_server, kind, stream):
     _, language, _ = layout
     kwargs = dict(REQUESTS[kind], max_tokens=8, temperature=0.0, stream=stream)
-    assert tokens(language, **kwargs) == tokens(triton_server, **kwargs)
+    assert tokens(language, **kwargs) == colocated_tokens(triton_server, **kwargs)
     assert_no_slice_in_use(language)
 
 
@@ -102,7 +68,7 @@ def test_seeded_sampling_equals_the_colocated_ensemble(layout, triton_server):
     _, language, _ = layout
     kwargs = {"images": IMAGES[:2], "audios": [TONE], "max_tokens": 10, "temperature": 1.0, "top_k": 50,
               "top_p": 0.95, "seed": 7}  # fmt: skip
-    assert tokens(language, **kwargs) == tokens(triton_server, **kwargs)
+    assert tokens(language, **kwargs) == colocated_tokens(triton_server, **kwargs)
 
 
 def test_the_items_of_one_request_reach_both_encoder_servers(layout):
@@ -136,7 +102,7 @@ def test_eight_identical_images_are_encoded_once(layout, triton_server):
     encoders, language, _ = layout
     before, hits = sum(encoded_items(e) for e in encoders), metric(language, "mimo_epd_dedup_hits_total")
     kwargs = {"images": [IMAGES[1]] * 8, "max_tokens": 6, "temperature": 0.0}
-    assert tokens(language, **kwargs) == tokens(triton_server, **kwargs)
+    assert tokens(language, **kwargs) == colocated_tokens(triton_server, **kwargs)
     assert sum(encoded_items(e) for e in encoders) - before == 1
     assert metric(language, "mimo_epd_dedup_hits_total") - hits == 7
 
@@ -148,7 +114,7 @@ def test_the_watched_file_changes_the_list_without_a_restart(layout, triton_serv
     (dead_port,) = free_ports(1)
     dead = f"127.0.0.1:{dead_port}"
     kwargs = {"images": IMAGES[:2], "max_tokens": 4, "temperature": 0.0}
-    expected = tokens(triton_server, **kwargs)
+    expected = colocated_tokens(triton_server, **kwargs)
     urls_file.write_text(f"{dead}\n")
     try:
         assert tokens(language, **kwargs) == expected
@@ -163,7 +129,7 @@ def test_a_hung_encoder_server_is_survived_within_the_deadline(layout, triton_se
     quarantined: the hung server may still write it); after SIGCONT it is probed ready and used again."""
     encoders, language, _ = layout
     kwargs = {"images": IMAGES, "audios": [TONE], "max_tokens": 4, "temperature": 0.0}
-    expected = tokens(triton_server, **kwargs)
+    expected = colocated_tokens(triton_server, **kwargs)
     retries = metric(language, "mimo_epd_retries_total")
     pid = server_binary_pid(encoders[1])
     os.kill(pid, signal.SIGSTOP)
@@ -254,11 +220,12 @@ def test_an_item_every_server_refuses_fails_the_request_naming_each_cause(layout
 
 
 def test_sigkill_of_an_encoder_server_mid_run_loses_no_request(layout, triton_server):
-    """Last in this module: one encoder server is killed while requests run; every one of 12 requests still gets
-    the colocated tokens (its items retried on the other server)."""
+    """Last in this module: one encoder server is killed while requests run (the next module to take the session's
+    pair starts it again); every one of 12 requests still gets the colocated tokens (its items retried on the other
+    server)."""
     encoders, language, _ = layout
     kwargs = {"images": IMAGES, "audios": [TONE], "max_tokens": 4, "temperature": 0.0}
-    expected = tokens(triton_server, **kwargs)
+    expected = colocated_tokens(triton_server, **kwargs)
     retries = metric(language, "mimo_epd_retries_total")
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(tokens, language, **kwargs) for _ in range(12)]

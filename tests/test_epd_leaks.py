@@ -23,8 +23,8 @@ import tritonclient.grpc as grpcclient
 from client import GenerationError, MiMoClient
 from client.sample_media import sample_image, sample_tone
 from conftest import serving_settings
+from epd_layout import assert_no_slice_in_use, encoded_items, restart, start_server, stop_servers
 from mimo.serving.contract import triton_type
-from test_epd_language import assert_no_slice_in_use, encoded_items, start_server
 from tools import traffic
 from tools.server_process import TritonServer
 from triton_harness import server_binary_pid, shm_prefix, shm_regions
@@ -53,18 +53,13 @@ ACTIONS = {"complete": 12, "whole": 3, "cancel_encoding": 2, "cancel_generating"
 
 
 @pytest.fixture(scope="module")
-def layout(tiny_checkpoint, tmp_path_factory):
-    settings = serving_settings(tiny_checkpoint)
+def layout(shared_encoders, tiny_checkpoint, tmp_path_factory, ucx_tcp):
+    """The session's encoder pair (ucx_tcp: the one restarted here starts as the pair did) and a language server."""
     root = tmp_path_factory.mktemp("epd_leaks")
-    with ThreadPoolExecutor(2) as pool:
-        encoders = list(pool.map(lambda i: start_server(settings, root / f"encoder{i}", role="encoder"), range(2)))
-    language = start_server(settings, root / "language", role="language",
-                            encoder_urls=",".join(e.grpc_url for e in encoders))
-    servers = {"encoders": encoders, "language": language, "root": root}
-    yield servers
-    for server in (language, *servers["encoders"]):
-        if server.process.poll() is None:
-            assert server.stop() == 0, server.log_tail()
+    language = start_server(serving_settings(tiny_checkpoint), root / "language", role="language",
+                            encoder_urls=",".join(e.grpc_url for e in shared_encoders))  # fmt: skip
+    yield {"encoders": shared_encoders, "language": language, "root": root}
+    stop_servers([language])
 
 
 def complete(url: str, variant: str, stream: bool) -> list[int]:
@@ -107,13 +102,6 @@ def bad_request(url: str, rng: random.Random) -> None:
             assert words in str(error), f"refusal of {kwargs} without {words!r}: {error}"
         else:
             raise AssertionError(f"bad request {kwargs} was accepted")
-
-
-def restart(server: TritonServer, root) -> TritonServer:
-    """A new encoder server on the killed one's ports (its address in the language server's list)."""
-    fresh = TritonServer(server.model_repository, root / "restarted.log", extra_args=server.extra_args)
-    fresh.http_port, fresh.grpc_port, fresh.metrics_port = server.http_port, server.grpc_port, server.metrics_port
-    return fresh.start()
 
 
 def registered_regions(server: TritonServer) -> list[str]:
@@ -165,9 +153,9 @@ def test_two_thousand_mixed_requests_leave_nothing_held(layout):
                 os.kill(server_binary_pid(encoders[1]), signal.SIGKILL)
                 encoders[1].process.wait(60)
             if finished == 2 * REQUESTS // 3:  # the traffic goes on while it starts
-                restarted = restarter.submit(restart, encoders[1], root / "encoder1")
+                restarted = restarter.submit(restart, encoders[1], root / "encoder1_restarted.log")
         elapsed = time.monotonic() - started
-        encoders[1] = layout["encoders"][1] = restarted.result(timeout=300)
+        encoders[1] = restarted.result(timeout=300)  # in the session's pair too
     print(f"{REQUESTS} requests in {elapsed:.0f} s: {dict(counts)}")
     assert failures == [], failures[:20]
     assert sum(counts.values()) == REQUESTS and set(counts) == set(ACTIONS), counts

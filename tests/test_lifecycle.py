@@ -19,6 +19,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from conftest import SERVED_MAX_MODEL_LEN, serving_settings
+from mimo.serving.contract import triton_type
 from mimo.serving.lifecycle import SHUTTING_DOWN, draining
 from test_serving_e2e import wait_kv_all_free
 from triton_harness import TritonServer, descendants, server_environ, shm_prefix, shm_regions, wait_gone
@@ -26,8 +27,6 @@ from triton_harness import TritonServer, descendants, server_environ, shm_prefix
 STREAMS = 16
 STOP_BUDGET_S = 10.0
 MAX_TOKENS = SERVED_MAX_MODEL_LEN - 128  # never reached before the signal
-DATATYPES = {np.dtype(bool): "BOOL", np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
-             np.dtype(np.float32): "FP32"}  # fmt: skip
 
 
 def test_draining_follows_the_drain_file(monkeypatch, tmp_path):
@@ -59,7 +58,7 @@ class OpenStream:
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
         inputs = []
         for name, array in arrays.items():
-            inputs.append(grpcclient.InferInput(name, list(array.shape), DATATYPES[array.dtype]))
+            inputs.append(grpcclient.InferInput(name, list(array.shape), triton_type(array.dtype)))
             inputs[-1].set_data_from_numpy(array)
         self.client.async_stream_infer(model, inputs, enable_empty_final_response=True)
 

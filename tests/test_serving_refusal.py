@@ -20,7 +20,7 @@ from conftest import SERVED_MAX_MODEL_LEN, serving_settings
 from mimo.config import MiMoV2Config
 from mimo.processing.items import PACKED_MEDIA_TENSORS
 from mimo.processing.processor import MiMoProcessor
-from mimo.serving.contract import triton_type
+from mimo.serving.contract import EMBEDDING_DTYPES, triton_type
 from mimo.serving.preprocess import preprocess_request
 from processing_media import encode_audio, encode_image, tone
 from test_processing_early_refusal import silent_wav
@@ -153,8 +153,7 @@ def test_mimo_encoder_refuses_non_finite_or_inconsistent_media(triton_server, pa
     assert_still_serving(triton_server)
 
 
-TABLE_TYPES = {"float32": (np.float32, "FP32"), "float16": (np.float16, "FP16"),
-               "bfloat16": (ml_dtypes.bfloat16, "BF16")}  # fmt: skip
+TABLE_TYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}  # numpy's, for the wire
 
 
 @pytest.mark.parametrize("rows, width, value, message", [
@@ -165,7 +164,8 @@ TABLE_TYPES = {"float32": (np.float32, "FP32"), "float16": (np.float16, "FP16"),
 def test_mimo_llm_refuses_a_bad_prompt_table(triton_server, tiny_checkpoint, rows, width, value, message):
     hidden = MiMoV2Config.from_pretrained(tiny_checkpoint).hidden_size
     vocab_size = MiMoProcessor.from_checkpoint(tiny_checkpoint).vocab_size
-    dtype, triton_dtype = TABLE_TYPES[serving_settings(tiny_checkpoint).resolved_dtype]
+    served = serving_settings(tiny_checkpoint).resolved_dtype
+    dtype, triton_dtype = TABLE_TYPES[served], EMBEDDING_DTYPES[served]
     arrays = raw_inputs({
         "input_ids": np.array([[1, 2, vocab_size]], dtype=np.int32),
         "request_output_len": np.array([[2]], dtype=np.int32),

@@ -25,20 +25,19 @@ from mimo.processing.chat import MediaPart
 from mimo.processing.config import ProcessorConfig
 from mimo.processing.items import pack_items
 from mimo.processing.processor import preprocess_media, processor_config_from_checkpoint
+from mimo.serving.triton_config import torch_dtype
 
 MEDIA_BYTES = "media_bytes"  # BYTES [1]: the raw encoded file of one item
 ITEM_METADATA = "item_metadata"  # BYTES [1]: the plan's ItemMetadata JSON
 ENCODER_METADATA = "encoder_metadata"  # BYTES [1]: the metadata the encoder found (equal to the plan)
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class ItemPreprocessor:
     def __init__(self, config: ProcessorConfig, hidden_size: int, dtype: str, *, jpeg_to_encoder: bool = False):
-        if dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
         self.config, self.hidden_size, self.dtype = config, hidden_size, dtype
+        self.value_bytes = torch_dtype(dtype).itemsize
         self.jpeg_to_encoder = jpeg_to_encoder  # JPEGs left for mimo_encoder to decode (nvJPEG)
-        self.row_bytes = hidden_size * DTYPE_BYTES[dtype]
+        self.row_bytes = hidden_size * self.value_bytes
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, dtype: str, *, jpeg_to_encoder: bool = False
@@ -77,7 +76,7 @@ class ItemPreprocessor:
         if byte_size != expected:
             raise MetadataError(f"{OUTPUT_BYTE_SIZE} is {byte_size}, but the item's embeddings are {expected} bytes "
                                 f"({ITEM_METADATA}.num_tokens {num_tokens} x hidden_size {self.hidden_size} x "
-                                f"{DTYPE_BYTES[self.dtype]} bytes of {self.dtype})")  # fmt: skip
+                                f"{self.value_bytes} bytes of {self.dtype})")  # fmt: skip
 
 
 def check_encoded_item(planned: ItemMetadata, encoder_metadata: np.ndarray | None, rows_shape: Sequence[int],

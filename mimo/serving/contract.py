@@ -30,6 +30,9 @@ from mimo.serving.encode import encoder_knobs
 from mimo.serving.preprocess import MEDIA_INPUTS
 
 EMBEDDING = "EMBEDDING"  # dtype placeholder: the deployment's weight / prompt-table dtype
+# the deployment dtypes (`--dtype`) and the Triton type EMBEDDING is for each; the torch dtype is torch's of that
+# name (mimo.serving.triton_config.torch_dtype), its element size that dtype's itemsize
+EMBEDDING_DTYPES = {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}
 _NUMPY_TYPES = {
     np.dtype(np.int8): "INT8", np.dtype(np.uint8): "UINT8", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
     np.dtype(np.uint64): "UINT64", np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",

@@ -27,9 +27,10 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from mimo.epd.landing import LandingError, LandingPool, Lease
-from mimo.serving.contract import POSTPROCESSING, STOP_REQUEST_ID
+from mimo.serving.contract import EMBEDDING_DTYPES, POSTPROCESSING, STOP_REQUEST_ID
 from mimo.serving.lifecycle import SELF_GRPC_URL_ENV
 from mimo.serving.entry import CANCELLED, INTERNAL, INVALID_ARG, UNAVAILABLE, EntryError
+from mimo.serving.triton_config import torch_dtype
 
 LOOPBACK_DEFAULT_URL = "127.0.0.1:8001"  # tritonserver's default when the launcher did not say
 ENTRY_CODES = {"StatusCode.INVALID_ARGUMENT": INVALID_ARG, "StatusCode.UNAVAILABLE": UNAVAILABLE,
@@ -67,7 +68,7 @@ def infer_input(name: str, value: np.ndarray | torch.Tensor) -> grpcclient.Infer
     return tensor
 
 
-TABLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what a prompt table may be (contract EMBEDDING)
+TABLE_DTYPES = tuple(map(torch_dtype, EMBEDDING_DTYPES))  # what a prompt table may be (contract EMBEDDING)
 
 
 def triton_dtype(dtype: torch.dtype) -> str:

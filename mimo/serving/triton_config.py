@@ -56,10 +56,12 @@ def instance_device(args: Mapping[str, str]) -> torch.device:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {name!r}")
-    return dtypes[name]
+    """A deployment dtype (mimo.serving.contract.EMBEDDING_DTYPES) as torch's dtype of that name."""
+    from mimo.serving.contract import EMBEDDING_DTYPES  # not at the top: contract imports modules that import this one
+
+    if name not in EMBEDDING_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {name!r}")
+    return getattr(torch, name)
 
 
 def torch_inputs(request) -> dict[str, torch.Tensor]:
