@@ -143,8 +143,8 @@ _LAST_PAIR_MODULE = pytest.StashKey[str]()
 @pytest.hookimpl(trylast=True)  # after pytest's own ordering by fixture parameters, which this keeps
 def pytest_collection_modifyitems(config, items):
     """The modules that take `shared_encoders` run one after another, from where the first of them is, so the pair
-    is up only while they run: even idle, each encode_item_nixl instance's NIXL progress thread spins (~15% of a
-    core; two instances per encoder server)."""
+    is up only while they run: once a NIXL handoff used them, each encode_item_nixl instance's NIXL progress thread
+    spins even idle (~15% of a core; two instances per encoder server)."""
     users = [item for item in items if "shared_encoders" in getattr(item, "fixturenames", ())]
     if not users:
         return

@@ -3,8 +3,9 @@ caller's landing slice (`mimo.epd.nixl_transfer`); the response carries the meta
 time only (the response of a slice written in handoff shm).
 
 The descriptor and the caller's agent are checked before anything is encoded; a WRITE that times out in flight is
-answered with an error ending in nixl_transfer.MAY_STILL_LAND (the caller then keeps the slice quarantined). An instance whose NIXL cannot start loads, logs
-why, and answers every request with an error naming the cause (the encoder role serves shm and grpc all the same).
+answered with an error ending in nixl_transfer.MAY_STILL_LAND (the caller then keeps the slice quarantined). The
+NIXL agent starts at the first request; an instance whose NIXL cannot be imported or started logs why and answers
+every request with an error naming the cause (the encoder role serves shm and grpc all the same).
 """
 
 import json
@@ -16,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 from mimo.epd.handoff import (ENCODE_ITEM, HANDOFF_US, NIXL_AGENT, NIXL_AGENT_METADATA, NIXL_DESCRIPTOR, TABLE,
                               TABLE_SHAPE)  # fmt: skip
 from mimo.epd.item_encoding import ENCODER_METADATA, ITEM_METADATA, MEDIA_BYTES, OUTPUT_BYTE_SIZE
-from mimo.epd.nixl_transfer import Descriptor, NixlUnavailable, RowWriter, TransferError
+from mimo.epd.nixl_transfer import Descriptor, NixlUnavailable, RowWriter, TransferError, load_nixl
 from mimo.serving.triton_config import exit_stub_process, model_parameter
 
 
@@ -46,12 +47,26 @@ def error_response(message: str, code=None):
 class TritonPythonModel:
     def initialize(self, args):
         model_config = json.loads(args["model_config"])
-        timeout_s = model_parameter(model_config, "transfer_timeout_ms", int) / 1000
+        self.timeout_s = model_parameter(model_config, "transfer_timeout_ms", int) / 1000
+        self.writer = self.unavailable = None
         try:
-            self.writer, self.unavailable = RowWriter(timeout_s=timeout_s), None
+            load_nixl()
         except NixlUnavailable as error:
-            self.writer, self.unavailable = None, f"this encoder server cannot WRITE with NIXL: {error}"
-            pb_utils.Logger.log_error(f"encode_item_nixl: {self.unavailable}")
+            self._refuse(error)
+
+    def _refuse(self, error: NixlUnavailable) -> None:
+        self.unavailable = f"this encoder server cannot WRITE with NIXL: {error}"
+        pb_utils.Logger.log_error(f"encode_item_nixl: {self.unavailable}")
+
+    def _row_writer(self) -> RowWriter | None:
+        """Started by the first request: a NIXL agent's progress thread spins as long as it lives (about 14% of a
+        core), which an encoder server nobody asks for a NIXL handoff should not pay."""
+        if self.writer is None and self.unavailable is None:
+            try:
+                self.writer = RowWriter(timeout_s=self.timeout_s)
+            except NixlUnavailable as error:
+                self._refuse(error)
+        return self.writer
 
     def finalize(self):
         exit_stub_process()  # see there; the agent's memory and connections go with the process
@@ -60,7 +75,7 @@ class TritonPythonModel:
         return [self.encode(request) for request in requests]
 
     def encode(self, request):
-        if self.writer is None:
+        if self._row_writer() is None:
             return error_response(self.unavailable, pb_utils.TritonError.UNAVAILABLE)
         try:
             agent, metadata, descriptor, byte_size = item_request(request)
