@@ -5,6 +5,7 @@ or port is fixed and concurrent launches cannot collide.
 """
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -82,3 +83,8 @@ def _run_rank(rank: int, worker: Callable[..., None], world_size: int, port: int
     # No rank tears down its connections while a peer may still use them (gloo aborts on a closed peer).
     dist.barrier()
     dist.destroy_process_group()
+    # Then leave without interpreter finalization: a gloo thread still joinable when it runs aborts the process
+    # ("terminate called without an active exception", seen once in CI after a rank had finished its work).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
