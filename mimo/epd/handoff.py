@@ -37,8 +37,9 @@ HANDOFF_US = "handoff_us"  # INT64 [1]: the write into the slice, measured by th
 
 
 def _tensor(module, name: str, array: np.ndarray):
-    dtype = {np.dtype(np.object_): "BYTES", np.dtype(np.int64): "INT64", np.dtype(np.uint8): "UINT8"}[array.dtype]
-    tensor = module.InferInput(name, list(array.shape), dtype)
+    from mimo.serving.contract import triton_type  # the contract imports this module's names
+
+    tensor = module.InferInput(name, list(array.shape), triton_type(array.dtype))
     tensor.set_data_from_numpy(array)
     return tensor
 
