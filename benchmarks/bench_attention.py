@@ -7,8 +7,8 @@ device-to-device copy's bandwidth measured in the same run (the practical HBM li
 over 4 kv heads and the whole context; sliding layers: 8 kv heads over the 128-token window, with sinks. With
 `--reference` each row also times the reference path (gather + `attention_with_sinks` per sequence).
 
-    python benchmarks/bench_attention.py                              # batch 1,8,64 x context 512,4096, decode
-    python benchmarks/bench_attention.py --query-lens 1,4 --reference  # + MTP verify of 1 + 3 tokens, + reference
+    python -m benchmarks.bench_attention                              # batch 1,8,64 x context 512,4096, decode
+    python -m benchmarks.bench_attention --query-lens 1,4 --reference  # + MTP verify of 1 + 3 tokens, + reference
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import json
 import math
 
 import torch
-from bench_engine import copy_bandwidth
 
 from mimo.engine.attention_kernel import choose_num_splits, tile_shape
 from mimo.engine.block_manager import sliding_ring_tokens
 from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind
 from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata
+
+from benchmarks.limits import copy_bandwidth
 
 NUM_Q_HEADS, WINDOW, BLOCK_SIZE = 64, 128, 16
 LAYERS = {"full": KVLayerSpec(LayerKind.FULL, 4, 192, 128), "sliding": KVLayerSpec(LayerKind.SLIDING, 8, 192, 128)}

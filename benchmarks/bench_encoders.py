@@ -11,10 +11,10 @@ torch.compile'd blocks / layer stack), plus audio experiments (compiled tower; `
 FLOPs the forward must do (matrix products plus the attention pairs each query really sees) and divides by the
 bf16 GEMM rate measured first. Each path's line prints as soon as it is measured.
 
-    python benchmarks/bench_encoders.py                         # all rows, JSON to stdout's last line
-    python benchmarks/bench_encoders.py --rows audio30 --profile --cuda-graphs --out results.json
-    python benchmarks/bench_encoders.py --rows preprocess1080 --threads 1     # CPU only
-    python benchmarks/bench_encoders.py --rows split1080 --threads 1          # the GPU if there is one
+    python -m benchmarks.bench_encoders                         # all rows, JSON to stdout's last line
+    python -m benchmarks.bench_encoders --rows audio30 --profile --cuda-graphs --out results.json
+    python -m benchmarks.bench_encoders --rows preprocess1080 --threads 1     # CPU only
+    python -m benchmarks.bench_encoders --rows split1080 --threads 1          # the GPU if there is one
 
 Weights are random (throughput does not depend on their values); sinks and biases are drawn non-zero.
 """
@@ -50,16 +50,10 @@ from mimo.processing.processor import MiMoProcessor
 from mimo.processing.tokenizer_files import write_tiny_tokenizer
 from mimo.serving.preprocess import preprocess_request
 
+from benchmarks.limits import gemm_rate
+
 CPU_ROWS = ("preprocess1080", "split1080")  # split1080 uses the GPU where there is one
 ROWS = ("vit1080", "vit8x1024", "audio30", *CPU_ROWS)
-
-
-def gemm_rate(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
-    """FLOP/s of an n^3 bf16 matrix product on random data, inputs rotated over three pairs."""
-    pairs = [(torch.randn(n, n, device=device, dtype=torch.bfloat16),
-              torch.randn(n, n, device=device, dtype=torch.bfloat16)) for _ in range(3)]
-    ms = time_ms(lambda ab: ab[0] @ ab[1], pairs, warmup=3, repeats=repeats)
-    return 2 * n**3 / (ms * 1e-3)
 
 
 def time_ms(fn: Callable, inputs: list, *, warmup: int, repeats: int) -> float:

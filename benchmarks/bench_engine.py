@@ -21,11 +21,11 @@ decode step is then one verify forward (1 + K tokens per sequence, `verify_ms`) 
 (`draft_ms`); `plain_decode_step_ms` is the one-token decode step of the same batch. Timing each part synchronises
 the device around the MTP passes.
 
-    python benchmarks/bench_engine.py --preset v2.5 --layers 4 --batch-sizes 1,8,64 --prompt-lens 512,4096
-    python benchmarks/bench_engine.py --preset v2.5 --layers 4 --batch-sizes 1,8 --speculative-tokens 3 \
+    python -m benchmarks.bench_engine --preset v2.5 --layers 4 --batch-sizes 1,8,64 --prompt-lens 512,4096
+    python -m benchmarks.bench_engine --preset v2.5 --layers 4 --batch-sizes 1,8 --speculative-tokens 3 \
         --accept-rates 0,0.5,0.7,0.9,1
-    python benchmarks/bench_engine.py --checkpoint DIR ...      # a checkpoint instead of random weights
-    python benchmarks/bench_engine.py --preset tiny --device cpu ...   # a smoke run (CPU numbers mean nothing)
+    python -m benchmarks.bench_engine --checkpoint DIR ...      # a checkpoint instead of random weights
+    python -m benchmarks.bench_engine --preset tiny --device cpu ...   # a smoke run (CPU numbers mean nothing)
 """
 
 from __future__ import annotations
@@ -50,24 +50,7 @@ from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.models.moe import MiMoV2MoE
 from mimo.processing.tokenizer_files import write_tiny_tokenizer
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 10) -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        dst.copy_(src)
-    synchronize(device)
-    return repeats * 2 * src.numel() / (time.perf_counter() - start)
+from benchmarks.limits import copy_bandwidth, gemm_rate, synchronize
 
 
 class ExpertCounter:
@@ -116,6 +99,46 @@ def kv_bytes(engine: LLMEngine, contexts: list[int]) -> int:
         keys = sum(min(c, window + 1) if spec.kind is LayerKind.SLIDING else c for c in contexts)
         total += keys * per_token
     return total
+
+
+PROFILE_STEPS = 3  # steps of each phase under the profiler with --profile (budgeted in max_tokens always)
+
+
+def prefill_flops(model: MiMoV2ForCausalLM, prompt_len: int) -> float:
+    """FLOPs of prefilling one prompt: 2 x the parameters each token uses (attention projections, dense MLPs, routers,
+    its top-k experts) for every token, the LM head for the last one, and attention's 2 x heads x (q/k + v head
+    dims) per key a query sees (causal; sliding layers: the query and its window)."""
+    config = model.config
+    moe_layers = [m for m in model.model.layers.modules() if isinstance(m, MiMoV2MoE)]
+    expert_params = sum(p.numel() for m in moe_layers for p in m.experts.parameters())
+    per_expert = expert_params / max(1, sum(len(m.local_experts) for m in moe_layers))
+    layer_params = sum(p.numel() for p in model.model.layers.parameters())
+    active = layer_params - expert_params + len(moe_layers) * config.num_experts_per_tok * per_expert
+    flops = 2 * prompt_len * active + 2 * config.vocab_size * config.hidden_size
+    for layer_type in config.layer_types:
+        spec = config.attention_spec(layer_type)
+        visible = prompt_len if spec.sliding_window is None else min(prompt_len, spec.sliding_window + 1)
+        keys = visible * (visible + 1) // 2 + (prompt_len - visible) * visible  # query i sees min(i + 1, visible)
+        flops += 2 * spec.num_heads * (spec.head_dim + spec.v_head_dim) * keys
+    return flops
+
+
+def profile_steps(engine: LLMEngine, generated: dict[str, list[int]], steps: int, device: torch.device,
+                  label: str, top: int = 18) -> None:
+    """Device time per kernel over `steps` decode steps (torch.profiler; kernels replayed from a graph included),
+    printed per step, the most expensive first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        decode(engine, generated, steps, device)
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in kernels) / steps
+    print(f"# profile {label}: device time {total / 1e3:.3f} ms per step over {steps} steps", flush=True)
+    for event in sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]:
+        per_step = event.self_device_time_total / steps
+        print(f"#   {per_step:9.1f} us  {100 * per_step / max(total, 1e-9):5.1f}%  x{event.count // steps:<4d} "
+              f"{event.key[:110]}", flush=True)
 
 
 def random_model(preset: str, num_layers: int, device: torch.device, with_mtp: bool) -> MiMoV2ForCausalLM:
@@ -192,6 +215,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     dense_bytes, expert_bytes = weight_bytes(model)
     counter = ExpertCounter(model)
     peak = copy_bandwidth(device, nbytes=args.copy_bytes)
+    rate = gemm_rate(device) if device.type == "cuda" else None  # a CPU smoke run has no GEMM rate to divide by
     vocab = model.config.vocab_size
     moe_layers = sum(model.config.moe_layers)
     results = []
@@ -217,8 +241,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         for batch in args.batch_sizes:
             gen = torch.Generator().manual_seed(batch)
             prompts = {f"r{i}": torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for i in range(batch)}
-            results += graph_rows(args, engine(batch, prompt_len, prompt_len + 2 * args.decode_len + 3), prompts,
-                                  counter, dense_bytes, expert_bytes, moe_layers, peak, device)
+            max_len = prompt_len + 2 * (args.decode_len + PROFILE_STEPS) + 3
+            results += graph_rows(args, engine(batch, prompt_len, max_len), prompts, counter, dense_bytes,
+                                  expert_bytes, moe_layers, peak, batch * prefill_flops(model, prompt_len) / rate if rate else None,
+                                  device)
             release()
             if not k:
                 continue
@@ -231,13 +257,15 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: ExpertCounter, dense_bytes: int,
-               expert_bytes: int, moe_layers: int, peak: float, device: torch.device) -> list[dict]:
+               expert_bytes: int, moe_layers: int, peak: float, prefill_bound_s: float | None,
+               device: torch.device) -> list[dict]:
     """One prefill, then `decode_len` eager decode steps and `decode_len` graph steps (each phase after one untimed
-    step: a graph's first replay uploads it): a row for each phase."""
+    step: a graph's first replay uploads it): a row for each phase. `prefill_bound_s`: the prefill's FLOPs at the
+    bf16 GEMM rate. With `--profile`, PROFILE_STEPS more steps of each phase under the profiler."""
     batch, prompt_len, decode_len = len(prompts), len(next(iter(prompts.values()))), args.decode_len
     runner = engine.runner
     graphs, runner.graphs = runner.graphs, None  # the eager phase first
-    prefill_s, generated = prefill(engine, prompts, 2 * (decode_len + 1) + 1, device)
+    prefill_s, generated = prefill(engine, prompts, 2 * (decode_len + PROFILE_STEPS + 1) + 1, device)
     rows, experts_per_step = [], None
     for phase in ("eager", "graphs"):
         if phase == "graphs":
@@ -252,6 +280,8 @@ def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: 
         first_context = prompt_len + len(next(iter(generated.values())))
         counter.routed.clear()
         decode_s, steps = decode(engine, generated, decode_len, device)
+        if args.profile:
+            profile_steps(engine, generated, PROFILE_STEPS, device, f"batch {batch} prompt {prompt_len} {phase}")
         if phase == "eager":
             experts_per_step = sum(counter.distinct(steps * moe_layers)) / max(1, steps)  # summed over layers
         contexts = [first_context + j for j in range(steps)]
@@ -264,6 +294,7 @@ def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: 
             "prompt_len": prompt_len,
             "cuda_graphs": int(phase == "graphs"),
             "prefill_tok_s": round(batch * prompt_len / prefill_s, 1),
+            "prefill_fraction_of_gemm_rate": round(prefill_bound_s / prefill_s, 4) if prefill_bound_s else None,
             "decode_steps": steps,
             "graph_steps": graphs.replays - replays if phase == "graphs" else 0,
             "mean_context": round(sum(contexts) / max(1, steps)),
@@ -345,6 +376,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--copy-bytes", type=int, default=2 << 30, help="bytes of the bandwidth probe's copy")
     parser.add_argument("--speculative-tokens", type=int, default=0, help="MTP drafts per step (0: plain rows only)")
+    parser.add_argument("--profile", action="store_true", help=f"print each phase's kernels over {PROFILE_STEPS} more steps")
     parser.add_argument("--accept-rates", type=lambda s: [float(x) for x in s.split(",")], default=[0, 0.5, 0.8, 1],
                         help="draft accept probabilities of the test-only override, one MTP row each")
     run(parser.parse_args())

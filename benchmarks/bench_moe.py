@@ -6,12 +6,12 @@ forward (router + experts, CUDA events) against the limits measured in the same 
 * FLOP/s: 2 * 3 * H * I per (token, expert) pair, as a fraction of a large bf16 GEMM's measured rate (the bound
   that matters from a few hundred tokens on).
 
-    python benchmarks/bench_moe.py                       # bf16, batch 1,8,64,4096, fused and reference
-    python benchmarks/bench_moe.py --fp8                 # FP8 e4m3 128x128 block-scaled experts, as shipped
-    python benchmarks/bench_moe.py --impls fused --batch-sizes 1,2,4,8,16,32,64,128,256,512,1024,4096
-    python benchmarks/bench_moe.py --impls fused --grouped-mm-min-tokens 100000   # the Triton kernel at 4096 too
-    python benchmarks/bench_moe.py --impls fused --small-config 16,128,128,4,4    # try other decode tiles
-    TRITON_INTERPRET=1 python benchmarks/bench_moe.py --preset tiny --device cpu --batch-sizes 1,8 --repeats 1 \
+    python -m benchmarks.bench_moe                       # bf16, batch 1,8,64,4096, fused and reference
+    python -m benchmarks.bench_moe --fp8                 # FP8 e4m3 128x128 block-scaled experts, as shipped
+    python -m benchmarks.bench_moe --impls fused --batch-sizes 1,2,4,8,16,32,64,128,256,512,1024,4096
+    python -m benchmarks.bench_moe --impls fused --grouped-mm-min-tokens 100000   # the Triton kernel at 4096 too
+    python -m benchmarks.bench_moe --impls fused --small-config 16,128,128,4,4    # try other decode tiles
+    TRITON_INTERPRET=1 python -m benchmarks.bench_moe --preset tiny --device cpu --batch-sizes 1,8 --repeats 1 \
         --copy-bytes 1000000 --gemm-size 256
                                                          # a smoke run (CPU numbers mean nothing)
 
@@ -35,6 +35,8 @@ from mimo.loading import build_module
 from mimo.models.moe import MiMoV2MoE
 from mimo.processing.tokenizer_files import write_tiny_tokenizer
 from mimo.weights.fp8 import BLOCK, FP8Slice, quantize_blockwise
+
+from benchmarks.limits import copy_bandwidth, gemm_rate
 
 
 def preset_config(preset: str) -> MiMoV2Config:
@@ -108,20 +110,6 @@ def event_ms(fn, repeats: int, warmup: int = 3) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (event_ms(lambda: dst.copy_(src), 10) / 1e3)
-
-
-def gemm_flops(device: torch.device, n: int = 8192) -> float:
-    """FLOP/s of an n x n x n bf16 GEMM."""
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    return 2 * n**3 / (event_ms(lambda: a @ b, 10) / 1e3)
-
-
 def path_name(impl: str, batch: int, fp8: bool) -> str:
     if impl == "reference":
         return "expert loop"
@@ -143,7 +131,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     config = preset_config(args.preset)
     moe = random_moe(config, device, args.fp8)
     peak_bytes = copy_bandwidth(device, args.copy_bytes)
-    peak_flops = gemm_flops(device, args.gemm_size)
+    peak_flops = gemm_rate(device, args.gemm_size)
     per_expert = expert_bytes(moe)
     router = moe.gate.weight.numel() * moe.gate.weight.element_size()
     pair_flops = 2 * 3 * config.hidden_size * config.moe_intermediate_size

@@ -1,6 +1,6 @@
 """Write perf_analyzer `--input-data` JSON for the streaming ensemble: text plus one image per request.
 
-    python benchmarks/perf_analyzer_inputs.py --out artifacts/ensemble_inputs.json [--requests 8] [--max-tokens 64]
+    python -m benchmarks.perf_analyzer_inputs --out artifacts/ensemble_inputs.json [--requests 8] [--max-tokens 64]
 
 Then, against a running server (gRPC; a decoupled ensemble needs --async --streaming, and perf_analyzer then
 measures latency to the first response, i.e. time to first token):

@@ -1,6 +1,6 @@
 """perf_analyzer against the streaming ensemble: text + image requests vs text-only requests, same server, same run.
 
-    python benchmarks/perf_analyzer_run.py --device gpu --out artifacts/perf [--concurrency 1,4,16]
+    python -m benchmarks.perf_analyzer_run --device gpu --out artifacts/perf [--concurrency 1,4,16]
 
 Builds the tiny checkpoint, renders the repository, starts `tritonserver` through the project launcher, writes both
 `--input-data` files (benchmarks/perf_analyzer_inputs.py), runs perf_analyzer (`$PERF_ANALYZER` or `perf_analyzer`

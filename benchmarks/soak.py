@@ -1,6 +1,6 @@
 """Soak: mixed streaming traffic with clients that vanish in every way and bad requests, against a real server.
 
-    python benchmarks/soak.py --minutes 30 [--device gpu] [--preset v2.5 --layers 2] [--workers 16] [--out R.json]
+    python -m benchmarks.soak --minutes 30 [--device gpu] [--preset v2.5 --layers 2] [--workers 16] [--out R.json]
 
 Builds a checkpoint, renders the repository, starts `tritonserver` (or takes `--grpc-url/--http-url/--metrics-url`
 of a running one together with `--pid`) and, for the given time, keeps `--workers` clients busy with a seeded mix of:

@@ -10,8 +10,6 @@
     pytest -q -s tests/test_cuda_graphs_gpu.py    # on the GPU machine; the errors are printed with -s
 """
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,12 +25,9 @@ from mimo.config import MiMoV2Config  # noqa: E402
 from mimo.engine import EngineConfig, LLMEngine, SamplingParams, generate  # noqa: E402
 from mimo.engine.speculative import ReplayDrafts  # noqa: E402
 from mimo.models.language_model import MiMoV2ForCausalLM  # noqa: E402
+from benchmarks import bench_engine  # noqa: E402
 
 CUDA = torch.device("cuda")
-_spec = importlib.util.spec_from_file_location("bench_engine",
-                                               Path(__file__).parents[1] / "benchmarks" / "bench_engine.py")
-bench_engine = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_engine)
 
 BATCHES = [1, 3, 8]
 DECODE_STEPS = 32

@@ -8,8 +8,6 @@ each is measured against a float32 evaluation of the same weights, and the fused
 multiple of the reference path's own error (the errors are printed for the run's log: pytest -s).
 """
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +18,9 @@ pytestmark = pytest.mark.skipif(
 pytest.importorskip("triton", reason="the fused MoE kernels need triton")
 
 from mimo.models import fused_moe  # noqa: E402
+from benchmarks import bench_moe  # noqa: E402
 
 CUDA = torch.device("cuda")
-_spec = importlib.util.spec_from_file_location("bench_moe", Path(__file__).parents[1] / "benchmarks" / "bench_moe.py")
-bench_moe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_moe)
 
 
 @pytest.fixture(scope="module", params=["bf16", "fp8"])
