@@ -101,7 +101,7 @@ def kv_bytes(engine: LLMEngine, contexts: list[int]) -> int:
     return total
 
 
-PROFILE_STEPS = 3  # steps of each phase under the profiler with --profile (budgeted in max_tokens always)
+PROFILE_STEPS = 3  # with --profile: steps of each phase under torch.profiler, then as many under cProfile
 
 
 def prefill_flops(model: MiMoV2ForCausalLM, prompt_len: int) -> float:
@@ -126,7 +126,10 @@ def prefill_flops(model: MiMoV2ForCausalLM, prompt_len: int) -> float:
 def profile_steps(engine: LLMEngine, generated: dict[str, list[int]], steps: int, device: torch.device,
                   label: str, top: int = 18) -> None:
     """Device time per kernel over `steps` decode steps (torch.profiler; kernels replayed from a graph included),
-    printed per step, the most expensive first."""
+    then the host's Python functions over `steps` more (cProfile), each per step, the most expensive first."""
+    import cProfile
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -139,6 +142,16 @@ def profile_steps(engine: LLMEngine, generated: dict[str, list[int]], steps: int
         per_step = event.self_device_time_total / steps
         print(f"#   {per_step:9.1f} us  {100 * per_step / max(total, 1e-9):5.1f}%  x{event.count // steps:<4d} "
               f"{event.key[:110]}", flush=True)
+    host = cProfile.Profile()
+    start = time.perf_counter()
+    host.runcall(decode, engine, generated, steps, device)
+    print(f"# host {label}: {1e3 * (time.perf_counter() - start) / steps:.3f} ms per step under cProfile; "
+          "own time per step:", flush=True)
+    stats = pstats.Stats(host)
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    for (filename, line, name), (_, calls, own, cumulative, _) in rows:
+        print(f"#   {1e3 * own / steps:8.3f} ms own  {1e3 * cumulative / steps:8.3f} ms cum  x{calls // steps:<5d} "
+              f"{filename.rsplit('/', 2)[-1]}:{line} {name}", flush=True)
 
 
 def random_model(preset: str, num_layers: int, device: torch.device, with_mtp: bool) -> MiMoV2ForCausalLM:
@@ -176,11 +189,13 @@ def prefill_and_decode(engine: LLMEngine, prompts: dict[str, list[int]], max_tok
     return prefill_s, decode_s, steps, generated
 
 
-def prefill(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int,
-            device: torch.device) -> tuple[float, dict[str, list[int]]]:
-    """Adds the requests and steps until each has its first token: (seconds, tokens per request so far)."""
-    for request_id, prompt in prompts.items():
-        engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+def prefill(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int, device: torch.device,
+            temperature: float = 0.0) -> tuple[float, dict[str, list[int]]]:
+    """Adds the requests (greedy, or seeded sampling at `temperature`) and steps until each has its first token:
+    (seconds, tokens per request so far)."""
+    for i, (request_id, prompt) in enumerate(prompts.items()):
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                                              seed=i if temperature else None))
     generated: dict[str, list[int]] = {request_id: [] for request_id in prompts}
     t0 = time.perf_counter()
     while not all(generated.values()):
@@ -241,7 +256,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         for batch in args.batch_sizes:
             gen = torch.Generator().manual_seed(batch)
             prompts = {f"r{i}": torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for i in range(batch)}
-            max_len = prompt_len + 2 * (args.decode_len + PROFILE_STEPS) + 3
+            max_len = prompt_len + 2 * (args.decode_len + 2 * PROFILE_STEPS) + 3
             results += graph_rows(args, engine(batch, prompt_len, max_len), prompts, counter, dense_bytes,
                                   expert_bytes, moe_layers, peak, batch * prefill_flops(model, prompt_len) / rate if rate else None,
                                   device)
@@ -265,7 +280,8 @@ def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: 
     batch, prompt_len, decode_len = len(prompts), len(next(iter(prompts.values()))), args.decode_len
     runner = engine.runner
     graphs, runner.graphs = runner.graphs, None  # the eager phase first
-    prefill_s, generated = prefill(engine, prompts, 2 * (decode_len + PROFILE_STEPS + 1) + 1, device)
+    prefill_s, generated = prefill(engine, prompts, 2 * (decode_len + 2 * PROFILE_STEPS + 1) + 1, device,
+                                   args.temperature)
     rows, experts_per_step = [], None
     for phase in ("eager", "graphs"):
         if phase == "graphs":
@@ -376,6 +392,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--copy-bytes", type=int, default=2 << 30, help="bytes of the bandwidth probe's copy")
     parser.add_argument("--speculative-tokens", type=int, default=0, help="MTP drafts per step (0: plain rows only)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="plain rows sample at this temperature, seeded per request (0: greedy, whose tokens "
+                             "collapse into repeats on random weights, so later steps route to fewer experts than "
+                             "the eager phase counted)")
     parser.add_argument("--profile", action="store_true", help=f"print each phase's kernels over {PROFILE_STEPS} more steps")
     parser.add_argument("--accept-rates", type=lambda s: [float(x) for x in s.split(",")], default=[0, 0.5, 0.8, 1],
                         help="draft accept probabilities of the test-only override, one MTP row each")
