@@ -191,11 +191,11 @@ def prefill_and_decode(engine: LLMEngine, prompts: dict[str, list[int]], max_tok
 
 def prefill(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int, device: torch.device,
             temperature: float = 0.0) -> tuple[float, dict[str, list[int]]]:
-    """Adds the requests (greedy, or seeded sampling at `temperature`) and steps until each has its first token:
-    (seconds, tokens per request so far)."""
-    for i, (request_id, prompt) in enumerate(prompts.items()):
-        engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                                              seed=i if temperature else None))
+    """Adds the requests (greedy, or sampling at `temperature` from the engine's seeded stream: one noise draw for
+    the batch, where per-request seeds would draw row by row) and steps until each has its first token: (seconds,
+    tokens per request so far)."""
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=temperature))
     generated: dict[str, list[int]] = {request_id: [] for request_id in prompts}
     t0 = time.perf_counter()
     while not all(generated.values()):
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         return LLMEngine(model, EngineConfig(
             max_num_seqs=batch, max_num_batched_tokens=max(prompt_len, batch * (1 + num_speculative_tokens)),
             block_size=16, max_model_len=max_len, kv_cache_memory_bytes=args.kv_gib << 30,
-            num_speculative_tokens=num_speculative_tokens), test_draft_override=override)  # fmt: skip
+            num_speculative_tokens=num_speculative_tokens, seed=0), test_draft_override=override)  # fmt: skip
 
     def release() -> None:  # the KV pools and graph pools of engines no longer referenced
         gc.collect()
@@ -393,7 +393,7 @@ def main() -> None:
     parser.add_argument("--copy-bytes", type=int, default=2 << 30, help="bytes of the bandwidth probe's copy")
     parser.add_argument("--speculative-tokens", type=int, default=0, help="MTP drafts per step (0: plain rows only)")
     parser.add_argument("--temperature", type=float, default=1.0,
-                        help="plain rows sample at this temperature, seeded per request (0: greedy, whose tokens "
+                        help="plain rows sample at this temperature (0: greedy, whose tokens "
                              "collapse into repeats on random weights, so later steps route to fewer experts than "
                              "the eager phase counted)")
     parser.add_argument("--profile", action="store_true", help=f"print each phase's kernels over {PROFILE_STEPS} more steps")
