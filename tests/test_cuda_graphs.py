@@ -163,3 +163,51 @@ def test_mtp_verify_steps_replay_graphs_of_one_plus_k_tokens(tiny_model):
     engine.runner.graphs.replay = lambda step: steps.append(step.query_len) or replay(step)
     assert generate(engine, PROMPTS, PARAMS) == eager
     assert 3 in steps  # verifies of 1 + 2 tokens ran through the static-input forward
+
+
+def record_drafts(engine: LLMEngine) -> list[dict[str, list[int]]]:
+    """Every drafting pass's drafts, by request id, in order (the engine's drafter wrapped)."""
+    drafter, passes = engine.runner.drafter, []
+    step = drafter.step
+
+    def recording(chunks, *args):
+        states = step(chunks, *args)
+        passes.append({chunks[i].seq.request_id: state.drafts for i, state in states.items()})
+        return states
+
+    drafter.step = recording
+    return passes
+
+
+@pytest.mark.usefixtures("fused_moe")
+@pytest.mark.parametrize(("k", "accept_rate"), [(2, None), (3, 0.5)])
+def test_drafting_graphs_draft_what_the_eager_drafter_does(tiny_model, k, accept_rate):
+    """The MTP layers' own greedy drafts (accept_rate None), or replayed ones kept half the time: the drafting
+    graphs (windows of 2k rows, KV of the rows below mtp_done written to the scratch block) propose the eager
+    drafter's drafts at every pass, so the tokens and the acceptance are the same too."""
+    eager_tokens = generate(make_engine(tiny_model, graphs=False), PROMPTS, PARAMS)
+    recorded = {f"generate-{i}": p + t for i, (p, t) in enumerate(zip(PROMPTS, eager_tokens))}
+
+    def engine(graphs):
+        override = None if accept_rate is None else ReplayDrafts(recorded, 96, accept_rate=accept_rate, seed=1)
+        return make_engine(tiny_model, graphs=graphs, num_speculative_tokens=k, override=override)
+
+    eager, graphed = engine(False), engine(True)
+    assert eager.runner.drafter.graphs is None
+    draft_graphs = graphed.runner.drafter.graphs
+    assert draft_graphs.rows_per_seq == 2 * k and draft_graphs.buckets == [1, 2, 4]
+    eager_passes, graph_passes = record_drafts(eager), record_drafts(graphed)
+    assert generate(graphed, PROMPTS, PARAMS) == generate(eager, PROMPTS, PARAMS) == eager_tokens
+    assert graph_passes == eager_passes
+    assert graphed.speculative_stats() == eager.speculative_stats()
+    assert draft_graphs.replays > 0  # steady decoding drafted through the graphs ...
+    assert draft_graphs.replays < len(graph_passes)  # ... the passes right after a prefill eagerly
+
+
+@pytest.mark.usefixtures("fused_moe")
+def test_sampling_requests_draft_eagerly(tiny_model):
+    engine = make_engine(tiny_model, graphs=True, num_speculative_tokens=2)
+    sampled = [SamplingParams(max_tokens=n, temperature=0.8, seed=3) for n in (18, 11, 6)]
+    reference = make_engine(tiny_model, graphs=False, num_speculative_tokens=2)
+    assert generate(engine, PROMPTS, sampled) == generate(reference, PROMPTS, sampled)
+    assert engine.runner.drafter.graphs.replays == 0

@@ -5,7 +5,8 @@
   differ; at V2.5 widths (one full dense layer, one sliding MoE layer with sinks, window 128) and on the tiny model;
 * whole runs with graphs on and off emit identical greedy tokens (float32, where the two paths agree to 1e-5):
   32 decode steps at batch 1, 3 and 8 (3 pads up to bucket 4; the batch shrinks as requests finish), contexts
-  past the sliding window, and MTP verify steps of 1 + 2 tokens.
+  past the sliding window, and MTP verify steps of 1 + 2 tokens;
+* the MTP drafting graphs at V2.5 widths against the eager drafter on one replayed trajectory (k = 1, 3).
 
     pytest -q -s tests/test_cuda_graphs_gpu.py    # on the GPU machine; the errors are printed with -s
 """
@@ -177,3 +178,46 @@ def test_decode_step_never_waits_for_the_device(tiny_bf16, graphs):
     prompts, params = requests(3, tiny_bf16.config.vocab_size, [5, 19, 12], seed=40)
     generate(engine, prompts, params)
     assert checked.count("forward") >= DECODE_STEPS - 3
+
+
+class RecordingReplay(ReplayDrafts):
+    """ReplayDrafts that also keeps the drafts the MTP layers proposed: the replayed drafts fix the trajectory, so
+    the drafting graphs and the eager drafter see the same states at every pass and their own drafts compare."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.proposed: list[tuple[str, int, list[int]]] = []
+
+    def __call__(self, request_id, token_ids, drafts):
+        self.proposed.append((request_id, len(token_ids), list(drafts)))
+        return super().__call__(request_id, token_ids, drafts)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_v25_drafting_graphs_propose_the_eager_drafts_bf16(k):
+    """MTP layers at V2.5 widths (bf16): through the drafting graphs and eagerly, on one replayed trajectory (accept
+    rate 0.6, batch 8 shrinking): the same drafts wherever bf16 rounding leaves the argmax decided (>= 95% of them),
+    the same tokens, and most passes replayed."""
+    model = bench_engine.random_model("v2.5", 2, CUDA, with_mtp=True)
+    try:
+        prompts, params = requests(8, model.config.vocab_size, [100, 300, 170], seed=40 + k)
+        plain = generate(engine_for(model, True, 64), prompts, params)
+        recorded = {f"generate-{i}": p + t for i, (p, t) in enumerate(zip(prompts, plain))}
+        runs = {}
+        for graphs in (False, True):
+            override = RecordingReplay(recorded, model.config.vocab_size, 0.6, seed=k)
+            engine = engine_for(model, True, 64, override, num_speculative_tokens=k)
+            if not graphs:
+                engine.runner.drafter.graphs = None
+            runs[graphs] = (generate(engine, prompts, params), override.proposed, engine.runner.drafter.graphs)
+        (eager_tokens, eager_drafts, _), (graph_tokens, graph_drafts, draft_graphs) = runs[False], runs[True]
+        assert graph_tokens == eager_tokens
+        assert [(r, n) for r, n, _ in graph_drafts] == [(r, n) for r, n, _ in eager_drafts]
+        same = sum(a == b for (_, _, x), (_, _, y) in zip(graph_drafts, eager_drafts) for a, b in zip(x, y))
+        total = sum(len(x) for _, _, x in eager_drafts)
+        print(f"k={k}: {same}/{total} drafts equal, {draft_graphs.replays} of {len(graph_drafts)} passes replayed")
+        assert same >= 0.95 * total
+        assert draft_graphs.replays >= len(graph_drafts) // 2
+    finally:
+        del model
+        torch.cuda.empty_cache()

@@ -18,7 +18,9 @@ before the next replay (the pool reuses one graph's temporaries for another's ou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -69,6 +71,37 @@ def graphs_unavailable(model: MiMoV2ForCausalLM, device: torch.device, use_atten
     if any(resolve_impl(m.impl, device) != "fused" for m in model.model.layers.modules() if isinstance(m, MiMoV2MoE)):
         return "the reference MoE (MIMO_MOE_IMPL=reference) reads its per-expert token counts on the host"
     return None
+
+
+@torch.inference_mode()
+def capture_graphs(keys: list, fill: Callable[[Any], None], forward: Callable[[Any], Any],
+                   device: torch.device) -> tuple[dict, dict]:
+    """`forward(key)` of every key captured in a CUDA graph, in the order given (the most rows first: the graphs
+    share one memory pool), each after `fill(key)` has written its static inputs (outside the capture) and an eager
+    warm-up run (which compiles its kernels): (graphs, outputs) by key. On a device without CUDA graphs only the
+    forwards run: no graphs, and `outputs` holds what they returned."""
+    graphs, outputs = {}, {}
+    if device.type != "cuda":
+        for key in keys:
+            fill(key)
+            outputs[key] = forward(key)
+        return graphs, outputs
+    pool = torch.cuda.graph_pool_handle()
+    with torch.cuda.device(device):
+        for key in keys:
+            fill(key)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                forward(key)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a served process's other threads may use CUDA meanwhile (not captured)
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                outputs[key] = forward(key)
+            graphs[key] = graph
+        torch.cuda.synchronize(device)
+    return graphs, outputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,32 +173,13 @@ class DecodeGraphs:
         copy_into(self.inputs, values)
         return GraphStep(q, bucket, len(chunks))
 
-    @torch.inference_mode()
     def capture(self) -> None:
-        """Captures every (q, bucket) graph, most rows first, each after an eager warm-up run (which compiles its
-        kernels); the inputs are padding rows only, so capture writes nothing but the scratch blocks."""
-        capturing = self.device.type == "cuda"
-        pool = torch.cuda.graph_pool_handle() if capturing else None
+        """Captures every (q, bucket) graph, most rows first; the inputs are padding rows only, so capture writes
+        nothing but the scratch blocks."""
         keys = sorted(((q, bucket) for q in self.query_lens for bucket in self.buckets),
                       key=lambda key: key[0] * key[1], reverse=True)
-        for q, bucket in keys:
-            self._fill_padding(q, bucket)
-            if not capturing:
-                self._outputs[(q, bucket)] = self._forward(q, bucket)
-                continue
-            with torch.cuda.device(self.device):
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    self._forward(q, bucket)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: a served process's other threads may use CUDA meanwhile (not captured)
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    self._outputs[(q, bucket)] = self._forward(q, bucket)
-            self._graphs[(q, bucket)] = graph
-        if capturing:
-            torch.cuda.synchronize(self.device)
+        self._graphs, self._outputs = capture_graphs(keys, lambda key: self._fill_padding(*key),
+                                                     lambda key: self._forward(*key), self.device)
 
     def replay(self, step: GraphStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the step's graph; returns the real rows' pre-norm hidden states [T, H] and float32 logits [T, V],

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from mimo.engine.cuda_graphs import DecodeGraphs, GraphStep
+from mimo.engine.draft_graphs import DraftGraphs
 from mimo.engine.kv_cache import KVCache, LayerKind
 from mimo.engine.paged_attention import DeviceBlockTables, PagedAttention, PagedAttentionMetadata, use_attention_kernel
 from mimo.engine.sampling import Sampler
@@ -69,6 +70,10 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, kv_cache, self.block_tables, sliding_window, max_num_seqs, query_lens,
                                        max_model_len, device)
             self.graphs.capture()
+            if self.drafter is not None:
+                self.drafter.graphs = DraftGraphs(model, kv_cache, self.block_tables[LayerKind.SLIDING],
+                                                  sliding_window, num_speculative_tokens, max_num_seqs, max_model_len,
+                                                  device)  # fmt: skip
 
     def prepare(self, chunks: list[ScheduledChunk], allow_graph: bool = True) -> ModelInputs:
         """Reads the scheduled sequences (under the engine lock) into device inputs; T = tokens of all chunks.

@@ -121,6 +121,7 @@ class DeviceBlockTables:
         self.kind = kind
         self.table = torch.zeros(num_rows + (pad_block is not None), max_blocks, dtype=torch.int32, device=device)
         self.pad_row = None
+        self.pad_block = pad_block
         if pad_block is not None:
             self.pad_row = num_rows
             self.table[num_rows] = pad_block

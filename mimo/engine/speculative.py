@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 
+from mimo.engine.draft_graphs import DraftGraphs
 from mimo.engine.kv_cache import KVCache, LayerKind
 from mimo.engine.paged_attention import PagedAttention, PagedAttentionMetadata
 from mimo.engine.sampling import Sampler
@@ -134,6 +135,7 @@ class Drafter:
         self.use_attention_kernel = use_attention_kernel
         self.vocab_size = model.config.vocab_size
         self.test_draft_override: DraftOverride | None = None  # tests and benchmarks only
+        self.graphs: DraftGraphs | None = None  # set by the model runner where decode steps replay CUDA graphs
 
     @torch.inference_mode()
     def step(self, chunks: list[ScheduledChunk], offsets: list[int], hidden: torch.Tensor,
@@ -166,8 +168,13 @@ class Drafter:
         if not pending:
             return {}
         source = torch.cat([hidden, *stashes]) if stashes else hidden  # [T + stashed, H]
-        for layer in range(self.num_layers):
-            self._run_layer(layer, pending, source, sliding_tables)
+        graph_step = None if self.graphs is None else self.graphs.prepare(pending, source, sliding_tables)
+        if graph_step is not None:
+            for item, drafts in zip(pending, self.graphs.replay(graph_step)):
+                item.drafts = drafts
+        else:
+            for layer in range(self.num_layers):
+                self._run_layer(layer, pending, source, sliding_tables)
         return self._new_states(pending, source)
 
     def _run_layer(self, layer: int, pending: list[_Pending], source: torch.Tensor,
