@@ -40,7 +40,7 @@ import time
 import torch
 
 from builders.presets import PRESETS, hub_config
-from builders.tiny import random_language_tensors
+from builders.tiny import language_hub_tensors, random_language_tensors
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, LLMEngine, SamplingParams
 from mimo.engine.kv_cache import LayerKind
@@ -154,16 +154,21 @@ def profile_steps(engine: LLMEngine, generated: dict[str, list[int]], steps: int
               f"{filename.rsplit('/', 2)[-1]}:{line} {name}", flush=True)
 
 
-def random_model(preset: str, num_layers: int, device: torch.device, with_mtp: bool) -> MiMoV2ForCausalLM:
-    """A preset's geometry with random weights generated on `device` (no checkpoint on disk)."""
+def random_model(preset: str, num_layers: int, device: torch.device, with_mtp: bool,
+                 fp8: bool = False) -> MiMoV2ForCausalLM:
+    """A preset's geometry with random weights generated on `device` (no checkpoint on disk); `fp8`: quantized per
+    128x128 block as the hub's FP8 checkpoints are, and served as stored."""
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         token_ids = write_tiny_tokenizer(tokenizer_dir)
-    hub = hub_config(PRESETS[preset], num_layers=num_layers, token_ids=token_ids, fp8=False, fused_qkv=True)
+    hub = hub_config(PRESETS[preset], num_layers=num_layers, token_ids=token_ids, fp8=fp8, fused_qkv=True)
     config = MiMoV2Config.from_hf_config(hub)
     if not with_mtp:  # plain decode never reads the MTP layers; load_language_model leaves them out the same way
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
     model = build_module(lambda: MiMoV2ForCausalLM(config), torch.bfloat16)  # meta
-    return load_language_weights(model, dict(random_language_tensors(config, seed=0, device=device)), device)
+    tensors = random_language_tensors(config, seed=0, device=device)
+    if fp8:  # split q/k/v, each with its own grid (load_language_weights reads split names)
+        tensors = language_hub_tensors(dataclasses.replace(config, fused_qkv_tp=None), tensors, fp8=True)
+    return load_language_weights(model, dict(tensors), device)
 
 
 def timed(owner, method: str, device: torch.device, seconds: list[float]) -> None:
@@ -226,7 +231,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.checkpoint:
         model = load_language_model(args.checkpoint, dtype=torch.bfloat16, device=device, with_mtp=k > 0)
     else:
-        model = random_model(args.preset, args.layers, device, with_mtp=k > 0)
+        model = random_model(args.preset, args.layers, device, with_mtp=k > 0, fp8=args.fp8)
     dense_bytes, expert_bytes = weight_bytes(model)
     counter = ExpertCounter(model)
     peak = copy_bandwidth(device, nbytes=args.copy_bytes)
@@ -390,6 +395,8 @@ def main() -> None:
     parser.add_argument("--decode-len", type=int, default=64)
     parser.add_argument("--kv-gib", type=int, default=16)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--fp8", action="store_true", help="random weights FP8 e4m3 per 128x128 block, served as "
+                                                           "stored (the bytes per step count them as such)")
     parser.add_argument("--copy-bytes", type=int, default=2 << 30, help="bytes of the bandwidth probe's copy")
     parser.add_argument("--speculative-tokens", type=int, default=0, help="MTP drafts per step (0: plain rows only)")
     parser.add_argument("--temperature", type=float, default=1.0,

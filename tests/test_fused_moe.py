@@ -248,3 +248,47 @@ def test_kernels_compile_for_hopper_pipelined_within_shared_memory(config, tmp_p
     for row in rows:
         assert row["shared_bytes"] <= 227 * 1024, row
         assert row["pipelined"], row
+
+
+def fp8_dense(layer, generator):
+    """Quantize a random weight of the layer's full shape per 128x128 block and install this rank's slice."""
+    out_features, in_features = layer.full_shape
+    stored = StoredWeight.plain(*quantize_blockwise(torch.randn(out_features, in_features, generator=generator)
+                                                    / in_features**0.5))  # fmt: skip
+    layer.set_weight(stored.select(layer.split_dim, layer.shard_index()))
+    assert layer.is_fp8
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 70])  # 70: past the small-batch tiles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kind", "tp"), [("column", 1), ("row", 2)])
+def test_fp8_dense_kernel_matches_the_dequantized_gemm(num_tokens, dtype, kind, tp):
+    """fp8_linear (the down kernel with one expert) reads the FP8 weight as stored and gives the dequantized
+    weight's GEMM: a column-parallel layer of 3 x 2 scale blocks, and rank 1 of a row-parallel pair (its columns
+    are the second 128-column block of 256)."""
+    from mimo.models.linear import ColumnParallelLinear, RowParallelLinear
+
+    generator = torch.Generator().manual_seed(num_tokens + tp)
+    layer = ColumnParallelLinear(256, (384,), ("proj",)) if kind == "column" else \
+        RowParallelLinear(256, 384, ("proj",), tp_size=tp, tp_rank=1, reduce_results=False)
+    fp8_dense(layer, generator)
+    assert layer.fp8_kernel
+    layer.to(DEVICE)
+    (x,) = on_device(torch.randn(3, num_tokens, layer.local_shape[1], generator=generator).to(dtype))
+    weight = fused_moe.ExpertWeights(layer.weight[None], layer.weight_scale_inv[None], layer.scale_rows,
+                                     layer.scale_cols)  # fmt: skip
+    kernel = fused_moe.fp8_linear(x.reshape(-1, x.shape[-1]), weight)
+    reference = torch.nn.functional.linear(x.float(), layer.dense_weight(torch.float32)).reshape(-1, 384)
+    assert kernel.dtype == dtype and kernel.shape == (3 * num_tokens, 384)
+    torch.testing.assert_close(kernel.float(), reference, **TOLERANCE[dtype])
+    with torch.no_grad():  # the layer's own forward: the kernel on CUDA (up to 64 tokens), the dequantized GEMM else
+        torch.testing.assert_close(layer(x).float().reshape(-1, 384), reference, **TOLERANCE[dtype])
+
+
+def test_fp8_dense_slices_across_scale_blocks_keep_the_dequantized_gemm():
+    # row-parallel tp 4 of 384 input columns: rank 1 holds columns 96..191, whose first 128 span two blocks
+    from mimo.models.linear import RowParallelLinear
+
+    layer = RowParallelLinear(384, 128, ("proj",), tp_size=4, tp_rank=1, reduce_results=False)
+    fp8_dense(layer, torch.Generator().manual_seed(3))
+    assert not layer.fp8_kernel

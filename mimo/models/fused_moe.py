@@ -321,3 +321,35 @@ def grouped_mm_experts(
     out = torch.empty_like(y)
     out[order] = y
     return out
+
+
+DENSE_FP8_MAX_TOKENS = SMALL_BATCH_MAX_TOKENS  # past this, dequantising once per call and cuBLAS win
+
+
+def fp8_linear(x: torch.Tensor, weight: ExpertWeights) -> torch.Tensor:
+    """x `[T, K]` times one FP8 block-scaled weight `[N, K]` (`weight` with one expert), read as stored: the down
+    kernel with every token a pair of that expert, weight 1 -> `[T, N]` in x.dtype. For decode-sized batches, where
+    reading the weight bounds the GEMM and a dequantised copy would read and write it again in 16 bits."""
+    if triton is None:
+        raise RuntimeError("the FP8 linear kernel needs triton (pip install triton), which is not importable here")
+    num_tokens, _ = x.shape
+    _, out_features, in_features = weight.weight.shape
+    config = config_for(num_tokens)
+    num_blocks = -(-num_tokens // config.block_m)
+    rows = torch.arange(num_blocks * config.block_m, dtype=torch.int32, device=x.device)
+    sorted_pairs = torch.where(rows < num_tokens, rows, num_tokens)  # padding rows = num_pairs: masked
+    block_expert = torch.zeros(num_blocks, dtype=torch.int32, device=x.device)
+    ones = torch.ones(num_tokens, dtype=torch.float32, device=x.device)
+    x = x.contiguous()
+    out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
+    dot_dtype = _dot_dtype(x)
+    s, srow, scol, stride_se, stride_ss = _scale_args(weight)
+    _down_kernel[(num_blocks, triton.cdiv(out_features, config.block_n))](
+        x, weight.weight, s, srow, scol, out, sorted_pairs, block_expert, ones,
+        num_tokens, out_features, in_features,
+        x.stride(0), weight.weight.stride(0), weight.weight.stride(1), stride_se, stride_ss, out.stride(0),
+        FP8=weight.is_fp8, DOT_DTYPE=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+    return out

@@ -8,7 +8,8 @@ the converter (`builders convert`) both slice by it, and the local shape follows
 Weights are floating, or FP8 e4m3 exactly as the checkpoint stores them: `weight_scale_inv` keeps the 128x128
 scale blocks the slice uses and `scale_rows` / `scale_cols` name the block of each row / column, so any slice of any
 layout (per-shard grids of a fused qkv_proj, stacked parts) is held without re-quantization. The forward
-dequantizes per call (what CPU runs); block-FP8 GPU kernels replace `dense_weight`.
+dequantizes per call (what CPU runs, and large batches on the GPU); on CUDA a decode-sized batch of a dense layer
+reads the FP8 weight as stored through the block-scaled kernel of `mimo.models.fused_moe` (`fp8_linear`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mimo.models import fused_moe
 from mimo.weights.fp8 import FP8_DTYPE, FP8Slice, dequantize_mapped
 from mimo.weights.fused_qkv import QKVGeometry, interleaved_rows_for_rank
 
@@ -55,6 +57,7 @@ class ParallelLinear(nn.Module):
         leading = () if num_experts is None else (num_experts,)
         self.weight = nn.Parameter(torch.empty(*leading, *self.local_shape), requires_grad=False)
         self.register_parameter("weight_scale_inv", None)  # FP8: float32 [(E,) S, G]
+        self.fp8_kernel = False  # set by set_weight
         self.register_buffer("scale_rows", None, persistent=False)  # FP8: int64 [R], block row of each weight row
         self.register_buffer("scale_cols", None, persistent=False)  # FP8: int64 [C]
 
@@ -100,6 +103,10 @@ class ParallelLinear(nn.Module):
         if isinstance(weight, FP8Slice):
             self.weight_scale_inv = nn.Parameter(weight.scale_inv, requires_grad=False)
             self.scale_rows, self.scale_cols = weight.scale_rows, weight.scale_cols
+        # FP8 dense layers on CUDA read their weight as stored for decode-sized batches (fused_moe.fp8_linear),
+        # which needs each K tile of the kernel inside one scale block (checked once here: it reads the device)
+        self.fp8_kernel = (isinstance(weight, FP8Slice) and self.num_experts is None and fused_moe.available()
+                           and _columns_fit_kernel(weight.scale_cols))  # fmt: skip
 
     def dense_weight(self, dtype: torch.dtype, expert: int | None = None) -> torch.Tensor:
         """The (expert's) weight in `dtype` for a floating GEMM: `[out_local, in_local]`."""
@@ -110,6 +117,11 @@ class ParallelLinear(nn.Module):
         return dequantize_mapped(weight, scale_inv, self.scale_rows, self.scale_cols, dtype)
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        num_tokens = x.numel() // max(1, x.shape[-1])
+        if self.fp8_kernel and x.is_cuda and expert is None and num_tokens <= fused_moe.DENSE_FP8_MAX_TOKENS:
+            weight = fused_moe.ExpertWeights(self.weight[None], self.weight_scale_inv[None], self.scale_rows,
+                                             self.scale_cols)  # fmt: skip
+            return fused_moe.fp8_linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
         return F.linear(x, self.dense_weight(x.dtype, expert))
 
     def _apply(self, fn, recurse=True):
@@ -126,6 +138,15 @@ class ParallelLinear(nn.Module):
             f"in={self.in_features}, parts={dict(zip(self.hub_parts, self.part_sizes))}, local={self.local_shape}, "
             f"tp={self.tp_rank}/{self.tp_size}" + ("" if self.num_experts is None else f", experts={self.num_experts}")
         )
+
+
+def _columns_fit_kernel(scale_cols: torch.Tensor) -> bool:
+    try:
+        for config in (fused_moe.SMALL_BATCH, fused_moe.LARGE_BATCH):
+            fused_moe.check_fp8_columns(scale_cols, config.block_k)
+    except ValueError:
+        return False
+    return True
 
 
 class ColumnParallelLinear(ParallelLinear):
