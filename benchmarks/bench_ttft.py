@@ -244,10 +244,25 @@ class GpuUtilization:
         return {f"gpu{index}": statistics.fmean(values) for index, values in sorted(self.samples.items()) if values}
 
 
+def engine_knob(text: str) -> tuple[str, int]:
+    """`--engine NAME=VALUE`: a served EngineConfig knob (`python -m builders repository --help` lists them)."""
+    from mimo.engine import engine_knobs
+
+    name, _, value = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if name not in engine_knobs():
+        raise argparse.ArgumentTypeError(f"{name!r} is not an EngineConfig knob ({', '.join(engine_knobs())})")
+    try:
+        return name, int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--engine {text!r}: the value must be an int") from None
+
+
 def served_engine(args, checkpoint) -> dict[str, int]:
     from mimo.config import MiMoV2Config
 
-    return {"max_model_len": min(args.max_model_len, MiMoV2Config.from_pretrained(checkpoint).max_position_embeddings)}
+    knobs = {"max_model_len": min(args.max_model_len, MiMoV2Config.from_pretrained(checkpoint).max_position_embeddings)}
+    return knobs | dict(args.engine)
 
 
 def launch_colocated(args, workdir: Path):
@@ -277,7 +292,7 @@ def launch_epd(args, workdir: Path):
     language model on GPU 0) and one language server listing them."""
     from builders.repository import RepositorySettings, render_repository
     from builders.tiny import build_checkpoint
-    from tools.server_process import TritonServer
+    from tools.server_process import TritonServer, start_together
 
     checkpoint = args.checkpoint or build_checkpoint(workdir / "checkpoint", preset=args.preset, num_layers=args.layers)
     servers = []
@@ -288,8 +303,8 @@ def launch_epd(args, workdir: Path):
             gpus = {"encoder_gpus": (encoder_gpus[index % len(encoder_gpus)],)} if args.device == "gpu" else {}
             command = render_repository(RepositorySettings(checkpoint=checkpoint, device=args.device, role="encoder",
                                                            **gpus), root / "model_repository")  # fmt: skip
-            servers.append(TritonServer(root / "model_repository", root / "tritonserver.log",
-                                        extra_args=command[2:]).start())  # fmt: skip
+            servers.append(TritonServer(root / "model_repository", root / "tritonserver.log", extra_args=command[2:]))
+        start_together(servers)  # the encoder servers load at once
         root = workdir / "language"
         settings = RepositorySettings(checkpoint=checkpoint, device=args.device, role="language",
                                       encoder_urls=",".join(server.grpc_url for server in servers),
@@ -325,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --launch: serve this checkpoint instead of building one (--preset, --layers)")
     parser.add_argument("--preset", default="tiny", help="with --launch: builders tiny --preset (tiny | v2.5)")
     parser.add_argument("--layers", type=int, default=None, help="with --launch: builders tiny --layers")
+    parser.add_argument("--engine", type=engine_knob, action="append", default=[], metavar="KNOB=VALUE",
+                        help="with --launch: a served EngineConfig knob, e.g. max_num_batched_tokens=8192 (repeatable)")
     parser.add_argument("--max-model-len", type=int, default=32768,
                         help="with --launch: the language model's context, at most the checkpoint's (8 images of "
                              "1920x1080 are 16,320 tokens)")

@@ -1,11 +1,13 @@
 """The TTFT load benchmark (benchmarks/bench_ttft.py): its request stream and a short run on the suite's server."""
 
+import argparse
 import io
 import json
 
+import pytest
 from PIL import Image
 
-from benchmarks.bench_ttft import STAGES, image_pool, main, percentile, plan, run_rate, run_sequential
+from benchmarks.bench_ttft import STAGES, engine_knob, image_pool, main, percentile, plan, run_rate, run_sequential
 
 
 def test_the_request_stream_depends_only_on_the_seed():
@@ -57,6 +59,16 @@ def test_the_epd_layout_serves_a_short_run(tmp_path):
     out = tmp_path / "report.json"
     assert main(["--launch", "epd", "--encoders", "1", "--rates", "4", "--requests", "3", "--images", "1-2",
                  "--image-size", "64x48", "--max-tokens", "2", "--workdir", str(tmp_path / "run"),
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--engine", "max_num_batched_tokens=1536", "--out", str(out)]) == 0  # fmt: skip
     report = json.loads(out.read_text())
     assert report["layout"] == "epd (1 encoder server)" and report["rows"][0]["completed"] == 3
+    config = (tmp_path / "run" / "language" / "model_repository" / "mimo_llm" / "config.pbtxt").read_text()
+    assert 'parameters { key: "max_num_batched_tokens" value { string_value: "1536" } }' in config
+
+
+def test_engine_knobs_are_checked_by_name_and_value():
+    assert engine_knob("max_num_batched_tokens=8192") == ("max_num_batched_tokens", 8192)
+    with pytest.raises(argparse.ArgumentTypeError, match="'max_batch' is not an EngineConfig knob"):
+        engine_knob("max_batch=8")
+    with pytest.raises(argparse.ArgumentTypeError, match="must be an int"):
+        engine_knob("max_prefill_chunk=big")

@@ -4,7 +4,7 @@ fixed probe request must give the tokens it gave before (benchmarks/soak.py, whi
 
 from benchmarks.soak import ACTIONS, Endpoints, run_soak
 
-SOAK_SECONDS = 90.0
+SOAK_SECONDS = 45.0
 
 
 def test_short_soak_leaks_nothing_and_changes_nothing(triton_server):

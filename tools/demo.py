@@ -23,7 +23,7 @@ from builders.tiny import build_checkpoint
 from client import GenerationSummary, MiMoClient
 from client.sample_media import sample_image, sample_tone
 from mimo.serving.language import ORIGINS_PREFIX
-from tools.server_process import TritonServer
+from tools.server_process import TritonServer, start_together
 
 QUESTION = "Describe the picture, then the sound."
 ENCODER_SERVERS = 2
@@ -45,13 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     *encoders, server = servers
     what = "tritonserver" if len(servers) == 1 else f"{len(servers)} tritonserver processes"
     print(f"[3/4] starting {what} (log: {', '.join(str(s.log_path) for s in servers)})", flush=True)
-    started = []
     try:
-        for each in servers:
-            started.append(each.start())
+        start_together(encoders)  # the encoder servers load at once, then the language server that lists them
+        server.start()
     except (RuntimeError, TimeoutError) as error:
         print(error, file=sys.stderr)
-        for each in started:
+        for each in encoders:
             each.stop()
         return 1
     returncodes = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -76,9 +77,18 @@ class TritonServer:
         ]  # fmt: skip
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> TritonServer:
+        self.launch()
+        return self.wait_ready(time.monotonic() + timeout_s)
+
+    def launch(self) -> None:
+        """Starts the process without waiting for it (`wait_ready`): several servers load at once."""
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
+
+    def wait_ready(self, deadline: float) -> TritonServer:
+        """Waits until the launched server is ready; stops it and raises if it exits or `deadline` (monotonic)
+        passes first."""
+        timeout_s = deadline - time.monotonic()
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with {self.process.returncode}\n{self.log_tail()}")
@@ -119,3 +129,20 @@ class TritonServer:
                 self.process.wait()
                 raise RuntimeError(f"tritonserver did not stop within {STOP_TIMEOUT_S:.0f}s\n{self.log_tail()}")
         return self.process.returncode
+
+
+def start_together(servers: list[TritonServer], timeout_s: float = READY_TIMEOUT_S) -> list[TritonServer]:
+    """Launches every server, then waits for all of them (they load at once); if one fails, stops them all and
+    raises its error."""
+    deadline = time.monotonic() + timeout_s
+    launched = []
+    try:
+        for server in servers:
+            server.launch()
+            launched.append(server)
+        return [server.wait_ready(deadline) for server in servers]
+    except BaseException:
+        for server in launched:
+            with contextlib.suppress(RuntimeError):  # the first error is the one to report
+                server.stop()
+        raise
