@@ -24,6 +24,8 @@ the device around the MTP passes.
     python -m benchmarks.bench_engine --preset v2.5 --layers 4 --batch-sizes 1,8,64 --prompt-lens 512,4096
     python -m benchmarks.bench_engine --preset v2.5 --layers 4 --batch-sizes 1,8 --speculative-tokens 3 \
         --accept-rates 0,0.5,0.7,0.9,1
+    python -m benchmarks.bench_engine --preset v2.5 --layers 4 --batch-sizes 1,8,64 --fp8   # FP8 weights as stored
+    python -m benchmarks.bench_engine --preset v2.5 --layers 4 --batch-sizes 1,8 --profile  # kernels + host per step
     python -m benchmarks.bench_engine --checkpoint DIR ...      # a checkpoint instead of random weights
     python -m benchmarks.bench_engine --preset tiny --device cpu ...   # a smoke run (CPU numbers mean nothing)
 """

@@ -185,19 +185,21 @@ def test_drafting_graphs_draft_what_the_eager_drafter_does(tiny_model, k, accept
     """The MTP layers' own greedy drafts (accept_rate None), or replayed ones kept half the time: the drafting
     graphs (windows of 2k rows, KV of the rows below mtp_done written to the scratch block) propose the eager
     drafter's drafts at every pass, so the tokens and the acceptance are the same too."""
-    eager_tokens = generate(make_engine(tiny_model, graphs=False), PROMPTS, PARAMS)
-    recorded = {f"generate-{i}": p + t for i, (p, t) in enumerate(zip(PROMPTS, eager_tokens))}
+    override = None
+    if accept_rate is not None:
+        plain = generate(make_engine(tiny_model, graphs=False), PROMPTS, PARAMS)
+        recorded = {f"generate-{i}": p + t for i, (p, t) in enumerate(zip(PROMPTS, plain))}
+        override = lambda: ReplayDrafts(recorded, 96, accept_rate=accept_rate, seed=1)  # noqa: E731
 
     def engine(graphs):
-        override = None if accept_rate is None else ReplayDrafts(recorded, 96, accept_rate=accept_rate, seed=1)
-        return make_engine(tiny_model, graphs=graphs, num_speculative_tokens=k, override=override)
+        return make_engine(tiny_model, graphs=graphs, num_speculative_tokens=k, override=override and override())
 
     eager, graphed = engine(False), engine(True)
     assert eager.runner.drafter.graphs is None
     draft_graphs = graphed.runner.drafter.graphs
     assert draft_graphs.rows_per_seq == 2 * k and draft_graphs.buckets == [1, 2, 4]
     eager_passes, graph_passes = record_drafts(eager), record_drafts(graphed)
-    assert generate(graphed, PROMPTS, PARAMS) == generate(eager, PROMPTS, PARAMS) == eager_tokens
+    assert generate(graphed, PROMPTS, PARAMS) == generate(eager, PROMPTS, PARAMS)
     assert graph_passes == eager_passes
     assert graphed.speculative_stats() == eager.speculative_stats()
     assert draft_graphs.replays > 0  # steady decoding drafted through the graphs ...
@@ -207,7 +209,7 @@ def test_drafting_graphs_draft_what_the_eager_drafter_does(tiny_model, k, accept
 @pytest.mark.usefixtures("fused_moe")
 def test_sampling_requests_draft_eagerly(tiny_model):
     engine = make_engine(tiny_model, graphs=True, num_speculative_tokens=2)
-    sampled = [SamplingParams(max_tokens=n, temperature=0.8, seed=3) for n in (18, 11, 6)]
+    sampled = [SamplingParams(max_tokens=n, temperature=0.8, seed=3) for n in (9, 6)]
     reference = make_engine(tiny_model, graphs=False, num_speculative_tokens=2)
-    assert generate(engine, PROMPTS, sampled) == generate(reference, PROMPTS, sampled)
-    assert engine.runner.drafter.graphs.replays == 0
+    assert generate(engine, PROMPTS[:2], sampled) == generate(reference, PROMPTS[:2], sampled)
+    assert engine.runner.graphs.replays > 0 and engine.runner.drafter.graphs.replays == 0
