@@ -10,9 +10,9 @@ device-to-device copy bandwidth measured in the same run (the practical HBM limi
 
 Per batch and prompt length one engine (graphs captured at its start) prefills the prompts once, then decodes
 `--decode-len` steps eagerly (`cuda_graphs: 0`, the graphs set aside) and `--decode-len` steps replaying them
-(`cuda_graphs: 1`). Routing is observed through forward hooks, which a graph replay does not run: the graph rows
-count the distinct experts of the eager phase of the same batch (`experts_from`), the KV bytes follow each phase's
-own contexts.
+(`cuda_graphs: 1`). Routing is observed through forward hooks on the routers, and in a graph replay through the
+router outputs the hooks kept while the graph was captured (`ExpertCounter.follow_graphs`): each phase counts the
+experts of its own steps, and the KV bytes follow each phase's own contexts.
 
 MTP rows (one per `--accept-rates` value): the plain run's greedy tokens are replayed as drafts by the engine's
 test-only override (`ReplayDrafts`), each draft kept with the given probability and made wrong otherwise, so the
@@ -45,6 +45,7 @@ from builders.presets import PRESETS, hub_config
 from builders.tiny import language_hub_tensors, random_language_tensors
 from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, LLMEngine, SamplingParams
+from mimo.engine.cuda_graphs import DecodeGraphs
 from mimo.engine.kv_cache import LayerKind
 from mimo.engine.speculative import ReplayDrafts
 from mimo.loading import build_module, load_language_model, load_language_weights
@@ -72,6 +73,29 @@ class ExpertCounter:
     def distinct(self, last: int) -> list[int]:
         """Distinct experts of each of the `last` recorded forwards."""
         return [int(torch.unique(ids).numel()) for ids in self.routed[len(self.routed) - last:]]
+
+    def follow_graphs(self) -> None:
+        """Counts decode-graph replays too. The hooks run while a graph is captured, and the router outputs they
+        keep are then the graph's own tensors (held, so never reused by its pool), which every replay overwrites:
+        after each replay their real rows are copied into `routed` (on the device, no sync)."""
+        captured: dict[tuple[int, int, int], list[torch.Tensor]] = {}
+        forward, replay = DecodeGraphs._forward, DecodeGraphs.replay
+
+        def capturing_forward(graphs, q, bucket):
+            start = len(self.routed)
+            outputs = forward(graphs, q, bucket)
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                captured[(id(graphs), q, bucket)] = self.routed[start:]
+            return outputs
+
+        def counting_replay(graphs, step):
+            outputs = replay(graphs, step)
+            tensors = captured.get((id(graphs), step.query_len, step.bucket))
+            if tensors is not None:
+                self.routed += [ids[:step.num_seqs * step.query_len].clone() for ids in tensors]
+            return outputs
+
+        DecodeGraphs._forward, DecodeGraphs.replay = capturing_forward, counting_replay
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -236,6 +260,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         model = random_model(args.preset, args.layers, device, with_mtp=k > 0, fp8=args.fp8)
     dense_bytes, expert_bytes = weight_bytes(model)
     counter = ExpertCounter(model)
+    counter.follow_graphs()
     peak = copy_bandwidth(device, nbytes=args.copy_bytes)
     rate = gemm_rate(device) if device.type == "cuda" else None  # a CPU smoke run has no GEMM rate to divide by
     vocab = model.config.vocab_size
@@ -289,7 +314,7 @@ def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: 
     graphs, runner.graphs = runner.graphs, None  # the eager phase first
     prefill_s, generated = prefill(engine, prompts, 2 * (decode_len + 2 * PROFILE_STEPS + 1) + 1, device,
                                    args.temperature)
-    rows, experts_per_step = [], None
+    rows = []
     for phase in ("eager", "graphs"):
         if phase == "graphs":
             if graphs is None:
@@ -305,8 +330,7 @@ def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: 
         decode_s, steps = decode(engine, generated, decode_len, device)
         if args.profile:
             profile_steps(engine, generated, PROFILE_STEPS, device, f"batch {batch} prompt {prompt_len} {phase}")
-        if phase == "eager":
-            experts_per_step = sum(counter.distinct(steps * moe_layers)) / max(1, steps)  # summed over layers
+        experts_per_step = sum(counter.distinct(steps * moe_layers)) / max(1, steps)  # summed over layers
         contexts = [first_context + j for j in range(steps)]
         kv_per_step = kv_bytes(engine, [c for c in contexts for _ in range(batch)]) / max(1, steps)
         weights_per_step = dense_bytes + experts_per_step * expert_bytes
@@ -324,7 +348,6 @@ def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: 
             "decode_step_ms": round(step_s * 1e3, 3),
             "decode_tok_s": round(batch / step_s, 1),
             "distinct_experts_per_moe_layer": round(experts_per_step / max(1, moe_layers), 1),
-            "experts_from": "eager phase",
             "weight_GB_per_step": round(weights_per_step / 1e9, 3),
             "kv_GB_per_step": round(kv_per_step / 1e9, 4),
             "achieved_GB_s": round(bytes_per_step / step_s / 1e9, 1),
