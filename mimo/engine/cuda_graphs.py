@@ -73,6 +73,15 @@ def graphs_unavailable(model: MiMoV2ForCausalLM, device: torch.device, use_atten
     return None
 
 
+def uniform_rows(starts: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of sequences that each compute q consecutive positions from `starts` [B], flattened: each row's
+    sequence and position [B * q], and the attention's `cu_query` [B + 1] and `seq_ends` [B] (int32)."""
+    flat = torch.arange(starts.numel() * q, device=starts.device)
+    row_seq = flat // q
+    cu_query = torch.arange(0, flat.numel() + 1, q, dtype=torch.int32, device=starts.device)
+    return row_seq, starts[row_seq] + flat % q, cu_query, (starts + q).to(torch.int32)
+
+
 @torch.inference_mode()
 def capture_graphs(keys: list, fill: Callable[[Any], None], forward: Callable[[Any], Any],
                    device: torch.device) -> tuple[dict, dict]:
@@ -213,13 +222,11 @@ class DecodeGraphs:
 
     def _forward(self, q: int, bucket: int) -> _Outputs:
         """The captured work: static inputs -> attention metadata -> decoder stack -> final norm -> logits."""
-        device = self.device
         rows = bucket * q
         inputs = self.inputs
         ids = inputs[:rows]
         starts = inputs[rows:rows + bucket]
-        row_seq = torch.arange(rows, device=device) // q  # [rows] sequence of each row
-        positions = starts[row_seq] + torch.arange(rows, device=device) % q
+        row_seq, positions, cu_query, seq_ends = uniform_rows(starts, q)
         block_size = self.kv_cache.block_size
         pools, tables = {}, {}
         offset = rows + bucket
@@ -236,8 +243,7 @@ class DecodeGraphs:
             )  # fmt: skip
         metadata = PagedAttentionMetadata(
             query_positions=positions, query_counts=[q] * bucket, pools=pools, sliding_window=self.sliding_window,
-            cu_query=torch.arange(0, rows + 1, q, dtype=torch.int32, device=device),
-            seq_ends=(starts + q).to(torch.int32), use_kernel=True,
+            cu_query=cu_query, seq_ends=seq_ends, use_kernel=True,
         )  # fmt: skip
         model = self.model
         hidden = model.model(positions, PagedAttention(self.kv_cache, metadata), model.embed(ids))  # [rows, H]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mimo.engine.cuda_graphs import bucket_for, capture_graphs, graph_buckets
+from mimo.engine.cuda_graphs import bucket_for, capture_graphs, graph_buckets, uniform_rows
 from mimo.engine.kv_cache import KVCache, LayerKind
 from mimo.engine.paged_attention import DeviceBlockTables, PagedAttention, PagedAttentionMetadata, PoolMetadata, \
     cache_slots
@@ -89,17 +89,17 @@ class DraftGraphs:
             first = n - rows
             if not item.samples or not item.seq.sampling.is_greedy or first < 0:
                 return None
-            done = [item.rows(layer) for layer in range(k)]
-            if any(r.stop != n or not first <= r.start < n for r in done):
+            layer_rows = [item.rows(layer) for layer in range(k)]
+            if any(r.stop != n or not first <= r.start < n for r in layer_rows):
                 return None
-            lowest = min(r.start for r in done)
+            lowest = min(r.start for r in layer_rows)
             strip = [item.token(first + 1 + j) if first + 1 + j > lowest else 0 for j in range(rows)]
             if max(strip) >= self.vocab_size:  # a multimodal position: its embedding is in the prompt table
                 return None
             known += strip
             starts.append(first)
             for layer in range(k):
-                dones[layer].append(done[layer].start)
+                dones[layer].append(layer_rows[layer].start)
             hidden_rows += [item.hidden_row(p) if p >= lowest else 0 for p in range(first, n)]
         pad = bucket - len(pending)
         values = known + [0] * (pad * rows) + starts + [0] * pad
@@ -140,14 +140,11 @@ class DraftGraphs:
         known = self.inputs[:flat].view(bucket, rows)
         starts = self.inputs[flat:flat + bucket]
         dones = self.inputs[flat + bucket:flat + bucket + k * bucket].view(k, bucket)
-        row_seq = torch.arange(flat, device=device) // rows  # [flat] sequence of each row
-        positions = starts[row_seq] + torch.arange(flat, device=device) % rows
+        row_seq, positions, cu_query, seq_ends = uniform_rows(starts, rows)
         table, lengths = self.tables[:bucket], self.lengths[:bucket]
         block_size = self.kv_cache.block_size
         slots = cache_slots(table, lengths, row_seq, positions, block_size)
         scratch = self.pad_block * block_size + positions % block_size
-        cu_query = torch.arange(0, flat + 1, rows, dtype=torch.int32, device=device)
-        seq_ends = (starts + rows).to(torch.int32)
         last_rows = torch.arange(bucket, device=device) * rows + rows - 1
         hidden = self.hidden[:flat]
         model = self.model

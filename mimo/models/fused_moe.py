@@ -251,6 +251,15 @@ def _dot_dtype(x: torch.Tensor):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
 
 
+def _launch_meta(x: torch.Tensor, config: KernelConfig) -> dict:
+    """The kernels' compile-time arguments for activations `x` and tiles `config`."""
+    dot_dtype = _dot_dtype(x)
+    # float32 operands: exact products (the default, tf32, would change an fp32 model's numbers); others ignore it.
+    precision = "ieee" if dot_dtype == tl.float32 else "tf32"
+    return {"DOT_DTYPE": dot_dtype, "PRECISION": precision, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+            "BLOCK_K": config.block_k, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
 def fused_experts(
     x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, local_ids: torch.Tensor,
     pair_weights: torch.Tensor, top_k: int, config: KernelConfig, all_local: bool,
@@ -273,11 +282,7 @@ def fused_experts(
     # Pairs held elsewhere are never written; zeros keep their (zero-weighted) rows finite.
     alloc = torch.empty if all_local else torch.zeros
     out = alloc(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    dot_dtype = _dot_dtype(x)
-    # float32 operands: exact products (the default, tf32, would change an fp32 model's numbers); others ignore it.
-    precision = "ieee" if dot_dtype == tl.float32 else "tf32"
-    meta = {"DOT_DTYPE": dot_dtype, "PRECISION": precision, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-            "BLOCK_K": config.block_k, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    meta = _launch_meta(x, config)
     s, srow, scol, stride_se, stride_ss = _scale_args(gate_up)
     grid = (align.num_blocks, triton.cdiv(inter, config.block_n))
     _gate_up_silu_kernel[grid](
@@ -342,14 +347,11 @@ def fp8_linear(x: torch.Tensor, weight: ExpertWeights) -> torch.Tensor:
     ones = torch.ones(num_tokens, dtype=torch.float32, device=x.device)
     x = x.contiguous()
     out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
-    dot_dtype = _dot_dtype(x)
     s, srow, scol, stride_se, stride_ss = _scale_args(weight)
     _down_kernel[(num_blocks, triton.cdiv(out_features, config.block_n))](
         x, weight.weight, s, srow, scol, out, sorted_pairs, block_expert, ones,
         num_tokens, out_features, in_features,
         x.stride(0), weight.weight.stride(0), weight.weight.stride(1), stride_se, stride_ss, out.stride(0),
-        FP8=weight.is_fp8, DOT_DTYPE=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        FP8=weight.is_fp8, **_launch_meta(x, config),
     )  # fmt: skip
     return out

@@ -117,8 +117,8 @@ class ParallelLinear(nn.Module):
         return dequantize_mapped(weight, scale_inv, self.scale_rows, self.scale_cols, dtype)
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        num_tokens = x.numel() // max(1, x.shape[-1])
-        if self.fp8_kernel and x.is_cuda and expert is None and num_tokens <= fused_moe.DENSE_FP8_MAX_TOKENS:
+        if (self.fp8_kernel and x.is_cuda and expert is None
+                and x.numel() <= fused_moe.DENSE_FP8_MAX_TOKENS * x.shape[-1]):
             weight = fused_moe.ExpertWeights(self.weight[None], self.weight_scale_inv[None], self.scale_rows,
                                              self.scale_cols)  # fmt: skip
             return fused_moe.fp8_linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
