@@ -54,7 +54,16 @@ class TritonPythonModel:
         rows, hidden = {rows}, {hidden}
         device = torch.device("cuda", int(args["model_instance_device_id"]))
         self.rows = torch.randn(rows, hidden, device=device).to(torch.bfloat16)
+        self.local = torch.empty_like(self.rows)
         self.writer = SliceWriter()
+
+    def local_copy_us(self):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.local.copy_(self.rows)
+        end.record()
+        end.synchronize()
+        return 1000 * start.elapsed_time(end)
 
     def execute(self, requests):
         out = []
@@ -63,9 +72,11 @@ class TritonPythonModel:
                                                                                       OUTPUT_BYTE_SIZE)}}
             target = SliceTarget.from_inputs({{k: v.as_numpy() for k, v in arrays.items() if v is not None}})
             seconds = 0.0 if target is None else self.writer.write(self.rows, target)
+            local_us = 0.0 if target is None else self.local_copy_us()
             tensors = [pb_utils.Tensor("ack", np.ones([1], np.int32)),
                        pb_utils.Tensor("table_shape", np.array(self.rows.shape, np.int64)),
-                       pb_utils.Tensor("handoff_us", np.array([seconds * 1e6], np.float64))]
+                       pb_utils.Tensor("handoff_us", np.array([seconds * 1e6], np.float64)),
+                       pb_utils.Tensor("local_copy_us", np.array([local_us], np.float64))]
             if target is None:
                 tensors.append(pb_utils.Tensor.from_dlpack("rows", torch.utils.dlpack.to_dlpack(self.rows)))
             out.append(pb_utils.InferenceResponse(output_tensors=tensors))
@@ -88,7 +99,8 @@ input [ {{ name: "request" data_type: TYPE_INT32 dims: [ 1 ] }},
 output [ {{ name: "rows" data_type: TYPE_BF16 dims: [ {rows}, {hidden} ] }},
          {{ name: "ack" data_type: TYPE_INT32 dims: [ 1 ] }},
          {{ name: "table_shape" data_type: TYPE_INT64 dims: [ 2 ] }},
-         {{ name: "handoff_us" data_type: TYPE_FP64 dims: [ 1 ] }} ]
+         {{ name: "handoff_us" data_type: TYPE_FP64 dims: [ 1 ] }},
+         {{ name: "local_copy_us" data_type: TYPE_FP64 dims: [ 1 ] }} ]
 instance_group [ {{ count: 1 kind: KIND_GPU gpus: [ {gpu} ] }} ]
 parameters {{ key: "FORCE_CPU_ONLY_INPUT_TENSORS" value {{ string_value: "no" }} }}
 """
@@ -156,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         assert {tensor.name() for tensor in landing} <= {*LANDING_INPUTS, OUTPUT_BYTE_SIZE}
 
         def call(mode: str):
-            wanted = {"ack_only": ["ack"], "direct_write": ["ack", TABLE_SHAPE, HANDOFF_US],
+            wanted = {"ack_only": ["ack"], "direct_write": ["ack", TABLE_SHAPE, HANDOFF_US, "local_copy_us"],
                       "triton_output": ["ack", "rows"], "grpc_bytes": ["ack", "rows"]}[mode]  # fmt: skip
             outputs = [grpcclient.InferRequestedOutput(name) for name in wanted]
             if mode == "triton_output":
@@ -166,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
         modes = ("ack_only", "direct_write", "triton_output", "grpc_bytes")
         times = {mode: [] for mode in modes}
-        write_us = []  # the model's own measurement of each direct write
+        write_us, local_us = [], []  # the model's own measurements: each direct write, and then a copy of its own
         expected = None
         for index in range(args.requests + 10):  # 10 warm-up rounds
             for mode in modes:
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                     times[mode].append(1000 * elapsed)
                     if mode == "direct_write":
                         write_us.append(float(result.as_numpy(HANDOFF_US)[0]))
+                        local_us.append(float(result.as_numpy("local_copy_us")[0]))
         server_us = {}  # mode -> mean compute_output / compute_infer per request, from Triton's statistics
         for mode in modes:
             before = model_statistics(client)
@@ -212,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         "direct_write_us": {"median": write_median_us, "p10": float(np.percentile(write_us, 10)),
                             "p90": float(np.percentile(write_us, 90))},
         "direct_write_vs_d2d_copy": write_median_us / (1000 * copy_ms),
+        "model_local_copy_us": statistics.median(local_us),  # the same bytes between two of the model's buffers
+        "direct_write_vs_model_local_copy": write_median_us / statistics.median(local_us),
         "client_handoff_ms": {mode: median[mode] - median["ack_only"] for mode in modes[1:]},
     }  # fmt: skip
     report["server_us_per_request"] = server_us

@@ -3,9 +3,12 @@
 # WRITEs between two processes) on every supported Python other than the one .venv was made with, each in a temporary
 # .venv-pyX.Y. Pythons that this machine lacks are reported and left out; set MIMO_REQUIRE_PYTHONS=1 to fail on them
 # instead.
+#   --setup-only: only make the venvs (scripts/test.sh runs this beside the main suite, at low CPU priority: it is
+#                 mostly downloads, plus numpy 1.26's build from source on 3.13); a venv is marked ready when its
+#                 set-up completed, and the default run reuses a ready one, else makes it again.
 # Disk: PyPI's torch for these Pythons is a CUDA build (~5 GB installed). uv installs it, hardlinking from one cache on
 # the repository's file system, so the CUDA libraries are stored once; each Python's own torch/triton are dropped from
-# the cache and its venv removed once its subset has run (peak ~6 GB instead of ~5 GB per Python kept).
+# the cache and its venv removed once its subset has run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUPPORTED=(3.10 3.11 3.12 3.13)  # pyproject's requires-python and the classifiers say the same
@@ -14,6 +17,8 @@ SUBSET=(tests/test_processing_image.py tests/test_processing_audio.py tests/test
         tests/test_serving_demo.py::test_demo_streams_a_multimodal_reply_and_stops_the_server  # the main job
         tests/test_epd_nixl.py)  # nixl-cu13 has a wheel for each: its transfers run on each
 PER_PYTHON=(torch triton)  # the big cp3X-specific wheels; the py3-none CUDA libraries stay cached for the next Python
+setup_only=0
+[ "${1:-}" = --setup-only ] && setup_only=1
 default=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 .venv/bin/python -m pip install -q uv 2>&1 | grep -v "is ignored" || true
 export UV=$PWD/.venv/bin/uv UV_CACHE_DIR=$PWD/.cache/uv UV_LINK_MODE=hardlink
@@ -25,10 +30,17 @@ for version in "${SUPPORTED[@]}"; do
     missing+=("$version")
     continue
   fi
-  echo "python$version: set-up and subset ($(df -h --output=avail . | tail -1 | tr -d ' ') free)"
   venv=.venv-py$version
-  rm -rf "$venv"
-  PYTHON=python$version VENV=$venv bash scripts/setup.sh
+  if [ ! -e "$venv/.ready" ]; then
+    echo "python$version: set-up ($(df -h --output=avail . | tail -1 | tr -d ' ') free)"
+    rm -rf "$venv"
+    SECONDS=0
+    PYTHON=python$version VENV=$venv bash scripts/setup.sh
+    touch "$venv/.ready"
+    echo "python$version: set up in ${SECONDS}s"
+  fi
+  [ $setup_only = 1 ] && continue
+  echo "python$version: subset"
   $venv/bin/python -c 'import av, torch, transformers, PIL; print("  PyAV", av.__version__, "torch", torch.__version__, "transformers", transformers.__version__, "Pillow", PIL.__version__)'
   $venv/bin/python -m pytest -q -p no:cacheprovider "${SUBSET[@]}"
   rm -rf "$venv"

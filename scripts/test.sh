@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The tests (after scripts/setup.sh): the full suite on .venv's Python while the other supported Pythons' venvs are
+# set up beside it at low CPU priority (downloads, numpy 1.26's build on 3.13), then each other Python's subset
+# (scripts/test-other-pythons.sh). Arguments go to the full suite's pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .cache
+nice -n 19 bash scripts/test-other-pythons.sh --setup-only > .cache/other-pythons-setup.log 2>&1 &
+setup=$!
+.venv/bin/python -m pytest -q "$@"
+suite=$?
+wait $setup
+prepared=$?
+echo "--- other Pythons' set-up (beside the suite):"
+cat .cache/other-pythons-setup.log
+[ $suite = 0 ] || exit $suite
+[ $prepared = 0 ] || exit $prepared
+exec bash scripts/test-other-pythons.sh
