@@ -18,8 +18,9 @@ MTP rows (one per `--accept-rates` value): the plain run's greedy tokens are rep
 test-only override (`ReplayDrafts`), each draft kept with the given probability and made wrong otherwise, so the
 accept rate is chosen, not the random weights' (which accept almost nothing); the tokens stay the plain run's. A
 decode step is then one verify forward (1 + K tokens per sequence, `verify_ms`) plus the K MTP layer passes
-(`draft_ms`); `plain_decode_step_ms` is the one-token decode step of the same batch. Timing each part synchronises
-the device around the MTP passes.
+(`draft_ms`: CUDA events around each MTP pass, no added synchronisation; `verify_ms` is the rest of the step);
+`plain_decode_step_ms` is the one-token decode step of the same batch; `draft_passes_replayed` says how many MTP
+passes ran as drafting graphs.
 
     python -m benchmarks.bench_engine --preset v2.5 --layers 4 --batch-sizes 1,8,64 --prompt-lens 512,4096
     python -m benchmarks.bench_engine --preset v2.5 --layers 4 --batch-sizes 1,8 --speculative-tokens 3 \
@@ -197,19 +198,37 @@ def random_model(preset: str, num_layers: int, device: torch.device, with_mtp: b
     return load_language_weights(model, dict(tensors), device)
 
 
-def timed(owner, method: str, device: torch.device, seconds: list[float]) -> None:
-    """Wraps `owner.method` (an instance attribute shadows the class's) to add each call's duration to `seconds`."""
-    wrapped = getattr(owner, method)
+class Spans:
+    """Wraps `owner.method` (an instance attribute shadows the class's) to time each call without adding a
+    synchronisation: CUDA events around it on the current stream (the device's span from the call's first work to
+    its last, host gaps inside included), read after the run; on the CPU, the call's wall time."""
 
-    def run(*args, **kwargs):
-        synchronize(device)
-        start = time.perf_counter()
-        result = wrapped(*args, **kwargs)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-        return result
+    def __init__(self, owner, method: str, device: torch.device):
+        self.device, self._events, self._seconds = device, [], []
+        wrapped = getattr(owner, method)
 
-    setattr(owner, method, run)
+        def run(*args, **kwargs):
+            if device.type != "cuda":
+                start = time.perf_counter()
+                result = wrapped(*args, **kwargs)
+                self._seconds.append(time.perf_counter() - start)
+                return result
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = wrapped(*args, **kwargs)
+            end.record()
+            self._events.append((start, end))
+            return result
+
+        setattr(owner, method, run)
+
+    def seconds(self) -> list[float]:
+        """Each call's seconds so far, oldest first (synchronises on the last event)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += [start.elapsed_time(end) / 1e3 for start, end in self._events]
+            self._events.clear()
+        return self._seconds
 
 
 def prefill_and_decode(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int,
@@ -378,9 +397,10 @@ def speculative_rows(args, engine, vocab: int, prompts: dict[str, list[int]], ge
     for accept_rate in args.accept_rates:
         spec = engine(batch, prompt_len, prompt_len + args.decode_len, k,
                       ReplayDrafts(recorded, vocab, accept_rate, seed=batch))
-        draft_s: list[float] = []
-        timed(spec.runner.drafter, "step", device, draft_s)
+        drafter = spec.runner.drafter
+        draft_spans = Spans(drafter, "step", device)
         _, spec_decode_s, spec_steps, spec_generated = prefill_and_decode(spec, prompts, args.decode_len, device)
+        draft_s = draft_spans.seconds()
         # bf16 verify rows (1 + k query tokens) may flip a near-tied argmax of the plain run (1 query token): from
         # there on the replayed drafts miss, which the measured acceptance shows; the row says it happened
         diverged = sum(spec_generated[rid] != tokens for rid, tokens in generated.items())
@@ -398,6 +418,7 @@ def speculative_rows(args, engine, vocab: int, prompts: dict[str, list[int]], ge
             "decode_step_ms": round(spec_decode_s / spec_steps * 1e3, 3),
             "verify_ms": round((spec_decode_s - decode_draft_s) / spec_steps * 1e3, 3),
             "draft_ms": round(decode_draft_s / spec_steps * 1e3, 3),
+            "draft_passes_replayed": f"{drafter.graphs.replays if drafter.graphs else 0} of {len(draft_s)}",
             "plain_decode_step_ms": round(step_s * 1e3, 3),
             "decode_tok_s": round(decoded / spec_decode_s, 1),
             "plain_decode_tok_s": round(decoded / decode_s, 1),

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One GPU machine's measurement cycle: the BENCHMARKS.md rows and the GPU test files, in named groups, each step
+# under a time limit drawn from what is left of LIMIT seconds. Everything goes to $OUT/log.txt (default
+# artifacts/device_cycle); stdout gets one line per step and a short summary.
+#
+#   LIMIT=580 bash benchmarks/device_cycle.sh engine      # decode / FP8 / long-prompt / MTP rows
+#   LIMIT=580 bash benchmarks/device_cycle.sh tests       # the GPU test files, one step each
+#   LIMIT=580 bash benchmarks/device_cycle.sh served      # handoff, TTFT and burst rows, EPD tests on the GPU
+#   LIMIT=580 bash benchmarks/device_cycle.sh nixl        # handoff nixl over cuda_ipc (carry .nixl: tools/device_nixl.sh)
+#   bash benchmarks/device_cycle.sh engine tests          # several groups, in order
+#
+# On the lent machines: `source .whl/device-env.sh` first (../shared/tools/device-wheels.sh fills .whl/).
+set -u
+cd "$(dirname "$0")/.."
+START=$(date +%s) LIMIT=${LIMIT:-3600}
+OUT=${OUT:-artifacts/device_cycle}
+mkdir -p "$OUT"
+LOG=$OUT/log.txt
+CHECKPOINT=${CHECKPOINT:-/tmp/mimo_v25_2layers}
+
+step() {  # step NAME MAX_SECONDS COMMAND...
+  local name=$1 max=$2; shift 2
+  local left=$(( LIMIT - ($(date +%s) - START) - 5 ))
+  if (( left < 20 )); then echo "SKIP $name (no time left)" | tee -a "$LOG"; return; fi
+  (( max > left )) && max=$left
+  echo "=== $name ($(date +%T), limit ${max}s): $*" >> "$LOG"
+  local t0=$(date +%s) rc
+  timeout -k 5 "$max" "$@" >> "$LOG" 2>&1
+  rc=$?
+  echo "--- $name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
+}
+
+checkpoint() {  # the served rows' checkpoint: real encoder widths, 2 LM layers (~100 s on an H200 host)
+  [ -e "$CHECKPOINT/config.json" ] || python3 -m builders tiny --preset v2.5 --layers 2 --out "$CHECKPOINT" >> "$LOG" 2>&1
+}
+
+PYTEST="python3 -m pytest -q -p no:cacheprovider --tb=short -rfEs"
+ENGINE="python3 -m benchmarks.bench_engine --prompt-len 512 --decode-len 32"
+TTFT="python3 -m benchmarks.bench_ttft --device gpu --checkpoint $CHECKPOINT --engine max_num_batched_tokens=8192"
+
+engine() {
+  step decode_profiled 150 $ENGINE --batch-sizes 1,8,64 --profile
+  step decode 120 $ENGINE --batch-sizes 1,8,64
+  step decode_fp8 120 $ENGINE --batch-sizes 1,8,64 --fp8
+  step long_prompts 120 $ENGINE --batch-sizes 1 --prompt-lens 4096,16384 --decode-len 16
+  step mtp 150 $ENGINE --batch-sizes 1,8 --speculative-tokens 3 --accept-rates 0,0.7,1
+}
+
+tests() {
+  step t_cuda_graphs 240 $PYTEST tests/test_cuda_graphs_gpu.py -s
+  step t_fused_moe 120 $PYTEST tests/test_fused_moe_gpu.py "tests/test_fused_moe.py" -k "gpu or fp8_dense or Hopper or hopper"
+  step t_encoder_kernels 120 $PYTEST tests/test_encoder_kernels_gpu.py
+  step t_preprocess 120 $PYTEST tests/test_preprocess_gpu.py
+  step t_paged_attention 240 $PYTEST tests/test_paged_attention_kernel.py
+}
+
+served() {
+  checkpoint &
+  local build=$!
+  step ipc_copy 60 python3 -m benchmarks.bench_ipc_copy
+  step handoff 90 python3 -m benchmarks.bench_handoff --requests 100
+  wait $build
+  step ttft_colocated 180 $TTFT --launch colocated --sequential 1,8 --repeats 3
+  step ttft_epd 180 $TTFT --launch epd --encoders 1 --encoder-gpus 0 --sequential 1,8 --repeats 3
+  step burst_colocated 240 $TTFT --launch colocated --rates 1000 --requests 16
+  step burst_epd 240 $TTFT --launch epd --encoders 1 --encoder-gpus 0 --rates 1000 --requests 16
+  step t_epd_gpu 300 env MIMO_SERVING_DEVICE=gpu $PYTEST tests/test_epd_direct_write.py \
+    tests/test_epd_encoder_server.py tests/test_epd_language.py
+  step audio 120 python3 -m benchmarks.bench_encoders --rows audio30 --cuda-graphs
+}
+
+nixl() {
+  step nixl_unpack 60 python3 -c "import site, zipfile; zipfile.ZipFile('.nixl/nixl_cu13.zip').extractall(site.getsitepackages()[0])"
+  step t_nixl_vram 120 $PYTEST tests/test_epd_nixl.py
+  step t_handoff_nixl_gpu 300 env MIMO_SERVING_DEVICE=gpu $PYTEST tests/test_epd_handoff.py -k nixl
+}
+
+[ $# -gt 0 ] || { echo "usage: $0 engine|tests|served|nixl ..." >&2; exit 2; }
+{ nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader; git log --oneline -1; } >> "$LOG" 2>&1
+for group in "$@"; do
+  case $group in
+    engine|tests|served|nixl) $group ;;
+    *) echo "unknown group $group (engine, tests, served, nixl)" >&2; exit 2 ;;
+  esac
+done
+echo "=== summary"
+grep -E "^--- |^SKIP|passed|failed|FAILED|direct_write_vs|\"images_per_s\"|tokens within|drafts equal" "$LOG" | cut -c1-300 | tail -60
