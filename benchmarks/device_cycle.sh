@@ -9,9 +9,17 @@
 #   LIMIT=580 bash benchmarks/device_cycle.sh nixl        # handoff nixl over cuda_ipc (carry .nixl: tools/device_nixl.sh)
 #   bash benchmarks/device_cycle.sh engine tests          # several groups, in order
 #
-# On the lent machines: `source .whl/device-env.sh` first (../shared/tools/device-wheels.sh fills .whl/).
+# On the lent machines (no registry) carry .whl (../shared/tools/device-wheels.sh fills it): the script sources
+# .whl/device-env.sh and installs the project and tritonclient from there first.
 set -u
 cd "$(dirname "$0")/.."
+if [ -e .whl/device-env.sh ]; then
+  source .whl/device-env.sh
+  python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
+  # into the interpreter's own site-packages: the Python-backend stub ignores PYTHONPATH
+  env -u PYTHONPATH python3 -m pip install -q --no-deps --no-index --ignore-installed .whl/tritonclient-*.whl \
+    .whl/python_rapidjson-*.whl > /dev/null 2>&1
+fi
 START=$(date +%s) LIMIT=${LIMIT:-3600}
 OUT=${OUT:-artifacts/device_cycle}
 mkdir -p "$OUT"
