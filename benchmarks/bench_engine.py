@@ -204,7 +204,7 @@ class Spans:
     its last, host gaps inside included), read after the run; on the CPU, the call's wall time."""
 
     def __init__(self, owner, method: str, device: torch.device):
-        self.device, self._events, self._seconds = device, [], []
+        self._events, self._seconds = [], []
         wrapped = getattr(owner, method)
 
         def run(*args, **kwargs):
