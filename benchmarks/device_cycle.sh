@@ -9,11 +9,12 @@
 #   LIMIT=580 bash benchmarks/device_cycle.sh nixl        # handoff nixl over cuda_ipc (carry .nixl: tools/device_nixl.sh)
 #   bash benchmarks/device_cycle.sh engine tests          # several groups, in order
 #
-# On the lent machines (no registry) carry .whl (../shared/tools/device-wheels.sh fills it): the script sources
-# .whl/device-env.sh and installs the project and tritonclient from there first.
+# On the lent machines (no registry) carry .whl (../shared/tools/device-wheels.sh fills it): where python3 sees a
+# CUDA device, the script sources .whl/device-env.sh and installs the project and tritonclient from there first
+# (into python3's own site-packages: never on a development machine, whose python3 is not the stub's).
 set -u
 cd "$(dirname "$0")/.."
-if [ -e .whl/device-env.sh ]; then
+if [ -e .whl/device-env.sh ] && python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   source .whl/device-env.sh
   python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
   # into the interpreter's own site-packages: the Python-backend stub ignores PYTHONPATH
@@ -39,7 +40,7 @@ step() {  # step NAME MAX_SECONDS COMMAND...
 }
 
 checkpoint() {  # the served rows' checkpoint: real encoder widths, 2 LM layers (~100 s on an H200 host)
-  [ -e "$CHECKPOINT/config.json" ] || python3 -m builders tiny --preset v2.5 --layers 2 --out "$CHECKPOINT" >> "$LOG" 2>&1
+  [ -e "$CHECKPOINT/config.json" ] || python3 -m builders tiny --preset v2.5 --layers 2 --out "$CHECKPOINT"
 }
 
 PYTEST="python3 -m pytest -q -p no:cacheprovider --tb=short -rfEs"
@@ -56,18 +57,22 @@ engine() {
 
 tests() {
   step t_cuda_graphs 240 $PYTEST tests/test_cuda_graphs_gpu.py -s
-  step t_fused_moe 120 $PYTEST tests/test_fused_moe_gpu.py "tests/test_fused_moe.py" -k "gpu or fp8_dense or Hopper or hopper"
+  step t_fused_moe 120 $PYTEST tests/test_fused_moe_gpu.py tests/test_fused_moe.py -k "gpu or fp8_dense or hopper"
   step t_encoder_kernels 120 $PYTEST tests/test_encoder_kernels_gpu.py
   step t_preprocess 120 $PYTEST tests/test_preprocess_gpu.py
   step t_paged_attention 240 $PYTEST tests/test_paged_attention_kernel.py
 }
 
 served() {
-  checkpoint &
+  local build_log
+  build_log=$(mktemp)
+  checkpoint > "$build_log" 2>&1 &  # beside the first steps; its output joins the log after them
   local build=$!
   step ipc_copy 60 python3 -m benchmarks.bench_ipc_copy
   step handoff 90 python3 -m benchmarks.bench_handoff --requests 100
   wait $build
+  echo "=== checkpoint $CHECKPOINT: rc=$?" >> "$LOG"
+  cat "$build_log" >> "$LOG"
   step ttft_colocated 180 $TTFT --launch colocated --sequential 1,8 --repeats 3
   step ttft_epd 180 $TTFT --launch epd --encoders 1 --encoder-gpus 0 --sequential 1,8 --repeats 3
   step burst_colocated 240 $TTFT --launch colocated --rates 1000 --requests 16
