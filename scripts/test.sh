@@ -5,14 +5,20 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .cache
-nice -n 19 bash scripts/test-other-pythons.sh --setup-only > .cache/other-pythons-setup.log 2>&1 &
+# its own process group (setsid), so that a failed suite stops the whole set-up instead of waiting for it
+setsid nice -n 19 bash scripts/test-other-pythons.sh --setup-only > .cache/other-pythons-setup.log 2>&1 &
 setup=$!
 .venv/bin/python -m pytest -q "$@"
 suite=$?
+if [ $suite != 0 ]; then
+  kill -TERM -- -$setup 2>/dev/null
+  wait $setup
+  echo "--- the suite failed: the other Pythons' set-up was stopped (their venvs are made again next time)"
+  exit $suite
+fi
 wait $setup
 prepared=$?
 echo "--- other Pythons' set-up (beside the suite):"
 cat .cache/other-pythons-setup.log
-[ $suite = 0 ] || exit $suite
 [ $prepared = 0 ] || exit $prepared
 exec bash scripts/test-other-pythons.sh
