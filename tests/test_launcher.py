@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -140,7 +141,11 @@ def test_drain_deadline_passed_is_reported_and_exits_1(held_server):
     assert returncode == 1, held_server.log_tail()
     bound = launcher.DRAIN_DEADLINE_S + launcher.SERVER_EXIT_GRACE_S
     assert bound <= elapsed < bound + 3
-    assert "drain: 1 requests in flight after 5.0 s" in held_server.log()
+    # the seconds it reports are measured: at least the deadline, the tenths left to the scheduler (5.1 s was seen
+    # under load)
+    reported = re.search(r"drain: 1 requests in flight after (\d+\.\d) s", held_server.log())
+    assert reported, held_server.log_tail()
+    assert launcher.DRAIN_DEADLINE_S <= float(reported.group(1)) < launcher.DRAIN_DEADLINE_S + 3
     assert wait_gone(processes, 5) == set()
 
 
