@@ -291,7 +291,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         return LLMEngine(model, EngineConfig(
             max_num_seqs=batch, max_num_batched_tokens=max(prompt_len, batch * (1 + num_speculative_tokens)),
             block_size=16, max_model_len=max_len, kv_cache_memory_bytes=args.kv_gib << 30,
-            num_speculative_tokens=num_speculative_tokens, seed=0), test_draft_override=override)  # fmt: skip
+            num_speculative_tokens=num_speculative_tokens, seed=0,
+            overlap_steps=args.overlap_steps if not num_speculative_tokens else 0), test_draft_override=override)
 
     def release() -> None:  # the KV pools and graph pools of engines no longer referenced
         gc.collect()
@@ -359,6 +360,7 @@ def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: 
             "batch": batch,
             "prompt_len": prompt_len,
             "cuda_graphs": int(phase == "graphs"),
+            "overlap_steps": int(engine.overlap),
             "prefill_tok_s": round(batch * prompt_len / prefill_s, 1),
             "prefill_fraction_of_gemm_rate": round(prefill_bound_s / prefill_s, 4) if prefill_bound_s else None,
             "decode_steps": steps,
@@ -445,6 +447,8 @@ def main() -> None:
                                                            "stored (the bytes per step count them as such)")
     parser.add_argument("--copy-bytes", type=int, default=2 << 30, help="bytes of the bandwidth probe's copy")
     parser.add_argument("--speculative-tokens", type=int, default=0, help="MTP drafts per step (0: plain rows only)")
+    parser.add_argument("--overlap-steps", type=int, choices=(0, 1), default=None,
+                        help="EngineConfig.overlap_steps of the plain rows (default: the engine's, on for CUDA)")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="plain rows sample at this temperature (0: greedy, whose tokens "
                              "collapse into repeats on random weights, so later steps route to fewer experts than "

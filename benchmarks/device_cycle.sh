@@ -8,6 +8,7 @@
 #   LIMIT=580 bash benchmarks/device_cycle.sh served      # handoff, TTFT and burst rows, EPD tests on the GPU
 #   LIMIT=580 bash benchmarks/device_cycle.sh nixl        # handoff nixl over cuda_ipc (carry .nixl: tools/device_nixl.sh)
 #   bash benchmarks/device_cycle.sh engine tests          # several groups, in order
+#   bash benchmarks/device_cycle.sh handoff t_cuda_graphs # single steps (by the names in the groups below)
 #
 # On the lent machines (no registry) carry .whl (../shared/tools/device-wheels.sh fills it): where python3 sees a
 # CUDA device, the script sources .whl/device-env.sh and installs the project and tritonclient from there first
@@ -27,8 +28,10 @@ mkdir -p "$OUT"
 LOG=$OUT/log.txt
 CHECKPOINT=${CHECKPOINT:-/tmp/mimo_v25_2layers}
 
+ONLY=
 step() {  # step NAME MAX_SECONDS COMMAND...
   local name=$1 max=$2; shift 2
+  [ -z "$ONLY" ] || [ "$ONLY" = "$name" ] || return 0
   local left=$(( LIMIT - ($(date +%s) - START) - 5 ))
   if (( left < 20 )); then echo "SKIP $name (no time left)" | tee -a "$LOG"; return; fi
   (( max > left )) && max=$left
@@ -50,13 +53,14 @@ TTFT="python3 -m benchmarks.bench_ttft --device gpu --checkpoint $CHECKPOINT --e
 engine() {
   step decode_profiled 150 $ENGINE --batch-sizes 1,8,64 --profile
   step decode 120 $ENGINE --batch-sizes 1,8,64
+  step decode_in_turn 120 $ENGINE --batch-sizes 1,8,64 --overlap-steps 0
   step decode_fp8 120 $ENGINE --batch-sizes 1,8,64 --fp8
   step long_prompts 120 $ENGINE --batch-sizes 1 --prompt-lens 4096,16384 --decode-len 16
   step mtp 150 $ENGINE --batch-sizes 1,8 --speculative-tokens 3 --accept-rates 0,0.7,1
 }
 
 tests() {
-  step t_cuda_graphs 240 $PYTEST tests/test_cuda_graphs_gpu.py -s
+  step t_cuda_graphs 300 $PYTEST tests/test_cuda_graphs_gpu.py tests/test_engine_overlap.py -s
   step t_fused_moe 120 $PYTEST tests/test_fused_moe_gpu.py tests/test_fused_moe.py -k "gpu or fp8_dense or hopper"
   step t_encoder_kernels 120 $PYTEST tests/test_encoder_kernels_gpu.py
   step t_preprocess 120 $PYTEST tests/test_preprocess_gpu.py
@@ -64,15 +68,19 @@ tests() {
 }
 
 served() {
-  local build_log
+  local build_log build=
   build_log=$(mktemp)
-  checkpoint > "$build_log" 2>&1 &  # beside the first steps; its output joins the log after them
-  local build=$!
+  case "$ONLY" in ""|ttft_*|burst_*) checkpoint > "$build_log" 2>&1 & build=$! ;; esac  # beside the first steps
   step ipc_copy 60 python3 -m benchmarks.bench_ipc_copy
   step handoff 90 python3 -m benchmarks.bench_handoff --requests 100
-  wait $build
-  echo "=== checkpoint $CHECKPOINT: rc=$?" >> "$LOG"
-  cat "$build_log" >> "$LOG"
+  step handoff_gpu_inputs 90 python3 -m benchmarks.bench_handoff --requests 100 --gpu-inputs
+  step handoff_mps 120 bash benchmarks/with_mps.sh python3 -m benchmarks.bench_handoff --requests 100
+  step overhead 240 python3 -m benchmarks.bench_serving_overhead --device gpu 
+  if [ -n "$build" ]; then
+    wait $build
+    echo "=== checkpoint $CHECKPOINT: rc=$?" >> "$LOG"
+    cat "$build_log" >> "$LOG"
+  fi
   step ttft_colocated 180 $TTFT --launch colocated --sequential 1,8 --repeats 3
   step ttft_epd 180 $TTFT --launch epd --encoders 1 --encoder-gpus 0 --sequential 1,8 --repeats 3
   step burst_colocated 240 $TTFT --launch colocated --rates 1000 --requests 16
@@ -88,13 +96,18 @@ nixl() {
   step t_handoff_nixl_gpu 300 env MIMO_SERVING_DEVICE=gpu $PYTEST tests/test_epd_handoff.py -k nixl
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 engine|tests|served|nixl ..." >&2; exit 2; }
+GROUP_NAMES="engine tests served nixl"
+STEPS=$(grep -oE '^  step [a-z0-9_]+' "$0" | awk '{print $2}' | tr '\n' ' ')
+[ $# -gt 0 ] || { echo "usage: $0 GROUP|STEP ... (groups: $GROUP_NAMES; steps: $STEPS)" >&2; exit 2; }
+for arg in "$@"; do  # check them all before any runs
+  case " $GROUP_NAMES $STEPS " in *" $arg "*) ;; *) echo "unknown group or step $arg (groups: $GROUP_NAMES; steps: $STEPS)" >&2; exit 2 ;; esac
+done
 { nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader; git log --oneline -1; } >> "$LOG" 2>&1
-for group in "$@"; do
-  case $group in
-    engine|tests|served|nixl) $group ;;
-    *) echo "unknown group $group (engine, tests, served, nixl)" >&2; exit 2 ;;
+for arg in "$@"; do
+  case " $GROUP_NAMES " in
+    *" $arg "*) $arg ;;
+    *) ONLY=$arg; for group in $GROUP_NAMES; do $group; done; ONLY= ;;  # one step: its group's other steps are passed over
   esac
 done
 echo "=== summary"
-grep -E "^--- |^SKIP|passed|failed|FAILED|direct_write_vs|\"images_per_s\"|tokens within|drafts equal" "$LOG" | cut -c1-300 | tail -60
+grep -E "^--- |^SKIP|passed|failed|FAILED|direct_write_vs|direct_rewrite|model_local_copy|\"images_per_s\"|tokens within|drafts equal|itl_ms" "$LOG" | cut -c1-300 | tail -60

@@ -125,7 +125,8 @@ def test_static_input_forward_emits_the_eager_tokens_and_logits(tiny_model):
     def both(inputs):
         hidden, logits = forward(inputs)
         if inputs.graph is not None:
-            eager_hidden, eager_logits = forward(runner.prepare(inputs.chunks, allow_graph=False))
+            eager_inputs = runner.prepare(inputs.chunks, allow_graph=False, fed=inputs.fed)
+            eager_hidden, eager_logits = forward(eager_inputs)
             torch.testing.assert_close(hidden, eager_hidden, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
             compared.append(inputs.graph.bucket)
@@ -136,6 +137,19 @@ def test_static_input_forward_emits_the_eager_tokens_and_logits(tiny_model):
     # every all-decode step: the first sequence's 18 tokens take 18 steps; steps 2-4 still prefill the others
     assert runner.graphs.replays == len(compared) == 14
     assert sorted(set(compared)) == [1, 2, 4]
+
+
+@pytest.mark.usefixtures("fused_moe")
+def test_overlapped_graph_steps_take_their_ids_from_the_step_ahead(tiny_model):
+    """Overlap: a graph step launched before the host read the tokens it follows copies them into the graph's
+    static ids on the device; greedy tokens equal the eager engine's without overlap."""
+    eager = generate(make_engine(tiny_model, graphs=False, overlap_steps=0), PROMPTS, PARAMS)
+    engine = make_engine(tiny_model, graphs=True, overlap_steps=1)
+    graphs, fed = engine.runner.graphs, []
+    prepare = graphs.prepare
+    graphs.prepare = lambda chunks, ids=None: fed.append(ids is not None) or prepare(chunks, ids)
+    assert generate(engine, PROMPTS, PARAMS) == eager
+    assert sum(fed) >= 10 and graphs.replays >= 13  # the steps 2-4 still prefill, as above
 
 
 @pytest.mark.usefixtures("fused_moe")

@@ -94,7 +94,7 @@ def compare_every_graph_step(engine: LLMEngine, prompts, params, rel_tol: float)
         if inputs.graph is None:
             return hidden, logits
         logits = logits.clone()  # the eager forward below must not be what is compared
-        _, eager = forward(runner.prepare(inputs.chunks, allow_graph=False))
+        _, eager = forward(runner.prepare(inputs.chunks, allow_graph=False, fed=inputs.fed))
         assert torch.isfinite(logits).all()
         # per token: top-8 routing over random bf16 weights can flip a near-tie between two correct kernels, and a
         # flipped token then differs by design; a wrong KV row, position or pad misses on most tokens (checked below)
@@ -140,6 +140,28 @@ def test_greedy_tokens_with_graphs_equal_eager(tiny_fp32, batch):
     assert engine.runner.graphs.replays >= DECODE_STEPS - 3
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_overlapped_steps_emit_the_tokens_of_steps_in_turn(tiny_fp32, graphs):
+    """Overlap on the GPU (steps really launched before the host reads the tokens they follow): greedy and seeded
+    sampled tokens equal those of the same engine stepping in turn."""
+    prompts, params = requests(8, tiny_fp32.config.vocab_size, [5, 19, 12], seed=50)
+    params = [p if i % 2 else SamplingParams(max_tokens=p.max_tokens, temperature=0.8, top_k=40, seed=i)
+              for i, p in enumerate(params)]
+    in_turn = generate(engine_for(tiny_fp32, graphs, 8, overlap_steps=0), prompts, params)
+    engine = engine_for(tiny_fp32, graphs, 8, overlap_steps=1)
+    fed_steps, prepare = [], engine.runner.prepare
+
+    def counting(chunks, allow_graph=True, fed=None):
+        fed_steps.append(fed is not None)
+        return prepare(chunks, allow_graph, fed)
+
+    engine.runner.prepare = counting
+    assert generate(engine, prompts, params) == in_turn
+    assert sum(fed_steps) >= DECODE_STEPS - 8
+    if graphs:
+        assert engine.runner.graphs.replays >= DECODE_STEPS - 3
+
+
 def test_mtp_verify_steps_replay_graphs(tiny_fp32):
     prompts, params = requests(8, tiny_fp32.config.vocab_size, [5, 19, 12], seed=30)
     eager = generate(engine_for(tiny_fp32, False, 8), prompts, params)
@@ -164,13 +186,13 @@ def test_decode_step_never_waits_for_the_device(tiny_bf16, graphs):
     prepare, forward, checked = runner.prepare, runner.forward, []
 
     def guarded(method):
-        def run(*args):
+        def run(*args, **kwargs):
             chunks = args[0] if isinstance(args[0], list) else args[0].chunks
             if not all(c.num_tokens == 1 and c.start >= c.seq.num_prompt_tokens for c in chunks):
-                return method(*args)
+                return method(*args, **kwargs)
             torch.cuda.set_sync_debug_mode("error")
             try:
-                result = method(*args)
+                result = method(*args, **kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             checked.append(method.__name__)

@@ -160,8 +160,9 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._outputs: dict[tuple[int, int], _Outputs] = {}
 
-    def prepare(self, chunks: list[ScheduledChunk]) -> GraphStep | None:
-        """Fills the static inputs for `chunks` (under the engine lock) if a graph runs them; None: run eagerly."""
+    def prepare(self, chunks: list[ScheduledChunk], fed: torch.Tensor | None = None) -> GraphStep | None:
+        """Fills the static inputs for `chunks` (under the engine lock) if a graph runs them; None: run eagerly.
+        `fed` `[B]`: the chunks' token ids on the device (q = 1; the sequences do not hold them yet)."""
         q = decode_query_len(chunks)
         bucket = bucket_for(len(chunks), self.buckets)
         if q not in self.query_lens or bucket is None:
@@ -169,7 +170,7 @@ class DecodeGraphs:
         pad = bucket - len(chunks)
         seqs = [chunk.seq for chunk in chunks]
         values = []
-        for chunk in chunks:
+        for chunk in chunks if fed is None else ():
             values += chunk.seq.token_ids[chunk.start:chunk.end - chunk.num_drafts]
             if chunk.num_drafts:
                 values += chunk.seq.draft.drafts[:chunk.num_drafts]
@@ -179,7 +180,11 @@ class DecodeGraphs:
             tables = self.block_tables[kind]
             rows, lengths = tables.rows(seqs)
             values += rows + [tables.pad_row] * pad + lengths + [1] * pad
-        copy_into(self.inputs, values)
+        if fed is None:
+            copy_into(self.inputs, values)
+        else:  # the ids from the device, then the rest from the host
+            self.inputs[:len(chunks)].copy_(fed)
+            copy_into(self.inputs[len(chunks):], values)
         return GraphStep(q, bucket, len(chunks))
 
     def capture(self) -> None:

@@ -12,10 +12,10 @@ import torch
 from mimo.engine.block_manager import BlockManager, blocks_per_sequence, sliding_ring_tokens
 from mimo.engine.cuda_graphs import graphs_unavailable
 from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind, block_bytes, kv_layer_specs, layer_kinds
-from mimo.engine.model_runner import ModelRunner
+from mimo.engine.model_runner import LaunchedStep, ModelRunner
 from mimo.engine.paged_attention import ATTENTION_KERNELS, use_attention_kernel
 from mimo.engine.sampling import InvalidRequestError, Sampler, SamplingParams
-from mimo.engine.scheduler import Scheduler
+from mimo.engine.scheduler import ScheduledChunk, Scheduler
 from mimo.engine.sequence import FinishReason, Sequence
 from mimo.engine.speculative import DraftOverride, SpeculativeStats
 from mimo.models.language_model import MiMoV2ForCausalLM
@@ -57,6 +57,9 @@ class EngineConfig:
                                        "step, verified in one forward (0: off; at most the checkpoint's MTP layers, 3)")
     cuda_graphs: int = knob(1, "decode steps replay CUDA graphs captured at start, one per batch-size bucket up to "
                             "max_num_seqs (1: on, 0: off; used on a single-rank CUDA engine only)")
+    overlap_steps: int | None = knob(None, "the host schedules and launches step N+1, fed by step N's tokens on the "
+                                     "device, while the device runs step N (1: on, 0: off, none: on a single-rank "
+                                     "CUDA engine; never with num_speculative_tokens)")
     attention_kernel: str = "auto"  # paged attention: one of mimo.engine.paged_attention.ATTENTION_KERNELS
     device: torch.device | str | None = None  # None = the model's; otherwise must be the model's
     dtype: torch.dtype | None = None  # None = the model's; otherwise must be the model's
@@ -72,6 +75,8 @@ class EngineConfig:
                              f"{', '.join(ATTENTION_KERNELS)}")
         if self.cuda_graphs not in (0, 1):  # True / False are 1 / 0
             raise ValueError(f"EngineConfig.cuda_graphs must be 0 or 1, got {self.cuda_graphs!r}")
+        if self.overlap_steps not in (None, 0, 1):
+            raise ValueError(f"EngineConfig.overlap_steps must be none, 0 or 1, got {self.overlap_steps!r}")
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"EngineConfig.num_speculative_tokens must be an int >= 0, got {k!r}")
@@ -117,11 +122,19 @@ class LLMEngine:
     verifies up to k MTP drafts per step (`mimo.engine.speculative`); `test_draft_override` (tests and benchmarks)
     replaces those drafts.
 
+    Overlapped steps (`EngineConfig.overlap_steps`): `step()` leaves the step it launched running on the device and
+    returns what the step before it produced. While the device runs step N, the next `step()` schedules step N+1 as
+    the continuation of N's sequences (one token each, fed from N's sampled tokens on the device, never read back
+    first), launches it, and only then waits for N's tokens and applies them. A sequence that N finishes (a stop
+    token) has computed one token too many in N+1, which is dropped; a step that is not such a continuation (new
+    requests to admit, a prefill chunk, KV to make room for) waits for the step ahead first, then is scheduled as
+    without overlap. Greedy and seeded tokens are those of the engine without overlap.
+
     Thread-safety: `add_request`, `abort`, `has_unfinished`, `wait_for_work`, `kv_stats` and `speculative_stats`
     may be called from any thread while one loop thread calls `step()`. The step holds the engine lock only while it
     schedules and while it applies the results, not during the forward: an abort then frees the request's blocks at
-    once, and the forward still in flight writes only into blocks that no other sequence can receive before the next
-    `schedule()`.
+    once, and the forwards still in flight write only into blocks that no other sequence can receive before the
+    next `schedule()`, whose work the device runs after theirs (one stream).
     """
 
     def __init__(self, model: MiMoV2ForCausalLM, config: EngineConfig, *,
@@ -163,6 +176,14 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv_cache, Sampler(generator), sliding_window, config.max_num_seqs,
                                   max_blocks_per_seq, self.device, num_spec, config.attention_kernel,
                                   cuda_graphs=not graphs_off, max_model_len=config.max_model_len)
+        overlap = config.overlap_steps
+        if overlap is None:
+            overlap = self.device.type == "cuda" and model.parallel.mapping.world_size == 1 and not num_spec
+        if overlap and num_spec:
+            raise ValueError("EngineConfig.overlap_steps=1 cannot run with num_speculative_tokens > 0 (a verify's "
+                             "accepted drafts are known only on the host)")
+        self.overlap = bool(overlap)
+        self._ahead: LaunchedStep | None = None  # the step still running on the device (overlap)
         if test_draft_override is not None:
             if self.runner.drafter is None:
                 raise ValueError("test_draft_override needs EngineConfig.num_speculative_tokens > 0")
@@ -208,33 +229,92 @@ class LLMEngine:
             return True
 
     def step(self) -> list[RequestOutput]:
-        """Runs one batch (decodes and prefill chunks) and returns what each request got from it."""
+        """Runs one batch (decodes and prefill chunks) and returns what each request got from it (with overlap: from
+        the step before it, while it runs on)."""
         with self._lock:
             outputs, self._pending_outputs = self._pending_outputs, []
+            ahead, self._ahead = self._ahead, None
+            chunks = None if ahead is None else self._continuations(ahead)
+            if chunks:
+                inputs = self.runner.prepare(chunks, fed=ahead.fed_tokens([chunk.seq for chunk in chunks]))
+        if chunks:
+            launched = self._launch(inputs, outputs)
+            if self._complete(ahead, outputs):
+                self._ahead = launched
+            return outputs
+        if ahead is not None:
+            self._complete(ahead, outputs)
+        with self._lock:
             chunks = self.scheduler.schedule()
             if not chunks:
                 return outputs
             inputs = self.runner.prepare(chunks)
+        launched = self._launch(inputs, outputs)
+        if launched is not None and self.overlap:
+            self._ahead = launched
+        elif launched is not None:
+            self._complete(launched, outputs)
+        return outputs
+
+    def _continuations(self, ahead: LaunchedStep) -> list[ScheduledChunk] | None:
+        """Under the lock: the next step as one more token of every sequence of `ahead` that goes on after it
+        (with the KV blocks it needs), or None when the next step is anything else."""
+        scheduler = self.scheduler
+        if scheduler.waiting and len(scheduler.running) < self.config.max_num_seqs:
+            return None  # requests to admit
+        chunks = []
+        for chunk in ahead.chunks:
+            seq = chunk.seq
+            if not chunk.samples or chunk.num_drafts:
+                return None  # a prefill chunk that goes on, or a verify
+            if seq.is_finished:  # aborted meanwhile
+                continue
+            if seq.num_tokens + 2 <= seq.max_num_tokens:  # else ahead's token is its last
+                chunks.append(ScheduledChunk(seq, chunk.end, 1, samples=True))
+        live = sum(not chunk.seq.is_finished for chunk in ahead.chunks)
+        if not chunks or live != len(scheduler.running) or len(chunks) > self.config.max_num_batched_tokens:
+            return None  # a running sequence outside ahead (budget, preemption) is scheduled as usual
+        manager = self.block_manager
+        for chunk in chunks:
+            if not manager.can_allocate(chunk.seq, chunk.end):
+                return None  # room is made by preemption, which schedule() decides
+            manager.allocate(chunk.seq, chunk.end)
+        return chunks
+
+    def _launch(self, inputs, outputs: list[RequestOutput]) -> LaunchedStep | None:
+        """Queues the step on the device; None when that failed (its requests finished with the error)."""
         try:
-            results = self.runner.execute(inputs)
+            return self.runner.launch(inputs)
         except Exception as exc:  # noqa: BLE001 - the batch's requests fail, the engine and later requests go on
-            logger.exception("engine step failed; finishing its %d requests with an error", len(chunks))
-            with self._lock:
-                for seq in (chunk.seq for chunk in chunks if not chunk.seq.is_finished):
-                    self.scheduler.finish(seq, FinishReason.ERROR)
-                    del self._sequences[seq.request_id]
-                    outputs.append(RequestOutput(seq.request_id, [], True, FinishReason.ERROR.value,
-                                                 f"{type(exc).__name__}: {exc}"))
-            return outputs
+            self._fail(inputs.chunks, exc, outputs)
+            return None
+
+    def _complete(self, launched: LaunchedStep, outputs: list[RequestOutput]) -> bool:
+        """Waits for a launched step's tokens and applies them; False when the step failed (its requests finished
+        with the error)."""
+        try:
+            results = self.runner.complete(launched)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(launched.chunks, exc, outputs)
+            return False
         with self._lock:
-            for chunk, result in zip(chunks, results):
+            for chunk, result in zip(launched.chunks, results):
                 self._speculative_stats.count(chunk.num_drafts, result.num_accepted)
-            for seq, new_token_ids in self.scheduler.postprocess(chunks, results):
+            for seq, new_token_ids in self.scheduler.postprocess(launched.chunks, results):
                 reason = seq.finish_reason.value if seq.is_finished else None
                 outputs.append(RequestOutput(seq.request_id, new_token_ids, seq.is_finished, reason))
                 if seq.is_finished:
                     del self._sequences[seq.request_id]
-        return outputs
+        return True
+
+    def _fail(self, chunks: list[ScheduledChunk], exc: Exception, outputs: list[RequestOutput]) -> None:
+        logger.error("engine step failed; finishing its %d requests with an error", len(chunks), exc_info=exc)
+        with self._lock:
+            for seq in (chunk.seq for chunk in chunks if not chunk.seq.is_finished):
+                self.scheduler.finish(seq, FinishReason.ERROR)
+                del self._sequences[seq.request_id]
+                outputs.append(RequestOutput(seq.request_id, [], True, FinishReason.ERROR.value,
+                                             f"{type(exc).__name__}: {exc}"))
 
     def has_unfinished(self) -> bool:
         with self._lock:

@@ -35,6 +35,28 @@ class ModelInputs:
     offsets: list[int]  # [B] first flat row of each chunk
     block_tables: dict[LayerKind, tuple[torch.Tensor, torch.Tensor]]  # per pool: the chunks' tables, lengths
     graph: GraphStep | None = None
+    fed: torch.Tensor | None = None  # [B] a fed decode step's ids on the device (`prepare`)
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step queued on the device: its forward and sampling, and the copy of the sampled tokens to the host,
+    which `ModelRunner.complete` waits for. A step with MTP drafting ran to its end at launch (`results`)."""
+
+    chunks: list[ScheduledChunk]
+    tokens: torch.Tensor | None = None  # [S] sampled ids on the device, one per sampling chunk, in order
+    host_tokens: torch.Tensor | None = None  # [S] their copy in pinned host memory once `ready`
+    ready: torch.cuda.Event | None = None
+    results: list[ChunkResult] | None = None
+
+    def fed_tokens(self, seqs: list) -> torch.Tensor:
+        """The token each of `seqs` (sampling sequences of this step) sampled, on the device `[len(seqs)]`: the
+        input ids of the step that continues them, before the host has read them."""
+        row = {chunk.seq: i for i, chunk in enumerate(c for c in self.chunks if c.samples)}
+        rows = [row[seq] for seq in seqs]
+        if rows == list(range(self.tokens.numel())):
+            return self.tokens
+        return self.tokens.index_select(0, to_device(rows, self.tokens.device))
 
 
 class ModelRunner:
@@ -75,21 +97,26 @@ class ModelRunner:
                                                   sliding_window, num_speculative_tokens, max_num_seqs, max_model_len,
                                                   device)  # fmt: skip
 
-    def prepare(self, chunks: list[ScheduledChunk], allow_graph: bool = True) -> ModelInputs:
+    def prepare(self, chunks: list[ScheduledChunk], allow_graph: bool = True,
+                fed: torch.Tensor | None = None) -> ModelInputs:
         """Reads the scheduled sequences (under the engine lock) into device inputs; T = tokens of all chunks.
-        A decode step that a graph runs only fills the graph's static inputs (unless `allow_graph` is False)."""
+        A decode step that a graph runs only fills the graph's static inputs (unless `allow_graph` is False).
+        `fed` `[B]`: a decode step whose chunks' one token each is still on the device (`LaunchedStep.fed_tokens`:
+        the sequences do not hold it yet)."""
+        if fed is not None and not all(c.num_tokens == 1 and c.samples and not c.num_drafts for c in chunks):
+            raise ValueError("ModelRunner.prepare: fed tokens feed decode chunks of one token only")
         if self.graphs is not None and allow_graph:
-            step = self.graphs.prepare(chunks)
+            step = self.graphs.prepare(chunks, fed)
             if step is not None:
                 offsets = [i * step.query_len for i in range(len(chunks))]
-                return ModelInputs(None, [], None, None, list(chunks), offsets, {}, step)
+                return ModelInputs(None, [], None, None, list(chunks), offsets, {}, step, fed)
         tokens = StepTokens(self.vocab_size)
         offsets = []
         logits_indices = []
         for chunk in chunks:
             seq = chunk.seq
             offsets.append(len(tokens.ids))
-            ids = seq.token_ids[chunk.start:chunk.end - chunk.num_drafts]
+            ids = [0] if fed is not None else seq.token_ids[chunk.start:chunk.end - chunk.num_drafts]
             if chunk.num_drafts:
                 ids = ids + seq.draft.drafts[:chunk.num_drafts]
             tokens.add(seq, ids)
@@ -106,25 +133,51 @@ class ModelRunner:
             use_kernel=self.use_attention_kernel,
         )
         return ModelInputs(
-            input_ids=to_device(tokens.ids, self.device),
+            input_ids=fed if fed is not None else to_device(tokens.ids, self.device),
             table_rows=tokens.table_rows,
             attention=attention,
             logits_indices=to_device(logits_indices, self.device),
             chunks=list(chunks),
             offsets=offsets,
             block_tables=block_tables,
+            fed=fed,
         )
 
-    @torch.inference_mode()
     def execute(self, inputs: ModelInputs) -> list[ChunkResult]:
         """Runs the step; returns what each chunk got, in order."""
+        return self.complete(self.launch(inputs))
+
+    @torch.inference_mode()
+    def launch(self, inputs: ModelInputs) -> LaunchedStep:
+        """Queues the step's forward and sampling, and the sampled tokens' copy to the host, without waiting for
+        the device. With MTP drafting the step runs to its end here (verification reads the tokens on the host)."""
         hidden, logits = self.forward(inputs)
-        sampled = self._sample(inputs, logits)
-        drafts = {}
         if self.drafter is not None:
+            sampled = self._sample(inputs, logits)
             tables = inputs.block_tables if inputs.graph is None else self.graphs.tables(inputs.graph)
             drafts = self.drafter.step(inputs.chunks, inputs.offsets, hidden, sampled, tables[LayerKind.SLIDING])
-        return [ChunkResult(*sampled.get(i, ([], 0)), drafts.get(i)) for i in range(len(inputs.chunks))]
+            return LaunchedStep(inputs.chunks, results=[ChunkResult(*sampled.get(i, ([], 0)), drafts.get(i))
+                                                        for i in range(len(inputs.chunks))])
+        seqs = [chunk.seq for chunk in inputs.chunks if chunk.samples]
+        if not seqs:
+            return LaunchedStep(inputs.chunks)
+        tokens = self.sampler(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+        if tokens.device.type == "cpu":
+            return LaunchedStep(inputs.chunks, tokens, tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return LaunchedStep(inputs.chunks, tokens, host, ready)
+
+    def complete(self, step: LaunchedStep) -> list[ChunkResult]:
+        """Waits for a launched step's tokens; returns what each chunk got, in order."""
+        if step.results is not None:
+            return step.results
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = iter([] if step.host_tokens is None else step.host_tokens.tolist())
+        return [ChunkResult([next(tokens)]) if chunk.samples else ChunkResult() for chunk in step.chunks]
 
     @torch.inference_mode()
     def forward(self, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
