@@ -55,6 +55,11 @@ class TritonPythonModel:
         device = torch.device("cuda", int(args["model_instance_device_id"]))
         self.rows = torch.randn(rows, hidden, device=device).to(torch.bfloat16)
         self.local = torch.empty_like(self.rows)
+        generator = torch.Generator(device=device).manual_seed(0)
+        self.features = torch.randn(rows, 4 * hidden, device=device, generator=generator).to(torch.bfloat16)
+        self.projection = torch.randn(4 * hidden, hidden, device=device, generator=generator).to(torch.bfloat16)
+        if {produce}:
+            self.produce()  # the same rows at every request
         self.writer = SliceWriter()
 
     def local_copy_us(self):
@@ -65,9 +70,16 @@ class TritonPythonModel:
         end.synchronize()
         return 1000 * start.elapsed_time(end)
 
+    def produce(self):
+        """The rows made by a GEMM just before the write, as mimo_encoder's merger makes them: the write then
+        follows GPU work, as in serving, instead of a GPU idle since the previous request."""
+        torch.matmul(self.features, self.projection, out=self.rows)
+
     def execute(self, requests):
         out = []
         for request in requests:
+            if {produce}:
+                self.produce()
             arrays = {{name: pb_utils.get_input_tensor_by_name(request, name) for name in (*LANDING_INPUTS,
                                                                                       OUTPUT_BYTE_SIZE)}}
             target = SliceTarget.from_inputs({{k: v.as_numpy() for k, v in arrays.items() if v is not None}})
@@ -109,12 +121,13 @@ parameters {{ key: "FORCE_CPU_ONLY_INPUT_TENSORS" value {{ string_value: "{cpu_i
 """
 
 
-def write_repository(root: Path, rows: int, hidden: int, gpu: int, cpu_inputs: bool = True) -> Path:
+def write_repository(root: Path, rows: int, hidden: int, gpu: int, cpu_inputs: bool = True,
+                     produce: bool = False) -> Path:
     repository = root / "model_repository"
     (repository / MODEL / "1").mkdir(parents=True, exist_ok=True)
     config = CONFIG.format(rows=rows, hidden=hidden, gpu=gpu, cpu_inputs="yes" if cpu_inputs else "no")
     (repository / MODEL / "config.pbtxt").write_text(textwrap.dedent(config))
-    (repository / MODEL / "1" / "model.py").write_text(MODEL_PY.format(rows=rows, hidden=hidden))
+    (repository / MODEL / "1" / "model.py").write_text(MODEL_PY.format(rows=rows, hidden=hidden, produce=produce))
     return repository
 
 
@@ -149,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-inputs", action="store_true",
                         help="FORCE_CPU_ONLY_INPUT_TENSORS no: Triton may place the small inputs in GPU memory (its "
                              "own copies on the GPU before each request); default yes, as mimo_encoder's config")
+    parser.add_argument("--produce", action="store_true",
+                        help="the model makes the rows by a GEMM (merger-sized: [rows, 4 hidden] x [4 hidden, hidden]) "
+                             "right before each write, as mimo_encoder does, instead of holding them ready")
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench_handoff"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -156,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     from tools.server_process import TritonServer
 
     byte_size = args.rows * args.hidden * 2
-    repository = write_repository(args.workdir, args.rows, args.hidden, args.gpu, cpu_inputs=not args.gpu_inputs)
+    repository = write_repository(args.workdir, args.rows, args.hidden, args.gpu, cpu_inputs=not args.gpu_inputs,
+                                  produce=args.produce)
     server = TritonServer(repository, args.workdir / "tritonserver.log",
                           extra_args=[f"--cuda-memory-pool-byte-size={args.gpu}:{4 * byte_size}"]).start()
     device = torch.device("cuda", args.gpu)
@@ -229,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     spread = {mode: [float(np.percentile(v, 10)), float(np.percentile(v, 90))] for mode, v in times.items()}
     write_median_us = statistics.median(write_us)
     report = {
-        "device": torch.cuda.get_device_name(device), "gpu_inputs": args.gpu_inputs,
+        "device": torch.cuda.get_device_name(device), "gpu_inputs": args.gpu_inputs, "produce": args.produce,
         "rows": args.rows, "hidden": args.hidden, "bytes": byte_size,
         "request_median_ms": median, "request_p10_p90_ms": spread,
         "d2d_copy_ms": copy_ms, "d2d_copy_gb_s": byte_size / copy_ms / 1e6,

@@ -4,7 +4,8 @@ process's allocation, the copy engine's path there, or the host issuing it insid
 The parent allocates 16.7 MB (one 1920x1080 image's rows) and passes its IPC handle to a child, which times the
 same bytes copied into the parent's allocation by cudaMemcpyAsync (DeviceToDevice and Default kinds), by an SM
 kernel (torch elementwise over a tensor aliasing the mapped pointer), and the same three into a buffer of its own.
-Each: CUDA events around one copy, events around ten back to back (per copy), and the host's time to issue one call.
+Each: CUDA events around one copy, events around ten back to back (per copy), one copy after the GPU sat idle
+for 3 ms (as between a lightly loaded server's requests), and the host's time to issue one call.
 With `--owner-busy` the parent keeps its GPU context busy with matrix products meanwhile (two processes' contexts
 time-slice one GPU without MPS). The parent checks the bytes arrived.
 
@@ -106,6 +107,10 @@ def child(handle_hex: str) -> None:
             events(fn)
         one = [events(fn) for _ in range(50)]
         ten = [events(fn, 10) for _ in range(10)]
+        idle = []  # the GPU idle for 3 ms before each copy, as between the requests of a lightly loaded server
+        for _ in range(30):
+            time.sleep(0.003)
+            idle.append(events(fn))
         issue = []
         for _ in range(50):
             t0 = time.perf_counter()
@@ -115,6 +120,7 @@ def child(handle_hex: str) -> None:
         print(json.dumps({"copy": name, "one_copy_events_us": round(statistics.median(one), 1),
                           "one_copy_p90_us": round(sorted(one)[44], 1),
                           "ten_back_to_back_us_per_copy": round(statistics.median(ten), 1),
+                          "one_copy_after_3ms_idle_us": round(statistics.median(idle), 1),
                           "host_issue_us": round(statistics.median(issue), 1),
                           "GB_s_one_copy": round(N / statistics.median(one) / 1e3, 1)}), flush=True)
     ok(rt.cudaIpcCloseMemHandle(pointer))

@@ -73,6 +73,7 @@ served() {
   case "$ONLY" in ""|ttft_*|burst_*) checkpoint > "$build_log" 2>&1 & build=$! ;; esac  # beside the first steps
   step ipc_copy 60 python3 -m benchmarks.bench_ipc_copy
   step handoff 90 python3 -m benchmarks.bench_handoff --requests 100
+  step handoff_produce 90 python3 -m benchmarks.bench_handoff --requests 100 --produce
   step handoff_gpu_inputs 90 python3 -m benchmarks.bench_handoff --requests 100 --gpu-inputs
   step handoff_mps 120 bash benchmarks/with_mps.sh python3 -m benchmarks.bench_handoff --requests 100
   step overhead 240 python3 -m benchmarks.bench_serving_overhead --device gpu 
