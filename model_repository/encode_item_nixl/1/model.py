@@ -90,6 +90,8 @@ class TritonPythonModel:
             return error_response(response.error().message(), response.error().code())
         outputs = {tensor.name(): tensor for tensor in response.output_tensors()}
         rows = torch.from_dlpack(outputs[TABLE].to_dlpack())  # [1, num_tokens, hidden], where mimo_encoder left it
+        if rows.is_cuda:  # there: tritonserver's memory, opened here by CUDA IPC, which UCX cannot register
+            rows = rows.clone()
         try:
             seconds = self.writer.write(rows, agent, descriptor, byte_size)
         except TransferError as error:
