@@ -97,6 +97,13 @@ def randomize_weights(model: nn.Module, seed: int) -> None:
         tensor.copy_(value.to(tensor.dtype))
 
 
+def random_tiny_model(device: torch.device, seed: int = 0, **config_overrides: Any) -> MiMoV2ForCausalLM:
+    """The tiny hub config's model (`tiny_hub_config(**config_overrides)`) with `randomize_weights`, for inference."""
+    model = MiMoV2ForCausalLM(MiMoV2Config.from_hf_config(tiny_hub_config(**config_overrides)))
+    randomize_weights(model, seed=seed)
+    return model.requires_grad_(False).eval().to(device)
+
+
 def hf_config(config: MiMoV2Config) -> MiMoV2FlashConfig:
     """The transformers config with the same semantics as `config` (raises if HF cannot express it)."""
     from transformers import MiMoV2FlashConfig

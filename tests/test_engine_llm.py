@@ -4,9 +4,8 @@ import threading
 
 import pytest
 import torch
-from hf_reference import mimo_greedy, randomize_weights, tiny_hub_config
+from hf_reference import mimo_greedy, random_tiny_model
 
-from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams, generate
 from mimo.models.attention import NoCacheAttention
 from mimo.models.language_model import MiMoV2ForCausalLM
@@ -22,9 +21,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 @pytest.fixture(scope="module")
 def model() -> MiMoV2ForCausalLM:
     # sliding window 8 with block size 4 and chunks of at most 6: rings of 4 blocks, which long prompts wrap
-    model = MiMoV2ForCausalLM(MiMoV2Config.from_hf_config(tiny_hub_config()))
-    randomize_weights(model, seed=0)
-    return model.requires_grad_(False).eval().to(DEVICE)
+    return random_tiny_model(DEVICE)
 
 
 def make_engine(model, **overrides) -> LLMEngine:

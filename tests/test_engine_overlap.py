@@ -6,9 +6,8 @@ CUDA graphs replaying the fed steps (tests/test_cuda_graphs_gpu.py)."""
 
 import pytest
 import torch
-from hf_reference import mimo_greedy, randomize_weights, tiny_hub_config
+from hf_reference import mimo_greedy, random_tiny_model
 
-from mimo.config import MiMoV2Config
 from mimo.engine import EngineConfig, LLMEngine, SamplingParams
 from mimo.models.language_model import MiMoV2ForCausalLM
 
@@ -20,16 +19,12 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 @pytest.fixture(scope="module")
 def model() -> MiMoV2ForCausalLM:
-    model = MiMoV2ForCausalLM(MiMoV2Config.from_hf_config(tiny_hub_config()))
-    randomize_weights(model, seed=0)
-    return model.requires_grad_(False).eval().to(DEVICE)
+    return random_tiny_model(DEVICE)
 
 
 @pytest.fixture(scope="module")
 def mtp_model() -> MiMoV2ForCausalLM:
-    model = MiMoV2ForCausalLM(MiMoV2Config.from_hf_config(tiny_hub_config(num_nextn_predict_layers=2)))
-    randomize_weights(model, seed=0)
-    return model.requires_grad_(False).eval().to(DEVICE)
+    return random_tiny_model(DEVICE, num_nextn_predict_layers=2)
 
 
 def make_engine(model, overlap: int | None, **overrides) -> LLMEngine:
