@@ -8,7 +8,7 @@
 #                 set-up completed, and the default run reuses a ready one, else makes it again.
 # Disk: PyPI's torch for these Pythons is a CUDA build (~5 GB installed). uv installs it, hardlinking from one cache on
 # the repository's file system, so the CUDA libraries are stored once; each Python's own torch/triton are dropped from
-# the cache and its venv removed once its subset has run.
+# the cache and the venvs removed once the subsets have run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUPPORTED=(3.10 3.11 3.12 3.13)  # pyproject's requires-python and the classifiers say the same
@@ -22,7 +22,7 @@ setup_only=0
 default=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 .venv/bin/python -m pip install -q uv 2>&1 | grep -v "is ignored" || true
 export UV=$PWD/.venv/bin/uv UV_CACHE_DIR=$PWD/.cache/uv UV_LINK_MODE=hardlink
-missing=()
+missing=() ready=()
 for version in "${SUPPORTED[@]}"; do
   [ "$version" = "$default" ] && continue
   if ! PYTHON=python$version bash scripts/setup.sh --check-python 2>/dev/null; then
@@ -40,12 +40,33 @@ for version in "${SUPPORTED[@]}"; do
     echo "python$version: set up in ${SECONDS}s"
   fi
   [ $setup_only = 1 ] && continue
-  echo "python$version: subset"
-  $venv/bin/python -c 'import av, torch, transformers, PIL; print("  PyAV", av.__version__, "torch", torch.__version__, "transformers", transformers.__version__, "Pillow", PIL.__version__)'
-  $venv/bin/python -m pytest -q -p no:cacheprovider "${SUBSET[@]}"
-  rm -rf "$venv"
-  "$UV" cache clean -q "${PER_PYTHON[@]}"
+  ready+=("$version")
 done
+# the subsets at once, each into its own log (mostly a tritonserver start and waits: two cores run three side by side
+# in about half their sum); the logs are printed in order, and any failure fails the run
+mkdir -p .cache
+pids=()
+for version in "${ready[@]}"; do
+  venv=.venv-py$version
+  (
+    echo "python$version: subset"
+    $venv/bin/python -c 'import av, torch, transformers, PIL; print("  PyAV", av.__version__, "torch", torch.__version__, "transformers", transformers.__version__, "Pillow", PIL.__version__)'
+    $venv/bin/python -m pytest -q -p no:cacheprovider "${SUBSET[@]}"
+  ) > ".cache/subset-py$version.log" 2>&1 &
+  pids+=($!)
+done
+failed=()
+for i in "${!pids[@]}"; do
+  version=${ready[$i]}
+  wait "${pids[$i]}" || failed+=("$version")
+  cat ".cache/subset-py$version.log"
+  rm -rf ".venv-py$version"
+done
+[ ${#ready[@]} -gt 0 ] && "$UV" cache clean -q "${PER_PYTHON[@]}"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "the subset failed on: ${failed[*]}" >&2
+  exit 1
+fi
 if [ ${#missing[@]} -gt 0 ] && [ "${MIMO_REQUIRE_PYTHONS:-0}" = 1 ]; then
   echo "missing Pythons: ${missing[*]}" >&2
   exit 1

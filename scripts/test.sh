@@ -8,7 +8,7 @@ mkdir -p .cache
 # its own process group (setsid), so that a failed suite stops the whole set-up instead of waiting for it
 setsid nice -n 19 bash scripts/test-other-pythons.sh --setup-only > .cache/other-pythons-setup.log 2>&1 &
 setup=$!
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=25 "$@"  # the slowest tests, for whoever keeps CI short
 suite=$?
 if [ $suite != 0 ]; then
   kill -TERM -- -$setup 2>/dev/null
