@@ -143,13 +143,15 @@ def test_static_input_forward_emits_the_eager_tokens_and_logits(tiny_model):
 def test_overlapped_graph_steps_take_their_ids_from_the_step_ahead(tiny_model):
     """Overlap: a graph step launched before the host read the tokens it follows copies them into the graph's
     static ids on the device; greedy tokens equal the eager engine's without overlap."""
-    eager = generate(make_engine(tiny_model, graphs=False, overlap_steps=0), PROMPTS, PARAMS)
+    prompts = PROMPTS[:2]  # 2 then 1 sequences: buckets 2 and 1, the batch shrinking
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in (10, 6)]
+    eager = generate(make_engine(tiny_model, graphs=False, overlap_steps=0), prompts, params)
     engine = make_engine(tiny_model, graphs=True, overlap_steps=1)
     graphs, fed = engine.runner.graphs, []
     prepare = graphs.prepare
     graphs.prepare = lambda chunks, ids=None: fed.append(ids is not None) or prepare(chunks, ids)
-    assert generate(engine, PROMPTS, PARAMS) == eager
-    assert sum(fed) >= 10 and graphs.replays >= 13  # the steps 2-4 still prefill, as above
+    assert generate(engine, prompts, params) == eager
+    assert sum(fed) == graphs.replays >= 7  # every decode after the prefills was launched ahead, fed
 
 
 @pytest.mark.usefixtures("fused_moe")
