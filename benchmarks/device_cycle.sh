@@ -67,23 +67,28 @@ tests() {
   step t_paged_attention 240 $PYTEST tests/test_paged_attention_kernel.py
 }
 
+BUILD= BUILD_LOG=$(mktemp)
+build_checkpoint() {  # from the start, beside whatever runs first, when a requested step needs it
+  case " $* " in *" served "*|*" ttft_"*|*" burst_"*) checkpoint > "$BUILD_LOG" 2>&1 & BUILD=$! ;; esac
+}
+
 served() {
-  local build_log build=
-  build_log=$(mktemp)
-  case "$ONLY" in ""|ttft_*|burst_*) checkpoint > "$build_log" 2>&1 & build=$! ;; esac  # beside the first steps
   step ipc_copy 60 python3 -m benchmarks.bench_ipc_copy
   step handoff 90 python3 -m benchmarks.bench_handoff --requests 100
   step handoff_produce 90 python3 -m benchmarks.bench_handoff --requests 100 --produce
   step handoff_gpu_inputs 90 python3 -m benchmarks.bench_handoff --requests 100 --gpu-inputs
   step handoff_mps 120 bash benchmarks/with_mps.sh python3 -m benchmarks.bench_handoff --requests 100
   step overhead 240 python3 -m benchmarks.bench_serving_overhead --device gpu 
-  if [ -n "$build" ]; then
-    wait $build
-    echo "=== checkpoint $CHECKPOINT: rc=$?" >> "$LOG"
-    cat "$build_log" >> "$LOG"
-  fi
-  step ttft_colocated 180 $TTFT --launch colocated --sequential 1,8 --repeats 3
-  step ttft_epd 180 $TTFT --launch epd --encoders 1 --encoder-gpus 0 --sequential 1,8 --repeats 3
+  case "$ONLY" in ""|ttft_*|burst_*)
+    if [ -n "$BUILD" ]; then
+      wait $BUILD
+      echo "=== checkpoint $CHECKPOINT: rc=$?" >> "$LOG"
+      cat "$BUILD_LOG" >> "$LOG"
+      BUILD=
+    fi ;;
+  esac
+  step ttft_colocated 180 $TTFT --launch colocated --sequential 1,2,4,8 --repeats 3
+  step ttft_epd 180 $TTFT --launch epd --encoders 1 --encoder-gpus 0 --sequential 1,2,4,8 --repeats 3
   step burst_colocated 240 $TTFT --launch colocated --rates 1000 --requests 16
   step burst_epd 240 $TTFT --launch epd --encoders 1 --encoder-gpus 0 --rates 1000 --requests 16
   step t_epd_gpu 300 env MIMO_SERVING_DEVICE=gpu $PYTEST tests/test_epd_direct_write.py \
@@ -103,6 +108,7 @@ STEPS=$(grep -oE '^  step [a-z0-9_]+' "$0" | awk '{print $2}' | tr '\n' ' ')
 for arg in "$@"; do  # check them all before any runs
   case " $GROUP_NAMES $STEPS " in *" $arg "*) ;; *) echo "unknown group or step $arg (groups: $GROUP_NAMES; steps: $STEPS)" >&2; exit 2 ;; esac
 done
+build_checkpoint "$@"
 { nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader; git log --oneline -1; } >> "$LOG" 2>&1
 for arg in "$@"; do
   case " $GROUP_NAMES " in

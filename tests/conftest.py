@@ -23,12 +23,18 @@ LLM_GPU = int(os.environ.get("MIMO_SERVING_LLM_GPU", "0"))
 SERVED_MAX_MODEL_LEN = 1024
 
 
+# On a GPU (bf16) a row of a vision-tower forward depends on the other items in it (cuBLAS picks its GEMM kernels by
+# the row count), and the EPD tests compare layouts that group a request's items differently (spread over encoder
+# servers) token for token: there each item gets a forward of its own. On the CPU (float32) grouping changes nothing.
+ENCODER_KNOBS = {"max_encoder_batch_patches": 1} if SERVING_DEVICE == "gpu" else {}
+
+
 def serving_settings(checkpoint, **engine):
     from builders.repository import RepositorySettings
 
     return RepositorySettings(checkpoint=checkpoint, device=SERVING_DEVICE, max_batch=16, encoder_gpus=ENCODER_GPUS,
                               llm_gpus=(LLM_GPU,), engine={"max_num_seqs": 32, "max_model_len": SERVED_MAX_MODEL_LEN,
-                                                           **engine})  # fmt: skip
+                                                           **engine}, encoder=ENCODER_KNOBS)  # fmt: skip
 
 
 @contextlib.contextmanager
