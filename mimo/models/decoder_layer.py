@@ -115,5 +115,18 @@ class MiMoV2DecoderLayer(nn.Module):
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, parallel)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))  # [T, H]
+        """The residual stream [T, H] before the block -> after it."""
+        mlp_out, residual = self.forward_residual(x, None, rope, attn)
+        return residual + mlp_out
+
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables,
+                         attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The stream before the block as `x + residual` (residual None: x alone) -> (the MLP's output, the stream
+        before it), whose sum is the stream after the block: each residual add is left to the next norm, which
+        fuses it on CUDA. [T, H] each."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, attn), residual)
+        return self.mlp(h), residual

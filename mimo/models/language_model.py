@@ -41,10 +41,10 @@ class MiMoV2Model(nn.Module):
         for layer_type in set(self.config.layer_types):
             spec = self.config.attention_spec(layer_type)
             rope[layer_type] = rotary_cos_sin(positions, spec.rotary_dim, spec.rope_theta)
-        hidden = input_embeds
+        hidden, residual = input_embeds, None
         for layer in self.layers:
-            hidden = layer(hidden, rope[layer.layer_type], attn)
-        return hidden
+            hidden, residual = layer.forward_residual(hidden, residual, rope[layer.layer_type], attn)
+        return hidden if residual is None else hidden + residual
 
 
 class MiMoV2ForCausalLM(nn.Module):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimo.models import layer_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
@@ -13,7 +15,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """norm(x) `[..., H]`; with `residual`: (norm(x + residual), x + residual). One kernel on CUDA."""
+        if x.is_cuda and layer_kernels.available():
+            return layer_kernels.rms_norm(x, self.weight, self.eps, residual)
+        return self.reference(x, residual)
+
+    def reference(self, x: torch.Tensor,
+                  residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        if residual is not None:
+            x = x + residual
+            return self.reference(x), x
         x_fp32 = x.float()
         x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x_fp32.to(x.dtype)
@@ -34,8 +47,14 @@ def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, base: float) -> tup
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half (NeoX) RoPE on the first 2 * cos.shape[-1] dims of each head; the rest pass through.
 
-    x: [T, heads, head_dim]; cos, sin: [T, rotary_dim // 2].
+    x: [T, heads, head_dim]; cos, sin: [T, rotary_dim // 2]. One kernel on CUDA.
     """
+    if x.is_cuda and layer_kernels.available() and layer_kernels.rotary_fits(x, cos, sin):
+        return layer_kernels.apply_rotary(x, cos, sin)
+    return rotary_reference(x, cos, sin)
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = cos.shape[-1]
     cos = cos[:, None, :].to(x.dtype)  # [T, 1, rotary_dim / 2]
     sin = sin[:, None, :].to(x.dtype)
