@@ -6,7 +6,7 @@
 #   LIMIT=580 bash benchmarks/device_cycle.sh engine      # decode / FP8 / long-prompt / MTP rows
 #   LIMIT=580 bash benchmarks/device_cycle.sh tests       # the GPU test files, one step each
 #   LIMIT=580 bash benchmarks/device_cycle.sh served      # handoff, TTFT and burst rows, EPD tests on the GPU
-#   LIMIT=580 bash benchmarks/device_cycle.sh nixl        # handoff nixl over cuda_ipc (carry .nixl: tools/device_nixl.sh)
+#   LIMIT=580 bash benchmarks/device_cycle.sh nixl        # handoff nixl over cuda_ipc (carry .whl and .nixl: tools/device_nixl.sh)
 #   bash benchmarks/device_cycle.sh engine tests          # several groups, in order
 #   bash benchmarks/device_cycle.sh handoff t_cuda_graphs # single steps (by the names in the groups below)
 #
@@ -63,7 +63,7 @@ tests() {
   step t_layer_kernels 120 $PYTEST tests/test_layer_kernels.py
   step t_cuda_graphs 300 $PYTEST tests/test_cuda_graphs_gpu.py tests/test_engine_overlap.py -s
   step t_fused_moe 120 $PYTEST tests/test_fused_moe_gpu.py tests/test_fused_moe.py -k "gpu or fp8_dense or hopper"
-  step t_encoder_kernels 120 $PYTEST tests/test_encoder_kernels_gpu.py
+  step t_encoder_kernels 200 $PYTEST tests/test_encoder_kernels_gpu.py
   step t_preprocess 120 $PYTEST tests/test_preprocess_gpu.py
   step t_paged_attention 240 $PYTEST tests/test_paged_attention_kernel.py
 }
@@ -98,7 +98,7 @@ served() {
 }
 
 nixl() {
-  step nixl_unpack 60 python3 -c "import site, zipfile; zipfile.ZipFile('.nixl/nixl_cu13.zip').extractall(site.getsitepackages()[0])"
+  step nixl_unpack 60 bash -c 'tar xJf .nixl/nixl_cu13.txz -C "$(python3 -c "import site; print(site.getsitepackages()[0])")"'
   step t_nixl_vram 120 $PYTEST tests/test_epd_nixl.py
   step t_handoff_nixl_gpu 300 env MIMO_SERVING_DEVICE=gpu $PYTEST tests/test_epd_handoff.py -k nixl
 }

@@ -94,7 +94,11 @@ def test_rotary_kernel_equals_the_reference(heads, head_dim, rotary_dim, dtype):
     got, want = layer_kernels.apply_rotary(x, cos, sin), rotary_reference(x, cos, sin)
     assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
     if DEVICE.type == "cuda" or dtype == torch.float32:
-        assert torch.equal(got, want)  # every product and sum rounds where the reference's do
+        # every product and sum rounds where the reference's do
+        differ = got != want
+        assert not differ.any(), (f"{int(differ.sum())} of {got.numel()} differ, by up to "
+                                  f"{float((got.float() - want.float()).abs().max()):.3e}; first: got "
+                                  f"{got[differ][:4].tolist()} want {want[differ][:4].tolist()}")  # fmt: skip
     else:  # the interpreter truncates to bf16: three roundings of products up to |x|, then a difference
         torch.testing.assert_close(got, want, rtol=0, atol=3 * 2**-7 * float(x.abs().max()))
 

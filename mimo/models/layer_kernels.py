@@ -24,6 +24,12 @@ def available() -> bool:
     return triton is not None
 
 
+def takes(x: torch.Tensor) -> bool:
+    """Whether the layers run their op on `x` through these kernels: CUDA tensors outside torch.compile (the encoder
+    towers compile their blocks, and inductor fuses the reference ops into kernels of its own)."""
+    return x.is_cuda and available() and not torch.compiler.is_compiling()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """norm(x) `[..., H]`; with `residual`: (norm(x + residual), x + residual), the sum in x's dtype."""
@@ -72,6 +78,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
             x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), heads, half, head_dim,
             HALF_BLOCK=triton.next_power_of_2(max(half, 1)),
             PASS_BLOCK=triton.next_power_of_2(max(head_dim - 2 * half, 1)), num_warps=1,
+            enable_fp_fusion=False,  # a contracted x1 * cos - x2 * sin would skip the product's rounding
         )  # fmt: skip
     return out
 

@@ -17,8 +17,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor,
                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """norm(x) `[..., H]`; with `residual`: (norm(x + residual), x + residual). One kernel on CUDA."""
-        if x.is_cuda and layer_kernels.available():
+        """norm(x) `[..., H]`; with `residual`: (norm(x + residual), x + residual). One kernel on CUDA (eager
+        and in CUDA graphs; under torch.compile the reference, which inductor fuses itself)."""
+        if layer_kernels.takes(x):
             return layer_kernels.rms_norm(x, self.weight, self.eps, residual)
         return self.reference(x, residual)
 
@@ -47,9 +48,9 @@ def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, base: float) -> tup
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half (NeoX) RoPE on the first 2 * cos.shape[-1] dims of each head; the rest pass through.
 
-    x: [T, heads, head_dim]; cos, sin: [T, rotary_dim // 2]. One kernel on CUDA.
+    x: [T, heads, head_dim]; cos, sin: [T, rotary_dim // 2]. One kernel on CUDA, as `RMSNorm.forward`.
     """
-    if x.is_cuda and layer_kernels.available() and layer_kernels.rotary_fits(x, cos, sin):
+    if layer_kernels.takes(x) and layer_kernels.rotary_fits(x, cos, sin):
         return layer_kernels.apply_rotary(x, cos, sin)
     return rotary_reference(x, cos, sin)
 
