@@ -300,13 +300,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         torch.cuda.empty_cache() if device.type == "cuda" else None
 
     for prompt_len in args.prompt_lens:
-        # first calls (allocator, kernels) stay out of the rows; at the rows' max_model_len, whose block-table width
-        # the attention kernels are specialised on (another width compiles them again inside the timed prefill)
+        # first calls (allocator, kernels) stay out of the rows; the plain warm-up engine is made as the graph rows'
+        # engines are (max_model_len included), whose prefill is timed
         max_len = prompt_len + 2 * (args.decode_len + 2 * PROFILE_STEPS) + 3
         warmup = {"warmup": list(range(prompt_len))}
         prefill_and_decode(engine(1, prompt_len, max_len), warmup, 4, device)
         if k:
-            prefill_and_decode(engine(1, prompt_len, max_len, k, ReplayDrafts({}, vocab)), warmup, 4, device)
+            prefill_and_decode(engine(1, prompt_len, prompt_len + 4, k, ReplayDrafts({}, vocab)), warmup, 4, device)
         release()
         for batch in args.batch_sizes:
             gen = torch.Generator().manual_seed(batch)
