@@ -190,8 +190,9 @@ def test_tokens_that_wait_for_a_busy_sender_go_out_together_in_order(model, loop
     assert sink.done.wait(60)
     streamed = [t for r in sink.responses for t in r.output_ids]
     assert streamed == expected
-    # the engine stepped on while a send took 0.2 s: the next response carried every token since
-    assert len(sink.responses[0].output_ids) == 1 and max(len(r.output_ids) for r in sink.responses) > 1
+    # the engine stepped on while a send took 0.2 s: a later response carried every token since (how many the
+    # first one carries depends on how far the engine got before the sender took it: on 2 CI cores, often 2)
+    assert len(sink.responses) < len(expected) and max(len(r.output_ids) for r in sink.responses) > 1
     for response in sink.responses:
         done = response.sequence_length - len(response.output_ids)
         assert response.preceding_ids == streamed[max(0, done - DETOKENIZATION_WINDOW) : done]
