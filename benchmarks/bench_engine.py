@@ -150,6 +150,36 @@ def prefill_flops(model: MiMoV2ForCausalLM, prompt_len: int) -> float:
     return flops
 
 
+def device_profile(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+
+
+def print_kernels(prof, count: int, title: str, per: str, top: int) -> None:
+    """The profiled device kernels, the most expensive first, each per `per` (one of `count`)."""
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in kernels) / count
+    print(f"# profile {title} {total / 1e3:.3f} ms per {per} over {count}", flush=True)
+    for event in sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]:
+        each = event.self_device_time_total / count
+        print(f"#   {each:9.1f} us  {100 * each / max(total, 1e-9):5.1f}%  x{event.count // count:<4d} "
+              f"{event.key[:110]}", flush=True)
+
+
+def profile_prefill(engine: LLMEngine, prompts: dict[str, list[int]], device: torch.device, temperature: float,
+                    label: str, top: int = 18) -> None:
+    """Device time per kernel over one more prefill of `prompts` (each request ended at its first token), and the
+    wall time of that prefill: the share of it the device was busy."""
+    again = {f"{request_id}-profiled": prompt for request_id, prompt in prompts.items()}
+    with device_profile(device) as prof:
+        seconds, _ = prefill(engine, again, 1, device, temperature)
+    print(f"# prefill {label}: {1e3 * seconds:.2f} ms wall under the profiler", flush=True)
+    print_kernels(prof, 1, f"prefill {label}: device time", "prefill", top)
+    while engine.has_unfinished():
+        engine.step()
+
+
 def profile_steps(engine: LLMEngine, generated: dict[str, list[int]], steps: int, device: torch.device,
                   label: str, top: int = 18) -> None:
     """Device time per kernel over `steps` decode steps (torch.profiler; kernels replayed from a graph included),
@@ -157,18 +187,9 @@ def profile_steps(engine: LLMEngine, generated: dict[str, list[int]], steps: int
     import cProfile
     import pstats
 
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with device_profile(device) as prof:
         decode(engine, generated, steps, device)
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    total = sum(e.self_device_time_total for e in kernels) / steps
-    print(f"# profile {label}: device time {total / 1e3:.3f} ms per step over {steps} steps", flush=True)
-    for event in sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]:
-        per_step = event.self_device_time_total / steps
-        print(f"#   {per_step:9.1f} us  {100 * per_step / max(total, 1e-9):5.1f}%  x{event.count // steps:<4d} "
-              f"{event.key[:110]}", flush=True)
+    print_kernels(prof, steps, f"{label}: device time", "step", top)
     host = cProfile.Profile()
     start = time.perf_counter()
     host.runcall(decode, engine, generated, steps, device)
@@ -231,10 +252,10 @@ class Spans:
         return self._seconds
 
 
-def prefill_and_decode(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int,
-                       device: torch.device) -> tuple[float, float, int, dict[str, list[int]]]:
+def prefill_and_decode(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int, device: torch.device,
+                       temperature: float = 0.0) -> tuple[float, float, int, dict[str, list[int]]]:
     """(prefill s until every request has its first token, decode s after that, decode steps, tokens per request)."""
-    prefill_s, generated = prefill(engine, prompts, max_tokens, device)
+    prefill_s, generated = prefill(engine, prompts, max_tokens, device, temperature)
     decode_s, steps = decode(engine, generated, None, device)
     return prefill_s, decode_s, steps, generated
 
@@ -303,10 +324,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         # first calls (allocator, kernels) stay out of the rows; the plain warm-up engine is made as the graph rows'
         # engines are (max_model_len included), whose prefill is timed
         max_len = prompt_len + 2 * (args.decode_len + 2 * PROFILE_STEPS) + 3
+        # and samples as they do (the first sampled step of a process loads kernels greedy rows never use)
         warmup = {"warmup": list(range(prompt_len))}
-        prefill_and_decode(engine(1, prompt_len, max_len), warmup, 4, device)
+        prefill_and_decode(engine(1, prompt_len, max_len), warmup, 4, device, args.temperature)
         if k:
-            prefill_and_decode(engine(1, prompt_len, prompt_len + 4, k, ReplayDrafts({}, vocab)), warmup, 4, device)
+            prefill_and_decode(engine(1, prompt_len, prompt_len + 4, k, ReplayDrafts({}, vocab)), warmup, 4, device,
+                               args.temperature)
         release()
         for batch in args.batch_sizes:
             gen = torch.Generator().manual_seed(batch)
@@ -385,6 +408,8 @@ def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: 
     for request_id in prompts:
         engine.abort(request_id)
     engine.step()
+    if args.profile:
+        profile_prefill(engine, prompts, device, args.temperature, f"batch {batch} prompt {prompt_len}")
     return rows
 
 

@@ -21,6 +21,10 @@ compare the CPU table.
 
     python -m benchmarks.bench_serving_overhead                                   # CPU
     python -m benchmarks.bench_serving_overhead --device gpu --out artifacts/serving_overhead.json
+    python -m benchmarks.bench_serving_overhead --device gpu --skip-engine --concurrency 64 --py-spy artifacts/spy
+
+`--py-spy DIR`: py-spy (on PATH) samples the stubs of the entry and mimo_llm over the last concurrency's window,
+only while a thread holds the GIL (`--gil`): DIR gets each stub's folded stacks, and the summary what held it.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -181,6 +187,57 @@ class ProcessCPU:
         return seconds
 
 
+class StubSampler:
+    """py-spy over the entry's and mimo_llm's stubs (`ProcessCPU.pids`), GIL-holding samples only."""
+
+    MODELS = ("ensemble", "mimo_llm")
+
+    def __init__(self, cpu: ProcessCPU, out_dir: Path, rate: int = 200):
+        self.out_dir, self.rate = out_dir, rate
+        self.targets = [(name, pid) for name in self.MODELS for pid in cpu.pids.get(name, [])]
+        self.runs: list[tuple[str, int, Path, subprocess.Popen]] = []
+
+    def start(self, duration_s: float) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name, pid in self.targets:
+            path = self.out_dir / f"{name}-{pid}.txt"
+            command = ["py-spy", "record", "--gil", "--nonblocking", "--format", "raw", "--rate", str(self.rate),
+                       "--duration", str(max(1, int(duration_s))), "--pid", str(pid), "--output", str(path)]
+            self.runs.append((name, pid, path, subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                                                stderr=subprocess.PIPE, text=True)))
+
+    def report(self, top: int = 20) -> dict:
+        """Per stub: samples, and the functions that held the GIL, by own samples and by inclusive samples."""
+        report = {}
+        for name, pid, path, run in self.runs:
+            _, err = run.communicate(timeout=120)
+            if run.returncode or not path.exists():
+                report[f"{name}-{pid}"] = {"error": f"py-spy exit {run.returncode}: {err.strip()[-400:]}"}
+                continue
+            report[path.stem] = folded_summary(path.read_text(), top)
+        return report
+
+
+def folded_summary(folded: str, top: int) -> dict:
+    """py-spy's raw (folded) stacks `frame;frame;... count`, root first -> the leaf frames with the most samples
+    and the frames on the most stacks."""
+    own, inclusive, total = Counter(), Counter(), 0
+    for line in folded.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            inclusive[frame] += int(count)
+
+    def share(counter: Counter) -> list[str]:
+        return [f"{100 * n / max(1, total):5.1f}% {frame[:150]}" for frame, n in counter.most_common(top)]
+
+    return {"samples": total, "own": share(own), "inclusive": share(inclusive)}
+
+
 def served_itl(url: str, requests: int, max_tokens: int) -> dict:
     """Concurrency 1: one request after the other; the median ITL, TTFT, and tokens per response."""
     itl, ttft, tokens, responses = [], [], 0, 0
@@ -234,9 +291,11 @@ def client_process(url: str, clients: int, max_tokens: int, window: tuple[float,
 
 
 def served_throughput(url: str, concurrency: int, max_tokens: int, warmup_s: float, duration_s: float,
-                      cpu: ProcessCPU, pool: ProcessPoolExecutor | None, processes: int) -> dict:  # fmt: skip
+                      cpu: ProcessCPU, pool: ProcessPoolExecutor | None, processes: int,
+                      on_window=None) -> dict:  # fmt: skip
     """A closed loop of `concurrency` clients, spread over the `pool`'s `processes` (or all in this one): tokens/s of
-    the tokens that arrived inside the measured window, and each process's CPU ms per token over it."""
+    the tokens that arrived inside the measured window, and each process's CPU ms per token over it.
+    `on_window(duration_s)` is called as the window opens."""
     start = time.time()
     window = (start + warmup_s, start + warmup_s + duration_s)
     samples = []
@@ -245,6 +304,8 @@ def served_throughput(url: str, concurrency: int, max_tokens: int, warmup_s: flo
         for at in window:
             time.sleep(max(0.0, at - time.time()))
             samples.append(cpu.sample())
+            if at == window[0] and on_window is not None:
+                on_window(duration_s)
 
     sampler = threading.Thread(target=sample_window, daemon=True)
     sampler.start()
@@ -285,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="processes the closed loops' clients are spread over (a Python gRPC client handles a "
                              "few thousand responses/s); default 1 (in this process) on cpu, 4 on gpu")
     parser.add_argument("--skip-engine", action="store_true", help="served rows only")
+    parser.add_argument("--py-spy", type=Path, metavar="DIR",
+                        help="sample the entry's and mimo_llm's stubs with py-spy over the last concurrency's window")
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/serving_overhead"))
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
@@ -320,11 +383,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if pool is not None:  # the workers start (and import) before any window opens
                 list(pool.map(time.sleep, [0.5] * processes))
-            for concurrency in args.concurrency:
+            sampler = StubSampler(cpu, args.py_spy) if args.py_spy else None
+            for i, concurrency in enumerate(args.concurrency):
+                last = i == len(args.concurrency) - 1
                 row = served_throughput(server.grpc_url, concurrency, args.max_tokens, args.warmup_s,
-                                        args.duration_s, cpu, pool, processes)  # fmt: skip
+                                        args.duration_s, cpu, pool, processes,
+                                        sampler.start if sampler and last else None)  # fmt: skip
                 report["served"].append(row)
                 print(f"served: {json.dumps(row)}", flush=True)
+            if sampler:
+                report["py_spy"] = sampler.report()
+                for stub, summary in report["py_spy"].items():
+                    print(f"py-spy {stub} (GIL held, concurrency {args.concurrency[-1]}): "
+                          f"{json.dumps(summary, indent=1)}", flush=True)
         finally:
             if pool is not None:
                 pool.shutdown()

@@ -21,6 +21,7 @@ if [ -e .whl/device-env.sh ] && python3 -c "import torch, sys; sys.exit(not torc
   # into the interpreter's own site-packages: the Python-backend stub ignores PYTHONPATH
   env -u PYTHONPATH python3 -m pip install -q --no-deps --no-index --ignore-installed .whl/tritonclient-*.whl \
     .whl/python_rapidjson-*.whl > /dev/null 2>&1
+  ls .pyspy/py_spy-*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index .pyspy/py_spy-*.whl > /dev/null 2>&1
 fi
 START=$(date +%s) LIMIT=${LIMIT:-3600}
 OUT=${OUT:-artifacts/device_cycle}
@@ -56,6 +57,8 @@ engine() {
   step decode_in_turn 120 $ENGINE --batch-sizes 1,8,64 --overlap-steps 0
   step decode_fp8 120 $ENGINE --batch-sizes 1,8,64 --fp8
   step long_prompts 120 $ENGINE --batch-sizes 1 --prompt-lens 4096,16384 --decode-len 16
+  step long_prompts_profiled 150 $ENGINE --batch-sizes 1 --prompt-lens 4096,16384 --decode-len 16 --profile
+  step decode_fp8_profiled 150 $ENGINE --batch-sizes 1 --fp8 --profile
   step mtp 150 $ENGINE --batch-sizes 1,8 --speculative-tokens 3 --accept-rates 0,0.7,1
 }
 
@@ -79,7 +82,10 @@ served() {
   step handoff_produce 90 python3 -m benchmarks.bench_handoff --requests 100 --produce
   step handoff_gpu_inputs 90 python3 -m benchmarks.bench_handoff --requests 100 --gpu-inputs
   step handoff_mps 120 bash benchmarks/with_mps.sh python3 -m benchmarks.bench_handoff --requests 100
-  step overhead 240 python3 -m benchmarks.bench_serving_overhead --device gpu 
+  step overhead 240 python3 -m benchmarks.bench_serving_overhead --device gpu
+  # py-spy from a carried .pyspy/ (pip download py-spy --no-deps -d .pyspy): what holds the stubs' GIL at c=64
+  step overhead_py_spy 200 python3 -m benchmarks.bench_serving_overhead --device gpu --skip-engine --concurrency 64 \
+    --py-spy "$OUT/py_spy"
   case "$ONLY" in ""|ttft_*|burst_*)
     if [ -n "$BUILD" ]; then
       wait $BUILD
