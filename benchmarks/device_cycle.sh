@@ -84,8 +84,7 @@ served() {
   step handoff_mps 120 bash benchmarks/with_mps.sh python3 -m benchmarks.bench_handoff --requests 100
   step overhead 240 python3 -m benchmarks.bench_serving_overhead --device gpu
   # py-spy from a carried .pyspy/ (pip download py-spy --no-deps -d .pyspy): what holds the stubs' GIL at c=64
-  step overhead_py_spy 200 python3 -m benchmarks.bench_serving_overhead --device gpu --skip-engine --concurrency 64 \
-    --py-spy "$OUT/py_spy"
+  step overhead_py_spy 240 python3 -m benchmarks.bench_serving_overhead --device gpu --py-spy "$OUT/py_spy"
   case "$ONLY" in ""|ttft_*|burst_*)
     if [ -n "$BUILD" ]; then
       wait $BUILD

@@ -59,3 +59,60 @@ def test_responses_that_arrived_together_merge_into_the_one_response_of_all_thei
             assert merged[name].dtype == expected[name].dtype
     assert merge_responses([{}, responses[2], {}]) is responses[2]  # an empty final response adds nothing
     assert merge_responses([{}]) == {}
+
+
+# LoopbackStreams against a real tritonserver's mimo_llm: many requests on one multiplexed gRPC stream
+
+LLM_OUTPUTS = ("output_ids", "preceding_ids", "finish_reason")
+
+
+def llm_inputs(prompt: list[int], max_tokens: int) -> dict:
+    arrays = {"input_ids": np.array([prompt], dtype=np.int32), "input_lengths": np.array([[len(prompt)]], np.int32),
+              "request_output_len": np.array([[max_tokens]], dtype=np.int32), "streaming": np.array([[True]]),
+              "temperature": np.array([[0.0]], dtype=np.float32)}
+    return {name: infer_input(name, array) for name, array in arrays.items()}
+
+
+def generated(streams, prompt: list[int], max_tokens: int, request_id: str) -> list[int]:
+    batches = streams.stream("mimo_llm", llm_inputs(prompt, max_tokens), request_id, LLM_OUTPUTS)
+    return [int(t) for batch in batches for response in batch if response for t in response["output_ids"].ravel()]
+
+
+def test_concurrent_requests_on_one_stream_each_get_their_own_tokens(triton_server):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mimo.serving.loopback import LoopbackStreams
+
+    streams = LoopbackStreams(triton_server.grpc_url)
+    try:
+        prompts = [list(range(5 + i, 25 + 2 * i)) for i in range(12)]
+        alone = [generated(streams, prompt, 6 + i % 3, f"alone-{i}") for i, prompt in enumerate(prompts)]
+        with ThreadPoolExecutor(12) as pool:
+            together = list(pool.map(lambda i: generated(streams, prompts[i], 6 + i % 3, f"together-{i}"),
+                                     range(12)))  # fmt: skip
+        assert together == alone and all(len(tokens) == 6 + i % 3 for i, tokens in enumerate(alone))
+        readers = [t for t in threading.enumerate() if t.name == "mimo-loopback-reader"]
+        assert len(readers) == 1  # one stream carried them all
+    finally:
+        streams.close()
+
+
+def test_an_error_response_ends_only_its_own_request_and_an_abandoned_one_disturbs_nothing(triton_server):
+    from mimo.serving.loopback import LoopbackError, LoopbackStreams
+
+    streams = LoopbackStreams(triton_server.grpc_url)
+    try:
+        long_one = streams.stream("mimo_llm", llm_inputs(list(range(3, 30)), 40), "abandoned", LLM_OUTPUTS)
+        assert next(long_one)  # its first batch, then the reader leaves it: the request runs on, unread
+        with pytest.raises(LoopbackError, match="request_output_len must be an int >= 1, got -5"):
+            list(streams.stream("mimo_llm", llm_inputs([1, 2, 3], -5), "bad", LLM_OUTPUTS))
+        with pytest.raises(LoopbackError, match="not found"):
+            list(streams.stream("no_such_model", llm_inputs([1, 2, 3], 4), "unknown", LLM_OUTPUTS))
+        duplicate = streams.stream("mimo_llm", llm_inputs([1, 2, 3], 4), "abandoned", LLM_OUTPUTS)
+        with pytest.raises(ValueError, match="'abandoned' is already in flight"):
+            next(duplicate)
+        long_one.close()
+        assert generated(streams, list(range(5, 25)), 6, "after") == generated(streams, list(range(5, 25)), 6, "again")
+    finally:
+        streams.close()

@@ -20,10 +20,12 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import grpc
 import ml_dtypes
 import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from mimo.epd.landing import LandingError, LandingPool, Lease
@@ -32,6 +34,7 @@ from mimo.serving.lifecycle import SELF_GRPC_URL_ENV
 from mimo.serving.entry import CANCELLED, INTERNAL, INVALID_ARG, UNAVAILABLE, EntryError
 from mimo.serving.triton_config import torch_dtype
 
+INT32_MAX = 2**31 - 1
 LOOPBACK_DEFAULT_URL = "127.0.0.1:8001"  # tritonserver's default when the launcher did not say
 ENTRY_CODES = {"StatusCode.INVALID_ARGUMENT": INVALID_ARG, "StatusCode.UNAVAILABLE": UNAVAILABLE,
                "StatusCode.CANCELLED": CANCELLED}  # fmt: skip
@@ -93,12 +96,15 @@ class SlicedInput:
 
 
 class LoopbackStreams:
-    """Decoupled requests to models of this server, each on its own gRPC stream; clients (one stream each) are
-    kept for reuse, so a request costs no new connection."""
+    """Decoupled requests to models of this server, multiplexed on one gRPC stream (`ModelStreamInfer` carries any
+    number of requests; each response names its request's id, error responses too). One reader thread routes the
+    responses to their requests, where a stream per request cost three threads (tritonclient's reader, gRPC's
+    request consumer, the channel's poller) all contending for the stub's GIL. A stream that fails fails the
+    requests on it; the next request opens a new one."""
 
     def __init__(self, url: str | None = None):
         self.url = url or self_grpc_url()
-        self._idle: list[grpcclient.InferenceServerClient] = []
+        self._stream: _SharedStream | None = None
         self._lock = threading.Lock()
 
     def stream(self, model: str, inputs: Mapping[str, grpcclient.InferInput], request_id: str,
@@ -106,57 +112,118 @@ class LoopbackStreams:
                ) -> Iterator[list[dict[str, np.ndarray]]]:  # fmt: skip
         """The responses of one request (a response without tensors: {}), up to and including the final one, in
         batches: each batch is every response that had arrived since the previous one was taken (at least one), so
-        a reader that falls behind catches up in one step.
+        a reader that falls behind catches up in one step. `request_id` must be unique among in-flight requests.
 
         Raises LoopbackError for an error response (after the batch of the responses before it). Leaving the loop
-        early still reads the stream to its end in the background of `close` (no cancellation, see the module
-        docstring).
+        early leaves the request running to its end, its responses dropped (no cancellation: the module docstring).
         """
-        client = self._take()
+        request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+        for tensor in inputs.values():  # what tritonclient's own request builder reads of an InferInput
+            request.inputs.append(tensor._get_tensor())
+            if tensor._get_content() is not None:
+                request.raw_input_contents.append(tensor._get_content())
+        request.outputs.extend(service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in outputs)
+        for key, value in (parameters or {}).items():
+            request.parameters[key].string_param = value
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
         responses: queue.SimpleQueue = queue.SimpleQueue()
-        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        shared = self._shared()
+        shared.submit(request, responses)
+        final = False
         try:
-            client.async_stream_infer(model, list(inputs.values()), request_id=request_id,
-                                      outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
-                                      parameters=dict(parameters or {}), enable_empty_final_response=True)  # fmt: skip
-            final = False
             while not final:
-                batch, (result, error) = [], responses.get()
+                batch, item = [], responses.get()
                 while True:
-                    if error is not None:
+                    if isinstance(item, LoopbackError):
+                        final = True
                         if batch:
                             yield batch
-                        raise _loopback_error(error)
-                    response = result.get_response()
-                    batch.append({tensor.name: result.as_numpy(tensor.name) for tensor in response.outputs})
-                    final = response.parameters["triton_final_response"].bool_param
+                        raise item
+                    result = grpcclient.InferResult(item)
+                    batch.append({tensor.name: result.as_numpy(tensor.name) for tensor in item.outputs})
+                    final = item.parameters["triton_final_response"].bool_param
                     if final or responses.empty():
                         break
-                    result, error = responses.get()
+                    item = responses.get()
                 yield batch
         finally:
-            self._finish(client)
+            if not final:
+                shared.abandon(request_id)
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, []
-        for client in idle:
-            client.close()
+            shared, self._stream = self._stream, None
+        if shared is not None:
+            shared.close()
 
-    def _take(self) -> grpcclient.InferenceServerClient:
+    def _shared(self) -> _SharedStream:
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return grpcclient.InferenceServerClient(self.url)
+            if self._stream is None or not self._stream.alive:
+                self._stream = _SharedStream(self.url)
+            return self._stream
 
-    def _finish(self, client: grpcclient.InferenceServerClient) -> None:
+
+class _SharedStream:
+    """One `ModelStreamInfer` call and the thread that reads it: responses go to the queue of the request they name
+    (a `ModelInferResponse`, or a LoopbackError that ends the request)."""
+
+    def __init__(self, url: str):
+        self._channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", INT32_MAX),
+                                                            ("grpc.max_receive_message_length", INT32_MAX)])
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # None ends the request side
+        self._open: dict[str, queue.SimpleQueue | None] = {}  # request id -> its queue (None: abandoned)
+        self._lock = threading.Lock()
+        self.alive = True
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._responses = stub.ModelStreamInfer(iter(self._requests.get, None))
+        self._reader = threading.Thread(target=self._read, name="mimo-loopback-reader", daemon=True)
+        self._reader.start()
+
+    def submit(self, request, responses: queue.SimpleQueue) -> None:
+        with self._lock:
+            if not self.alive:
+                responses.put(LoopbackError("the loopback stream to this server closed", "StatusCode.UNAVAILABLE"))
+                return
+            if request.id in self._open:
+                raise ValueError(f"request id {request.id!r} is already in flight on the loopback stream")
+            self._open[request.id] = responses
+        self._requests.put(request)
+
+    def abandon(self, request_id: str) -> None:
+        """Its remaining responses are dropped (the request still runs to its final response)."""
+        with self._lock:
+            if request_id in self._open:
+                self._open[request_id] = None
+
+    def close(self) -> None:
+        """Ends the request side; the server finishes what is in flight, then the reader ends with the stream."""
+        self._requests.put(None)
+        self._reader.join(timeout=30)
+        with self._lock:
+            idle = not self._open
+        if idle:  # closing the channel under open requests would cancel them (the module docstring)
+            self._channel.close()
+
+    def _read(self) -> None:
         try:
-            client.stop_stream()  # waits for the request's remaining responses; never cancels
-        except InferenceServerException:
-            client.close()
-            return
+            for message in self._responses:
+                response = message.infer_response
+                error = message.error_message
+                # an error response ends its request, final flag or not (an unknown model's has none)
+                done = bool(error) or response.parameters["triton_final_response"].bool_param
+                with self._lock:
+                    responses = self._open.pop(response.id, None) if done else self._open.get(response.id)
+                if responses is not None:
+                    responses.put(LoopbackError(error, None) if error else response)
+            failure = ("the loopback stream to this server ended", "StatusCode.UNAVAILABLE")
+        except grpc.RpcError as rpc_error:
+            failure = (rpc_error.details() or str(rpc_error), str(rpc_error.code()))
         with self._lock:
-            self._idle.append(client)
+            self.alive = False
+            open_requests, self._open = self._open, {}
+        for responses in open_requests.values():
+            if responses is not None:
+                responses.put(LoopbackError(*failure))
 
 
 class LoopbackLLM:
@@ -258,9 +325,3 @@ def merge_responses(responses: list[dict[str, np.ndarray]]) -> dict[str, np.ndar
     merged["output_ids"] = np.concatenate([response["output_ids"] for response in full], axis=-1)
     merged["preceding_ids"] = full[0]["preceding_ids"]
     return merged
-
-
-def _loopback_error(error: Exception) -> LoopbackError:
-    if isinstance(error, InferenceServerException):
-        return LoopbackError(error.message(), error.status())
-    return LoopbackError(str(error), None)
