@@ -167,17 +167,25 @@ def print_kernels(prof, count: int, title: str, per: str, top: int) -> None:
               f"{event.key[:110]}", flush=True)
 
 
-def profile_prefill(engine: LLMEngine, prompts: dict[str, list[int]], device: torch.device, temperature: float,
-                    label: str, top: int = 18) -> None:
-    """Device time per kernel over one more prefill of `prompts` (each request ended at its first token), and the
-    wall time of that prefill: the share of it the device was busy."""
-    again = {f"{request_id}-profiled": prompt for request_id, prompt in prompts.items()}
-    with device_profile(device) as prof:
-        seconds, _ = prefill(engine, again, 1, device, temperature)
-    print(f"# prefill {label}: {1e3 * seconds:.2f} ms wall under the profiler", flush=True)
-    print_kernels(prof, 1, f"prefill {label}: device time", "prefill", top)
+def prefill_again(engine: LLMEngine, prompts: dict[str, list[int]], device: torch.device, temperature: float,
+                  tag: str) -> float:
+    """One more prefill of `prompts` as requests of their own (ids + `tag`) that end at their first token: its
+    seconds (the engine has no prefix cache: the same work as the first time)."""
+    seconds, _ = prefill(engine, {f"{request_id}-{tag}": prompt for request_id, prompt in prompts.items()}, 1,
+                         device, temperature)  # fmt: skip
     while engine.has_unfinished():
         engine.step()
+    return seconds
+
+
+def profile_prefill(engine: LLMEngine, prompts: dict[str, list[int]], device: torch.device, temperature: float,
+                    label: str, top: int = 18) -> None:
+    """Device time per kernel over one more prefill of `prompts`, and the wall time of that prefill: the share of
+    it the device was busy."""
+    with device_profile(device) as prof:
+        seconds = prefill_again(engine, prompts, device, temperature, "profiled")
+    print(f"# prefill {label}: {1e3 * seconds:.2f} ms wall under the profiler", flush=True)
+    print_kernels(prof, 1, f"prefill {label}: device time", "prefill", top)
 
 
 def profile_steps(engine: LLMEngine, generated: dict[str, list[int]], steps: int, device: torch.device,
@@ -324,7 +332,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         # first calls (allocator, kernels) stay out of the rows; the plain warm-up engine is made as the graph rows'
         # engines are (max_model_len included), whose prefill is timed
         max_len = prompt_len + 2 * (args.decode_len + 2 * PROFILE_STEPS) + 3
-        # and samples as they do (the first sampled step of a process loads kernels greedy rows never use)
+        # and samples as they do
         warmup = {"warmup": list(range(prompt_len))}
         prefill_and_decode(engine(1, prompt_len, max_len), warmup, 4, device, args.temperature)
         if k:
@@ -357,6 +365,9 @@ def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: 
     batch, prompt_len, decode_len = len(prompts), len(next(iter(prompts.values()))), args.decode_len
     runner = engine.runner
     graphs, runner.graphs = runner.graphs, None  # the eager phase first
+    # The rows' prompts once untimed: a process's first prefill of them paid seconds the same-shape warm-up had not
+    # (runs 9-15 in BENCHMARKS.md, on the first process of a fresh machine only).
+    prefill_again(engine, prompts, device, args.temperature, "warmup")
     prefill_s, generated = prefill(engine, prompts, 2 * (decode_len + 2 * PROFILE_STEPS + 1) + 1, device,
                                    args.temperature)
     rows = []
