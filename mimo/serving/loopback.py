@@ -1,11 +1,11 @@
-"""The entry's gRPC streams to mimo_llm on its own server (tritonclient), instead of a decoupled BLS call.
+"""The entry's requests to mimo_llm on its own server, over one shared gRPC stream, instead of a decoupled BLS call.
 
 Why not BLS: with python_backend 2.51, a decoupled BLS stream open inside a request whose client cancels corrupts
 the calling stub's heap ("corrupted size vs. prev_size", "Stub process 'ensemble_0_0' is not healthy") or crashes
 tritonserver, within seconds under vanishing clients; the same load with non-decoupled BLS only, or with the
-decoupled step called over gRPC, ran thousands of requests clean (docs/ARCHITECTURE.md "Entry model"). These
-streams are never cancelled either (cancelling a gRPC stream with responses in flight is the other 2.51 crash):
-a generation is ended with a `stop` request and its stream read to its final response.
+decoupled step called over gRPC, ran thousands of requests clean (docs/ARCHITECTURE.md "Entry model"). The
+stream is never cancelled either (cancelling a gRPC stream with responses in flight is the other 2.51 crash):
+a generation is ended with a `stop` request, and its responses are read (or dropped) up to its final one.
 
 The server's own gRPC address comes from the launcher (`SELF_GRPC_URL_ENV`), which knows the flags it was given.
 """
