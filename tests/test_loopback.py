@@ -116,3 +116,49 @@ def test_an_error_response_ends_only_its_own_request_and_an_abandoned_one_distur
         assert generated(streams, list(range(5, 25)), 6, "after") == generated(streams, list(range(5, 25)), 6, "again")
     finally:
         streams.close()
+
+
+class RecordingStreams:
+    """LoopbackStreams' interface: each request gets `batches` (then `error`, if any); stops are recorded."""
+
+    def __init__(self, batches, error=None):
+        self.batches, self.error, self.stops = batches, error, []
+
+    def stream(self, model, inputs, request_id, outputs, parameters=None):
+        from mimo.serving.contract import STOP_REQUEST_ID
+
+        if "stop" in inputs:
+            self.stops.append(parameters[STOP_REQUEST_ID])
+            yield [{}]
+            return
+        yield from self.batches
+        if self.error is not None:
+            raise self.error
+
+
+FINAL = {"output_ids": np.array([[[7]]], np.int32), "finish_reason": np.array([["length"]], np.object_)}
+PARTIAL = {"output_ids": np.array([[[5]]], np.int32), "finish_reason": np.array([[""]], np.object_)}
+
+
+def test_a_caller_that_leaves_before_the_final_response_stops_its_generation():
+    from mimo.serving.loopback import LoopbackLLM
+
+    streams = RecordingStreams([[PARTIAL], [PARTIAL], [FINAL]])
+    responses = LoopbackLLM(streams).stream("mimo_llm", {"input_ids": np.array([[1, 2]], np.int32)}, "left-early")
+    next(responses)
+    responses.close()
+    assert streams.stops == ["left-early"]
+    list(LoopbackLLM(streams).stream("mimo_llm", {"input_ids": np.array([[1, 2]], np.int32)}, "read-to-the-end"))
+    assert streams.stops == ["left-early"]  # a request that ended is not stopped
+
+
+def test_a_request_ended_by_an_error_response_is_not_stopped():
+    from mimo.serving.entry import EntryError
+    from mimo.serving.loopback import LoopbackError, LoopbackLLM
+
+    streams = RecordingStreams([[PARTIAL]], error=LoopbackError("request_output_len must be an int >= 1", None))
+    responses = LoopbackLLM(streams).stream("mimo_llm", {"input_ids": np.array([[1, 2]], np.int32)}, "failed")
+    next(responses)
+    with pytest.raises(EntryError, match="request_output_len"):
+        next(responses)
+    assert streams.stops == []

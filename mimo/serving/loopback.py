@@ -245,6 +245,7 @@ class LoopbackLLM:
     def stream(self, model: str, inputs: Mapping[str, np.ndarray | torch.Tensor | SlicedInput], request_id: str
                ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
         leases, wire = [], {}
+        running = False  # sent and not yet ended
         try:
             for name, value in inputs.items():
                 if isinstance(value, torch.Tensor) and value.is_cuda and self.device_pool is not None:
@@ -259,10 +260,18 @@ class LoopbackLLM:
             for response in self._responses(model, wire, request_id):
                 for lease in leases:
                     lease.release()
+                running = True
                 yield response
+            running = False
+        except EntryError:
+            running = False  # an error response ended it
+            raise
         finally:
             for lease in leases:
                 lease.release()
+            if running:  # the caller left before the final response: the generation is not left running unread
+                with contextlib.suppress(EntryError):
+                    self.stop(model, request_id)
 
     def close(self) -> None:
         """Unregisters the regions from this server (best effort: it may be shutting down); the pools are their
