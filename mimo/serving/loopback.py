@@ -34,7 +34,6 @@ from mimo.serving.lifecycle import SELF_GRPC_URL_ENV
 from mimo.serving.entry import CANCELLED, INTERNAL, INVALID_ARG, UNAVAILABLE, EntryError
 from mimo.serving.triton_config import torch_dtype
 
-INT32_MAX = 2**31 - 1
 LOOPBACK_DEFAULT_URL = "127.0.0.1:8001"  # tritonserver's default when the launcher did not say
 ENTRY_CODES = {"StatusCode.INVALID_ARGUMENT": INVALID_ARG, "StatusCode.UNAVAILABLE": UNAVAILABLE,
                "StatusCode.CANCELLED": CANCELLED}  # fmt: skip
@@ -168,8 +167,10 @@ class _SharedStream:
     (a `ModelInferResponse`, or a LoopbackError that ends the request)."""
 
     def __init__(self, url: str):
-        self._channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", INT32_MAX),
-                                                            ("grpc.max_receive_message_length", INT32_MAX)])
+        # the message limits tritonclient's own channel sets (a prompt table crosses as bytes on a CPU server)
+        limit = grpcclient.MAX_GRPC_MESSAGE_SIZE
+        self._channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", limit),
+                                                            ("grpc.max_receive_message_length", limit)])
         self._requests: queue.SimpleQueue = queue.SimpleQueue()  # None ends the request side
         self._open: dict[str, queue.SimpleQueue | None] = {}  # request id -> its queue (None: abandoned)
         self._lock = threading.Lock()
