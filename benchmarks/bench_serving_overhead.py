@@ -211,10 +211,9 @@ class StubSampler:
         report = {}
         for name, pid, path, run in self.runs:
             _, err = run.communicate(timeout=120)
-            if run.returncode or not path.exists():
-                report[f"{name}-{pid}"] = {"error": f"py-spy exit {run.returncode}: {err.strip()[-400:]}"}
-                continue
-            report[path.stem] = folded_summary(path.read_text(), top)
+            failed = run.returncode or not path.exists()
+            report[f"{name}-{pid}"] = ({"error": f"py-spy exit {run.returncode}: {err.strip()[-400:]}"} if failed
+                                       else folded_summary(path.read_text(), top))  # fmt: skip
         return report
 
 
