@@ -329,10 +329,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         torch.cuda.empty_cache() if device.type == "cuda" else None
 
     for prompt_len in args.prompt_lens:
-        # first calls (allocator, kernels) stay out of the rows; the plain warm-up engine is made as the graph rows'
-        # engines are (max_model_len included), whose prefill is timed
+        # first calls (allocator, kernels) stay out of the rows: the plain warm-up engine is made as the graph rows'
+        # engines are (max_model_len included) and samples as they do
         max_len = prompt_len + 2 * (args.decode_len + 2 * PROFILE_STEPS) + 3
-        # and samples as they do
         warmup = {"warmup": list(range(prompt_len))}
         prefill_and_decode(engine(1, prompt_len, max_len), warmup, 4, device, args.temperature)
         if k:
