@@ -99,7 +99,7 @@ served() {
   step burst_epd 240 $TTFT --launch epd --encoders 1 --encoder-gpus 0 --rates 1000 --requests 16
   step t_epd_gpu 300 env MIMO_SERVING_DEVICE=gpu $PYTEST tests/test_epd_direct_write.py \
     tests/test_epd_encoder_server.py tests/test_epd_language.py
-  step audio 120 python3 -m benchmarks.bench_encoders --rows audio30 --cuda-graphs
+  step audio 300 python3 -m benchmarks.bench_encoders --rows audio30 --cuda-graphs
 }
 
 nixl() {
