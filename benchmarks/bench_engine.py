@@ -34,6 +34,7 @@ passes ran as drafting graphs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -167,12 +168,20 @@ def print_kernels(prof, count: int, title: str, per: str, top: int) -> None:
               f"{event.key[:110]}", flush=True)
 
 
+def print_host_ops(prof, title: str, top: int = 15) -> None:
+    """The profiled host operations with the most self time (where a stall outside the kernels sits)."""
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    print(f"# host ops {title}", flush=True)
+    for event in ops:
+        print(f"#   {event.self_cpu_time_total / 1e3:9.2f} ms self  x{event.count:<5d} {event.key[:110]}", flush=True)
+
+
 def prefill_again(engine: LLMEngine, prompts: dict[str, list[int]], device: torch.device, temperature: float,
-                  tag: str) -> float:
-    """One more prefill of `prompts` as requests of their own (ids + `tag`) that end at their first token: its
-    seconds (the engine has no prefix cache: the same work as the first time)."""
-    seconds, _ = prefill(engine, {f"{request_id}-{tag}": prompt for request_id, prompt in prompts.items()}, 1,
-                         device, temperature)  # fmt: skip
+                  tag: str, max_tokens: int = 1) -> float:
+    """One more prefill of `prompts` as requests of their own (ids + `tag`) of `max_tokens` tokens, run to their
+    end: the prefill's seconds (the engine has no prefix cache: the same work as the first time)."""
+    seconds, _ = prefill(engine, {f"{request_id}-{tag}": prompt for request_id, prompt in prompts.items()},
+                         max_tokens, device, temperature)  # fmt: skip
     while engine.has_unfinished():
         engine.step()
     return seconds
@@ -279,8 +288,9 @@ def prefill(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int, d
     t0 = time.perf_counter()
     while not all(generated.values()):
         step(engine, generated)
+    seconds = time.perf_counter() - t0  # the first tokens are on the host: not the device work queued after them
     synchronize(device)
-    return time.perf_counter() - t0, generated
+    return seconds, generated
 
 
 def decode(engine: LLMEngine, generated: dict[str, list[int]], max_steps: int | None,
@@ -363,12 +373,22 @@ def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: 
     bf16 GEMM rate. With `--profile`, PROFILE_STEPS more steps of each phase under the profiler."""
     batch, prompt_len, decode_len = len(prompts), len(next(iter(prompts.values()))), args.decode_len
     runner = engine.runner
-    graphs, runner.graphs = runner.graphs, None  # the eager phase first
-    # The rows' prompts once untimed: a process's first prefill of them paid seconds the same-shape warm-up had not
-    # (runs 9-15 in BENCHMARKS.md, on the first process of a fresh machine only).
-    prefill_again(engine, prompts, device, args.temperature, "warmup")
-    prefill_s, generated = prefill(engine, prompts, 2 * (decode_len + 2 * PROFILE_STEPS + 1) + 1, device,
-                                   args.temperature)
+    graphs, runner.graphs = runner.graphs, None
+    # Untimed: the rows' prompts once, and two eager decode steps after them. The warm-up engine decoded through
+    # graphs only, so the eager decode kernels compile at their first launch: that launch was the step an
+    # overlapped engine queues ahead of the prefill's first token, 0.7-1.9 s inside the timed prefill of a
+    # machine's first process (later processes load the kernels from Triton's disk cache).
+    untimed_prefill_s = prefill_again(engine, prompts, device, args.temperature, "warmup", max_tokens=3)
+    runner.graphs = graphs  # timed as served: the step queued ahead of the first token is a graph's
+    compiles = dict(torch._dynamo.utils.counters["stats"])
+    with device_profile(device) if args.profile_timed_prefill else contextlib.nullcontext() as prof:
+        prefill_s, generated = prefill(engine, prompts, 2 * (decode_len + 2 * PROFILE_STEPS + 1) + 1, device,
+                                       args.temperature)
+    runner.graphs = None  # the eager phase first
+    if prof is not None:
+        compiled = {k: v - compiles.get(k, 0) for k, v in torch._dynamo.utils.counters["stats"].items()}
+        print_host_ops(prof, f"timed prefill batch {batch} prompt {prompt_len}, {1e3 * prefill_s:.1f} ms wall; "
+                             f"dynamo stats during it {compiled}")
     rows = []
     for phase in ("eager", "graphs"):
         if phase == "graphs":
@@ -397,6 +417,7 @@ def graph_rows(args, engine: LLMEngine, prompts: dict[str, list[int]], counter: 
             "cuda_graphs": int(phase == "graphs"),
             "overlap_steps": int(engine.overlap),
             "prefill_tok_s": round(batch * prompt_len / prefill_s, 1),
+            "untimed_prefill_s_before": round(untimed_prefill_s, 4),
             "prefill_fraction_of_gemm_rate": round(prefill_bound_s / prefill_s, 4) if prefill_bound_s else None,
             "decode_steps": steps,
             "graph_steps": graphs.replays - replays if phase == "graphs" else 0,
@@ -491,6 +512,8 @@ def main() -> None:
                              "collapse into repeats on random weights, so later steps route to fewer experts than "
                              "the eager phase counted)")
     parser.add_argument("--profile", action="store_true", help=f"print each phase's kernels over {PROFILE_STEPS} more steps")
+    parser.add_argument("--profile-timed-prefill", action="store_true",
+                        help="the host operations of each row's timed prefill, under the profiler")
     parser.add_argument("--accept-rates", type=lambda s: [float(x) for x in s.split(",")], default=[0, 0.5, 0.8, 1],
                         help="draft accept probabilities of the test-only override, one MTP row each")
     run(parser.parse_args())

@@ -229,3 +229,42 @@ def test_sampling_requests_draft_eagerly(tiny_model):
     reference = make_engine(tiny_model, graphs=False, num_speculative_tokens=2)
     assert generate(engine, PROMPTS[:2], sampled) == generate(reference, PROMPTS[:2], sampled)
     assert engine.runner.graphs.replays > 0 and engine.runner.drafter.graphs.replays == 0
+
+
+@pytest.mark.parametrize("overlap", [0, 1])
+def test_warm_up_runs_graph_and_eager_decodes_and_leaves_the_engine_as_new(tiny_model, overlap):
+    """`LLMEngine.warm_up` prefills a long and a short prompt together, decodes both through the graphs, then
+    eagerly (both, then the long one alone), and leaves nothing behind: no sequence, every block free, the graphs
+    back in place, and the seeded stream untouched (the tokens after it are a fresh engine's)."""
+    engine = make_engine(tiny_model, graphs=True, overlap_steps=overlap)
+    runner, graphs = engine.runner, engine.runner.graphs
+    prepared, prepare = [], runner.prepare
+
+    def recording(chunks, *args, **kwargs):
+        prepared.append((runner.graphs is not None, sorted(c.num_tokens for c in chunks)))
+        return prepare(chunks, *args, **kwargs)
+
+    runner.prepare = recording
+    assert engine.warm_up() > 0
+    runner.prepare = prepare
+    assert prepared[0] == (True, [6, 6])  # both prompts' first chunks (max_prefill_chunk 6)
+    assert graphs.replays >= 2
+    eager_decodes = [sizes for with_graphs, sizes in prepared if not with_graphs]
+    assert [1, 1] in eager_decodes and [1] in eager_decodes and all(set(s) == {1} for s in eager_decodes)
+    assert runner.graphs is graphs and not engine.has_unfinished()
+    assert all(pool["free_blocks"] == pool["total_blocks"] for pool in engine.kv_stats().values())
+    sampled = [SamplingParams(max_tokens=n, temperature=1.0) for n in (18, 11, 6)]  # the engine's seeded stream
+    assert generate(engine, PROMPTS, sampled) == generate(make_engine(tiny_model, graphs=True), PROMPTS, sampled)
+    assert generate(engine, PROMPTS, PARAMS) == generate(make_engine(tiny_model, graphs=False), PROMPTS, PARAMS)
+
+
+def test_warm_up_needs_an_idle_engine_and_is_on_by_default_on_cuda_only(tiny_model):
+    engine = make_engine(tiny_model, graphs=False)
+    assert engine.warms_up_at_load is (DEVICE.type == "cuda")
+    assert make_engine(tiny_model, graphs=False, warm_up=1).warms_up_at_load
+    assert not make_engine(tiny_model, graphs=False, warm_up=0).warms_up_at_load
+    with pytest.raises(ValueError, match="warm_up must be none, 0 or 1"):
+        EngineConfig(num_full_blocks=8, warm_up=2)
+    engine.add_request("r", PROMPTS[0], PARAMS[0])
+    with pytest.raises(RuntimeError, match="needs an idle engine"):
+        engine.warm_up()

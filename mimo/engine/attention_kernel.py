@@ -32,17 +32,17 @@ import triton.language as tl
 LOG2E = math.log2(math.e)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # the split count follows the context: one compiled variant for all
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     block_table_ptr, table_lens_ptr, cu_q_ptr, seq_ends_ptr, sinks_ptr,
-    num_seqs, num_q_heads, scale_log2, window,
+    num_seqs, num_q_heads, scale_log2, window, num_splits,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_table,
     KV_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr,
     V_HEAD_DIM: tl.constexpr, DV_PAD: tl.constexpr, SLIDING: tl.constexpr, HAS_SINKS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    SPLIT_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -92,7 +92,7 @@ def _attention_kernel(
     else:
         key_lo = first_pos * 0
     num_key_tiles = tl.cdiv(key_hi - key_lo, BLOCK_N)
-    per_split = tl.cdiv(num_key_tiles, NUM_SPLITS)
+    per_split = tl.cdiv(num_key_tiles, num_splits)
     tile_begin = split * per_split
     tile_end = tl.minimum(tile_begin + per_split, num_key_tiles)
     table_row = block_table_ptr + seq.to(tl.int64) * stride_table
@@ -134,7 +134,7 @@ def _attention_kernel(
         m_i = m_new
 
     token = (q_begin + tok).to(tl.int64)
-    if NUM_SPLITS == 1:
+    if not SPLIT_KEYS:
         if HAS_SINKS:
             sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
             m_all = tl.maximum(m_i, sink)
@@ -144,23 +144,23 @@ def _attention_kernel(
         out_rows = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh
         tl.store(out_rows + dv[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     else:
-        part = (token * num_q_heads + head) * NUM_SPLITS + split  # [M] row of the [T, Hq, S] partials
+        part = (token * num_q_heads + head) * num_splits + split  # [M] row of the [T, Hq, S] partials
         tl.store(part_m_ptr + part, m_i, mask=row_ok)
         tl.store(part_l_ptr + part, l_i, mask=row_ok)
         tl.store(part_out_ptr + part[:, None] * DV_PAD + dv[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(
-    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, sinks_ptr, num_q_heads, stride_ot, stride_oh,
-    V_HEAD_DIM: tl.constexpr, DV_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, sinks_ptr, num_q_heads, num_splits, stride_ot, stride_oh,
+    V_HEAD_DIM: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
     HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
-    s_ok = s < NUM_SPLITS
-    part = (token * num_q_heads + head) * NUM_SPLITS + s  # [S]
+    s_ok = s < num_splits
+    part = (token * num_q_heads + head) * num_splits + s  # [S]
     m = tl.load(part_m_ptr + part, mask=s_ok, other=float("-inf"))
     l = tl.load(part_l_ptr + part, mask=s_ok, other=0.0)
     m_all = tl.max(m, 0)
@@ -216,7 +216,7 @@ def kernel_config(num_q_heads: int, num_kv_heads: int, head_dim: int, v_head_dim
         BLOCK_N=block_n, HEAD_DIM=head_dim, D_A=d_a,
         D_B=0 if d_a >= head_dim else max(16, triton.next_power_of_2(head_dim - d_a)),
         V_HEAD_DIM=v_head_dim, DV_PAD=max(16, triton.next_power_of_2(v_head_dim)),
-        SLIDING=sliding, HAS_SINKS=has_sinks, NUM_SPLITS=num_splits,
+        SLIDING=sliding, HAS_SINKS=has_sinks, SPLIT_KEYS=num_splits > 1,
         # the interpreter (CPU) multiplies bfloat16 operands wrongly (its dot reads their bits): it gets float32 ones
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", DOT_FP32=not on_gpu,
     )  # fmt: skip
@@ -290,15 +290,15 @@ def paged_attention(
     _attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_m, part_l,
         block_table, table_lens, cu_q, seq_ends, sinks_arg,
-        num_seqs, num_q_heads, scale * LOG2E, sliding_window or 0,
+        num_seqs, num_q_heads, scale * LOG2E, sliding_window or 0, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_table.stride(0),
         **config,
     )  # fmt: skip
     if num_splits > 1:
         _combine_kernel[(num_tokens, num_q_heads)](
-            out, part_out, part_m, part_l, sinks_arg, num_q_heads, out.stride(0), out.stride(1),
-            V_HEAD_DIM=v_head_dim, DV_PAD=dv_pad, NUM_SPLITS=num_splits,
+            out, part_out, part_m, part_l, sinks_arg, num_q_heads, num_splits, out.stride(0), out.stride(1),
+            V_HEAD_DIM=v_head_dim, DV_PAD=dv_pad,
             SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HAS_SINKS=sinks is not None,
         )  # fmt: skip
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import operator
 import threading
+import time
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -60,6 +61,9 @@ class EngineConfig:
     overlap_steps: int | None = knob(None, "the host schedules and launches step N+1, fed by step N's tokens on the "
                                      "device, while the device runs step N (1: on, 0: off, none: on a single-rank "
                                      "CUDA engine; never with num_speculative_tokens)")
+    warm_up: int | None = knob(None, "at load, one long prefill beside a short one and decode steps through the "
+                               "graphs and eagerly, so the first requests do not pay the kernels' compiles (1: on, "
+                               "0: off, none: on a CUDA engine)")
     attention_kernel: str = "auto"  # paged attention: one of mimo.engine.paged_attention.ATTENTION_KERNELS
     device: torch.device | str | None = None  # None = the model's; otherwise must be the model's
     dtype: torch.dtype | None = None  # None = the model's; otherwise must be the model's
@@ -75,8 +79,9 @@ class EngineConfig:
                              f"{', '.join(ATTENTION_KERNELS)}")
         if self.cuda_graphs not in (0, 1):  # True / False are 1 / 0
             raise ValueError(f"EngineConfig.cuda_graphs must be 0 or 1, got {self.cuda_graphs!r}")
-        if self.overlap_steps not in (None, 0, 1):
-            raise ValueError(f"EngineConfig.overlap_steps must be none, 0 or 1, got {self.overlap_steps!r}")
+        for name in ("overlap_steps", "warm_up"):
+            if getattr(self, name) not in (None, 0, 1):
+                raise ValueError(f"EngineConfig.{name} must be none, 0 or 1, got {getattr(self, name)!r}")
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"EngineConfig.num_speculative_tokens must be an int >= 0, got {k!r}")
@@ -255,6 +260,42 @@ class LLMEngine:
         elif launched is not None:
             self._complete(launched, outputs)
         return outputs
+
+    @property
+    def warms_up_at_load(self) -> bool:
+        """Whether a server runs `warm_up()` before it takes requests (`EngineConfig.warm_up`)."""
+        return self.device.type == "cuda" if self.config.warm_up is None else bool(self.config.warm_up)
+
+    def warm_up(self) -> float:
+        """Launches serving's kernels once before the first request: a long prefill beside a short one, decode steps
+        of both through the graphs, then eager decode steps (what the graphs do not cover: mixed steps, more
+        sequences than the largest bucket) of both and of the long one alone. Triton compiles a kernel variant at its
+        first launch, seconds in all in a process whose cache directory is new (a fresh container); without this
+        the first requests pay them (BENCHMARKS.md, the first request). Greedy, so no random stream is drawn from;
+        the engine is idle, every KV block free and the MTP counters at zero afterwards. Returns its seconds."""
+        if self.has_unfinished():
+            raise RuntimeError("warm_up() needs an idle engine")
+        start = time.perf_counter()
+        config, decode_steps = self.config, 4
+        short = min(33, config.max_prefill_chunk, config.max_model_len - 2 * decode_steps)  # not a tile multiple
+        long = min(config.max_prefill_chunk, config.max_num_batched_tokens - short,
+                   config.max_model_len - 3 * decode_steps)
+        for request_id, prompt_len, max_tokens in (("warm-up-long", long, 3 * decode_steps),
+                                                   ("warm-up-short", short, 2 * decode_steps)):
+            if prompt_len >= 1:
+                self.add_request(request_id, [i % self.vocab_size for i in range(prompt_len)],
+                                 SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        graphs, steps = self.runner.graphs, 0
+        try:
+            while self.has_unfinished():
+                if steps == 1 + decode_steps:  # the prefill, then graph steps: eager from here on
+                    self.runner.graphs = None
+                self.step()
+                steps += 1
+        finally:
+            self.runner.graphs = graphs
+        self._speculative_stats = SpeculativeStats()
+        return time.perf_counter() - start
 
     def _continuations(self, ahead: LaunchedStep) -> list[ScheduledChunk] | None:
         """Under the lock: the next step as one more token of every sequence of `ahead` that goes on after it

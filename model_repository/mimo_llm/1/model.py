@@ -68,6 +68,8 @@ class TritonPythonModel:
         self.engine = LLMEngine(model, config)
         if self.ranks is not None:
             self.ranks.serve(self.engine.runner.kv_cache)
+        if self.engine.warms_up_at_load:
+            pb_utils.Logger.log_info(f"mimo_llm warmed up in {self.engine.warm_up():.1f} s")
         period_s = model_parameter(model_config, "cancellation_check_period_ms", int) / 1000
         self.loop = GenerationLoop(self.engine, period_s, publish_metrics=self._publish_gauges)
         self._init_metrics()
