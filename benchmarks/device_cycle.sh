@@ -59,6 +59,7 @@ engine() {
   step long_prompts 120 $ENGINE --batch-sizes 1 --prompt-lens 4096,16384 --decode-len 16
   step long_prompts_profiled 150 $ENGINE --batch-sizes 1 --prompt-lens 4096,16384 --decode-len 16 --profile
   step decode_fp8_profiled 150 $ENGINE --batch-sizes 1 --fp8 --profile
+  step first_request 300 python3 -m benchmarks.bench_first_request --out "$OUT/first_request.json"
   step mtp 150 $ENGINE --batch-sizes 1,8 --speculative-tokens 3 --accept-rates 0,0.7,1
 }
 
