@@ -10,6 +10,7 @@ where they replay captured graphs; tests/test_cuda_graphs_gpu.py adds bf16 and V
 """
 
 import copy
+import inspect
 
 
 import pytest
@@ -233,8 +234,8 @@ def test_sampling_requests_draft_eagerly(tiny_model):
 
 @pytest.mark.parametrize("overlap", [0, 1])
 def test_warm_up_runs_graph_and_eager_decodes_and_leaves_the_engine_as_new(tiny_model, overlap):
-    """`LLMEngine.warm_up` prefills a long and a short prompt together, decodes both through the graphs, then
-    eagerly (both, then the long one alone), and leaves nothing behind: no sequence, every block free, the graphs
+    """`LLMEngine.warm_up` prefills a long prompt alone, a short one beside the long one's decode, decodes both
+    through the graphs, then eagerly (both, then the long one alone), and leaves nothing behind: no sequence, every block free, the graphs
     back in place, and the seeded stream untouched (the tokens after it are a fresh engine's)."""
     engine = make_engine(tiny_model, graphs=True, overlap_steps=overlap)
     runner, graphs = engine.runner, engine.runner.graphs
@@ -247,10 +248,13 @@ def test_warm_up_runs_graph_and_eager_decodes_and_leaves_the_engine_as_new(tiny_
     runner.prepare = recording
     assert engine.warm_up() > 0
     runner.prepare = prepare
-    assert prepared[0] == (True, [6, 6])  # both prompts' first chunks (max_prefill_chunk 6)
+    assert prepared[0] == (True, [6])  # the long prompt alone (max_prefill_chunk 6 here)
+    assert (True, [1, 6]) in prepared  # the short one's first chunk beside the long one's decode
     assert graphs.replays >= 2
     eager_decodes = [sizes for with_graphs, sizes in prepared if not with_graphs]
-    assert [1, 1] in eager_decodes and [1] in eager_decodes and all(set(s) == {1} for s in eager_decodes)
+    assert [1, 1] in eager_decodes and [1] in eager_decodes
+    # and the one prompt of the tile between decode's and a long chunk's (GQA group 4: 5-16 tokens, 64-row tiles)
+    assert sorted(n for sizes in eager_decodes for n in sizes if n > 1) == [5]
     assert runner.graphs is graphs and not engine.has_unfinished()
     assert all(pool["free_blocks"] == pool["total_blocks"] for pool in engine.kv_stats().values())
     sampled = [SamplingParams(max_tokens=n, temperature=1.0) for n in (18, 11, 6)]  # the engine's seeded stream
@@ -268,3 +272,51 @@ def test_warm_up_needs_an_idle_engine_and_is_on_by_default_on_cuda_only(tiny_mod
     engine.add_request("r", PROMPTS[0], PARAMS[0])
     with pytest.raises(RuntimeError, match="needs an idle engine"):
         engine.warm_up()
+
+
+def kernel_variant(kernel, args: tuple, kwargs: dict) -> tuple:
+    """What Triton compiles a launch of `kernel` for: its constexprs and launch options by value, integer
+    arguments as 1 / divisible by 16 / other, tensors by dtype and 16-byte alignment (not `do_not_specialize`)."""
+    params = inspect.signature(kernel.fn).parameters
+    skip = set(kernel.kwargs.get("do_not_specialize") or ())
+    key = [kernel.__name__]
+    for name, value in sorted((dict(zip(kernel.arg_names, args)) | kwargs).items()):
+        if name in skip:
+            continue
+        if "constexpr" in str(params[name].annotation if name in params else "") or name in ("num_warps", "num_stages"):
+            key.append((name, value))
+        elif isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
+            key.append((name, type(value).__name__))
+        elif isinstance(value, int):
+            key.append((name, "1" if value == 1 else "16" if value % 16 == 0 else "n"))
+        else:
+            key.append((name, str(value.dtype), value.data_ptr() % 16 == 0))
+    return tuple(key)
+
+
+@pytest.mark.usefixtures("fused_moe")
+def test_after_the_warm_up_requests_launch_no_kernel_variant_it_did_not(tiny_model, monkeypatch):
+    """The Triton kernels a served engine runs (paged attention, its split combine, the fused MoE; the layer kernels
+    are CUDA-only) compile per variant at first launch: after `warm_up`, requests of other lengths, alone, together
+    and joining a running batch, launch only variants the warm-up compiled."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    variants, run = set(), InterpretedFunction.run
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        variants.add(kernel_variant(self, args, kwargs))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording)
+    engine = make_engine(tiny_model, graphs=True, overlap_steps=1, max_prefill_chunk=32)
+    engine.warm_up()
+    warmed, variants = variants, set()
+    generate(engine, [PROMPTS[1]], [PARAMS[1]])  # alone
+    generate(engine, PROMPTS, PARAMS)  # together
+    engine.add_request("running", PROMPTS[2], PARAMS[0])
+    for _ in range(3):
+        engine.step()
+    engine.add_request("joining", PROMPTS[0] * 5, PARAMS[2])  # a mixed step
+    while engine.has_unfinished():
+        engine.step()
+    assert variants and variants <= warmed, "\n".join(map(str, sorted(variants - warmed)))

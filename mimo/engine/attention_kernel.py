@@ -32,7 +32,8 @@ import triton.language as tl
 LOG2E = math.log2(math.e)
 
 
-@triton.jit(do_not_specialize=["num_splits"])  # the split count follows the context: one compiled variant for all
+# the split count follows the context, the sequence count the batch: neither multiplies the compiled variants
+@triton.jit(do_not_specialize=["num_splits", "num_seqs"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     block_table_ptr, table_lens_ptr, cu_q_ptr, seq_ends_ptr, sinks_ptr,
@@ -192,6 +193,18 @@ def tile_shape(num_q_heads: int, num_kv_heads: int, max_query_count: int) -> tup
     if max_query_count * group > 16:  # several tokens per sequence (verify, prefill chunks): taller tiles
         rows = max(rows, 64 if max_query_count * group <= 64 else 128)
     return max(rows, 16), max(1, max(rows, 16) // group)
+
+
+def tile_query_counts(num_q_heads: int, num_kv_heads: int, limit: int) -> list[int]:
+    """The fewest query tokens per sequence that select each tile shape (one compiled variant each), up to `limit`:
+    a launch's tile follows the most query tokens of any of its sequences."""
+    counts, shapes = [], set()
+    for count in range(1, limit + 1):
+        shape = tile_shape(num_q_heads, num_kv_heads, count)
+        if shape not in shapes:
+            shapes.add(shape)
+            counts.append(count)
+    return counts
 
 
 def choose_num_splits(num_query_tiles: int, num_kv_heads: int, max_key_count: int, block_n: int,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from mimo.engine.attention_kernel import tile_query_counts
 from mimo.engine.block_manager import BlockManager, blocks_per_sequence, sliding_ring_tokens
 from mimo.engine.cuda_graphs import graphs_unavailable
 from mimo.engine.kv_cache import KVCache, KVLayerSpec, LayerKind, block_bytes, kv_layer_specs, layer_kinds
@@ -148,6 +149,10 @@ class LLMEngine:
         model_config = model.config
         self.vocab_size = model_config.vocab_size
         self.hidden_size = model_config.hidden_size
+        # a prompt of each length that gives the paged-attention kernel a tile of its own (warm_up)
+        self._tile_query_counts = sorted({count for layer_type in set(model_config.layer_types)
+                                          for spec in [model_config.attention_spec(layer_type)]
+                                          for count in tile_query_counts(spec.num_heads, spec.num_kv_heads, 256)})
         self.device, dtype = _model_device_dtype(model, config)
         num_spec = config.num_speculative_tokens
         num_mtp_layers = 0 if model.model.mtp is None else len(model.model.mtp.layers)
@@ -267,31 +272,45 @@ class LLMEngine:
         return self.device.type == "cuda" if self.config.warm_up is None else bool(self.config.warm_up)
 
     def warm_up(self) -> float:
-        """Launches serving's kernels once before the first request: a long prefill beside a short one, decode steps
-        of both through the graphs, then eager decode steps (what the graphs do not cover: mixed steps, more
-        sequences than the largest bucket) of both and of the long one alone. Triton compiles a kernel variant at its
-        first launch, seconds in all in a process whose cache directory is new (a fresh container); without this
-        the first requests pay them (BENCHMARKS.md, the first request). Greedy, so no random stream is drawn from;
-        the engine is idle, every KV block free and the MTP counters at zero afterwards. Returns its seconds."""
+        """Launches serving's kernels once before the first request: a long prompt alone (its prefill chunks, a
+        token count divisible by 16 where it can be), then a short one that joins while it decodes (a mixed step),
+        decode steps of both through the graphs, then eager decode steps (what the graphs do not cover: mixed
+        steps, more sequences than the largest bucket) of both and of the long one alone. Triton compiles a kernel
+        variant (its constexprs, and whether integer arguments are 1 or divisible by 16) at its first launch,
+        seconds in all in a process whose cache directory is new (a fresh container); without this the first
+        requests pay them (BENCHMARKS.md, the first requests). Greedy, so no random stream is drawn from; the
+        engine is idle, every KV block free and the MTP counters at zero afterwards. Returns its seconds."""
         if self.has_unfinished():
             raise RuntimeError("warm_up() needs an idle engine")
         start = time.perf_counter()
         config, decode_steps = self.config, 4
-        short = min(33, config.max_prefill_chunk, config.max_model_len - 2 * decode_steps)  # not a tile multiple
-        long = min(config.max_prefill_chunk, config.max_num_batched_tokens - short,
-                   config.max_model_len - 3 * decode_steps)
-        for request_id, prompt_len, max_tokens in (("warm-up-long", long, 3 * decode_steps),
-                                                   ("warm-up-short", short, 2 * decode_steps)):
-            if prompt_len >= 1:
-                self.add_request(request_id, [i % self.vocab_size for i in range(prompt_len)],
-                                 SamplingParams(max_tokens=max_tokens, temperature=0.0))
-        graphs, steps = self.runner.graphs, 0
+        long = min(config.max_prefill_chunk, config.max_num_batched_tokens, config.max_model_len - 4 * decode_steps)
+        long -= long % 16 if long >= 16 else 0
+        # more rows than the fused MoE kernel's small-batch tiles take, fewer than the grouped GEMM's
+        short = min(100, config.max_prefill_chunk, config.max_num_batched_tokens - 1,
+                    config.max_model_len - 2 * decode_steps)
+
+        def add(request_id: str, prompt_len: int, max_tokens: int) -> None:
+            self.add_request(request_id, [i % self.vocab_size for i in range(prompt_len)],
+                             SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+        # then, one per eager step, a prompt of each length below `short` that selects another attention tile
+        middle = [count for count in self._tile_query_counts if 1 < count < short]
+        graphs, joined, steps_after = self.runner.graphs, short < 1, 0
+        add("warm-up-long", max(1, long), 4 * decode_steps + len(middle))
         try:
             while self.has_unfinished():
-                if steps == 1 + decode_steps:  # the prefill, then graph steps: eager from here on
-                    self.runner.graphs = None
-                self.step()
-                steps += 1
+                outputs = self.step()
+                if not joined and any(output.new_token_ids for output in outputs):
+                    add("warm-up-short", short, 2 * decode_steps + len(middle))
+                    joined = True
+                elif joined:
+                    steps_after += 1
+                    if steps_after == 1 + decode_steps:  # the mixed step, graph steps: eager from here on
+                        self.runner.graphs = None
+                    if 0 < steps_after - decode_steps <= len(middle):
+                        count = middle[steps_after - decode_steps - 1]
+                        add(f"warm-up-{count}", count, 2)
         finally:
             self.runner.graphs = graphs
         self._speculative_stats = SpeculativeStats()
