@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--kv-gib", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="child processes per configuration")
     parser.add_argument("--child-timeout", type=int, default=300)
+    parser.add_argument("--warm-ups", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1],
+                        help="the configurations in each repeat, in order: 0 without the warm-up, 1 with it")
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warm-up", type=int, choices=(0, 1), default=1, help=argparse.SUPPRESS)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     rows = []
     for repeat in range(args.repeats):
-        for warm_up in (0, 1):
+        for warm_up in args.warm_ups:
             row = run_child(args, warm_up) | {"repeat": repeat}
             rows.append(row)
             print(json.dumps(row), flush=True)
