@@ -62,9 +62,9 @@ class EngineConfig:
     overlap_steps: int | None = knob(None, "the host schedules and launches step N+1, fed by step N's tokens on the "
                                      "device, while the device runs step N (1: on, 0: off, none: on a single-rank "
                                      "CUDA engine; never with num_speculative_tokens)")
-    warm_up: int | None = knob(None, "at load, one long prefill beside a short one and decode steps through the "
-                               "graphs and eagerly, so the first requests do not pay the kernels' compiles (1: on, "
-                               "0: off, none: on a CUDA engine)")
+    warm_up: int | None = knob(None, "at load, a few prompts through prefill, mixed, graph and eager decode steps, "
+                               "so the first requests do not pay Triton's kernel compiles (1: on, 0: off, none: on a "
+                               "CUDA engine)")
     attention_kernel: str = "auto"  # paged attention: one of mimo.engine.paged_attention.ATTENTION_KERNELS
     device: torch.device | str | None = None  # None = the model's; otherwise must be the model's
     dtype: torch.dtype | None = None  # None = the model's; otherwise must be the model's
@@ -275,7 +275,8 @@ class LLMEngine:
         """Launches serving's kernels once before the first request: a long prompt alone (its prefill chunks, a
         token count divisible by 16 where it can be), then a short one that joins while it decodes (a mixed step),
         decode steps of both through the graphs, then eager decode steps (what the graphs do not cover: mixed
-        steps, more sequences than the largest bucket) of both and of the long one alone. Triton compiles a kernel
+        steps, more sequences than the largest bucket) of both, beside one prompt per attention tile shape, and of
+        the long one alone. Triton compiles a kernel
         variant (its constexprs, and whether integer arguments are 1 or divisible by 16) at its first launch,
         seconds in all in a process whose cache directory is new (a fresh container); without this the first
         requests pay them (BENCHMARKS.md, the first requests). Greedy, so no random stream is drawn from; the
