@@ -232,12 +232,11 @@ def test_sampling_requests_draft_eagerly(tiny_model):
     assert engine.runner.graphs.replays > 0 and engine.runner.drafter.graphs.replays == 0
 
 
-@pytest.mark.parametrize("overlap", [0, 1])
-def test_warm_up_runs_graph_and_eager_decodes_and_leaves_the_engine_as_new(tiny_model, overlap):
+def test_warm_up_runs_graph_and_eager_decodes_and_leaves_the_engine_as_new(tiny_model):
     """`LLMEngine.warm_up` prefills a long prompt alone, a short one beside the long one's decode, decodes both
     through the graphs, then eagerly (both, then the long one alone), and leaves nothing behind: no sequence, every block free, the graphs
     back in place, and the seeded stream untouched (the tokens after it are a fresh engine's)."""
-    engine = make_engine(tiny_model, graphs=True, overlap_steps=overlap)
+    engine = make_engine(tiny_model, graphs=True, overlap_steps=1)  # as served on CUDA: steps queued ahead
     runner, graphs = engine.runner, engine.runner.graphs
     prepared, prepare = [], runner.prepare
 
@@ -259,7 +258,6 @@ def test_warm_up_runs_graph_and_eager_decodes_and_leaves_the_engine_as_new(tiny_
     assert all(pool["free_blocks"] == pool["total_blocks"] for pool in engine.kv_stats().values())
     sampled = [SamplingParams(max_tokens=n, temperature=1.0) for n in (18, 11, 6)]  # the engine's seeded stream
     assert generate(engine, PROMPTS, sampled) == generate(make_engine(tiny_model, graphs=True), PROMPTS, sampled)
-    assert generate(engine, PROMPTS, PARAMS) == generate(make_engine(tiny_model, graphs=False), PROMPTS, PARAMS)
 
 
 def test_warm_up_needs_an_idle_engine_and_is_on_by_default_on_cuda_only(tiny_model):
