@@ -11,6 +11,7 @@ where they replay captured graphs; tests/test_cuda_graphs_gpu.py adds bf16 and V
 
 import copy
 import inspect
+import os
 
 
 import pytest
@@ -292,6 +293,9 @@ def kernel_variant(kernel, args: tuple, kwargs: dict) -> tuple:
     return tuple(key)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="records each launch through Triton's interpreter (the CPU suite); on a GPU "
+                           "benchmarks/bench_first_request.py measures what the warm-up leaves to the first requests")
 @pytest.mark.usefixtures("fused_moe")
 def test_after_the_warm_up_requests_launch_no_kernel_variant_it_did_not(tiny_model, monkeypatch):
     """The Triton kernels a served engine runs (paged attention, its split combine, the fused MoE; the layer kernels
