@@ -65,7 +65,7 @@ engine() {
 
 tests() {
   step t_layer_kernels 120 $PYTEST tests/test_layer_kernels.py
-  step t_cuda_graphs 300 $PYTEST tests/test_cuda_graphs_gpu.py tests/test_engine_overlap.py -s
+  step t_cuda_graphs 300 $PYTEST tests/test_cuda_graphs_gpu.py tests/test_engine_overlap.py "tests/test_cuda_graphs.py::test_warm_up_runs_graph_and_eager_decodes_and_leaves_the_engine_as_new" -s
   step t_fused_moe 120 $PYTEST tests/test_fused_moe_gpu.py tests/test_fused_moe.py -k "gpu or fp8_dense or hopper"
   step t_encoder_kernels 200 $PYTEST tests/test_encoder_kernels_gpu.py
   step t_preprocess 120 $PYTEST tests/test_preprocess_gpu.py
