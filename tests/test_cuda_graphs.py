@@ -271,6 +271,11 @@ def test_warm_up_needs_an_idle_engine_and_is_on_by_default_on_cuda_only(tiny_mod
     engine.add_request("r", PROMPTS[0], PARAMS[0])
     with pytest.raises(RuntimeError, match="needs an idle engine"):
         engine.warm_up()
+    for max_model_len in (8, 24):  # below the warm-up's own prompt and decode lengths: they shrink to fit
+        short = make_engine(tiny_model, graphs=False, max_num_batched_tokens=32, max_prefill_chunk=32,
+                            max_model_len=max_model_len)
+        short.warm_up()
+        assert not short.has_unfinished()
 
 
 def kernel_variant(kernel, args: tuple, kwargs: dict) -> tuple:

@@ -285,20 +285,23 @@ class LLMEngine:
             raise RuntimeError("warm_up() needs an idle engine")
         start = time.perf_counter()
         config, decode_steps = self.config, 4
-        long = min(config.max_prefill_chunk, config.max_num_batched_tokens, config.max_model_len - 4 * decode_steps)
-        long -= long % 16 if long >= 16 else 0
         # more rows than the fused MoE kernel's small-batch tiles take, fewer than the grouped GEMM's
-        short = min(100, config.max_prefill_chunk, config.max_num_batched_tokens - 1,
-                    config.max_model_len - 2 * decode_steps)
+        short = min(100, config.max_prefill_chunk, config.max_num_batched_tokens - 1)
+        # then, one per eager step, a prompt of each length below `short` that selects another attention tile
+        middle = [count for count in self._tile_query_counts if 1 < count < short]
+        short = min(short, config.max_model_len - 2 * decode_steps - len(middle))
+        long = min(config.max_prefill_chunk, config.max_num_batched_tokens,
+                   config.max_model_len - 4 * decode_steps - len(middle))
+        long -= long % 16 if long >= 16 else 0
 
-        def add(request_id: str, prompt_len: int, max_tokens: int) -> None:
+        def add(request_id: str, prompt_len: int, max_tokens: int) -> None:  # within max_model_len however short
+            prompt_len = max(1, min(prompt_len, config.max_model_len - 1))
+            max_tokens = max(1, min(max_tokens, config.max_model_len - prompt_len))
             self.add_request(request_id, [i % self.vocab_size for i in range(prompt_len)],
                              SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
-        # then, one per eager step, a prompt of each length below `short` that selects another attention tile
-        middle = [count for count in self._tile_query_counts if 1 < count < short]
         graphs, joined, steps_after = self.runner.graphs, short < 1, 0
-        add("warm-up-long", max(1, long), 4 * decode_steps + len(middle))
+        add("warm-up-long", long, 4 * decode_steps + len(middle))
         try:
             while self.has_unfinished():
                 outputs = self.step()
