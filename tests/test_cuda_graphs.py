@@ -235,8 +235,9 @@ def test_sampling_requests_draft_eagerly(tiny_model):
 
 def test_warm_up_runs_graph_and_eager_decodes_and_leaves_the_engine_as_new(tiny_model):
     """`LLMEngine.warm_up` prefills a long prompt alone, a short one beside the long one's decode, decodes both
-    through the graphs, then eagerly (both, then the long one alone), and leaves nothing behind: no sequence, every block free, the graphs
-    back in place, and the seeded stream untouched (the tokens after it are a fresh engine's)."""
+    through the graphs, then eagerly (both with a prompt of the middle tile, then the long one alone), and leaves
+    nothing behind: no sequence, every block free, the graphs back in place, and the seeded stream untouched (the
+    tokens after it are a fresh engine's)."""
     engine = make_engine(tiny_model, graphs=True, overlap_steps=1)  # as served on CUDA: steps queued ahead
     runner, graphs = engine.runner, engine.runner.graphs
     prepared, prepare = [], runner.prepare

@@ -315,7 +315,8 @@ ATTENTION_SIGNATURE = {
     **dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "out_ptr"], "*bf16"),
     **dict.fromkeys(["part_out_ptr", "part_m_ptr", "part_l_ptr"], "*fp32"),
     "block_table_ptr": "*i64", "table_lens_ptr": "*i64", "cu_q_ptr": "*i32", "seq_ends_ptr": "*i32",
-    "sinks_ptr": "*bf16", "num_seqs": "i32", "num_q_heads": "i32", "scale_log2": "fp32", "window": "i32", "num_splits": "i32",
+    "sinks_ptr": "*bf16", "num_seqs": "i32", "num_q_heads": "i32", "scale_log2": "fp32", "window": "i32",
+    "num_splits": "i32",
     **dict.fromkeys(["stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
                      "stride_vh", "stride_ot", "stride_oh", "stride_table"], "i32"),
 }  # fmt: skip

@@ -149,10 +149,6 @@ class LLMEngine:
         model_config = model.config
         self.vocab_size = model_config.vocab_size
         self.hidden_size = model_config.hidden_size
-        # a prompt of each length that gives the paged-attention kernel a tile of its own (warm_up)
-        self._tile_query_counts = sorted({count for layer_type in set(model_config.layer_types)
-                                          for spec in [model_config.attention_spec(layer_type)]
-                                          for count in tile_query_counts(spec.num_heads, spec.num_kv_heads, 256)})
         self.device, dtype = _model_device_dtype(model, config)
         num_spec = config.num_speculative_tokens
         num_mtp_layers = 0 if model.model.mtp is None else len(model.model.mtp.layers)
@@ -288,7 +284,10 @@ class LLMEngine:
         # more rows than the fused MoE kernel's small-batch tiles take, fewer than the grouped GEMM's
         short = min(100, config.max_prefill_chunk, config.max_num_batched_tokens - 1)
         # then, one per eager step, a prompt of each length below `short` that selects another attention tile
-        middle = [count for count in self._tile_query_counts if 1 < count < short]
+        model_config = self.runner.model.config
+        middle = sorted({count for layer_type in set(model_config.layer_types)
+                         for spec in [model_config.attention_spec(layer_type)]
+                         for count in tile_query_counts(spec.num_heads, spec.num_kv_heads, short - 1) if count > 1})
         short = min(short, config.max_model_len - 2 * decode_steps - len(middle))
         long = min(config.max_prefill_chunk, config.max_num_batched_tokens,
                    config.max_model_len - 4 * decode_steps - len(middle))
