@@ -34,7 +34,8 @@ def serving_settings(checkpoint, **engine):
 
     return RepositorySettings(checkpoint=checkpoint, device=SERVING_DEVICE, max_batch=16, encoder_gpus=ENCODER_GPUS,
                               llm_gpus=(LLM_GPU,), engine={"max_num_seqs": 32, "max_model_len": SERVED_MAX_MODEL_LEN,
-                                                           **engine}, encoder=ENCODER_KNOBS)  # fmt: skip
+                                                           "warm_up": 1, **engine},  # the GPU default, on the CPU too
+                              encoder=ENCODER_KNOBS)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -328,3 +328,9 @@ def assert_still_serving(server) -> None:
     with client_for(server, "grpc") as client:
         _, summary = run(client, "Still there?", max_tokens=2, temperature=0.0)
     assert len(summary.token_ids) == 2
+
+
+def test_mimo_llm_warms_up_before_the_server_is_ready(triton_server):
+    """The suite's servers render `warm_up` on (the GPU default): mimo_llm ran it at load, and the tests beside this
+    one (greedy tokens equal the offline pipeline's, seeded sampling, vanishing clients) run after it."""
+    assert re.search(r"mimo_llm warmed up in \d+\.\d s", triton_server.log_path.read_text(errors="replace"))
