@@ -3,6 +3,8 @@ generates from the source checkpoint, through chunked prefill, decode, sliding r
 without MTP speculative decoding."""
 
 
+import threading
+
 import pytest
 import torch
 
@@ -64,3 +66,18 @@ def test_rank_devices():
     assert rank_devices(torch.device("cuda", 2), 2, (2, 3)) == [torch.device("cuda", 2), torch.device("cuda", 3)]
     with pytest.raises(ValueError, match=r"needs 2 GPUs for its ranks, the first being 2; got \[0, 1\]"):
         rank_devices(torch.device("cuda", 2), 2, (0, 1))
+
+
+def test_shutdown_before_serve_stops_the_workers(tmp_path):
+    """An engine that fails to build on rank 0 (here a bad knob; on a server, a KV cache that does not fit) leaves
+    the workers waiting for the KV geometry: shutdown releases them, and they exit cleanly instead of hanging
+    in their broadcast."""
+    deploy = convert(build_checkpoint(tmp_path / "ckpt"), tmp_path / "deploy", tp=2, ep=2, progress=False)
+    ranks = TensorParallelRanks(deploy, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="attention_kernel"):
+        LLMEngine(ranks.model, engine_config(attention_kernel="no-such-kernel"))
+    stopper = threading.Thread(target=ranks.shutdown, daemon=True)
+    stopper.start()
+    stopper.join(timeout=60)
+    assert not stopper.is_alive(), "shutdown before serve hangs"
+    assert [worker.exitcode for worker in ranks._workers] == [0]

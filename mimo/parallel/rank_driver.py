@@ -28,6 +28,7 @@ from mimo.parallel.deploy import DeployArtifact
 from mimo.parallel.distributed import RankContext, init_rank, open_store
 
 _JOIN_TIMEOUT_S = 30  # a worker that got STOP exits at once; one stuck in a collective is terminated
+_GEOMETRY_SIZE = 2 + len(LayerKind)  # serve's header: block size, MTP layers, blocks per pool kind
 
 
 class _Command(enum.IntEnum):
@@ -156,6 +157,7 @@ class TensorParallelRanks:
         num_blocks = {spec.kind: k.shape[0] for spec, k in zip(kv_cache.specs, kv_cache.k, strict=True)}
         num_mtp_layers = len(kv_cache.specs) - self.model.config.num_hidden_layers
         sizes = [kv_cache.block_size, num_mtp_layers, *(num_blocks.get(kind, -1) for kind in LayerKind)]
+        assert len(sizes) == _GEOMETRY_SIZE and kv_cache.block_size > 0
         _broadcast(self.ctx, torch.tensor(sizes, device=self.ctx.device))
         self._channel = StepChannel(self.ctx, kv_cache.kinds, self.model.config.hidden_size, kv_cache.k[0].dtype)
         self.model.model.register_forward_pre_hook(self._announce_step)
@@ -189,6 +191,8 @@ class TensorParallelRanks:
             self._check_workers()
             if self._channel is not None:
                 self._channel.send_stop()
+            else:  # never served: the workers wait for the KV geometry; a block size of 0 tells them to stop
+                _broadcast(self.ctx, torch.zeros(_GEOMETRY_SIZE, dtype=torch.long, device=self.ctx.device))
             dist.barrier(group=self.ctx.group)
             dist.destroy_process_group()
         finally:
@@ -212,8 +216,12 @@ def _worker_main(rank: int, world_size: int, port: int, device: torch.device, de
                  with_mtp: bool) -> None:
     ctx = init_rank(rank, world_size, port, device)
     model = load_rank_language_model(deploy, rank, world_size, dtype, device, group=ctx.group, with_mtp=with_mtp)
-    header = torch.empty(2 + len(LayerKind), dtype=torch.long, device=device)
+    header = torch.empty(_GEOMETRY_SIZE, dtype=torch.long, device=device)
     block_size, num_mtp_layers, *num_blocks = _broadcast(ctx, header).tolist()
+    if block_size == 0:  # rank 0 shut down before serving (its engine did not build)
+        dist.barrier(group=ctx.group)
+        dist.destroy_process_group()
+        return
     pools = {kind: n for kind, n in zip(LayerKind, num_blocks, strict=True) if n >= 0}
     kv_cache = KVCache(kv_layer_specs(model.config, num_mtp_layers), pools, block_size, dtype, device)
     channel = StepChannel(ctx, kv_cache.kinds, model.config.hidden_size, dtype)

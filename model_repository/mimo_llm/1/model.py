@@ -65,7 +65,12 @@ class TritonPythonModel:
         else:
             model = load_language_model(model_parameter(model_config, "checkpoint_dir"), dtype, device,
                                         with_mtp=with_mtp)
-        self.engine = LLMEngine(model, config)
+        try:
+            self.engine = LLMEngine(model, config)
+        except BaseException:
+            if self.ranks is not None:  # the other ranks wait for this one's KV geometry
+                self.ranks.shutdown()
+            raise
         if self.ranks is not None:
             self.ranks.serve(self.engine.runner.kv_cache)
         if self.engine.warms_up_at_load:
