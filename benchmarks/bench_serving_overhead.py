@@ -344,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-processes", type=int, default=None,
                         help="processes the closed loops' clients are spread over (a Python gRPC client handles a "
                              "few thousand responses/s); default 1 (in this process) on cpu, 4 on gpu")
+    parser.add_argument("--entry-instances", type=int, default=1,
+                        help="instances of the entry model (RepositorySettings.entry_instances)")
     parser.add_argument("--skip-engine", action="store_true", help="served rows only")
     parser.add_argument("--py-spy", type=Path, metavar="DIR",
                         help="sample the entry's and mimo_llm's stubs with py-spy over the last concurrency's window")
@@ -356,13 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the server's stubs inherit it
 
     checkpoint = build_checkpoint(args.workdir / "checkpoint")
-    settings = RepositorySettings(checkpoint=checkpoint, device=args.device,
+    settings = RepositorySettings(checkpoint=checkpoint, device=args.device, entry_instances=args.entry_instances,
                                   engine={"max_num_seqs": max(args.concurrency)})  # fmt: skip
     knobs = settings.engine_knobs(MiMoV2Config.from_pretrained(checkpoint))
     device = torch.device("cuda", settings.llm_gpus[0]) if args.device == "gpu" else torch.device("cpu")
     dtype = torch_dtype(settings.resolved_dtype)
     prompt = served_prompt(checkpoint, args.max_tokens, knobs["max_model_len"])
     report = {"device": args.device, "prompt_tokens": len(prompt), "max_tokens": args.max_tokens,
+              "entry_instances": args.entry_instances,
               "torch_threads": torch.get_num_threads()}  # fmt: skip
     if not args.skip_engine:
         report["engine"] = measure_engine(checkpoint, knobs, dtype, device, prompt, args)

@@ -99,7 +99,11 @@ class RepositorySettings:
     encoder_queue_delay_us: int = setting(2000, "dynamic-batching delay of mimo_encoder (us)")
     cancellation_check_period_ms: int = setting(50, "how often mimo_llm and the entry ask Triton which requests "
                                                      "were cancelled")  # fmt: skip
-    entry_workers: int = setting(64, "requests the entry model (`ensemble`) runs at once; later ones wait")
+    entry_workers: int = setting(64, "requests one instance of the entry model (`ensemble`) runs at once; later "
+                                     "ones wait")  # fmt: skip
+    entry_instances: int = setting(1, "instances of the entry model (`ensemble`), each a process of its own: the "
+                                      "entry's per-token Python (detokenization, response sends) then runs under "
+                                      "as many GILs; Triton hands each request to one of them")  # fmt: skip
     max_media_tokens: int = setting(16384, "prompt-table rows one request may need (sizes the CUDA memory pool on "
                                            "gpu)")  # fmt: skip
     encoder_urls: str = setting("", "--role language: the encoder servers' gRPC host:port addresses, comma-separated")
@@ -145,6 +149,9 @@ class RepositorySettings:
                            ("test_fault_rows", "encoder")):  # fmt: skip
             if getattr(self, name) and self.role != role:
                 raise ValueError(f"{_flag(name)} is for --role {role}, not {self.role}")
+        for name in ("max_batch", "encoder_instances", "preprocessing_instances", "entry_workers", "entry_instances"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.embedding_cache_mb < 0:
             raise ValueError(f"embedding_cache_mb must be >= 0, got {self.embedding_cache_mb}")
         parse_urls(self.encoder_urls, "--encoder-urls")  # raises naming the address that is not host:port
@@ -259,8 +266,8 @@ def deployments(settings: RepositorySettings) -> dict[str, Deployment]:
         # one instance: each streamed mimo_llm response reaches it as a request of its own, and two instances
         # could hand a stream's pieces back out of order
         "postprocessing": Deployment(settings.queue_delay_us, instance_group(1, None), {"checkpoint_dir": checkpoint}),
-        # one instance: its requests run on its worker threads, the steps it calls scale on their own
-        "ensemble": Deployment(settings.queue_delay_us, instance_group(1, None), {
+        # its requests run on each instance's worker threads; more instances, more GILs for the per-token work
+        "ensemble": Deployment(settings.queue_delay_us, instance_group(settings.entry_instances, None), {
             "checkpoint_dir": checkpoint,
             "cancellation_check_period_ms": settings.cancellation_check_period_ms,
             "workers": settings.entry_workers,

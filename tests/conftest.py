@@ -7,6 +7,7 @@ rest of the suite does not depend on the serving stack.
 """
 
 import contextlib
+import dataclasses
 import os
 
 import pytest
@@ -88,7 +89,9 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def triton_server(tiny_checkpoint, tmp_path_factory):
-    with running_server(serving_settings(tiny_checkpoint), tmp_path_factory.mktemp("serving")) as server:
+    # two entry instances: every test on this server runs over requests Triton spreads across two entry processes
+    settings = dataclasses.replace(serving_settings(tiny_checkpoint), entry_instances=2)
+    with running_server(settings, tmp_path_factory.mktemp("serving")) as server:
         yield server
 
 

@@ -5,6 +5,7 @@ other requests; and the internal models, called directly, refuse what the entry 
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import time
 
@@ -185,3 +186,21 @@ def test_preprocessing_has_several_unbatched_instances_and_postprocessing_one(ti
     assert "dynamic_batching" not in preprocessing  # a batch would make each request wait for the slowest of it
     assert "instance_group [ { count: 1 kind: KIND_CPU } ]" in postprocessing  # a stream's pieces stay in order
     assert RepositorySettings(checkpoint=tiny_checkpoint).preprocessing_instances >= 2
+
+
+def test_the_entry_renders_its_instances_and_refuses_none(tiny_checkpoint, tmp_path):
+    settings = dataclasses.replace(serving_settings(tiny_checkpoint), entry_instances=3)
+    render_repository(settings, tmp_path / "repo")
+    assert "instance_group [ { count: 3 kind: KIND_CPU } ]" in (tmp_path / "repo" / "ensemble" / "config.pbtxt").read_text()
+    for name in ("entry_instances", "entry_workers", "encoder_instances", "preprocessing_instances", "max_batch"):
+        with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} must be at least 1, got 0"):
+            dataclasses.replace(settings, **{name: 0})
+
+
+def test_each_entry_instance_has_its_in_flight_series(triton_server):
+    """The suite's server runs two entry instances: one gauge series each (one shared series would hold whichever
+    instance set it last), which the launcher's drain and `held_resources` add up."""
+    series = re.findall(r'^mimo_requests_in_flight\{(.*?)\} (\S+)$', triton_server.metrics(), re.MULTILINE)
+    instances = {dict(re.findall(r'(\w+)="([^"]*)"', labels)).get("instance") for labels, _ in series
+                 if 'model="ensemble"' in labels}
+    assert len(instances) == 2 and None not in instances, series

@@ -23,12 +23,16 @@ ENTRY = "ensemble"
 
 
 def metric(metrics_text: str, name: str, **labels: str) -> float:
-    """The value of the series `name` whose labels include `labels` (e.g. `model="mimo_llm"`); raises if none."""
+    """The sum of the series `name` whose labels include `labels` (e.g. `model="ensemble"`: one series per entry
+    instance); raises if there is none."""
+    values = []
     for found in re.finditer(rf"^{re.escape(name)}(?:\{{(.*?)\}})? (\S+)$", metrics_text, re.MULTILINE):
         series = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or ""))
         if labels.items() <= series.items():
-            return float(found.group(2))
-    raise LookupError(f"no {name} series with {labels or 'any labels'}")
+            values.append(float(found.group(2)))
+    if not values:
+        raise LookupError(f"no {name} series with {labels or 'any labels'}")
+    return sum(values)
 
 
 def kv_blocks(metrics_text: str) -> dict[tuple[str, str], float]:

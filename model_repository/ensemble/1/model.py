@@ -74,16 +74,18 @@ class Steps(LoopbackLLM):
 
 
 class EncoderMetrics:
-    """mimo.epd.orchestrate.Metrics on the metrics port."""
+    """mimo.epd.orchestrate.Metrics on the metrics port. The gauges are this entry instance's (label `instance`:
+    each instance routes its own requests); the counters are shared by the instances (Triton adds them up)."""
 
-    def __init__(self):
+    def __init__(self, instance):
+        self.instance = instance
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         # the families are kept: a Metric whose family was deleted refuses every operation
         self.tokens = pb_utils.MetricFamily(name="mimo_epd_encoder_outstanding_tokens", kind=gauge,
                                             description="prompt-table rows in flight on each encoder server")
         self.slices_family = pb_utils.MetricFamily(name="mimo_epd_landing_slices_in_use", kind=gauge,
                                                    description="landing-pool slices held by requests")
-        self.slices = self.slices_family.Metric(labels={})
+        self.slices = self.slices_family.Metric(labels={"instance": instance})
         self.families = {name: pb_utils.MetricFamily(name=f"mimo_epd_{name}_total", kind=counter, description=text)
                          for name, text in COUNTERS.items()}  # fmt: skip
         self.counters = {}  # (name, labels) -> its Metric
@@ -91,7 +93,7 @@ class EncoderMetrics:
 
     def outstanding_tokens(self, url, tokens):
         if url not in self._servers:
-            self._servers[url] = self.tokens.Metric(labels={"encoder": url})
+            self._servers[url] = self.tokens.Metric(labels={"encoder": url, "instance": self.instance})
         self._servers[url].set(tokens)
 
     def count(self, name, value=1, labels=None):
@@ -104,11 +106,11 @@ class EncoderMetrics:
         self.slices.set(slices)
 
 
-def language_prepare(model_config, checkpoint, pool):
+def language_prepare(model_config, checkpoint, pool, instance):
     parameters = {name: model_parameter(model_config, name) for name in LANGUAGE_PARAMETERS}
     hidden = MiMoV2Config.from_pretrained(checkpoint).hidden_size
     return LanguagePrepare.build(MiMoProcessor.from_checkpoint(checkpoint), parameters, hidden,
-                                 torch_dtype(parameters["dtype"]), pool, EncoderMetrics(),
+                                 torch_dtype(parameters["dtype"]), pool, EncoderMetrics(instance),
                                  report=pb_utils.Logger.log_info)  # fmt: skip
 
 
@@ -132,13 +134,15 @@ class TritonPythonModel:
         # what the launcher's drain waits for (see mimo.serving.lifecycle)
         self.family = pb_utils.MetricFamily(name=IN_FLIGHT_METRIC, kind=pb_utils.MetricFamily.GAUGE,
                                             description=IN_FLIGHT_DESCRIPTION)  # fmt: skip
-        self.gauge = self.family.Metric(labels={"model": "ensemble"})
+        # one series per instance (they would overwrite one gauge); the drain adds them up
+        instance = args["model_instance_name"]
+        self.gauge = self.family.Metric(labels={"model": "ensemble", "instance": instance})
         period_s = model_parameter(model_config, "cancellation_check_period_ms", int) / 1000
         workers = model_parameter(model_config, "workers", int)
         # the language server: its config has the language parameters (contract.LANGUAGE_ENTRY)
         language = "encoder_urls" in model_config.get("parameters", {})
         self.pool = pool = landing_pool(model_config, language)
-        self.prepare = language_prepare(model_config, checkpoint, pool) if language else None
+        self.prepare = language_prepare(model_config, checkpoint, pool, instance) if language else None
         self.steps = Steps(device_pool=pool if pool is not None and pool.region.kind == "cuda" else None)
         self.entry = Entry(self.steps, detokenizer, period_s, workers, on_in_flight=self.gauge.set,
                            entry=LANGUAGE_ENTRY if language else ENTRY, prepare=self.prepare).start()
