@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.bench_ttft import engine_knob
 from builders.repository import RepositorySettings, render_repository
 from builders.tiny import build_checkpoint
 from client import GenerationSummary, MiMoClient
@@ -344,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-processes", type=int, default=None,
                         help="processes the closed loops' clients are spread over (a Python gRPC client handles a "
                              "few thousand responses/s); default 1 (in this process) on cpu, 4 on gpu")
+    parser.add_argument("--engine", type=engine_knob, action="append", default=[], metavar="KNOB=VALUE",
+                        help="a served EngineConfig knob, e.g. admission_interval=4 (repeatable; the engine rows "
+                             "use it too)")
     parser.add_argument("--entry-instances", type=int, default=1,
                         help="instances of the entry model (RepositorySettings.entry_instances)")
     parser.add_argument("--skip-engine", action="store_true", help="served rows only")
@@ -359,13 +363,13 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint = build_checkpoint(args.workdir / "checkpoint")
     settings = RepositorySettings(checkpoint=checkpoint, device=args.device, entry_instances=args.entry_instances,
-                                  engine={"max_num_seqs": max(args.concurrency)})  # fmt: skip
+                                  engine={"max_num_seqs": max(args.concurrency), **dict(args.engine)})  # fmt: skip
     knobs = settings.engine_knobs(MiMoV2Config.from_pretrained(checkpoint))
     device = torch.device("cuda", settings.llm_gpus[0]) if args.device == "gpu" else torch.device("cpu")
     dtype = torch_dtype(settings.resolved_dtype)
     prompt = served_prompt(checkpoint, args.max_tokens, knobs["max_model_len"])
     report = {"device": args.device, "prompt_tokens": len(prompt), "max_tokens": args.max_tokens,
-              "entry_instances": args.entry_instances,
+              "entry_instances": args.entry_instances, "engine_knobs": dict(args.engine),
               "torch_threads": torch.get_num_threads()}  # fmt: skip
     if not args.skip_engine:
         report["engine"] = measure_engine(checkpoint, knobs, dtype, device, prompt, args)

@@ -120,6 +120,30 @@ def test_overlapped_steps_give_every_request_the_tokens_of_steps_in_turn(model, 
     assert not overlapped.has_unfinished()
 
 
+@pytest.mark.parametrize("overlap", [0, 1])
+def test_admitting_every_few_steps_gives_every_request_the_same_tokens(model, overlap):
+    """`admission_interval`: late requests join a running batch only every 3rd step, in turn and overlapped (where
+    a step held back is a fed continuation); each request's tokens are those of admitting at every step."""
+    requests, late, abort_after, _, _ = mixed_requests(model)
+    del late["aborted"], abort_after["aborted"]  # when an abort lands depends on the steps, not on admission
+    expected, _ = drive(make_engine(model, 0), requests, late, abort_after)
+    engine = make_engine(model, overlap, admission_interval=3)
+    admitting, prepare = [], engine.runner.prepare
+
+    def counting(chunks, allow_graph=True, fed=None):  # every step, fed or scheduled
+        admitting.append(any(chunk.start == 0 for chunk in chunks))
+        return prepare(chunks, allow_graph, fed)
+
+    engine.runner.prepare = counting
+    got, _ = drive(engine, requests, late, abort_after)
+    assert got == expected
+    # the token budget admits three of the first four requests, the fourth and "late" wait for their turns
+    steps = [i for i, admitted in enumerate(admitting) if admitted]
+    assert len(steps) >= 3 and all(later - earlier >= 3 for earlier, later in zip(steps, steps[1:])), admitting
+    for pool in engine.kv_stats().values():
+        assert pool["free_blocks"] == pool["total_blocks"]
+
+
 def test_a_step_that_fails_ahead_fails_its_requests_and_the_engine_goes_on(model, monkeypatch):
     engine = make_engine(model, 1)
     fed = fed_steps(engine)

@@ -15,9 +15,10 @@ def make_seq(name: str, prompt_len: int, max_tokens: int = 8) -> Sequence:
     return Sequence(name, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0.0), None, None)
 
 
-def make_scheduler(num_full=64, num_sliding=64, window=8, max_chunk=4, max_num_seqs=8, budget=16, block_size=4):
+def make_scheduler(num_full=64, num_sliding=64, window=8, max_chunk=4, max_num_seqs=8, budget=16, block_size=4,
+                   admission_interval=1):
     blocks = BlockManager(block_size, {FULL: num_full, SLIDING: num_sliding}, sliding_ring_tokens(window, max_chunk))
-    return Scheduler(blocks, max_num_seqs, budget, max_chunk)
+    return Scheduler(blocks, max_num_seqs, budget, max_chunk, admission_interval)
 
 
 def run_step(scheduler: Scheduler, token: int = 1):
@@ -80,6 +81,20 @@ def test_admission_waits_for_blocks_first_come_first_served():
     chunks, _ = run_step(scheduler)
     assert [c.seq.request_id for c in chunks] == ["first"]
     assert big.block_tables[FULL] == [] and big.status is SequenceStatus.WAITING
+
+
+def test_waiting_requests_join_a_running_batch_every_admission_interval_steps():
+    scheduler = make_scheduler(admission_interval=3, max_num_seqs=2)
+    scheduler.add(make_seq("first", 3, max_tokens=12))
+    assert [c.seq.request_id for c in run_step(scheduler)[0]] == ["first"]  # an idle batch admits at once
+    scheduler.add(make_seq("second", 3, max_tokens=2))
+    scheduler.add(make_seq("third", 3, max_tokens=2))
+    admitted = []
+    for _ in range(9):
+        admitted.append([c.seq.request_id for c in run_step(scheduler)[0] if c.seq.request_id != "first"])
+    # second waits two steps, joins on the third; third waits for its slot (max_num_seqs 2) to free, which a
+    # batch that is full does not count as held back, then joins with the interval's next turn
+    assert admitted == [[], [], ["second"], ["second"], [], [], ["third"], ["third"], []]
 
 
 def test_decode_growth_preempts_newest_and_recomputes_it():

@@ -48,6 +48,10 @@ class EngineConfig:
     max_num_batched_tokens: int = knob(512, "tokens one engine step computes at most (prefill chunks + decodes)")
     max_prefill_chunk: int | None = knob(None, "most tokens one sequence computes per step; sizes the sliding "
                                          "rings (none: max_num_batched_tokens)")
+    admission_interval: int = knob(1, "while sequences decode, waiting requests join the batch every this many "
+                                   "steps (1: at every step); a step with a prefill runs eagerly, so admitting "
+                                   "several steps' arrivals at once lets the steps between replay the decode graphs, "
+                                   "at the cost of up to this many steps minus one of time to first token")
     block_size: int = knob(16, "tokens per KV-cache block")
     max_model_len: int = knob(8192, "prompt (media tokens included) + max_tokens of one request at most")
     num_full_blocks: int | None = knob(None, "full-attention KV blocks (instead of kv_cache_memory_bytes)")
@@ -70,7 +74,7 @@ class EngineConfig:
     dtype: torch.dtype | None = None  # None = the model's; otherwise must be the model's
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "admission_interval", "block_size", "max_model_len"):
             check_positive_knob(self, name)
         for name in ("max_prefill_chunk", "num_full_blocks", "num_sliding_blocks", "kv_cache_memory_bytes"):
             if getattr(self, name) is not None:
@@ -166,7 +170,7 @@ class LLMEngine:
         num_blocks = _pool_sizes(config, specs, max_blocks_per_seq, dtype)
         self.block_manager = BlockManager(config.block_size, num_blocks, ring_tokens)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_prefill_chunk)
+                                   config.max_prefill_chunk, config.admission_interval)
         generator = torch.Generator(device=self.device)
         if config.seed is None:
             generator.seed()
@@ -300,6 +304,7 @@ class LLMEngine:
                              SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
         graphs, joined, steps_after = self.runner.graphs, short < 1, 0
+        interval, self.scheduler.admission_interval = self.scheduler.admission_interval, 1  # joins when added
         add("warm-up-long", long, 4 * decode_steps + len(middle))
         try:
             while self.has_unfinished():
@@ -316,6 +321,7 @@ class LLMEngine:
                         add(f"warm-up-{count}", count, 2)
         finally:
             self.runner.graphs = graphs
+            self.scheduler.admission_interval = interval
         self._speculative_stats = SpeculativeStats()
         return time.perf_counter() - start
 
@@ -323,7 +329,7 @@ class LLMEngine:
         """Under the lock: the next step as one more token of every sequence of `ahead` that goes on after it
         (with the KV blocks it needs), or None when the next step is anything else."""
         scheduler = self.scheduler
-        if scheduler.waiting and len(scheduler.running) < self.config.max_num_seqs:
+        if scheduler.admitting():
             return None  # requests to admit
         chunks = []
         for chunk in ahead.chunks:
@@ -342,6 +348,7 @@ class LLMEngine:
             if not manager.can_allocate(chunk.seq, chunk.end):
                 return None  # room is made by preemption, which schedule() decides
             manager.allocate(chunk.seq, chunk.end)
+        scheduler.hold()  # a step without the waiting requests, as schedule() counts its own
         return chunks
 
     def _launch(self, inputs, outputs: list[RequestOutput]) -> LaunchedStep | None:

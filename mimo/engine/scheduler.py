@@ -47,15 +47,33 @@ class Scheduler:
     while their whole current length fits in the KV pools. A running sequence that cannot grow preempts the newest
     running one (possibly itself), which returns to the front of the queue and is recomputed from scratch when
     readmitted.
+
+    While sequences run, waiting ones are admitted every `admission_interval` steps (`admitting`): a step with a
+    prefill in it cannot replay a decode graph, so admitting the requests of several steps at once leaves the steps
+    between them pure decodes. An idle batch admits at once.
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_chunk: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_chunk: int,
+                 admission_interval: int = 1):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_chunk = max_chunk
+        self.admission_interval = admission_interval
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._held_steps = 0  # steps since waiting requests that had room were last admitted
+
+    def admitting(self) -> bool:
+        """Whether the next step admits waiting requests (some wait, a slot is free, their turn has come)."""
+        if not self.waiting or len(self.running) >= self.max_num_seqs:
+            return False
+        return not self.running or self._held_steps + 1 >= self.admission_interval
+
+    def hold(self) -> None:
+        """A step ran without admitting the waiting requests that had room (`admitting()` was false)."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            self._held_steps += 1
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -66,6 +84,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
         chunks = []
+        admitting = self.admitting()
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -79,6 +98,10 @@ class Scheduler:
                 self.block_manager.allocate(seq, seq.num_computed_tokens + n)
                 chunks.append(ScheduledChunk.next_of(seq, n, num_drafts))
                 budget -= n
+        if not admitting:
+            self.hold()
+            return chunks
+        self._held_steps = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq, seq.num_tokens):
