@@ -6,6 +6,7 @@
 #   LIMIT=580 bash benchmarks/device_cycle.sh engine      # decode / FP8 / long-prompt / MTP rows
 #   LIMIT=580 bash benchmarks/device_cycle.sh tests       # the GPU test files, one step each
 #   LIMIT=580 bash benchmarks/device_cycle.sh served      # handoff, TTFT and burst rows, EPD tests on the GPU
+#   LIMIT=580 bash benchmarks/device_cycle.sh overhead    # served tok/s at concurrency 64: entry instances, admission
 #   LIMIT=580 bash benchmarks/device_cycle.sh nixl        # handoff nixl over cuda_ipc (carry .whl and .nixl: tools/device_nixl.sh)
 #   bash benchmarks/device_cycle.sh engine tests          # several groups, in order
 #   bash benchmarks/device_cycle.sh handoff t_cuda_graphs # single steps (by the names in the groups below)
@@ -103,13 +104,21 @@ served() {
   step audio 300 python3 -m benchmarks.bench_encoders --rows audio30 --cuda-graphs
 }
 
+OVERHEAD="python3 -m benchmarks.bench_serving_overhead --device gpu"
+overhead() {  # the streamed path's throughput at concurrency 64: entry instances and the admission interval
+  step overhead_base 200 $OVERHEAD --out "$OUT/overhead_base.json"
+  step overhead_entries2 200 $OVERHEAD --entry-instances 2 --out "$OUT/overhead_entries2.json"
+  step overhead_admit4 200 $OVERHEAD --entry-instances 2 --engine admission_interval=4 --out "$OUT/overhead_admit4.json"
+  step overhead_admit8 200 $OVERHEAD --entry-instances 4 --engine admission_interval=8 --out "$OUT/overhead_admit8.json"
+}
+
 nixl() {
   step nixl_unpack 60 bash -c 'tar xJf .nixl/nixl_cu13.txz -C "$(python3 -c "import site; print(site.getsitepackages()[0])")"'
   step t_nixl_vram 120 $PYTEST tests/test_epd_nixl.py
   step t_handoff_nixl_gpu 300 env MIMO_SERVING_DEVICE=gpu $PYTEST tests/test_epd_handoff.py -k nixl
 }
 
-GROUP_NAMES="engine tests served nixl"
+GROUP_NAMES="engine tests served overhead nixl"
 STEPS=$(grep -oE '^  step [a-z0-9_]+' "$0" | awk '{print $2}' | tr '\n' ' ')
 [ $# -gt 0 ] || { echo "usage: $0 GROUP|STEP ... (groups: $GROUP_NAMES; steps: $STEPS)" >&2; exit 2; }
 for arg in "$@"; do  # check them all before any runs
