@@ -108,8 +108,11 @@ OVERHEAD="python3 -m benchmarks.bench_serving_overhead --device gpu"
 overhead() {  # the streamed path's throughput at concurrency 64: entry instances and the admission interval
   step overhead_base 200 $OVERHEAD --out "$OUT/overhead_base.json"
   step overhead_entries2 200 $OVERHEAD --entry-instances 2 --out "$OUT/overhead_entries2.json"
+  step overhead_entries4 200 $OVERHEAD --entry-instances 4 --out "$OUT/overhead_entries4.json"
   step overhead_admit4 200 $OVERHEAD --entry-instances 2 --engine admission_interval=4 --out "$OUT/overhead_admit4.json"
-  step overhead_admit8 200 $OVERHEAD --entry-instances 4 --engine admission_interval=8 --out "$OUT/overhead_admit8.json"
+  step overhead_admit8_budget 200 $OVERHEAD --entry-instances 2 --engine admission_interval=8 \
+    --engine max_num_batched_tokens=2048 --out "$OUT/overhead_admit8_budget.json"
+  step overhead_long 200 $OVERHEAD --entry-instances 2 --max-tokens 128 --out "$OUT/overhead_long.json"
 }
 
 nixl() {

@@ -97,6 +97,17 @@ def test_waiting_requests_join_a_running_batch_every_admission_interval_steps():
     assert admitted == [[], [], ["second"], ["second"], [], [], ["third"], ["third"], []]
 
 
+def test_an_admission_turn_cut_short_by_the_token_budget_goes_on_at_the_next_step():
+    scheduler = make_scheduler(admission_interval=4, budget=8, max_chunk=8)
+    scheduler.add(make_seq("first", 3, max_tokens=20))
+    run_step(scheduler)
+    for name in "abcd":
+        scheduler.add(make_seq(name, 3, max_tokens=20))
+    admitted = [[c.seq.request_id for c in run_step(scheduler)[0] if c.start == 0] for _ in range(6)]
+    # the turn: a and b fill the budget (1 decode + 3 + 3 of 8 tokens, c's prompt cut to 1), c goes on, d joins
+    assert admitted == [[], [], [], ["a", "b", "c"], ["d"], []]
+
+
 def test_decode_growth_preempts_newest_and_recomputes_it():
     # 3 full blocks of 4 tokens: two 4-token prompts fit, their 5th tokens do not.
     scheduler = make_scheduler(num_full=3, budget=16, max_chunk=8)

@@ -50,7 +50,8 @@ class Scheduler:
 
     While sequences run, waiting ones are admitted every `admission_interval` steps (`admitting`): a step with a
     prefill in it cannot replay a decode graph, so admitting the requests of several steps at once leaves the steps
-    between them pure decodes. An idle batch admits at once.
+    between them pure decodes. A turn that the token budget cuts short goes on at the next step (else admission
+    could not keep up with arrivals); an idle batch admits at once.
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_chunk: int,
@@ -101,7 +102,6 @@ class Scheduler:
         if not admitting:
             self.hold()
             return chunks
-        self._held_steps = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq, seq.num_tokens):
@@ -113,6 +113,9 @@ class Scheduler:
             n = self._chunk_size(seq, budget)
             chunks.append(ScheduledChunk.next_of(seq, n))
             budget -= n
+        # a turn the token budget cut short goes on at the next step: the requests of several steps wait for it
+        cut_short = budget == 0 and self.waiting and len(self.running) < self.max_num_seqs
+        self._held_steps = self.admission_interval - 1 if cut_short else 0
         return chunks
 
     def _chunk_size(self, seq: Sequence, budget: int) -> int:
