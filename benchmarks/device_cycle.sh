@@ -113,6 +113,10 @@ overhead() {  # the streamed path's throughput at concurrency 64: entry instance
   step overhead_admit8_budget 200 $OVERHEAD --entry-instances 2 --engine admission_interval=8 \
     --engine max_num_batched_tokens=2048 --out "$OUT/overhead_admit8_budget.json"
   step overhead_long 200 $OVERHEAD --entry-instances 2 --max-tokens 128 --out "$OUT/overhead_long.json"
+  step overhead_tuned 200 $OVERHEAD --entry-instances 2 --engine admission_interval=8 \
+    --engine max_num_batched_tokens=2048 --concurrency 1,64 --out "$OUT/overhead_tuned.json"
+  step overhead_tuned4 200 $OVERHEAD --entry-instances 4 --engine admission_interval=8 \
+    --engine max_num_batched_tokens=2048 --concurrency 1,64 --out "$OUT/overhead_tuned4.json"
 }
 
 nixl() {
