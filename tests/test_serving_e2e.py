@@ -153,6 +153,19 @@ def test_prompt_tables_reach_the_llm_on_the_encoder_device(triton_server):
     assert sum(float(c) for c in counts.values()) > 0
 
 
+def test_a_text_only_request_skips_mimo_encoder(triton_server, offline):
+    def encoder_requests() -> float:
+        return traffic.metric(triton_server.metrics(), "nv_inference_request_success", model="mimo_encoder")
+
+    before = encoder_requests()
+    with client_for(triton_server, "grpc") as client:
+        _, summary = run(client, QUESTION, max_tokens=8, temperature=0.0)
+        assert summary.token_ids == offline.generate(QUESTION, max_tokens=8)
+        assert encoder_requests() == before  # nothing to encode: no round trip through the encoder
+        run(client, QUESTION, images=[IMAGE], max_tokens=1, temperature=0.0)
+    assert encoder_requests() == before + 1
+
+
 def test_concurrent_requests_each_get_their_solo_output_and_free_all_kv(triton_server, offline):
     requests = [
         (f"Request {i}: " + "tell me more " * (i % 5), [IMAGE] if i % 3 == 0 else [], [TONE] if i % 4 == 0 else [],

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from mimo.processing.items import PACKED_MEDIA_TENSORS
 from mimo.serving import lifecycle
 from mimo.serving.detokenize import IncrementalDetokenizer
 from mimo.serving.entry import CANCELLED, INVALID_ARG, UNAVAILABLE, Entry, EntryError, check_client_inputs
@@ -80,17 +81,24 @@ class Steps:
     """preprocessing / mimo_encoder answer at once unless `hold` is set; mimo_llm streams one token per 10 ms until
     it has sent `tokens` or is stopped (then, as mimo_llm does, with a final response, finish_reason "cancelled")."""
 
-    def __init__(self, tokens: int = 1000):
+    def __init__(self, tokens: int = 1000, media_items: int | None = None):
         self.tokens, self.hold, self.released = tokens, None, threading.Event()
         self.calls, self.stopped, self.llm_inputs = [], set(), None
+        self.media_items = media_items  # None: preprocessing answers without the packed media tensors
 
     def infer(self, model, inputs):
         self.calls.append(model)
         if self.hold == model:
             self.released.wait(10)
         if model == "preprocessing":
-            return {"input_ids": "ids", "input_lengths": "n", "end_id": "e", "pad_id": "p", "stop_words_list": "s"}
+            packed = {} if self.media_items is None else {name: np.zeros((self.media_items,) * rank, dtype)
+                                                          for name, (dtype, rank) in PACKED_MEDIA_TENSORS.items()}
+            return {"input_ids": "ids", "input_lengths": "n", "end_id": "e", "pad_id": "p", "stop_words_list": "s",
+                    **packed}  # fmt: skip
         return {"prompt_embedding_table": "table", "prompt_vocab_size": "rows"}
+
+    def is_empty(self, value):
+        return np.asarray(value).size == 0
 
     def stream(self, model, inputs, request_id):
         self.calls.append(model)
@@ -132,6 +140,21 @@ def test_a_request_streams_through_the_steps_with_its_own_llm_id(detokenizer):
     assert steps.llm_inputs["prompt_embedding_table"] == "table" and steps.llm_inputs["input_ids"] == "ids"
     entry.shutdown()
     assert counts[0] == 1 and counts[-1] == 0 and client.cancel_checks_after_final == 0
+
+
+@pytest.mark.parametrize("items", [0, 2])
+def test_mimo_encoder_runs_only_for_requests_with_media(detokenizer, items):
+    steps, client = Steps(tokens=2, media_items=items), Client()
+    entry = started(steps, detokenizer)
+    entry.submit(client, client_inputs())
+    assert client.done.wait(10) and client.errors == []
+    if items:
+        assert steps.calls == ["preprocessing", "mimo_encoder", "mimo_llm"]
+        assert steps.llm_inputs["prompt_embedding_table"] == "table"
+    else:  # nothing to encode: no round trip, and mimo_llm gets no table
+        assert steps.calls == ["preprocessing", "mimo_llm"]
+        assert "prompt_embedding_table" not in steps.llm_inputs and "prompt_vocab_size" not in steps.llm_inputs
+    entry.shutdown()
 
 
 def test_a_client_that_leaves_mid_stream_has_its_generation_stopped(detokenizer):

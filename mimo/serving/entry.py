@@ -1,6 +1,7 @@
 """The entry model (`ensemble`) without Triton: client inputs checked, the steps called, clients that leave noticed.
 
-Each request runs on a worker thread: preprocessing -> mimo_encoder -> mimo_llm (streamed), each mimo_llm response
+Each request runs on a worker thread: preprocessing -> mimo_encoder (skipped for a request without media: a step whose
+inputs are all earlier steps' outputs, every one empty) -> mimo_llm (streamed), each mimo_llm response
 detokenized here (`mimo.serving.detokenize`, as the postprocessing model does for direct callers) and sent on. The
 mimo_llm request id is the entry's own uuid4, never the client's, so no client can name (stop) another's
 generation. One watcher thread asks every in-flight request `is_cancelled()` each check period; for a client that
@@ -116,6 +117,9 @@ class Steps(Protocol):
 
     def infer(self, model: str, inputs: Mapping[str, object]) -> dict[str, object]: ...
 
+    def is_empty(self, value: object) -> bool:
+        """Whether a step output holds no elements (a text-only request's packed media: no items)."""
+
     def stream(self, model: str, inputs: Mapping[str, object], request_id: str) -> Iterator[dict[str, np.ndarray]]:
         """The responses of a decoupled model, as numpy arrays (a response without tensors: {})."""
 
@@ -153,6 +157,7 @@ class Entry:
         self.prepare = prepare
         self.on_in_flight = on_in_flight
         self.inputs = entry.inputs
+        self._client_inputs = {tensor.name for tensor in entry.inputs}
         self.plan = entry_steps(entry, models)
         # (step, step input) -> its spec: the dtype a client input is narrowed to
         self._consumers = {(step.model, tensor.name): tensor for step in self.plan
@@ -226,7 +231,10 @@ class Entry:
         with self.prepare(job.inputs) if self.prepare else contextlib.nullcontext({}) as prepared:
             for step in before:
                 self._check_wanted(job)
-                outputs = self.steps.infer(step.model, self._step_inputs(step, available))
+                inputs = self._step_inputs(step, available)
+                if self._nothing_to_do(step, inputs):
+                    continue  # its outputs stay absent: the later steps' inputs they feed are optional
+                outputs = self.steps.infer(step.model, inputs)
                 available.update({f"{step.model}.{name}": tensor for name, tensor in outputs.items()})
             with self._lock:  # the watcher sends stops only once this is set
                 self._check_wanted(job)
@@ -257,6 +265,13 @@ class Entry:
             logger.warning("sending to a client failed (%s); stopping its generation", error)
             job.cancelled = True
             self._stop(job)
+
+    def _nothing_to_do(self, step: Step, inputs: Mapping[str, object]) -> bool:
+        """A step fed only by earlier steps' outputs, all of them empty (mimo_encoder for a text-only request)."""
+        sources = [source for name, source in step.input_map.items() if name in inputs]
+        if not sources or any(source in self._client_inputs for source in sources):
+            return False
+        return all(self.steps.is_empty(inputs[name]) for name in step.input_map if name in inputs)
 
     def _check_wanted(self, job: _InFlight) -> None:
         if job.draining:

@@ -66,6 +66,9 @@ class Steps(LoopbackLLM):
             raise entry_error(response.error())
         return {tensor.name(): tensor for tensor in response.output_tensors()}
 
+    def is_empty(self, value):
+        return 0 in (value.shape() if isinstance(value, pb_utils.Tensor) else value.shape)
+
     def stream(self, model, inputs, request_id):
         # DLPack for every step output: numpy has no bfloat16, and a GPU prompt table stays a tensor to the wire
         arrays = {name: torch.from_dlpack(value.to_dlpack()) if isinstance(value, pb_utils.Tensor) else value
