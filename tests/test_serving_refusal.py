@@ -5,7 +5,6 @@ other requests; and the internal models, called directly, refuse what the entry 
 from __future__ import annotations
 
 import dataclasses
-import re
 import threading
 import time
 
@@ -22,10 +21,12 @@ from mimo.config import MiMoV2Config
 from mimo.processing.items import PACKED_MEDIA_TENSORS
 from mimo.processing.processor import MiMoProcessor
 from mimo.serving.contract import EMBEDDING_DTYPES, triton_type
+from mimo.serving.lifecycle import IN_FLIGHT_METRIC
 from mimo.serving.preprocess import preprocess_request
 from processing_media import encode_audio, encode_image, tone
 from test_processing_early_refusal import silent_wav
 from test_serving_e2e import assert_still_serving, client_for, raw_grpc_error, run
+from tools import traffic
 
 TEXT_ONLY = {"text": "Tell me a short story about the sea.", "max_tokens": 8, "temperature": 0.0}
 
@@ -199,7 +200,6 @@ def test_the_entry_renders_its_instances_and_refuses_none(tiny_checkpoint, tmp_p
 def test_each_entry_instance_has_its_in_flight_series(triton_server):
     """The suite's server runs two entry instances: one gauge series each (one shared series would hold whichever
     instance set it last), which the launcher's drain and `held_resources` add up."""
-    series = re.findall(r'^mimo_requests_in_flight\{(.*?)\} (\S+)$', triton_server.metrics(), re.MULTILINE)
-    instances = {dict(re.findall(r'(\w+)="([^"]*)"', labels)).get("instance") for labels, _ in series
-                 if 'model="ensemble"' in labels}
-    assert len(instances) == 2 and None not in instances, series
+    found = traffic.series(triton_server.metrics(), IN_FLIGHT_METRIC, model="ensemble")
+    instances = {labels.get("instance") for labels, _ in found}
+    assert len(found) == 2 and len(instances) == 2 and None not in instances, found

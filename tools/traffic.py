@@ -22,14 +22,20 @@ from tools.server_process import descendants
 ENTRY = "ensemble"
 
 
+def series(metrics_text: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """Every series `name` whose labels include `labels`: (all its labels, its value) each."""
+    found = []
+    for match in re.finditer(rf"^{re.escape(name)}(?:\{{(.*?)\}})? (\S+)$", metrics_text, re.MULTILINE):
+        its_labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if labels.items() <= its_labels.items():
+            found.append((its_labels, float(match.group(2))))
+    return found
+
+
 def metric(metrics_text: str, name: str, **labels: str) -> float:
     """The sum of the series `name` whose labels include `labels` (e.g. `model="ensemble"`: one series per entry
     instance); raises if there is none."""
-    values = []
-    for found in re.finditer(rf"^{re.escape(name)}(?:\{{(.*?)\}})? (\S+)$", metrics_text, re.MULTILINE):
-        series = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or ""))
-        if labels.items() <= series.items():
-            values.append(float(found.group(2)))
+    values = [value for _, value in series(metrics_text, name, **labels)]
     if not values:
         raise LookupError(f"no {name} series with {labels or 'any labels'}")
     return sum(values)

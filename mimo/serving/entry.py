@@ -268,10 +268,10 @@ class Entry:
 
     def _nothing_to_do(self, step: Step, inputs: Mapping[str, object]) -> bool:
         """A step fed only by earlier steps' outputs, all of them empty (mimo_encoder for a text-only request)."""
-        sources = [source for name, source in step.input_map.items() if name in inputs]
-        if not sources or any(source in self._client_inputs for source in sources):
+        given = {name: source for name, source in step.input_map.items() if name in inputs}
+        if not given or any(source in self._client_inputs for source in given.values()):
             return False
-        return all(self.steps.is_empty(inputs[name]) for name in step.input_map if name in inputs)
+        return all(self.steps.is_empty(inputs[name]) for name in given)
 
     def _check_wanted(self, job: _InFlight) -> None:
         if job.draining:
