@@ -487,6 +487,17 @@ def speculative_rows(args, engine, vocab: int, prompts: dict[str, list[int]], ge
         print(json.dumps(rows[-1]), flush=True)
         del spec
         gc.collect()
+        if args.profile:  # the same requests again (their drafts replayed the same way) on an engine of their own
+            again = {f"{rid}-profiled": prompt for rid, prompt in prompts.items()}
+            spec = engine(batch, prompt_len, prompt_len + args.decode_len, k,
+                          ReplayDrafts({f"{rid}-profiled": tokens for rid, tokens in recorded.items()}, vocab,
+                                       accept_rate, seed=batch))  # fmt: skip
+            _, profiled = prefill(spec, again, args.decode_len, device)
+            decode(spec, profiled, 1, device)  # a graph's first replay uploads it
+            profile_steps(spec, profiled, PROFILE_STEPS, device,
+                          f"MTP k {k} batch {batch} prompt {prompt_len} override rate {accept_rate}")
+            del spec
+            gc.collect()
     return rows
 
 
