@@ -11,6 +11,7 @@ forward (router + experts, CUDA events) against the limits measured in the same 
     python -m benchmarks.bench_moe --impls fused --batch-sizes 1,2,4,8,16,32,64,128,256,512,1024,4096
     python -m benchmarks.bench_moe --impls fused --grouped-mm-min-tokens 100000   # the Triton kernel at 4096 too
     python -m benchmarks.bench_moe --impls fused --small-config 16,128,128,4,4    # try other decode tiles
+    python -m benchmarks.bench_moe --fp8 --impls fused --batch-sizes 1,8,64 --graphs  # device time, no launches
     TRITON_INTERPRET=1 python -m benchmarks.bench_moe --preset tiny --device cpu --batch-sizes 1,8 --repeats 1 \
         --copy-bytes 1000000 --gemm-size 256
                                                          # a smoke run (CPU numbers mean nothing)
@@ -110,6 +111,17 @@ def event_ms(fn, repeats: int, warmup: int = 3) -> float:
     return start.elapsed_time(end) / repeats
 
 
+def graphed(fn):
+    """`fn` captured once in a CUDA graph: its replay, the device time of decode steps (which replay graphs) without
+    the launches of an eager call."""
+    fn()  # Triton's compiles and the allocator's first blocks, outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def path_name(impl: str, batch: int, fp8: bool) -> str:
     if impl == "reference":
         return "expert loop"
@@ -147,11 +159,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         for impl in args.impls:
             moe.impl = impl
             repeats = args.repeats if impl == "fused" or batch <= 64 else max(2, args.repeats // 5)
-            ms = event_ms(lambda: moe(x), repeats)
+            in_graph = args.graphs and impl == "fused"
+            timed = graphed(lambda: moe(x)) if in_graph else (lambda: moe(x))
+            ms = event_ms(timed, repeats)
             outputs[impl] = moe(x).float()
             row = {
                 "batch": batch, "impl": impl, "weights": "fp8" if args.fp8 else "bf16",
-                "path": path_name(impl, batch, args.fp8),
+                "path": path_name(impl, batch, args.fp8) + (" (CUDA graph)" if in_graph else ""),
                 "distinct_experts": distinct, "ms": round(ms, 4),
                 "GB_read": round(nbytes / 1e9, 4), "achieved_GB_s": round(nbytes / ms / 1e6, 1),
                 "copy_bandwidth_GB_s": round(peak_bytes / 1e9, 1),
@@ -178,6 +192,8 @@ def main() -> None:
     parser.add_argument("--small-config", type=tiles, help="decode tiles: block_m,block_n,block_k,warps,stages")
     parser.add_argument("--large-config", type=tiles, help="large-batch tiles, as --small-config")
     parser.add_argument("--grouped-mm-min-tokens", type=int, help="tokens from which bf16 takes torch._grouped_mm")
+    parser.add_argument("--graphs", action="store_true", help="time the fused path's replays of a CUDA graph of "
+                        "the layer (as decode steps run it) instead of eager calls")
     parser.add_argument("--copy-bytes", type=int, default=2 << 30, help="bytes of the bandwidth probe's copy")
     parser.add_argument("--gemm-size", type=int, default=8192, help="n of the n x n x n bf16 GEMM rate probe")
     parser.add_argument("--device", default="cuda")
