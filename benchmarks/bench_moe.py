@@ -17,7 +17,8 @@ forward (router + experts, CUDA events) against the limits measured in the same 
                                                          # a smoke run (CPU numbers mean nothing)
 
 `--small-config` / `--large-config` (block_m,block_n,block_k,num_warps,num_stages) replace the kernel tiles of
-`mimo.models.fused_moe` for this run (small: up to `SMALL_BATCH_MAX_TOKENS` tokens), to tune them on the device.
+`mimo.models.fused_moe` for this run (small: up to `SMALL_BATCH_MAX_TOKENS` tokens, `SMALL_BATCH_FP8` with `--fp8`),
+to tune them on the device.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def path_name(impl: str, batch: int, fp8: bool) -> str:
         return "expert loop"
     if fused_moe.uses_grouped_mm(batch, torch.bfloat16, fp8):
         return "torch._grouped_mm"
-    config = fused_moe.config_for(batch)
+    config = fused_moe.config_for(batch, fp8)
     return f"triton {config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}"
 
 
@@ -135,7 +136,7 @@ def path_name(impl: str, batch: int, fp8: bool) -> str:
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     if args.small_config:
-        fused_moe.SMALL_BATCH = args.small_config
+        setattr(fused_moe, "SMALL_BATCH_FP8" if args.fp8 else "SMALL_BATCH", args.small_config)
     if args.large_config:
         fused_moe.LARGE_BATCH = args.large_config
     if args.grouped_mm_min_tokens is not None:

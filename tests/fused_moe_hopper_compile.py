@@ -1,7 +1,7 @@
 """Compiles the fused MoE kernels for sm_90 (H100 / H200) with triton's bundled ptxas, without a GPU, and prints one
 JSON line per kernel variant: its shared memory and whether its loads were software-pipelined.
 
-    python tests/fused_moe_hopper_compile.py SMALL_BATCH|LARGE_BATCH     (run by tests/test_fused_moe.py)
+    python tests/fused_moe_hopper_compile.py SMALL_BATCH|SMALL_BATCH_FP8|LARGE_BATCH     (run by tests/test_fused_moe.py)
 """
 
 import json

@@ -9,6 +9,7 @@ compare its greedy tokens and logits with the eager path's. On a machine with CU
 where they replay captured graphs; tests/test_cuda_graphs_gpu.py adds bf16 and V2.5 widths there.
 """
 
+import contextlib
 import copy
 import inspect
 import os
@@ -73,14 +74,22 @@ def tiny_model() -> MiMoV2ForCausalLM:
     return model.requires_grad_(False).eval().to(DEVICE)
 
 
-@pytest.fixture
-def fused_moe(tiny_model):
-    layers = [m for m in tiny_model.modules() if isinstance(m, MiMoV2MoE)]
+@contextlib.contextmanager
+def fused_experts(model):
+    layers = [m for m in model.modules() if isinstance(m, MiMoV2MoE)]
     for layer in layers:
         layer.impl = "fused"
-    yield
-    for layer in layers:
-        layer.impl = "auto"
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.impl = "auto"
+
+
+@pytest.fixture
+def fused_moe(tiny_model):
+    with fused_experts(tiny_model):
+        yield
 
 
 def make_engine(model, *, graphs: bool, num_speculative_tokens: int = 0, override=None, **overrides) -> LLMEngine:
@@ -101,6 +110,14 @@ PROMPTS = [[(salt * 31 + 7 * i + 5) % 96 for i in range(n)] for salt, n in enume
 PARAMS = [SamplingParams(max_tokens=n, temperature=0.0) for n in (18, 11, 6)]
 
 
+@pytest.fixture(scope="module")
+def eager_tokens(tiny_model) -> list[list[int]]:
+    """The eager engine's greedy tokens for PROMPTS (Triton kernels, fused experts): the graph tests' reference,
+    generated once (the interpreter makes each run seconds)."""
+    with fused_experts(tiny_model):
+        return generate(make_engine(tiny_model, graphs=False), PROMPTS, PARAMS)
+
+
 def test_graphs_are_off_on_the_cpu(tiny_model):
     model = copy.deepcopy(tiny_model).to(CPU)
     assert graphs_unavailable(model, CPU, True) == "a cpu device (CUDA graphs need a CUDA device)"
@@ -113,10 +130,10 @@ def test_graphs_are_off_on_the_cpu(tiny_model):
 
 
 @pytest.mark.usefixtures("fused_moe")
-def test_static_input_forward_emits_the_eager_tokens_and_logits(tiny_model):
+def test_static_input_forward_emits_the_eager_tokens_and_logits(tiny_model, eager_tokens):
     """Greedy tokens equal the eager engine's; at every graph step the eager forward of the same chunks gives the
     same hidden states and logits (float32 here)."""
-    eager = generate(make_engine(tiny_model, graphs=False), PROMPTS, PARAMS)
+    eager = eager_tokens
     engine = make_engine(tiny_model, graphs=True)
     runner = engine.runner
     assert runner.graphs.buckets == [1, 2, 4]
@@ -170,8 +187,8 @@ def test_preempted_sequences_recompute_eagerly_then_decode_in_graphs(tiny_model,
 
 
 @pytest.mark.usefixtures("fused_moe")
-def test_mtp_verify_steps_replay_graphs_of_one_plus_k_tokens(tiny_model):
-    eager = generate(make_engine(tiny_model, graphs=False), PROMPTS, PARAMS)
+def test_mtp_verify_steps_replay_graphs_of_one_plus_k_tokens(tiny_model, eager_tokens):
+    eager = eager_tokens
     recorded = {f"generate-{i}": p + t for i, (p, t) in enumerate(zip(PROMPTS, eager))}
     engine = make_engine(tiny_model, graphs=True, num_speculative_tokens=2,
                          override=ReplayDrafts(recorded, 96, accept_rate=0.7))
@@ -199,14 +216,13 @@ def record_drafts(engine: LLMEngine) -> list[dict[str, list[int]]]:
 
 @pytest.mark.usefixtures("fused_moe")
 @pytest.mark.parametrize(("k", "accept_rate"), [(2, None), (3, 0.5)])
-def test_drafting_graphs_draft_what_the_eager_drafter_does(tiny_model, k, accept_rate):
+def test_drafting_graphs_draft_what_the_eager_drafter_does(tiny_model, eager_tokens, k, accept_rate):
     """The MTP layers' own greedy drafts (accept_rate None), or replayed ones kept half the time: the drafting
     graphs (windows of 2k rows, KV of the rows below mtp_done written to the scratch block) propose the eager
     drafter's drafts at every pass, so the tokens and the acceptance are the same too."""
     override = None
     if accept_rate is not None:
-        plain = generate(make_engine(tiny_model, graphs=False), PROMPTS, PARAMS)
-        recorded = {f"generate-{i}": p + t for i, (p, t) in enumerate(zip(PROMPTS, plain))}
+        recorded = {f"generate-{i}": p + t for i, (p, t) in enumerate(zip(PROMPTS, eager_tokens))}
         override = lambda: ReplayDrafts(recorded, 96, accept_rate=accept_rate, seed=1)  # noqa: E731
 
     def engine(graphs):

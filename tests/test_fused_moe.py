@@ -232,7 +232,7 @@ def test_impl_switch(monkeypatch):
 
 
 
-@pytest.mark.parametrize("config", ["SMALL_BATCH", "LARGE_BATCH"])
+@pytest.mark.parametrize("config", fused_moe.CONFIG_NAMES)
 def test_kernels_compile_for_hopper_pipelined_within_shared_memory(config, tmp_path):
     # What the interpreter cannot show: the kernels lower for the GPU, their loads are software-pipelined (cp.async)
     # and each block's shared memory fits an H100 / H200 SM (227 KiB). Compiled in a process of its own: triton

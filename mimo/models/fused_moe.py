@@ -41,8 +41,11 @@ class KernelConfig:
 # Decode: few pairs per expert, so a small row block wastes little padding; wide enough K tiles to stream weights.
 # Shared memory per stage of the gate_up kernel: an A tile and two weight tiles (gate and up), 36 KiB / 40 KiB here.
 SMALL_BATCH = KernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+# FP8 weights: a weight tile is half the bytes of bf16's, so the same tiles keep half as many bytes in flight
+SMALL_BATCH_FP8 = KernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
 LARGE_BATCH = KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
 SMALL_BATCH_MAX_TOKENS = 64
+CONFIG_NAMES = ("SMALL_BATCH", "SMALL_BATCH_FP8", "LARGE_BATCH")  # every tile set the kernels launch with
 
 
 def uses_grouped_mm(num_tokens: int, dtype: torch.dtype, fp8: bool) -> bool:
@@ -50,8 +53,15 @@ def uses_grouped_mm(num_tokens: int, dtype: torch.dtype, fp8: bool) -> bool:
     return num_tokens >= GROUPED_MM_MIN_TOKENS and dtype == torch.bfloat16 and not fp8
 
 
-def config_for(num_tokens: int) -> KernelConfig:
-    return SMALL_BATCH if num_tokens <= SMALL_BATCH_MAX_TOKENS else LARGE_BATCH
+def config_for(num_tokens: int, fp8: bool) -> KernelConfig:
+    if num_tokens > SMALL_BATCH_MAX_TOKENS:
+        return LARGE_BATCH
+    return SMALL_BATCH_FP8 if fp8 else SMALL_BATCH
+
+
+def kernel_configs() -> list[KernelConfig]:
+    """The tile sets of `CONFIG_NAMES` as they are now (a benchmark may replace one for its run)."""
+    return [globals()[name] for name in CONFIG_NAMES]
 
 
 def available() -> bool:
@@ -339,7 +349,7 @@ def fp8_linear(x: torch.Tensor, weight: ExpertWeights) -> torch.Tensor:
         raise RuntimeError("the FP8 linear kernel needs triton (pip install triton), which is not importable here")
     num_tokens, _ = x.shape
     _, out_features, in_features = weight.weight.shape
-    config = config_for(num_tokens)
+    config = config_for(num_tokens, weight.is_fp8)
     num_blocks = -(-num_tokens // config.block_m)
     rows = torch.arange(num_blocks * config.block_m, dtype=torch.int32, device=x.device)
     sorted_pairs = torch.where(rows < num_tokens, rows, num_tokens)  # padding rows = num_pairs: masked

@@ -142,7 +142,7 @@ class ParallelLinear(nn.Module):
 
 def _columns_fit_kernel(scale_cols: torch.Tensor) -> bool:
     try:
-        for config in (fused_moe.SMALL_BATCH, fused_moe.LARGE_BATCH):
+        for config in fused_moe.kernel_configs():
             fused_moe.check_fp8_columns(scale_cols, config.block_k)
     except ValueError:
         return False

@@ -129,7 +129,7 @@ class RoutedExperts(nn.Module):
             # The column map is checked once per installed map (the check reads it on the host).
             checked = getattr(layer, "_fused_checked_cols", None)
             if checked is not layer.scale_cols:
-                for config in (fused_moe.SMALL_BATCH, fused_moe.LARGE_BATCH):
+                for config in fused_moe.kernel_configs():
                     fused_moe.check_fp8_columns(layer.scale_cols, config.block_k)
                 layer._fused_checked_cols = layer.scale_cols
             views.append(fused_moe.ExpertWeights(
@@ -148,7 +148,7 @@ class RoutedExperts(nn.Module):
         num_tokens = x.shape[0]
         if fused_moe.uses_grouped_mm(num_tokens, x.dtype, gate_up.is_fp8):
             return fused_moe.grouped_mm_experts(x, gate_up.weight, down.weight, local_ids, pair_weights, top_k)
-        config = fused_moe.config_for(num_tokens)
+        config = fused_moe.config_for(num_tokens, gate_up.is_fp8)
         return fused_moe.fused_experts(x, gate_up, down, local_ids, pair_weights, top_k, config, all_local)
 
 

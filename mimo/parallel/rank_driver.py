@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import enum
 import multiprocessing
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -132,7 +134,7 @@ class TensorParallelRanks:
         spawn = multiprocessing.get_context("spawn")
         self._workers = [
             spawn.Process(
-                target=_worker_main,
+                target=_worker_process,
                 args=(rank, world_size, self._store.port, devices[rank], str(artifact.path), dtype, with_mtp),
                 name=f"mimo-tp-rank{rank}",
                 daemon=True,
@@ -209,6 +211,16 @@ class TensorParallelRanks:
 def _broadcast(ctx: RankContext, tensor: torch.Tensor) -> torch.Tensor:
     dist.broadcast(tensor, src=0, group=ctx.group)
     return tensor
+
+
+def _worker_process(*args) -> None:
+    """A worker rank's process: `_worker_main`, then an exit without the interpreter's finalisation. The process
+    group is gone by then; what finalisation would still destroy is c10d's threads, which once aborted a worker
+    that had left cleanly ("terminate called without an active exception", exit -6). An error still exits 1."""
+    _worker_main(*args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @torch.inference_mode()

@@ -212,6 +212,9 @@ class ServerShuttingDown(RuntimeError):
     """A request that arrived while the server drains (`mimo.serving.lifecycle`): refused, nothing queued."""
 
 
+IDLE_WAKE_S = 0.05  # how often an idle stepping thread looks for a drain or a shutdown (work wakes it at once)
+
+
 class GenerationLoop:
     """Two threads: one steps the engine and records each request's new tokens; one sends the responses.
 
@@ -328,7 +331,7 @@ class GenerationLoop:
     def _iterate(self) -> None:
         if draining():
             self._end_all()
-        if not self.engine.wait_for_work(timeout=self.cancellation_check_period_s):
+        if not self.engine.wait_for_work(timeout=IDLE_WAKE_S):
             return
         outputs = self.engine.step()
         with self._lock:
