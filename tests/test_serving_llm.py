@@ -14,8 +14,8 @@ from mimo.engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingPa
 from mimo.models.language_model import MiMoV2ForCausalLM
 from mimo.serving.detokenize import DETOKENIZATION_WINDOW
 from mimo.serving.lifecycle import SHUTTING_DOWN
-from mimo.serving.llm import (GenerationLoop, LLMRequest, LLMResponse, ServerShuttingDown, convert_llm_request,
-                              parse_stop_words, speculative_rates, stop_target)  # fmt: skip
+from mimo.serving.llm import (IDLE_WAKE_S, GenerationLoop, LLMRequest, LLMResponse, ServerShuttingDown,
+                              convert_llm_request, parse_stop_words, speculative_rates, stop_target)  # fmt: skip
 
 
 def tensors(**values) -> dict[str, torch.Tensor]:
@@ -199,6 +199,26 @@ def test_tokens_that_wait_for_a_busy_sender_go_out_together_in_order(model, loop
     assert [r.finish_reason for r in sink.responses] == [""] * (len(sink.responses) - 1) + ["length"]
     assert sink.threads == {"mimo-response-sender"}  # the stepping thread never calls the client
     wait_all_free(loop.engine)
+
+
+def test_an_idle_loop_waits_for_work_instead_of_spinning(engine, monkeypatch):
+    """With a cancellation period of 0 (check at every send) the stepping thread still sleeps while idle: it
+    looks for work at most every IDLE_WAKE_S, and a request wakes it at once."""
+    waits = []
+    wait_for_work = engine.wait_for_work
+    monkeypatch.setattr(engine, "wait_for_work", lambda timeout=None: waits.append(timeout) or wait_for_work(timeout))
+    loop = GenerationLoop(engine, cancellation_check_period_s=0.0)
+    loop.start()
+    try:
+        time.sleep(0.5)
+        idle_waits = len(waits)
+        sink = ListSink()
+        loop.submit(LLMRequest(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0.0), None, False), sink)
+        assert sink.done.wait(60) and len(sink.responses[0].output_ids) == 3
+    finally:
+        loop.shutdown()
+    assert set(waits) == {IDLE_WAKE_S}
+    assert idle_waits <= 0.5 / IDLE_WAKE_S + 2, f"{idle_waits} waits in 0.5 s idle: the stepping thread spins"
 
 
 def test_metrics_are_published_once_per_period_while_stepping_and_not_when_idle(engine):
